@@ -1,0 +1,290 @@
+"""Structured job config: one dataclass per config group, registered with Hydra's ConfigStore.
+
+Every YAML file under ``conf/<group>/`` opens with ``defaults: [base_<group>]`` so Hydra merges it
+onto the schema below: a misspelt key or a value of the wrong type fails at composition time,
+naming the key. Field names follow vLLM's ``EngineArgs`` / ``SamplingParams`` so they pass through
+unchanged. Cross-field rules live in :func:`validate`, checked once before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from sage_vllm_batch.errors import ConfigError
+
+TASKS = ("embed", "generate", "chat", "finetune")
+DATA_FORMATS = ("auto", "parquet", "jsonl", "csv", "hf", "openai_batch")
+OVERLONG_POLICIES = ("error_row", "truncate")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to run and where the registry gets it from.
+
+    ``source`` says how ``ensure_model`` fills the registry when the model is missing:
+    ``hub`` (huggingface_hub download), ``package:<module>[/<subdir>]`` (a folder inside an
+    installed Python package), ``package:<module>/<file>.gguf`` (a GGUF file in a package,
+    converted to a Hugging Face folder), ``path:<dir>`` or ``gguf:<file>``.
+    """
+
+    id: str = MISSING
+    revision: str | None = None
+    source: str = "hub"
+    type: str = "text"  # text | embedding: a registry tag, also checked against the task
+    # Model-specific engine settings; they win over the engine group's.
+    max_model_len: int | None = None
+    dtype: str | None = None
+    tokenizer: str | None = None
+
+
+@dataclass
+class EngineConfig:
+    """Arguments of ``vllm.LLM`` (names as in ``EngineArgs``) plus the runner's feeding window."""
+
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    trust_remote_code: bool = False
+    # Requests kept inside the engine at once. 0 = auto (several times max_num_seqs): enough to
+    # keep the scheduler's batch full across shard boundaries without holding the dataset in memory.
+    max_in_flight: int = 0
+    # Anything else for vllm.LLM(...), passed through unchanged.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingConfig:
+    """``vllm.SamplingParams`` fields. ``None`` leaves vLLM's own default."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int = 128
+    min_tokens: int | None = None
+    seed: int | None = 0
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] | None = None
+    ignore_eos: bool | None = None
+
+
+@dataclass
+class TaskConfig:
+    """What to do with each row."""
+
+    type: str = MISSING  # embed | generate | chat | finetune
+    # Prompts longer than the model's context: ``error_row`` (the row gets an error, the run goes
+    # on) or ``truncate`` (keep the head of the prompt so that it and max_tokens fit).
+    overlong_prompt: str = "error_row"
+    # embed: L2-normalize vectors before writing.
+    normalize: bool = False
+    # chat: passed to the tokenizer's chat template.
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune job settings (validated; the training step is a later issue)."""
+
+    method: str = "lora"  # lora | full
+    epochs: int = 1
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    eval_fraction: float = 0.0
+
+
+@dataclass
+class FinetuneTaskConfig(TaskConfig):
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where rows come from and which columns matter.
+
+    ``path`` is a file, a directory or a glob; ``pkg://<module>/<relative path>`` points into an
+    installed Python package (how the examples find their corpora without a site-packages path).
+    """
+
+    format: str = "auto"
+    path: str = MISSING
+    text_column: str = "text"  # embed
+    prompt_column: str = "prompt"  # generate
+    messages_column: str = "messages"  # chat
+    # generate/chat: a str.format template over the row's columns, used instead of the
+    # prompt/messages column when set, e.g. "Summarize: {text}".
+    prompt_template: str | None = None
+    system_prompt: str | None = None  # chat, with prompt_template or a plain prompt column
+    # A column holding per-row SamplingParams overrides (a struct or a JSON object string).
+    sampling_column: str | None = None
+    id_column: str | None = None  # default: the row's ordinal in the dataset
+    columns: list[str] | None = None  # columns to read (None: all)
+    limit: int | None = None  # first N rows of the dataset, before sharding
+    num_shards: int = 1
+    shard_index: int = 0
+    read_batch_rows: int = 1024
+    split: str = "train"  # hf: which split of a DatasetDict
+    hf_loader: str | None = None  # hf: a datasets builder (json, csv, parquet, text) for load_dataset
+
+
+@dataclass
+class VectorStoreConfig:
+    type: str | None = None  # lancedb | faiss | None
+    path: str | None = None  # default: <output.dir>/vectors
+    table: str = "embeddings"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "${hydra:runtime.output_dir}"
+    # Rows per committed Parquet shard: the unit of resume. Smaller loses less on a crash,
+    # larger makes fewer files.
+    shard_rows: int = 1000
+    compression: str = "zstd"
+    # Input columns copied to the output. None: the task's input column.
+    passthrough_columns: list[str] | None = None
+    overwrite: bool = False
+    vector_store: VectorStoreConfig = field(default_factory=VectorStoreConfig)
+
+
+@dataclass
+class RegistryConfig:
+    root: str | None = None  # default: $SAGE_LLM_MODEL_ROOT, else <workspace>/registry
+    allow_download: bool = True
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = MISSING
+    engine: EngineConfig = MISSING
+    sampling: SamplingConfig = MISSING
+    task: Any = MISSING  # one of the task schemas below (embed/generate/chat share TaskConfig)
+    data: DataConfig = MISSING
+    output: OutputConfig = MISSING
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    # Progress display: auto (a bar on a terminal, JSON lines otherwise) | bar | json | none
+    progress: str = "auto"
+    progress_interval_s: float = 10.0
+    job_name: str = "default"
+
+
+@dataclass
+class FusedLauncherConfig:
+    """``hydra/launcher=fused``: sweep points that share model+engine run on one loaded engine."""
+
+    _target_: str = "sage_vllm_batch.sweep.launcher.FusedLauncher"
+    # Write summary.parquet / summary.md / a plot into the sweep dir at the end.
+    summary: bool = True
+    plot_metric: str = "completion_tokens_per_s"
+
+
+def run_dirname(override_dirname: str) -> str:
+    """A directory name for a set of overrides: readable, filesystem-safe, bounded in length."""
+    import hashlib
+    import re
+
+    if not override_dirname:
+        return "default"
+    safe = re.sub(r"[^A-Za-z0-9._,=+-]+", "_", override_dirname).strip("_")
+    if len(safe) <= 100:
+        return safe
+    return f"{safe[:80]}-{hashlib.sha256(override_dirname.encode()).hexdigest()[:12]}"
+
+
+def register_configs() -> None:
+    if not OmegaConf.has_resolver("sage_dirname"):
+        OmegaConf.register_new_resolver("sage_dirname", run_dirname)
+    cs = ConfigStore.instance()
+    cs.store(group="hydra/launcher", name="fused", node=FusedLauncherConfig, provider="sage_vllm_batch")
+    cs.store(name="base_config", node=JobConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="engine", name="base_engine", node=EngineConfig)
+    cs.store(group="sampling", name="base_sampling", node=SamplingConfig)
+    cs.store(group="task", name="base_task", node=TaskConfig)
+    cs.store(group="task", name="base_finetune", node=FinetuneTaskConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="output", name="base_output", node=OutputConfig)
+
+
+register_configs()
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field rules, checked once at start (types and key names are checked by the schema)."""
+    task = cfg.task.type
+    _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
+    _check(
+        cfg.task.overlong_prompt in OVERLONG_POLICIES,
+        "task.overlong_prompt",
+        f"must be one of {', '.join(OVERLONG_POLICIES)}, got {cfg.task.overlong_prompt!r}",
+    )
+    _check(cfg.data.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}")
+    _check(cfg.data.num_shards >= 1, "data.num_shards", "must be >= 1")
+    _check(
+        0 <= cfg.data.shard_index < cfg.data.num_shards,
+        "data.shard_index",
+        f"must be in [0, data.num_shards={cfg.data.num_shards}), got {cfg.data.shard_index}",
+    )
+    _check(cfg.data.limit is None or cfg.data.limit >= 0, "data.limit", "must be >= 0")
+    _check(cfg.data.read_batch_rows >= 1, "data.read_batch_rows", "must be >= 1")
+    _check(cfg.output.shard_rows >= 1, "output.shard_rows", "must be >= 1")
+    _check(cfg.engine.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
+    _check(
+        0.0 < cfg.engine.gpu_memory_utilization <= 1.0,
+        "engine.gpu_memory_utilization",
+        "must be in (0, 1]",
+    )
+    _check(cfg.model.type in ("text", "embedding"), "model.type", "must be 'text' or 'embedding'")
+    if task == "embed":
+        _check(
+            cfg.model.type == "embedding",
+            "model",
+            f"task=embed needs an embedding model; {cfg.model.id!r} is a {cfg.model.type} model "
+            "(try model=minilm-l6-v2)",
+        )
+    elif task in ("generate", "chat"):
+        _check(
+            cfg.model.type == "text",
+            "model",
+            f"task={task} needs a text-generation model; {cfg.model.id!r} is an embedding model "
+            "(try model=smollm2-135m-instruct)",
+        )
+        s = cfg.sampling
+        _check(s.temperature >= 0, "sampling.temperature", f"must be >= 0, got {s.temperature}")
+        _check(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+        _check(s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+        _check(s.n >= 1, "sampling.n", "must be >= 1")
+    vs = cfg.output.vector_store
+    if vs.type is not None:
+        _check(vs.type in ("lancedb", "faiss"), "output.vector_store.type", "must be lancedb, faiss or null")
+        _check(task == "embed", "output.vector_store.type", "a vector store sink needs task=embed")
+    _check(
+        cfg.progress in ("auto", "bar", "json", "none"),
+        "progress",
+        "must be one of auto, bar, json, none",
+    )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

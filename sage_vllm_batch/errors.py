@@ -1,0 +1,23 @@
+"""Typed errors. Each message says what went wrong and what to run or change to fix it."""
+
+from __future__ import annotations
+
+
+class SageBatchError(Exception):
+    """Base class: a user-facing error, printed as one paragraph without a traceback."""
+
+
+class ConfigError(SageBatchError):
+    """The job config is invalid (names the key)."""
+
+
+class DataError(SageBatchError):
+    """An input file is missing or malformed (names the path and the reason)."""
+
+
+class ResumeError(SageBatchError):
+    """The output dir holds a run made under a different manifest."""
+
+
+class EngineError(SageBatchError):
+    """vLLM failed to start or to serve the job."""

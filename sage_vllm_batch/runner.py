@@ -1,0 +1,384 @@
+"""The streaming runner: source -> request builder -> engine -> Parquet shards -> metrics.
+
+A *point* is one job's output (a plain run has one; a fused sweep has one per swept
+combination). Points that share a model and engine config run through one loaded
+:class:`~sage_vllm_batch.engine.Engine` as one interleaved request stream; each result is routed
+back to its point, which commits its rows in fixed-size chunks of input positions. Chunks are the
+unit of exactly-once resume (see :mod:`sage_vllm_batch.sink`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from omegaconf import DictConfig, OmegaConf
+
+from sage_vllm_batch.config import validate
+from sage_vllm_batch.engine import Engine, EngineRequest, EngineResult, engine_kwargs, vllm_version
+from sage_vllm_batch.errors import ConfigError, SageBatchError
+from sage_vllm_batch.manifest import SUCCESS, build_manifest, prepare_output_dir, write_json_atomic
+from sage_vllm_batch.metrics import RssSampler, RunMetrics
+from sage_vllm_batch.progress import Progress
+from sage_vllm_batch.requests import RequestBuilder, sampling_dict
+from sage_vllm_batch.sink import ParquetShardSink, embedding_column, output_schema
+
+log = logging.getLogger(__name__)
+
+_INTERNAL = ("__row_id", "__bad")
+# Sections of the job config that decide the rows written (the manifest hashes them).
+_OUTPUT_SECTIONS = ("model", "engine", "sampling", "task", "data")
+
+
+# ---------------------------------------------------------------------------- model resolution
+@dataclass
+class ResolvedModel:
+    id: str
+    revision: str | None
+    path: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "revision": self.revision}
+
+
+def resolve_model(cfg: DictConfig) -> ResolvedModel:
+    """Make sure the model is in the registry (importing or downloading it) and return its path."""
+    from sage_vllm_batch import registry
+
+    m, r = cfg.model, cfg.registry
+    path = registry.ensure_model(
+        m.id, revision=m.revision, source=m.source, allow_download=r.allow_download, root=r.root
+    )
+    # ensure_model also records the use (last-used time, for the registry's LRU gc).
+    revision = next(
+        (rec.revision for rec in registry.list_models(root=r.root) if rec.model_id == m.id and rec.path == path),
+        m.revision,
+    )
+    return ResolvedModel(id=m.id, revision=revision, path=str(path))
+
+
+def engine_group_key(cfg: DictConfig) -> str:
+    """Points with equal keys can share one loaded engine."""
+    return OmegaConf.to_yaml(OmegaConf.create({"model": cfg.model, "engine": cfg.engine, "registry": cfg.registry}))
+
+
+def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
+    runner = "pooling" if cfg.task.type == "embed" else "generate"
+    kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
+    return Engine(
+        model.path, runner=runner, max_in_flight=cfg.engine.max_in_flight, tokenizer=cfg.model.tokenizer, **kw
+    )
+
+
+# ---------------------------------------------------------------------------- points
+def output_dir_of(cfg: DictConfig) -> Path:
+    try:
+        out = cfg.output.dir
+    except Exception as e:  # ${hydra:...} outside a Hydra app
+        raise ConfigError("output.dir: set it (it defaults to Hydra's run dir only under the CLI)") from e
+    if not out:
+        raise ConfigError("output.dir: must not be empty")
+    return Path(str(out))
+
+
+def _passthrough_names(cfg: DictConfig) -> list[str]:
+    if cfg.output.passthrough_columns is not None:
+        names = list(cfg.output.passthrough_columns)
+    else:
+        d, t = cfg.data, cfg.task.type
+        if t == "embed":
+            names = [d.text_column]
+        elif d.prompt_template:
+            names = []
+        elif t == "generate":
+            names = [d.prompt_column]
+        else:
+            names = [d.messages_column]
+    if cfg.data.id_column and cfg.data.id_column not in names:
+        names.insert(0, cfg.data.id_column)
+    return names
+
+
+@dataclass
+class _Chunk:
+    row_ids: list[int]
+    passthrough: list[list[Any]]
+    results: list[EngineResult | None]
+    done: int = 0
+
+
+@dataclass
+class Point:
+    """One output directory's worth of work: its config, source, sink and metrics."""
+
+    name: str
+    cfg: DictConfig
+    out_dir: Path
+    model: ResolvedModel
+    source: Any
+    state: str  # new | resume | complete
+    committed: dict[int, dict[str, Any]]
+    metrics: RunMetrics = field(default_factory=RunMetrics)
+    error: str | None = None
+    # runtime
+    _builder: RequestBuilder | None = None
+    _sink: ParquetShardSink | None = None
+    _pt_src: list[str] = field(default_factory=list)
+    _pt_out: list[str] = field(default_factory=list)
+    _chunks: dict[int, _Chunk] = field(default_factory=dict)
+    _total_positions: int | None = None
+    _finished: bool = False
+    _on_rows: Any = None
+    _embedding_dim: int | None = None
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self.cfg.output.shard_rows)
+
+    # -------------------------------------------------------------- setup on first batch
+    def _setup(self, engine: Engine, schema: pa.Schema) -> None:
+        present = [n for n in schema.names if n not in _INTERNAL]
+        names = _passthrough_names(self.cfg)
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise ConfigError(
+                f"output.passthrough_columns / data columns: {', '.join(map(repr, missing))} not in the input "
+                f"({self.source.path_description}); its columns are {', '.join(present)}"
+            )
+        task = self.cfg.task.type
+        reserved = {"id", "embedding", "text", "finish_reason", "prompt_tokens", "completion_tokens", "error"}
+        self._pt_src = names
+        self._pt_out = [f"input_{n}" if n in reserved else n for n in names]
+        fields = [pa.field(o, schema.field(s).type) for s, o in zip(names, self._pt_out, strict=True)]
+        if task == "embed":
+            self._embedding_dim = engine.embedding_dim
+        self._sink = ParquetShardSink(
+            self.out_dir, output_schema(task, fields, self._embedding_dim), self.cfg.output.compression
+        )
+        self._builder = RequestBuilder(
+            self.cfg.task, self.cfg.data, sampling_dict(OmegaConf.to_container(self.cfg.sampling)), engine
+        )
+
+    # -------------------------------------------------------------- request stream
+    def requests(self, engine: Engine) -> Iterator[EngineRequest]:
+        """This point's requests, in input order, skipping chunks committed by an earlier run."""
+        size = self.shard_rows
+        pos = 0
+        for batch in self.source.batches():
+            n = batch.num_rows
+            if self._sink is None:
+                self._setup(engine, batch.schema)
+            first, last = pos // size, (pos + n - 1) // size
+            if n and all(c in self.committed for c in range(first, last + 1)):
+                self.metrics.rows_skipped_resumed += n
+                pos += n
+                if self._on_rows:
+                    self._on_rows(n, 0)
+                continue
+            cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+            names = list(cols)
+            for i in range(n):
+                chunk = pos // size
+                if chunk in self.committed:
+                    self.metrics.rows_skipped_resumed += 1
+                    pos += 1
+                    if self._on_rows:
+                        self._on_rows(1, 0)
+                    continue
+                row = {k: cols[k][i] for k in names}
+                buf = self._chunks.get(chunk)
+                if buf is None:
+                    buf = self._chunks[chunk] = _Chunk([], [], [])
+                buf.row_ids.append(int(row["__row_id"]))
+                buf.passthrough.append([row.get(c) for c in self._pt_src])
+                buf.results.append(None)
+                self.metrics.rows_in += 1
+                yield self._builder.build((self, chunk, len(buf.results) - 1), row)
+                pos += 1
+        self._total_positions = pos
+        if self._sink is None:  # empty input (or empty shard)
+            schema = self.source.schema if hasattr(self.source, "schema") else None
+            if schema is not None:
+                self._setup(engine, schema)
+        # The last chunk may already be complete: it had fewer rows than shard_rows.
+        for chunk in list(self._chunks):
+            self._maybe_commit(chunk)
+        self._maybe_finish()
+
+    def _expected(self, chunk: int) -> int | None:
+        if self._total_positions is None:
+            return self.shard_rows
+        return min(self.shard_rows, self._total_positions - chunk * self.shard_rows)
+
+    def on_result(self, chunk: int, idx: int, res: EngineResult) -> None:
+        buf = self._chunks[chunk]
+        buf.results[idx] = res
+        buf.done += 1
+        self.metrics.add_result(res)
+        if self._on_rows:
+            self._on_rows(1, res.prompt_tokens + res.completion_tokens)
+        self._maybe_commit(chunk)
+        self._maybe_finish()
+
+    def _maybe_commit(self, chunk: int) -> None:
+        buf = self._chunks.get(chunk)
+        if buf is None or buf.done != self._expected(chunk) or buf.done != len(buf.results):
+            return
+        cols: dict[str, Any] = {"id": buf.row_ids}
+        for j, name in enumerate(self._pt_out):
+            cols[name] = [p[j] for p in buf.passthrough]
+        rs: list[EngineResult] = buf.results  # type: ignore[assignment]
+        if self.cfg.task.type == "embed":
+            vecs = [r.embedding if r.error is None else None for r in rs]
+            if self.cfg.task.normalize:
+                vecs = [None if v is None else v / max(float((v * v).sum()) ** 0.5, 1e-12) for v in vecs]
+            cols["embedding"] = embedding_column(vecs, self._embedding_dim)
+            cols["prompt_tokens"] = [r.prompt_tokens for r in rs]
+        else:
+            cols["text"] = [r.text for r in rs]
+            cols["finish_reason"] = [r.finish_reason for r in rs]
+            cols["prompt_tokens"] = [r.prompt_tokens for r in rs]
+            cols["completion_tokens"] = [r.completion_tokens for r in rs]
+        cols["error"] = [r.error for r in rs]
+        try:
+            rec = self._sink.commit(chunk, cols)
+        except OSError as e:
+            raise SageBatchError(
+                f"could not write output shard {chunk} to {self.out_dir}: {e.strerror or e}. "
+                "Shards committed before this one are intact; free space or fix permissions and "
+                "rerun the same command to resume."
+            ) from e
+        self.committed[chunk] = rec
+        del self._chunks[chunk]
+        self.metrics.on_commit()
+
+    def _maybe_finish(self) -> None:
+        if self._finished or self._total_positions is None or self._chunks:
+            return
+        self._finished = True
+        self.finalize()
+
+    def finalize(self) -> None:
+        """All rows are committed: write the vector store (if any), metrics and ``_SUCCESS``."""
+        vs = self.cfg.output.vector_store
+        if vs.type:
+            from sage_vllm_batch.vector_sinks import write_vector_store
+
+            write_vector_store(self.out_dir, vs)
+        self.metrics.finish()
+        write_json_atomic(self.out_dir / "metrics.json", self.metrics_record())
+        (self.out_dir / SUCCESS).write_text("")
+        log.info("%s: %d rows written to %s", self.name, self.metrics.rows_out, self.out_dir)
+
+    def metrics_record(self) -> dict[str, Any]:
+        rec = self.metrics.to_dict()
+        rec.update(
+            {
+                "job": self.name,
+                "task": self.cfg.task.type,
+                "model": self.model.as_dict(),
+                "output_dir": str(self.out_dir),
+                "rows_total": sum(int(r["rows"]) for r in self.committed.values()),
+                "error_rows_total": sum(int(r.get("errors", 0)) for r in self.committed.values()),
+                "status": "complete" if self._finished or self.state == "complete" else "incomplete",
+            }
+        )
+        if self.error:
+            rec["error"] = self.error
+        return rec
+
+
+def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | None = None) -> Point:
+    """Validate a job, open its input, check the output dir's manifest. No engine needed."""
+    from sage_vllm_batch.sources import open_source
+
+    validate(cfg)
+    out_dir = output_dir_of(cfg)
+    model = model or resolve_model(cfg)
+    source = open_source(cfg.data)
+    job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _OUTPUT_SECTIONS}
+    job["output"] = {
+        "shard_rows": cfg.output.shard_rows,
+        "passthrough_columns": _passthrough_names(cfg),
+    }
+    manifest = build_manifest(job, model=model.as_dict(), input_fingerprint=source.fingerprint(), vllm=vllm_version())
+    state = prepare_output_dir(out_dir, manifest, overwrite=cfg.output.overwrite)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    committed: dict[int, dict[str, Any]] = {}
+    if state != "new":
+        removed = ParquetShardSink.clean_uncommitted(out_dir)
+        if removed:
+            log.warning("%s: removed %d uncommitted file(s) left by a crash: %s", name, len(removed), removed[:5])
+        committed = ParquetShardSink.read_ledger(out_dir)
+    if state == "resume":
+        log.info("%s: resuming in %s, %d shard(s) already committed", name, out_dir, len(committed))
+    return Point(name=name, cfg=cfg, out_dir=out_dir, model=model, source=source, state=state, committed=committed)
+
+
+def _interleave(gens: Sequence[Iterator[EngineRequest]]) -> Iterator[EngineRequest]:
+    """Round-robin over points row by row, so all points progress together (and rows with equal
+    prompts sit next to each other in the engine, where prefix caching can share them)."""
+    active = list(gens)
+    while active:
+        for g in list(active):
+            try:
+                yield next(g)
+            except StopIteration:
+                active.remove(g)
+
+
+def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", interval_s: float = 10.0) -> None:
+    """Run points that share ``engine`` as one interleaved stream of requests."""
+    todo = [p for p in points if p.state != "complete"]
+    if not todo:
+        return
+    total = None
+    ests = [p.source.estimated_rows() for p in todo]
+    if all(e is not None for e in ests):
+        total = int(sum(ests))
+    label = todo[0].name if len(todo) == 1 else f"{len(todo)} points"
+    bar = Progress(total, mode=progress, interval_s=interval_s, desc=label)
+    for p in todo:
+        p.metrics.load_seconds = engine.load_seconds
+        p.metrics.engine_loads = 1
+        p._on_rows = bar.update
+    with RssSampler() as rss:
+        try:
+            for res in engine.stream(_interleave([p.requests(engine) for p in todo])):
+                point, chunk, idx = res.key
+                point.on_result(chunk, idx, res)
+        finally:
+            bar.close()
+            for p in todo:
+                p.metrics.peak_rss_bytes = rss.peak_bytes
+                if not p._finished:  # leave a record of how far it got
+                    p.metrics.finish()
+                    write_json_atomic(p.out_dir / "metrics.json", p.metrics_record())
+    for p in todo:
+        p.metrics.peak_rss_bytes = rss.peak_bytes
+        write_json_atomic(p.out_dir / "metrics.json", p.metrics_record())
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job end to end and return its metrics (the importable core of the CLI)."""
+    validate(cfg)
+    if cfg.task.type == "finetune":
+        from sage_vllm_batch.finetune import run_finetune
+
+        return run_finetune(cfg)
+    point = prepare_point(cfg, name=cfg.job_name)
+    if point.state == "complete":
+        log.info("%s is already complete (%s); nothing to do", point.out_dir, SUCCESS)
+        return json.loads((point.out_dir / "metrics.json").read_text())
+    engine = load_engine(cfg, point.model)
+    try:
+        execute([point], engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
+    finally:
+        engine.close()
+    return point.metrics_record()
+

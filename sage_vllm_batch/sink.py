@@ -1,0 +1,167 @@
+"""Parquet output shards, committed atomically, with a ledger: the unit of exactly-once resume.
+
+A shard is written to a temp file, fsynced and renamed into place; only then is a line appended
+(and fsynced) to ``_ledger.jsonl``. The ledger is the truth: on resume, shards it lists are
+skipped, and any part file it does not list (a crash between rename and ledger write) or any temp
+file is removed and redone. A crash at any instant therefore loses at most the shard being written
+and never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+LEDGER = "_ledger.jsonl"
+PART_GLOB = "part-*.parquet"
+TMP_PREFIX = ".tmp-"
+
+
+def part_name(chunk: int) -> str:
+    return f"part-{chunk:06d}.parquet"
+
+
+def output_schema(task: str, passthrough: Sequence[pa.Field], embedding_dim: int | None = None) -> pa.Schema:
+    """The output schema of a task: id, pass-through columns, task columns, error."""
+    fields: list[pa.Field] = [pa.field("id", pa.int64(), nullable=False)]
+    fields += [pa.field(f.name, f.type) for f in passthrough]
+    if task == "embed":
+        if embedding_dim is None:
+            raise ValueError("embedding_dim is required for task=embed")
+        fields += [
+            pa.field("embedding", pa.list_(pa.float32(), embedding_dim)),
+            pa.field("prompt_tokens", pa.int32()),
+        ]
+    else:
+        fields += [
+            pa.field("text", pa.string()),
+            pa.field("finish_reason", pa.string()),
+            pa.field("prompt_tokens", pa.int32()),
+            pa.field("completion_tokens", pa.int32()),
+        ]
+    fields.append(pa.field("error", pa.string()))
+    return pa.schema(fields)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ParquetShardSink:
+    """Writes one Parquet file per chunk of input rows into ``out_dir`` and keeps the ledger.
+
+    Args:
+        out_dir: The run's output directory (created if missing).
+        schema: The output schema (:func:`output_schema`).
+        compression: Parquet compression codec.
+    """
+
+    def __init__(self, out_dir: str | Path, schema: pa.Schema, compression: str = "zstd") -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.compression = compression
+
+    # ------------------------------------------------------------------ resume
+    @staticmethod
+    def read_ledger(out_dir: str | Path) -> dict[int, dict[str, Any]]:
+        """Committed chunks by index. A torn last line (crash mid-append) is ignored."""
+        path = Path(out_dir) / LEDGER
+        done: dict[int, dict[str, Any]] = {}
+        if not path.exists():
+            return done
+        with path.open("r", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (Path(out_dir) / rec["file"]).exists():
+                    done[int(rec["chunk"])] = rec
+        return done
+
+    @staticmethod
+    def clean_uncommitted(out_dir: str | Path) -> list[str]:
+        """Remove temp files and part files the ledger does not list; returns what was removed."""
+        out = Path(out_dir)
+        if not out.exists():
+            return []
+        committed = {rec["file"] for rec in ParquetShardSink.read_ledger(out).values()}
+        removed = []
+        for p in list(out.glob(TMP_PREFIX + "*")) + list(out.glob(PART_GLOB)):
+            if p.name not in committed:
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        _repair_ledger_tail(out / LEDGER)
+        return removed
+
+    # ------------------------------------------------------------------ write
+    def commit(self, chunk: int, columns: dict[str, Any]) -> dict[str, Any]:
+        """Write one chunk atomically and record it in the ledger."""
+        table = pa.Table.from_pydict(columns, schema=self.schema)
+        name = part_name(chunk)
+        tmp = self.out_dir / f"{TMP_PREFIX}{name}"
+        with pa.OSFile(str(tmp), "wb") as f:
+            pq.write_table(table, f, compression=self.compression)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.out_dir / name)
+        _fsync_dir(self.out_dir)
+        ids = columns["id"]
+        rec = {
+            "chunk": chunk,
+            "file": name,
+            "rows": table.num_rows,
+            "first_id": int(ids[0]) if len(ids) else None,
+            "last_id": int(ids[-1]) if len(ids) else None,
+            "errors": table.num_rows - table.column("error").null_count,
+        }
+        with open(self.out_dir / LEDGER, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return rec
+
+
+def _repair_ledger_tail(path: Path) -> None:
+    """Drop a torn final line so later appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data[: data.rfind(b"\n") + 1]
+        tmp = path.with_name(path.name + ".repair")
+        tmp.write_bytes(keep)
+        os.replace(tmp, path)
+
+
+def embedding_column(vectors: Sequence[np.ndarray | None], dim: int) -> pa.FixedSizeListArray:
+    """A ``fixed_size_list<float32>[dim]`` array with nulls where a row failed."""
+    flat = np.zeros((len(vectors), dim), dtype=np.float32)
+    mask = np.zeros(len(vectors), dtype=bool)
+    for i, v in enumerate(vectors):
+        if v is None:
+            mask[i] = True
+        else:
+            flat[i] = v
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(mask))
+
+
+def read_output(out_dir: str | Path) -> pa.Table:
+    """All committed rows of a run, in id order (for users and tests)."""
+    files = sorted(Path(out_dir).glob(PART_GLOB))
+    if not files:
+        raise FileNotFoundError(f"no {PART_GLOB} in {out_dir}")
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    return table.sort_by("id")

