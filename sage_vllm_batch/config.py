@@ -192,6 +192,8 @@ class FusedLauncherConfig:
     # Write summary.parquet / summary.md / a plot into the sweep dir at the end.
     summary: bool = True
     plot_metric: str = "completion_tokens_per_s"
+    # false: still one engine per group, but points run one after another (for comparison).
+    fuse: bool = True
 
 
 def run_dirname(override_dirname: str) -> str:

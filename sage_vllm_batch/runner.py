@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.config import validate
 from sage_vllm_batch.engine import Engine, EngineRequest, EngineResult, engine_kwargs, vllm_version
-from sage_vllm_batch.errors import ConfigError, SageBatchError
+from sage_vllm_batch.errors import ConfigError, EngineError, SageBatchError
 from sage_vllm_batch.manifest import SUCCESS, build_manifest, prepare_output_dir, write_json_atomic
 from sage_vllm_batch.metrics import RssSampler, RunMetrics
 from sage_vllm_batch.progress import Progress
@@ -151,12 +151,13 @@ class Point:
                 f"({self.source.path_description}); its columns are {', '.join(present)}"
             )
         task = self.cfg.task.type
-        reserved = {"id", "embedding", "text", "finish_reason", "prompt_tokens", "completion_tokens", "error"}
+        if task == "embed":
+            self._embedding_dim = engine.embedding_dim
+        # A pass-through column named like an output column (e.g. "text" for chat) gets a prefix.
+        reserved = set(output_schema(task, [], self._embedding_dim).names)
         self._pt_src = names
         self._pt_out = [f"input_{n}" if n in reserved else n for n in names]
         fields = [pa.field(o, schema.field(s).type) for s, o in zip(names, self._pt_out, strict=True)]
-        if task == "embed":
-            self._embedding_dim = engine.embedding_dim
         self._sink = ParquetShardSink(
             self.out_dir, output_schema(task, fields, self._embedding_dim), self.cfg.output.compression
         )
@@ -362,6 +363,12 @@ def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", 
     for p in todo:
         p.metrics.peak_rss_bytes = rss.peak_bytes
         write_json_atomic(p.out_dir / "metrics.json", p.metrics_record())
+    lost = {p.name: sum(len(c.results) - c.done for c in p._chunks.values()) for p in todo if not p._finished}
+    if lost:
+        raise EngineError(
+            f"the engine stream ended without results for some rows ({lost}); committed shards are "
+            "intact: rerun the same command to redo the rest"
+        )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

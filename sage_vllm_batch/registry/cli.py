@@ -16,6 +16,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -84,6 +85,11 @@ def _handle_errors(func: F) -> F:
         except SageBatchError as e:
             _err().print(f"Error: {e}", markup=False)
             raise typer.Exit(1) from None
+        except OSError as e:  # unwritable root, full disk: the user's to fix, not a bug
+            _err().print(
+                f"Error: {e}. Check the registry root (--root or $SAGE_LLM_MODEL_ROOT).", markup=False
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -104,22 +110,29 @@ def _source_text(record: ModelRecord) -> str:
     return kind
 
 
+def _local_time(iso: str) -> str:
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
 def _table(records: list[ModelRecord], title: str | None = None) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD)
-    # Fold rather than cut with an ellipsis: ids are what users copy.
-    table.add_column("ID", overflow="fold", ratio=3)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    # Fold rather than cut with an ellipsis: ids are what users copy. Wide terminals show one line per row.
+    table.add_column("ID", overflow="fold", min_width=20)
     table.add_column("Revision", overflow="fold")
     table.add_column("Type")
     table.add_column("Size", justify="right", no_wrap=True)
-    table.add_column("Last used", no_wrap=True)
-    table.add_column("Source", overflow="fold", ratio=2)
+    table.add_column("Last used", overflow="fold")
+    table.add_column("Source", overflow="fold", min_width=12)
     for r in records:
         table.add_row(
             r.model_id,
             r.revision,
             r.type,
             format_size(r.size),
-            r.last_used_at[:16].replace("T", " "),
+            _local_time(r.last_used_at),
             _source_text(r),
         )
     return table

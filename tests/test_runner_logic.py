@@ -1,0 +1,190 @@
+"""The runner's own logic around the engine: ordering, chunk commits, exactly-once resume, the
+manifest check, crash leftovers. A fake engine stands in for vLLM here (it returns results out of
+order, and can crash); the real engine is exercised in test_engine_*.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import compose_job
+
+from sage_vllm_batch.engine import EngineResult
+from sage_vllm_batch.errors import ResumeError, SageBatchError
+from sage_vllm_batch.runner import ResolvedModel, execute, prepare_point
+from sage_vllm_batch.sink import LEDGER, read_output
+
+MODEL = ResolvedModel(id="fake/model", revision="1", path="/nowhere")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class FakeEngine:
+    """Deterministic stand-in: embedding = f(token ids); results come back shuffled per window."""
+
+    max_model_len = 64
+    load_seconds = 0.0
+    embedding_dim = 4
+
+    def __init__(self, crash_after: int | None = None, window: int = 7) -> None:
+        self.crash_after = crash_after
+        self.window = window
+        self.seen: list[str] = []
+
+    def encode(self, text):
+        return [1] + [ord(c) for c in text[:80]] + [2]
+
+    def stream(self, requests, on_step=None):
+        rng = random.Random(0)
+        pending, done = [], 0
+        it = iter(requests)
+        while True:
+            pending.extend(r for _, r in zip(range(self.window - len(pending)), it))
+            if not pending:
+                return
+            rng.shuffle(pending)
+            req = pending.pop()
+            if self.crash_after is not None and done >= self.crash_after:
+                raise Crash("killed")
+            done += 1
+            if req.error:
+                yield EngineResult(key=req.key, error=req.error)
+                continue
+            self.seen.append(req.prompt_token_ids)
+            ids = np.array(req.prompt_token_ids, dtype=np.float32)
+            vec = np.array([ids.sum(), len(ids), ids.max(), ids.min()], dtype=np.float32)
+            yield EngineResult(key=req.key, embedding=vec, prompt_tokens=len(ids), latency_s=0.01)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "in.jsonl"
+    with path.open("w") as f:
+        for i in range(250):
+            row = {"text": f"verse {i}", "ref": f"r{i}"}
+            if i in (5, 170):
+                row["text"] = None
+            if i == 77:
+                row["text"] = ""
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def job(corpus, out, *extra):
+    return compose_job(f"data=jsonl", f"data.path={corpus}", "data.limit=null", "data.id_column=ref",
+                       "output.shard_rows=100", *extra, out_dir=out)
+
+
+def run_once(cfg, engine):
+    point = prepare_point(cfg, model=MODEL)
+    execute([point], engine, progress="none")
+    return point
+
+
+def test_rows_in_order_in_chunks_with_error_rows(corpus, tmp_path):
+    out = tmp_path / "out"
+    point = run_once(job(corpus, out), FakeEngine())
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-00000{i}.parquet" for i in range(3)]
+    t = read_output(out)
+    assert t.column("id").to_pylist() == list(range(250))
+    assert t.column("ref").to_pylist() == [f"r{i}" for i in range(250)]
+    assert t.schema.field("embedding").type.list_size == 4
+    errors = {i: e for i, e in enumerate(t.column("error").to_pylist()) if e}
+    assert sorted(errors) == [5, 77, 170]
+    assert errors[5].startswith("null input") and errors[77].startswith("empty input")
+    assert t.column("embedding").null_count == 3
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["rows_in"], m["rows_out"], m["error_rows"]) == (250, 250, 3)
+    assert m["errors_by_reason"] == {"null input": 2, "empty input": 1}
+    assert m["status"] == "complete" and (out / "_SUCCESS").exists()
+    assert point.metrics.shards_committed == 3
+
+
+def test_crash_then_resume_is_exactly_once_and_identical(corpus, tmp_path):
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    run_once(job(corpus, clean), FakeEngine())
+    with pytest.raises(Crash):
+        run_once(job(corpus, crashed), FakeEngine(crash_after=160))
+    ledger = (crashed / LEDGER).read_text().splitlines()
+    assert 1 <= len(ledger) < 3 and not (crashed / "_SUCCESS").exists()
+    committed_rows = sum(json.loads(line)["rows"] for line in ledger)
+    second = FakeEngine()
+    point = run_once(job(corpus, crashed), second)
+    # Only the uncommitted rows reach the engine again (minus error rows, which never do).
+    assert len(second.seen) == 250 - committed_rows - sum(1 for i in (5, 77, 170) if i >= committed_rows)
+    assert point.metrics.rows_skipped_resumed == committed_rows
+    for name in sorted(p.name for p in clean.glob("part-*.parquet")):
+        assert pq.read_table(clean / name).equals(pq.read_table(crashed / name)), name
+    assert read_output(crashed).column("id").to_pylist() == list(range(250))
+
+
+def test_resume_into_a_different_config_is_refused_with_what_changed(corpus, tmp_path):
+    out = tmp_path / "out"
+    run_once(job(corpus, out), FakeEngine())
+    with pytest.raises(ResumeError, match=r"data\.limit: None -> 10"):
+        prepare_point(job(corpus, out, "data.limit=10"), model=MODEL)
+    point = prepare_point(job(corpus, out, "data.limit=10", "output.overwrite=true"), model=MODEL)
+    execute([point], FakeEngine(), progress="none")
+    assert read_output(out).num_rows == 10
+
+
+def test_complete_run_is_not_redone(corpus, tmp_path):
+    out = tmp_path / "out"
+    run_once(job(corpus, out), FakeEngine())
+    again = FakeEngine()
+    point = prepare_point(job(corpus, out), model=MODEL)
+    assert point.state == "complete"
+    execute([point], again, progress="none")
+    assert again.seen == []
+
+
+def test_crash_leftovers_are_removed_and_redone(corpus, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(Crash):
+        run_once(job(corpus, out), FakeEngine(crash_after=120))
+    (out / ".tmp-part-000001.parquet").write_bytes(b"half a file")
+    (out / "part-000002.parquet").write_bytes(b"renamed but not in the ledger")
+    with (out / LEDGER).open("a") as f:
+        f.write('{"chunk": 2, "file": "part-0')  # torn append
+    run_once(job(corpus, out), FakeEngine())
+    assert not list(out.glob(".tmp-*"))
+    assert read_output(out).column("id").to_pylist() == list(range(250))
+    lines = (out / LEDGER).read_text().splitlines()
+    assert sorted(json.loads(x)["chunk"] for x in lines) == [0, 1, 2]
+
+
+def test_disk_full_stops_cleanly_keeping_committed_shards(corpus, tmp_path, monkeypatch):
+    from sage_vllm_batch import sink
+
+    out = tmp_path / "out"
+    real = sink.ParquetShardSink.commit
+    calls = {"n": 0}
+
+    def full_after_one(self, chunk, columns):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, chunk, columns)
+
+    monkeypatch.setattr(sink.ParquetShardSink, "commit", full_after_one)
+    with pytest.raises(SageBatchError, match="No space left on device.*rerun the same command"):
+        run_once(job(corpus, out), FakeEngine())
+    assert pq.read_table(out / "part-000000.parquet").num_rows == 100
+    monkeypatch.setattr(sink.ParquetShardSink, "commit", real)
+    run_once(job(corpus, out), FakeEngine())
+    assert read_output(out).num_rows == 250
+
+
+def test_sharding_splits_rows_between_machines(corpus, tmp_path):
+    ids = []
+    for k in range(3):
+        out = tmp_path / f"s{k}"
+        run_once(job(corpus, out, "data.num_shards=3", f"data.shard_index={k}"), FakeEngine())
+        ids += read_output(out).column("id").to_pylist()
+    assert sorted(ids) == list(range(250))
