@@ -33,13 +33,21 @@ KJV_VERSES = 31_103
 MiB = 1024 * 1024
 
 
-def run_once(rows: int, root: Path, work: Path) -> dict[str, Any]:
+def run_once(rows: int, root: Path, work: Path, extra: list[str]) -> dict[str, Any]:
     cwd = work / f"rows{rows}"
     out = cwd / "out"
     cwd.mkdir(parents=True)
-    args = ["task=embed", f"data.limit={rows}", f"output.dir={out}", "progress=none", f"registry.root={root}"]
+    args = [
+        "task=embed",
+        *extra,
+        f"data.limit={rows}",
+        f"output.dir={out}",
+        "progress=none",
+        f"registry.root={root}",
+    ]
     print(f"   {rows:>6} rows: python -m sage_vllm_batch {' '.join(args)}", flush=True)
-    wall = run_cli(args, cwd=cwd, log_path=work / f"rows{rows}.log")
+    run = run_cli(args, cwd=cwd, log_path=work / f"rows{rows}.log", done=lambda: (out / "_SUCCESS").exists())
+    wall = run.wall_seconds
     m = json.loads((out / "metrics.json").read_text())
     if m.get("rows_out") != rows or m.get("status") != "complete":
         raise RuntimeError(f"unexpected metrics for {rows} rows: {m}")
@@ -57,25 +65,37 @@ def run_once(rows: int, root: Path, work: Path) -> dict[str, Any]:
         "wall_seconds_serving": m["wall_seconds"],
         "process_wall_seconds": round(wall, 2),
         "shards_committed": m["shards_committed"],
+        "exit_code": run.returncode,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=1000, help="rows of the 1x run (the 10x run uses 10 times as many)")
+    ap.add_argument(
+        "--rows", type=int, default=1000, help="rows of the 1x run (the 10x run uses 10 times as many)"
+    )
     ap.add_argument("--registry-root", default=None, help="model registry to use (default: a temporary one)")
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra job config override for both runs, e.g. engine.dtype=bfloat16 (repeatable)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, outputs)")
     args = ap.parse_args(argv)
     small, big = args.rows, args.rows * 10
     if big > KJV_VERSES:
-        ap.error(f"--rows {args.rows}: 10x must fit the {KJV_VERSES} KJV verses (use --rows <= {KJV_VERSES // 10})")
+        ap.error(
+            f"--rows {args.rows}: 10x must fit the {KJV_VERSES} KJV verses (use --rows <= {KJV_VERSES // 10})"
+        )
     info = machine_info()
     work = Path(tempfile.mkdtemp(prefix="sage-bench-memory-"))
     try:
         with registry_root(args.registry_root, ["embed"]) as root:
             print(f"== embed peak RSS, 1x = {small} rows vs 10x = {big} rows (work dir {work})", flush=True)
-            r1 = run_once(small, root, work)
-            r10 = run_once(big, root, work)
+            r1 = run_once(small, root, work, args.override)
+            r10 = run_once(big, root, work, args.override)
     finally:
         if args.keep:
             print(f"kept {work}")
@@ -95,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "memory",
             "finished_at": now_utc(),
             "machine": info,
+            "overrides": args.override,
             "runs": {"1x": r1, "10x": r10},
             "ratio_10x_over_1x": round(ratio, 4),
             "target_max_ratio": TARGET,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import shutil
 import sys
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     HUMANEVAL_ROWS,
+    RESULTS_DIR,
     compose,
     machine_info,
     median,
@@ -46,16 +48,17 @@ TARGET = 0.95
 WARMUP_ROWS = 8
 
 
-def task_overrides(task: str, rows: int) -> list[str]:
+def task_overrides(task: str, rows: int, extra: list[str]) -> list[str]:
     if task == "chat":
-        return [
+        base = [
             "task=chat",
             "model=smollm2-135m-instruct",
             "sampling.temperature=0",
             "sampling.max_tokens=64",
-            f"data.limit={rows}",
         ]
-    return ["task=embed", f"data.limit={rows}"]
+    else:
+        base = ["task=embed"]
+    return [*base, *extra, f"data.limit={rows}"]
 
 
 def load_rows(cfg) -> list[dict[str, Any]]:
@@ -87,13 +90,13 @@ def conversations_of(cfg, rows: list[dict[str, Any]]) -> list[list[dict[str, str
 class Bench:
     """One task: one loaded engine, the inputs of (a), and a config factory for (b)."""
 
-    def __init__(self, task: str, rows: int, root: Path, work: Path) -> None:
+    def __init__(self, task: str, rows: int, root: Path, work: Path, extra: list[str]) -> None:
         from omegaconf import OmegaConf
 
         from sage_vllm_batch.requests import sampling_dict
         from sage_vllm_batch.runner import load_engine, resolve_model
 
-        self.task, self.rows, self.root, self.work = task, rows, root, work
+        self.task, self.rows, self.root, self.work, self.extra = task, rows, root, work, extra
         self._n = 0
         cfg = self.cfg(rows)
         self.model = resolve_model(cfg)
@@ -116,7 +119,11 @@ class Bench:
         self.last_b_dir: Path | None = None
 
     def cfg(self, rows: int, out_dir: Path | None = None):
-        return compose(*task_overrides(self.task, rows), out_dir=out_dir or self.work / "probe", registry_root=self.root)
+        return compose(
+            *task_overrides(self.task, rows, self.extra),
+            out_dir=out_dir or self.work / "probe",
+            registry_root=self.root,
+        )
 
     def _fresh(self) -> None:
         gc.collect()
@@ -159,7 +166,9 @@ class Bench:
         dt = time.perf_counter() - t0
         m = point.metrics
         if m.error_rows:
-            print(f"  warning: runner wrote {m.error_rows} error rows: {dict(m.errors_by_reason)}", flush=True)
+            print(
+                f"  warning: runner wrote {m.error_rows} error rows: {dict(m.errors_by_reason)}", flush=True
+            )
         if self.last_b_dir is not None:
             shutil.rmtree(self.last_b_dir, ignore_errors=True)
         self.last_b_dir = out
@@ -209,11 +218,29 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def bench_task(task: str, rows: int, repeats: int, root: Path) -> dict[str, Any]:
+def profile_b(b: Bench) -> None:
+    """One more (b) run under cProfile: where the runner's own process spends its time (vLLM's
+    engine core is another process; time blocked on it shows up under ``engine.step``)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    b.run_b()
+    prof.disable()
+    out = Path(tempfile.gettempdir()) / f"sage-bench-runner-{b.task}.prof"
+    prof.dump_stats(out)
+    print(f"\n   cProfile of one (b) run ({out}), top 25 by own time:", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def bench_task(
+    task: str, rows: int, repeats: int, root: Path, extra: list[str], profile: bool = False
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"sage-bench-{task}-"))
     try:
         print(f"\n== {task}: loading the engine ...", flush=True)
-        b = Bench(task, rows, root, work)
+        b = Bench(task, rows, root, work, extra)
         print(f"   engine loaded in {b.load_s:.1f}s; {b.n_rows} rows", flush=True)
         # Warm-up: a small run of each variant (first-call costs: kernels, tokenizer, imports).
         t0 = time.perf_counter()
@@ -228,12 +255,16 @@ def bench_task(task: str, rows: int, repeats: int, root: Path) -> dict[str, Any]
             rb.append(b.run_b())
             print(f"   run {i + 1}/{repeats} (b) runner {rb[-1]['seconds']:7.2f}s", flush=True)
         agree = b.agreement()
+        if profile:
+            profile_b(b)
         b.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     sa, sb = summarize(ra), summarize(rb)
     equal = sa["prompt_tokens"] == sb["prompt_tokens"] and sa["rows"] == sb["rows"]
     res = {
+        "finished_at": now_utc(),
+        "overrides": task_overrides(task, rows, extra),
         "rows": sa["rows"],
         "repeats": repeats,
         "engine_load_seconds": round(b.load_s, 2),
@@ -251,7 +282,9 @@ def bench_task(task: str, rows: int, repeats: int, root: Path) -> dict[str, Any]
 
 def print_table(results: dict[str, Any]) -> None:
     print("\n" + "=" * 96)
-    print(f"{'task':6} {'variant':12} {'rows':>6} {'best s':>8} {'median s':>9} {'rows/s':>9} {'tokens/s':>10} {'gen tok/s':>10}")
+    print(
+        f"{'task':6} {'variant':12} {'rows':>6} {'best s':>8} {'median s':>9} {'rows/s':>9} {'tokens/s':>10} {'gen tok/s':>10}"
+    )
     for task, r in results.items():
         for key, name in (("a_vllm", "(a) vllm"), ("b_runner", "(b) runner")):
             s = r[key]
@@ -269,10 +302,24 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=None, help="rows per task (default: chat 164 = all HumanEval, embed 2000)")
+    ap.add_argument(
+        "--rows", type=int, default=None, help="rows per task (default: chat 164 = all HumanEval, embed 2000)"
+    )
     ap.add_argument("--task", choices=("chat", "embed", "both"), default="both")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each variant (default 2: a,b,a,b)")
     ap.add_argument("--registry-root", default=None, help="model registry to use (default: a temporary one)")
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra job config override for both variants, e.g. engine.dtype=float32 (repeatable)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one more (b) run with cProfile (stats in $TMPDIR)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     tasks = ["chat", "embed"] if args.task == "both" else [args.task]
@@ -286,12 +333,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with registry_root(args.registry_root, tasks) as root:
         for task in tasks:
-            results[task] = bench_task(task, sizes[task], args.repeats, root)
+            results[task] = bench_task(task, sizes[task], args.repeats, root, args.override, args.profile)
     print_table(results)
-    path = write_results(
-        "runner.json",
-        {"benchmark": "runner", "finished_at": now_utc(), "machine": info, "tasks": results},
-    )
+    # Keep the other task's last numbers when only one task ran (each entry has its own date).
+    previous = RESULTS_DIR / "runner.json"
+    merged: dict[str, Any] = {}
+    if previous.exists():
+        try:
+            merged = dict(json.loads(previous.read_text()).get("tasks") or {})
+        except (ValueError, AttributeError):
+            merged = {}
+    for task, r in results.items():
+        merged[task] = {**r, "machine": info}
+    path = write_results("runner.json", {"benchmark": "runner", "finished_at": now_utc(), "tasks": merged})
     print(f"wrote {path}")
     return 0
 

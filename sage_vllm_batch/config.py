@@ -188,7 +188,7 @@ class JobConfig:
 class FusedLauncherConfig:
     """``hydra/launcher=fused``: sweep points that share model+engine run on one loaded engine."""
 
-    _target_: str = "sage_vllm_batch.sweep.launcher.FusedLauncher"
+    _target_: str = "hydra_plugins.sage_fused_launcher.fused_launcher.FusedLauncher"
     # Write summary.parquet / summary.md / a plot into the sweep dir at the end.
     summary: bool = True
     plot_metric: str = "completion_tokens_per_s"

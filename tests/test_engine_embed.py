@@ -102,3 +102,19 @@ def test_parquet_directory_source_with_passthrough(embed_engine, registry_root, 
     assert t.num_rows == 90 and t.column("body").to_pylist()[30] == "doc 1-0"
     assert set(t.column("lang").to_pylist()) == {"en"}
     assert len(list(out.glob("part-*.parquet"))) == 3
+
+
+@pytest.mark.parametrize("store", ["lancedb", "faiss"])
+def test_vector_store_sink_answers_queries(embed_engine, registry_root, tmp_path, store):
+    from sage_vllm_batch.vector_sinks import search
+
+    out = tmp_path / "out"
+    cfg = compose_job(
+        f"output={store}", "data.limit=60", "task.normalize=true", out_dir=out, registry_root=registry_root
+    )
+    run_point(cfg, embed_engine)
+    (query,) = embed_engine.embed(["In the beginning God created the heaven and the earth."])
+    q = query.embedding / np.linalg.norm(query.embedding)
+    hits = search(out, cfg.output.vector_store, q, 3)
+    assert hits[0]["id"] == 0 and hits[0]["citation"] == "Genesis 1:1"
+    assert hits[0]["_score"] > 0.99 and len(hits) == 3

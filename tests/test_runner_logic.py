@@ -45,7 +45,7 @@ class FakeEngine:
         pending, done = [], 0
         it = iter(requests)
         while True:
-            pending.extend(r for _, r in zip(range(self.window - len(pending)), it))
+            pending.extend(r for _, r in zip(range(self.window - len(pending)), it, strict=False))
             if not pending:
                 return
             rng.shuffle(pending)
@@ -77,7 +77,7 @@ def corpus(tmp_path):
 
 
 def job(corpus, out, *extra):
-    return compose_job(f"data=jsonl", f"data.path={corpus}", "data.limit=null", "data.id_column=ref",
+    return compose_job("data=jsonl", f"data.path={corpus}", "data.limit=null", "data.id_column=ref",
                        "output.shard_rows=100", *extra, out_dir=out)
 
 

@@ -20,6 +20,9 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+# Registers the launcher's config (group hydra/launcher, name fused) with Hydra's ConfigStore.
+from sage_vllm_batch.config import FusedLauncherConfig, run_dirname  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 
@@ -47,11 +50,12 @@ class FusedLauncher(Launcher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info("Fused sweep: %d point(s) into %s", len(job_overrides), sweep_dir)
 
+        swept = _swept_keys(job_overrides)
         prepared: list[tuple[JobReturn, Any]] = []
         for offset, overrides in enumerate(job_overrides):
             idx = initial_job_idx + offset
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            prepared.append(self._prepare(idx, list(overrides)))
+            prepared.append(self._prepare(idx, list(overrides), swept))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         run_sweep(
             prepared,
@@ -62,7 +66,7 @@ class FusedLauncher(Launcher):
         )
         return [ret for ret, _ in prepared]
 
-    def _prepare(self, idx: int, overrides: list[str]) -> tuple[JobReturn, Any]:
+    def _prepare(self, idx: int, overrides: list[str], swept: set[str]) -> tuple[JobReturn, Any]:
         """Compose the point's config and prepare its output dir through Hydra's ``run_job``."""
         from sage_vllm_batch.runner import prepare_point
 
@@ -74,6 +78,10 @@ class FusedLauncher(Launcher):
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
+            # Name the point's directory by what varies across the sweep (stable across reruns,
+            # so an interrupted sweep resumes point by point).
+            point_overrides = [o for o in overrides if o.split("=", 1)[0] in swept] or overrides
+            sweep_config.hydra.sweep.subdir = run_dirname(",".join(sorted(point_overrides)))
         holder: dict[str, Any] = {}
 
         def prepare(cfg: DictConfig) -> str:
@@ -90,6 +98,16 @@ class FusedLauncher(Launcher):
             job_subdir_key="hydra.sweep.subdir",
         )
         return ret, holder.get("point")
+
+
+def _swept_keys(job_overrides: Sequence[Sequence[str]]) -> set[str]:
+    """Override keys whose value differs between points."""
+    values: dict[str, set[str]] = {}
+    for overrides in job_overrides:
+        for o in overrides:
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    return {k for k, v in values.items() if len(v) > 1}
 
 
 def _point_name(overrides: Sequence[str]) -> str:
