@@ -16,7 +16,7 @@ def test_finetune_job_is_validated_and_planned(registry_root, tmp_path):
     with pytest.raises(SageBatchError, match="training step is not built yet"):
         run(cfg)
     plan = json.loads((tmp_path / "finetune_plan.json").read_text())
-    assert plan["model"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and plan["estimated_rows"] == 164
+    assert plan["model"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "HumanEval.jsonl.gz" in json.dumps(plan["data"])
     assert plan["finetune"]["method"] == "lora"
 
 
