@@ -21,20 +21,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def compose_job(*overrides: str, out_dir: Path | None = None, registry_root: Path | None = None):
     """Compose the real Hydra config (conf/), as the CLI would, with test overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sage_vllm_batch import config as _  # noqa: F401  (registers the schemas)
-    from sage_vllm_batch.paths import CONF_DIR
+    from sage_vllm_batch.compose import compose_job as compose
 
     extra = ["job_name=test", "progress=none"]
     if out_dir is not None:
         extra.append(f"output.dir={out_dir}")
     if registry_root is not None:
         extra.append(f"registry.root={registry_root}")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*extra, *overrides])
+    return compose([*extra, *overrides])
 
 
 @pytest.fixture(scope="session")
