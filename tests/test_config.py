@@ -105,3 +105,15 @@ def test_run_dirname_is_safe_and_bounded():
     assert "/" not in run_dirname("data.path=/a/b,sampling.temperature=0.7")
     assert len(run_dirname("x=" + "y" * 500)) <= 100
     assert run_dirname("a=1") != run_dirname("a=2")
+
+
+def test_sweep_points_share_an_engine_unless_model_or_engine_differ(tmp_path):
+    from sage_vllm_batch.runner import engine_group_key
+
+    base = ("task=chat", "model=smollm2-135m-instruct")
+    a = engine_group_key(compose_job(*base, "sampling.temperature=0", out_dir=tmp_path))
+    b = engine_group_key(compose_job(*base, "sampling.temperature=1.0", "sampling.top_p=0.9", out_dir=tmp_path))
+    c = engine_group_key(compose_job(*base, "engine.max_num_seqs=8", out_dir=tmp_path))
+    d = engine_group_key(compose_job("task=chat", "model=hub", "model.id=org/other", out_dir=tmp_path))
+    assert a == b
+    assert len({a, c, d}) == 3

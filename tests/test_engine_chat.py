@@ -98,3 +98,26 @@ def test_fused_points_equal_points_run_alone(chat_engine, registry_root, tmp_pat
     greedy = read_output(tmp_path / "f0.0").column("text").to_pylist()
     hot = read_output(tmp_path / "f1.0").column("text").to_pylist()
     assert greedy != hot  # the sampling parameters really reached their own requests
+
+
+def test_openai_batch_file_with_per_request_options(chat_engine, registry_root, tmp_path):
+    """The request format `vllm run-batch` reads; body fields become per-row sampling options."""
+    src = tmp_path / "batch.jsonl"
+    lines = [
+        {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 5}},
+        {"custom_id": "req-2", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 2, "temperature": 0}},
+        {"custom_id": "req-3", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "best_of_all": 3}},
+    ]
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out"
+    cfg = compose_job(*CHAT, "data=openai_batch", f"data.path={src}", out_dir=out, registry_root=registry_root)
+    run_points([cfg], chat_engine)
+    t = read_output(out)
+    assert t.column("custom_id").to_pylist() == ["req-1", "req-2", "req-3"]
+    n1, n2, _ = t.column("completion_tokens").to_pylist()
+    assert 0 < n1 <= 5 and 0 < n2 <= 2  # each request's own max_tokens reached the engine
+    assert t.column("error").to_pylist()[:2] == [None, None]
+    assert "best_of_all" in t.column("error").to_pylist()[2]
