@@ -46,7 +46,18 @@ def main() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    _app()
+    code = 0
+    try:
+        _app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    # Every output file is closed and fsynced by now. Skip the interpreter's teardown: native
+    # threads left by vLLM's engine client can abort it ("terminate called without an active
+    # exception", exit 134) after a run that succeeded.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import fields as dc_fields
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from sage_vllm_batch.engine import EngineRequest
@@ -43,6 +44,9 @@ def _sampling_param_names() -> frozenset[str] | None:
         return frozenset(getattr(SamplingParams, "__struct_fields__", ())) or None
 
 
+_DATA_KEYS = ("text_column", "prompt_column", "messages_column", "prompt_template", "system_prompt", "sampling_column")
+
+
 class RowError(ValueError):
     """A problem with one row; its message becomes the row's ``error``."""
 
@@ -62,7 +66,8 @@ class RequestBuilder:
         self.overlong: str = task.overlong_prompt
         self.add_generation_prompt: bool = bool(task.get("add_generation_prompt", True))
         self.chat_template_kwargs = dict(task.get("chat_template_kwargs") or {})
-        self.data = data
+        # Plain attributes: read for every row, and config node access is slow in a hot loop.
+        self.data = SimpleNamespace(**{k: data.get(k) for k in _DATA_KEYS})
         self.sampling = dict(sampling)
         self.engine = engine
         self._sampling_names = _sampling_param_names() if data.sampling_column else None

@@ -123,6 +123,7 @@ class Point:
     source: Any
     state: str  # new | resume | complete
     committed: dict[int, dict[str, Any]]
+    shard_rows: int = 1000  # output.shard_rows, kept as a plain int (read for every row)
     metrics: RunMetrics = field(default_factory=RunMetrics)
     error: str | None = None
     # runtime
@@ -135,10 +136,6 @@ class Point:
     _finished: bool = False
     _on_rows: Any = None
     _embedding_dim: int | None = None
-
-    @property
-    def shard_rows(self) -> int:
-        return int(self.cfg.output.shard_rows)
 
     # -------------------------------------------------------------- setup on first batch
     def _setup(self, engine: Engine, schema: pa.Schema) -> None:
@@ -318,7 +315,10 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
         committed = ParquetShardSink.read_ledger(out_dir)
     if state == "resume":
         log.info("%s: resuming in %s, %d shard(s) already committed", name, out_dir, len(committed))
-    return Point(name=name, cfg=cfg, out_dir=out_dir, model=model, source=source, state=state, committed=committed)
+    return Point(
+        name=name, cfg=cfg, out_dir=out_dir, model=model, source=source, state=state, committed=committed,
+        shard_rows=int(cfg.output.shard_rows),
+    )
 
 
 def _interleave(gens: Sequence[Iterator[EngineRequest]]) -> Iterator[EngineRequest]:

@@ -55,7 +55,7 @@ class FusedLauncher(Launcher):
         for offset, overrides in enumerate(job_overrides):
             idx = initial_job_idx + offset
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            prepared.append(self._prepare(idx, list(overrides), swept))
+            prepared.append(self._prepare(idx, list(overrides), swept, sweep_dir))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         run_sweep(
             prepared,
@@ -66,7 +66,7 @@ class FusedLauncher(Launcher):
         )
         return [ret for ret, _ in prepared]
 
-    def _prepare(self, idx: int, overrides: list[str], swept: set[str]) -> tuple[JobReturn, Any]:
+    def _prepare(self, idx: int, overrides: list[str], swept: set[str], sweep_dir: Path) -> tuple[JobReturn, Any]:
         """Compose the point's config and prepare its output dir through Hydra's ``run_job``."""
         from sage_vllm_batch.runner import prepare_point
 
@@ -78,6 +78,8 @@ class FusedLauncher(Launcher):
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
+            # Resolved once for the whole sweep: per point it would follow each point's overrides.
+            sweep_config.hydra.sweep.dir = str(sweep_dir)
             # Name the point's directory by what varies across the sweep (stable across reruns,
             # so an interrupted sweep resumes point by point).
             point_overrides = [o for o in overrides if o.split("=", 1)[0] in swept] or overrides

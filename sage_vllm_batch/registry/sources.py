@@ -11,6 +11,7 @@ Spec strings (the job config's ``model.source``)::
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import re
@@ -95,12 +96,18 @@ def parse_source(spec: str) -> SourceSpec:
     return SourceSpec(scheme, relpath=str(Path(target).expanduser().absolute()))  # type: ignore[arg-type]
 
 
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> dict[str, list[str]]:
+    # Scans every installed distribution (~0.3 s): once per process, not once per sweep point.
+    return importlib.metadata.packages_distributions()
+
+
 def package_distribution(module: str) -> tuple[str, str] | None:
     """``(distribution name, version)`` of the installed distribution providing ``module``, or None.
 
     Found through ``importlib.metadata.packages_distributions()``, without importing the module.
     """
-    for dist in importlib.metadata.packages_distributions().get(module, []):
+    for dist in _packages_distributions().get(module, []):
         try:
             return dist, importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

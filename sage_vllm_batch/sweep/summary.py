@@ -40,7 +40,7 @@ def output_quality(out_dir: Path) -> dict[str, Any]:
     rows = ok = tokens = 0
     for f in sorted(out_dir.glob("part-*.parquet")):
         pf = pq.ParquetFile(f)
-        if "text" not in pf.schema_arrow.names:
+        if "completion_tokens" not in pf.schema_arrow.names:  # embed: no generated text
             return {}
         for batch in pf.iter_batches(columns=["text", "completion_tokens", "error"]):
             for text, n, err in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
@@ -68,7 +68,10 @@ def collect(prepared: Sequence[tuple[JobReturn, Any]]) -> list[dict[str, Any]]:
         for m in ("rows_out", "error_rows", "completion_tokens_per_s", "rows_per_s", "wall_seconds"):
             row[m] = metrics.get(m)
         if point is not None and row["status"] == "completed":
-            row.update(output_quality(point.out_dir))
+            try:
+                row.update(output_quality(point.out_dir))
+            except Exception:  # a proxy metric must never fail the sweep
+                log.warning("could not compute quality proxies for %s", point.out_dir, exc_info=True)
         row["output_dir"] = str(point.out_dir) if point is not None else None
         row["error"] = None if row["status"] == "completed" else str(ret._return_value)[:300]
         rows.append(row)
