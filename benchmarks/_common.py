@@ -44,22 +44,15 @@ HUMANEVAL_ROWS = 164  # HumanEval.jsonl.gz has 164 prompts: the chat example's w
 
 
 def compose(*overrides: str, out_dir: Path | None = None, registry_root: Path | None = None):
-    """The real Hydra job config (conf/), composed in-process as the CLI would (cf. tests/conftest.py)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sage_vllm_batch import config as _  # noqa: F401  (registers the schemas)
-    from sage_vllm_batch.paths import CONF_DIR
+    """The real Hydra job config (conf/), composed in-process as the CLI would."""
+    from sage_vllm_batch.compose import compose_job
 
     extra = ["job_name=bench", "progress=none"]
     if out_dir is not None:
         extra.append(f"output.dir={out_dir}")
     if registry_root is not None:
         extra.append(f"registry.root={registry_root}")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[*extra, *overrides])
+    return compose_job([*extra, *overrides])
 
 
 @contextlib.contextmanager
