@@ -88,6 +88,8 @@ def write_summary(sweep_dir: Path, prepared: Sequence[tuple[JobReturn, Any]], pl
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
     (sweep_dir / "summary.md").write_text("# Sweep summary\n\n" + "\n".join(lines) + "\n")
+    if not any(r.get(plot_metric) for r in rows):  # e.g. tokens generated per second in an embed sweep
+        plot_metric = "rows_per_s"
     try:
         _plot(sweep_dir, rows, plot_metric)
     except Exception:  # a plot must never fail the sweep
