@@ -13,10 +13,9 @@ vLLM is imported lazily so config checks and ``--help`` stay fast.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,7 +51,6 @@ class EngineResult:
     completion_tokens: int = 0
     embedding: np.ndarray | None = None
     latency_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def vllm_version() -> str:
@@ -340,7 +338,3 @@ def engine_kwargs(engine_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -
     kw.update(dict(engine_cfg.get("extra") or {}))
     return kw
 
-
-def set_cpu_env() -> None:
-    """Quieter, single-node defaults for vLLM on the CPU (only where the user has not set them)."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,24 +60,19 @@ def run_sweep(
                     _fail(ret, e)
                 continue
             log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), engine.load_seconds)
+            for p in todo:
+                p.metrics.engine_shared_by_points = len(todo)
+                p.metrics.fused = fuse
             try:
-                batches = [todo] if fuse else [[p] for p in todo]
-                for batch in batches:
+                for batch in [todo] if fuse else [[p] for p in todo]:
                     try:
                         execute(batch, engine, progress=batch[0].cfg.progress, interval_s=batch[0].cfg.progress_interval_s)
                     except Exception as e:
+                        log.error("engine group %d failed: %s", gi + 1, e)
                         for p in batch:
                             p.error = str(e)
-                        if not fuse:
-                            continue
-                        raise
-            except Exception as e:
-                log.error("engine group %d failed: %s", gi + 1, e)
             finally:
                 engine.close()
-            for p in todo:
-                p.metrics.engine_loads = 1
-                p.metrics_extra = {"engine_shared_by_points": len(todo), "fused": fuse}
         for ret, p in members:
             if p.error:
                 _fail(ret, RuntimeError(f"{p.name}: {p.error}"))
@@ -87,17 +83,8 @@ def run_sweep(
 
 
 def _final_metrics(p: Point) -> dict[str, Any]:
-    import json
-
     path = p.out_dir / "metrics.json"
-    rec = json.loads(path.read_text()) if path.exists() else p.metrics_record()
-    extra = getattr(p, "metrics_extra", None)
-    if extra:
-        rec.update(extra)
-        from sage_vllm_batch.manifest import write_json_atomic
-
-        write_json_atomic(path, rec)
-    return rec
+    return json.loads(path.read_text()) if path.exists() else p.metrics_record()
 
 
 def _fail(ret: JobReturn, e: BaseException) -> None:
