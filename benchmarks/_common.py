@@ -8,6 +8,7 @@ workspace's ``registry/``), and CLI subprocesses run with a temporary working di
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -47,12 +48,19 @@ def compose(*overrides: str, out_dir: Path | None = None, registry_root: Path | 
     """The real Hydra job config (conf/), composed in-process as the CLI would."""
     from sage_vllm_batch.compose import compose_job
 
-    extra = ["job_name=bench", "progress=none"]
-    if out_dir is not None:
-        extra.append(f"output.dir={out_dir}")
-    if registry_root is not None:
-        extra.append(f"registry.root={registry_root}")
-    return compose_job([*extra, *overrides])
+    return compose_job(["job_name=bench", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root)
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: the model registry and extra job-config overrides."""
+    ap.add_argument("--registry-root", default=None, help="model registry to use (default: a temporary one)")
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra job config override for every variant, e.g. engine.dtype=float32 (repeatable)",
+    )
 
 
 @contextlib.contextmanager

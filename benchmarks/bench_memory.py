@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, now_utc, registry_root, run_cli, write_results  # noqa: E402
+from _common import add_common_args, machine_info, now_utc, registry_root, run_cli, write_results  # noqa: E402
 
 TARGET = 1.15
 KJV_VERSES = 31_103
@@ -74,14 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rows", type=int, default=1000, help="rows of the 1x run (the 10x run uses 10 times as many)"
     )
-    ap.add_argument("--registry-root", default=None, help="model registry to use (default: a temporary one)")
-    ap.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra job config override for both runs, e.g. engine.dtype=bfloat16 (repeatable)",
-    )
+    add_common_args(ap)
     ap.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, outputs)")
     args = ap.parse_args(argv)
     small, big = args.rows, args.rows * 10

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     HUMANEVAL_ROWS,
     RESULTS_DIR,
+    add_common_args,
     compose,
     machine_info,
     median,
@@ -307,14 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--task", choices=("chat", "embed", "both"), default="both")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each variant (default 2: a,b,a,b)")
-    ap.add_argument("--registry-root", default=None, help="model registry to use (default: a temporary one)")
-    ap.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra job config override for both variants, e.g. engine.dtype=float32 (repeatable)",
-    )
+    add_common_args(ap)
     ap.add_argument(
         "--profile",
         action="store_true",

@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    add_common_args,
     count_success,
     machine_info,
     median,
@@ -134,14 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=32, help="HumanEval prompts per point (default 32)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1, help="rounds of the three variants (order rotates)")
-    ap.add_argument("--registry-root", default=None, help="model registry to use (default: a temporary one)")
-    ap.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra job config override for every run (repeatable)",
-    )
+    add_common_args(ap)
     ap.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs)")
     args = ap.parse_args(argv)
     info = machine_info()

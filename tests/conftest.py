@@ -23,12 +23,7 @@ def compose_job(*overrides: str, out_dir: Path | None = None, registry_root: Pat
     """Compose the real Hydra config (conf/), as the CLI would, with test overrides."""
     from sage_vllm_batch.compose import compose_job as compose
 
-    extra = ["job_name=test", "progress=none"]
-    if out_dir is not None:
-        extra.append(f"output.dir={out_dir}")
-    if registry_root is not None:
-        extra.append(f"registry.root={registry_root}")
-    return compose([*extra, *overrides])
+    return compose(["job_name=test", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root)
 
 
 @pytest.fixture(scope="session")
