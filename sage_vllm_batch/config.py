@@ -54,6 +54,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     seed: int = 0
     trust_remote_code: bool = False
+    # auto | true | false: run vLLM's engine core inside this process (auto: on the CPU backend).
+    in_process: str = "auto"
     # Requests kept inside the engine at once. 0 = auto (several times max_num_seqs): enough to
     # keep the scheduler's batch full across shard boundaries without holding the dataset in memory.
     max_in_flight: int = 0
@@ -251,6 +253,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.data.limit is None or cfg.data.limit >= 0, "data.limit", "must be >= 0")
     _check(cfg.data.read_batch_rows >= 1, "data.read_batch_rows", "must be >= 1")
     _check(cfg.output.shard_rows >= 1, "output.shard_rows", "must be >= 1")
+    _check(
+        str(cfg.engine.in_process).lower() in ("auto", "true", "false"),
+        "engine.in_process",
+        f"must be auto, true or false, got {cfg.engine.in_process!r}",
+    )
     _check(cfg.engine.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
     _check(
         0.0 < cfg.engine.gpu_memory_utilization <= 1.0,

@@ -19,7 +19,7 @@ from sage_vllm_batch.errors import ResumeError
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 # Keys that change speed or display but not the rows written.
-_IGNORED = {"engine.max_in_flight", "data.read_batch_rows"}
+_IGNORED = {"engine.max_in_flight", "engine.in_process", "data.read_batch_rows"}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -32,7 +32,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def build_manifest(
-    job: dict[str, Any], *, model: dict[str, Any], input_fingerprint: dict[str, Any], vllm: str
+    job: dict[str, Any],
+    *,
+    model: dict[str, Any],
+    input_fingerprint: dict[str, Any],
+    vllm: str,
+    runtime: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``job`` holds the resolved model/engine/sampling/task/data/output sections (plain dicts)."""
     relevant = {k: v for k, v in _flatten(job).items() if k not in _IGNORED}
@@ -44,6 +49,8 @@ def build_manifest(
         "input": input_fingerprint,
         "vllm": vllm,
         "seeds": {k: v for k, v in relevant.items() if k.endswith("seed")},
+        # How the engine ran (recorded, not compared: it changes speed, not rows).
+        "runtime": dict(runtime or {}),
     }
 
 

@@ -68,6 +68,7 @@ class RunMetrics:
         self.first_commit_s: float | None = None
         self.load_seconds: float | None = None
         self.engine_loads = 0
+        self.engine_in_process: bool | None = None
         self.engine_shared_by_points = 1  # >1: a fused sweep's points ran on one loaded engine
         self.fused = False
         self.wall_seconds: float | None = None
@@ -124,6 +125,7 @@ class RunMetrics:
             "shards_committed": self.shards_committed,
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
             "engine_loads": self.engine_loads,
+            "engine_in_process": self.engine_in_process,
             "engine_shared_by_points": self.engine_shared_by_points,
             "fused": self.fused,
             "wall_seconds": round(wall, 3),

@@ -20,7 +20,14 @@ import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.config import validate
-from sage_vllm_batch.engine import Engine, EngineRequest, EngineResult, engine_kwargs, vllm_version
+from sage_vllm_batch.engine import (
+    Engine,
+    EngineRequest,
+    EngineResult,
+    engine_kwargs,
+    resolve_in_process,
+    vllm_version,
+)
 from sage_vllm_batch.errors import ConfigError, EngineError, SageBatchError
 from sage_vllm_batch.manifest import SUCCESS, build_manifest, prepare_output_dir, write_json_atomic
 from sage_vllm_batch.metrics import RssSampler, RunMetrics
@@ -71,7 +78,12 @@ def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
     runner = "pooling" if cfg.task.type == "embed" else "generate"
     kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
     return Engine(
-        model.path, runner=runner, max_in_flight=cfg.engine.max_in_flight, tokenizer=cfg.model.tokenizer, **kw
+        model.path,
+        runner=runner,
+        max_in_flight=cfg.engine.max_in_flight,
+        tokenizer=cfg.model.tokenizer,
+        in_process=cfg.engine.in_process,
+        **kw,
     )
 
 
@@ -304,7 +316,13 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
         "shard_rows": cfg.output.shard_rows,
         "passthrough_columns": _passthrough_names(cfg),
     }
-    manifest = build_manifest(job, model=model.as_dict(), input_fingerprint=source.fingerprint(), vllm=vllm_version())
+    manifest = build_manifest(
+        job,
+        model=model.as_dict(),
+        input_fingerprint=source.fingerprint(),
+        vllm=vllm_version(),
+        runtime={"engine_in_process": resolve_in_process(cfg.engine.in_process)},
+    )
     state = prepare_output_dir(out_dir, manifest, overwrite=cfg.output.overwrite)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     committed: dict[int, dict[str, Any]] = {}
@@ -347,6 +365,7 @@ def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", 
     for p in todo:
         p.metrics.load_seconds = engine.load_seconds
         p.metrics.engine_loads = 1
+        p.metrics.engine_in_process = engine.in_process
         p._on_rows = bar.update
     with RssSampler() as rss:
         try:
