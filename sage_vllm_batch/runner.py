@@ -365,7 +365,7 @@ def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", 
     for p in todo:
         p.metrics.load_seconds = engine.load_seconds
         p.metrics.engine_loads = 1
-        p.metrics.engine_in_process = engine.in_process
+        p.metrics.engine_in_process = getattr(engine, "in_process", None)
         p._on_rows = bar.update
     with RssSampler() as rss:
         try:
