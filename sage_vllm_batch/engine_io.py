@@ -7,7 +7,7 @@ tokens, vectors) is decided here, in one place shared by batch runs, sweeps and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,14 @@ class EngineRequest:
     prompt_token_ids: list[int] | None = None
     sampling: Mapping[str, Any] | None = None  # SamplingParams fields (generate runner)
     error: str | None = None
+    # Lower runs first when the engine uses priority scheduling (service: interactive before jobs).
+    priority: int = 0
+    # Already-built vLLM inputs (the OpenAI server layer makes its own); used as they are.
+    prompt: Any = None
+    params: Any = None
+    # Called with every vLLM output of this request, partial ones included (streaming). Such a
+    # request is not replayed after an engine restart: it fails instead (its client saw tokens).
+    on_output: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -48,12 +56,15 @@ def to_vllm(req: EngineRequest, runner: str) -> tuple[dict[str, Any], Any, dict[
     from vllm import PoolingParams, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    prompt = {"prompt_token_ids": req.prompt_token_ids}
+    prompt = req.prompt if req.prompt is not None else {"prompt_token_ids": req.prompt_token_ids}
+    extra: dict[str, Any] = {"priority": req.priority} if req.priority else {}
+    if req.params is not None:
+        return prompt, req.params, extra
     if runner == "pooling":
-        return prompt, PoolingParams(task="embed"), {}
+        return prompt, PoolingParams(task="embed"), extra
     params = SamplingParams(**dict(req.sampling or {}))
     params.output_kind = RequestOutputKind.FINAL_ONLY
-    return prompt, params, {}
+    return prompt, params, extra
 
 
 def from_vllm(key: Any, out: Any, runner: str, latency: float) -> EngineResult:
@@ -66,7 +77,10 @@ def from_vllm(key: Any, out: Any, runner: str, latency: float) -> EngineResult:
         data = out.outputs.data
         vec = data.float().cpu().numpy() if hasattr(data, "cpu") else np.asarray(data, dtype=np.float32)
         return EngineResult(
-            key=key, embedding=vec.astype(np.float32, copy=False), prompt_tokens=prompt_tokens, latency_s=latency
+            key=key,
+            embedding=vec.astype(np.float32, copy=False),
+            prompt_tokens=prompt_tokens,
+            latency_s=latency,
         )
     comp = out.outputs[0]
     return EngineResult(

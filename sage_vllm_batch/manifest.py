@@ -19,7 +19,13 @@ from sage_vllm_batch.errors import ResumeError
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 # Keys that change speed or display but not the rows written.
-_IGNORED = {"engine.max_in_flight", "engine.in_process", "data.read_batch_rows"}
+_IGNORED = {
+    "engine.max_in_flight",
+    "engine.in_process",
+    "engine.max_restarts",
+    "engine.stall_timeout_s",
+    "data.read_batch_rows",
+}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -69,6 +69,8 @@ class RunMetrics:
         self.load_seconds: float | None = None
         self.engine_loads = 0
         self.engine_in_process: bool | None = None
+        self.engine_restarts = 0
+        self.requeued_rows = 0
         self.engine_shared_by_points = 1  # >1: a fused sweep's points ran on one loaded engine
         self.fused = False
         self.wall_seconds: float | None = None
@@ -126,6 +128,8 @@ class RunMetrics:
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
             "engine_loads": self.engine_loads,
             "engine_in_process": self.engine_in_process,
+            "engine_restarts": self.engine_restarts,
+            "requeued_rows": self.requeued_rows,
             "engine_shared_by_points": self.engine_shared_by_points,
             "fused": self.fused,
             "wall_seconds": round(wall, 3),

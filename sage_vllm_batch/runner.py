@@ -34,6 +34,7 @@ from sage_vllm_batch.metrics import RssSampler, RunMetrics
 from sage_vllm_batch.progress import Progress
 from sage_vllm_batch.requests import RequestBuilder, sampling_dict
 from sage_vllm_batch.sink import ParquetShardSink, embedding_column, output_schema
+from sage_vllm_batch.supervisor import EngineDeadError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
         max_in_flight=cfg.engine.max_in_flight,
         tokenizer=cfg.model.tokenizer,
         in_process=cfg.engine.in_process,
+        max_restarts=cfg.engine.max_restarts,
+        stall_timeout_s=cfg.engine.stall_timeout_s,
         **kw,
     )
 
@@ -339,6 +342,20 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
     )
 
 
+def _row_of(key: Any) -> str:
+    try:
+        point, chunk, idx = key
+        return f"{point.name}:{point._chunks[chunk].row_ids[idx]}"
+    except Exception:
+        return str(key)
+
+
+def _engine_counters(p: Point, engine: Any) -> None:
+    p.metrics.engine_loads = int(getattr(engine, "loads", 1))
+    p.metrics.engine_restarts = int(getattr(engine, "restarts", 0))
+    p.metrics.requeued_rows = int(getattr(engine, "requeued", 0))
+
+
 def _interleave(gens: Sequence[Iterator[EngineRequest]]) -> Iterator[EngineRequest]:
     """Round-robin over points row by row, so all points progress together (and rows with equal
     prompts sit next to each other in the engine, where prefix caching can share them)."""
@@ -364,7 +381,7 @@ def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", 
     bar = Progress(total, mode=progress, interval_s=interval_s, desc=label)
     for p in todo:
         p.metrics.load_seconds = engine.load_seconds
-        p.metrics.engine_loads = 1
+        _engine_counters(p, engine)
         p.metrics.engine_in_process = getattr(engine, "in_process", None)
         p._on_rows = bar.update
     with RssSampler() as rss:
@@ -372,10 +389,18 @@ def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", 
             for res in engine.stream(_interleave([p.requests(engine) for p in todo])):
                 point, chunk, idx = res.key
                 point.on_result(chunk, idx, res)
+        except EngineDeadError as e:
+            rows = [_row_of(k) for k in e.keys]
+            shown = ", ".join(rows[:20]) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+            raise EngineError(
+                f"{e} Rows in flight: {shown or 'none'}. Committed shards are intact: rerun the same "
+                "command to resume (raise engine.max_restarts to survive more crashes)."
+            ) from e
         finally:
             bar.close()
             for p in todo:
                 p.metrics.peak_rss_bytes = rss.peak_bytes
+                _engine_counters(p, engine)
                 if not p._finished:  # leave a record of how far it got
                     p.metrics.finish()
                     write_json_atomic(p.out_dir / "metrics.json", p.metrics_record())

@@ -1,0 +1,357 @@
+"""The supervised request loop behind :meth:`Engine.stream`: continuous batching that survives a
+dead engine.
+
+One loop feeds vLLM's scheduler up to a window and yields results as requests finish. When the
+engine dies (an exception out of vLLM, a killed engine process, ``EngineDeadError``, or a step
+that outlasts ``stall_timeout_s``), the engine is restarted and exactly the requests that were
+inside are run again, alone, as a *probe*. If the probe finishes, the crash was transient and the
+stream goes on. If it crashes again, the probe is split in halves and each half is probed on a
+fresh engine, until the request that takes the engine down is alone: it comes back as an
+``engine crash`` error and the others complete. Restarts outside a probe are limited by
+``Engine.max_restarts``; past it, :class:`EngineDeadError` names the requests that were in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sage_vllm_batch.engine_io import EngineRequest, EngineResult, from_vllm, to_vllm
+from sage_vllm_batch.errors import EngineError
+
+if TYPE_CHECKING:
+    from sage_vllm_batch.engine import Engine, RequestFeed
+
+log = logging.getLogger(__name__)
+
+# Test-only fault injection: "<mode>:<marker>" where mode is raise | raise-once | kill | kill-once.
+# A request whose prompt contains <marker> makes vLLM's next step fail from inside (raise: the
+# in-process engine core raises; kill: the engine core process is SIGKILLed).
+FAULT_ENV = "SAGE_VLLM_BATCH_FAULT"
+
+
+class EngineDeadError(EngineError):
+    """The engine died more often than ``max_restarts`` allows. ``keys``: requests in flight."""
+
+    def __init__(self, message: str, keys: list[Any]) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+@dataclass
+class _Slot:
+    req: EngineRequest
+    t_add: float
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def _is_admission_error(e: BaseException) -> bool:
+    """vLLM refusing one request (bad parameters, too long) rather than the engine being dead."""
+    if type(e).__name__ in ("EngineDeadError", "EngineGenerateError"):
+        return False
+    return isinstance(e, ValueError | TypeError | KeyError | NotImplementedError)
+
+
+class SupervisedStream:
+    def __init__(
+        self, engine: Engine, feed: RequestFeed, *, on_step: Callable[[], None] | None = None
+    ) -> None:
+        self.engine = engine
+        self.feed = feed
+        self.on_step = on_step
+        self.inflight: dict[str, _Slot] = {}
+        self.ready: deque[EngineResult] = deque()
+        self.exhausted = False
+        # Bisection state: groups of suspect requests still to probe; the one running now.
+        self.groups: deque[list[EngineRequest]] = deque()
+        self.probe: list[EngineRequest] | None = None
+        self.probe_pending: deque[EngineRequest] = deque()
+        self.probe_crashes = 0
+        self.probe_budget = 0
+        self.crashes = 0  # outside probes, counted against max_restarts
+        self._fault = _Fault.from_env()
+        self._watch = _Watchdog(engine) if engine.stall_timeout_s and engine.stall_timeout_s > 0 else None
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Iterator[EngineResult]:
+        eng = self.engine
+        try:
+            while True:
+                self._admit()
+                while self.ready:
+                    yield self.ready.popleft()
+                if not self.inflight:
+                    if self.probe is not None:
+                        self._probe_done()
+                        continue
+                    if self.exhausted:
+                        return
+                    continue
+                try:
+                    outs = self._step()
+                except Exception as e:
+                    self._on_death(e)
+                    continue
+                for out in outs:
+                    rid = out.request_id.split("-", 1)[0]  # vLLM may suffix ids
+                    slot = self.inflight.get(rid)
+                    if slot is None:
+                        continue
+                    if slot.req.on_output is not None:
+                        slot.req.on_output(out)
+                    if not out.finished:
+                        continue
+                    del self.inflight[rid]
+                    yield from_vllm(slot.req.key, out, eng.runner, time.perf_counter() - slot.t_add)
+                if self.on_step is not None:
+                    self.on_step()
+        finally:
+            if self._watch is not None:
+                self._watch.stop()
+            self._abort_inflight()
+
+    def _room(self) -> bool:
+        # Finished-but-unyielded results count too: a run of bad rows cannot pile up unbounded.
+        return len(self.inflight) + len(self.ready) < self.engine.max_in_flight
+
+    def _next(self) -> EngineRequest | None:
+        if self.probe is not None:
+            return self.probe_pending.popleft() if self.probe_pending else None
+        if self.exhausted:
+            return None
+        try:
+            return self.feed.poll(block=not self.inflight and not self.ready)
+        except StopIteration:
+            self.exhausted = True
+            return None
+
+    def _admit(self) -> None:
+        eng = self.engine
+        while self._room():
+            req = self._next()
+            if req is None:
+                return
+            if req.error is not None:
+                self.ready.append(EngineResult(key=req.key, error=req.error))
+                continue
+            rid = eng.next_request_id()
+            try:
+                prompt, params, extra = to_vllm(req, eng.runner)
+                eng.vllm_engine.add_request(rid, prompt, params, **extra)
+            except Exception as e:
+                if _is_admission_error(e):
+                    self.ready.append(EngineResult(key=req.key, error=f"rejected by vLLM: {_one_line(e)}"))
+                    continue
+                self.inflight[rid] = _Slot(req, time.perf_counter())  # replayed with the others
+                self._on_death(e)
+                return
+            self.inflight[rid] = _Slot(req, time.perf_counter())
+            if self._fault is not None:
+                self._fault.on_admit(eng, req)
+
+    def _step(self) -> list[Any]:
+        eng = self.engine
+        if self._watch is not None:
+            self._watch.begin()
+        try:
+            outs = eng.vllm_engine.step()
+        finally:
+            if self._watch is not None:
+                self._watch.end()
+        if self._watch is not None and self._watch.fired:
+            raise EngineError(f"engine stalled: no step finished in {eng.stall_timeout_s:.0f}s")
+        return outs
+
+    # ------------------------------------------------------------------ recovery
+    def _on_death(self, exc: BaseException) -> None:
+        eng = self.engine
+        lost = [s.req for s in self.inflight.values()]
+        self.inflight.clear()
+        reason = _one_line(exc)
+        # Streaming requests fail: their client has seen partial output that a replay would repeat.
+        replay = []
+        for req in lost:
+            if req.on_output is not None:
+                try:
+                    req.on_output(exc)
+                finally:
+                    self.ready.append(EngineResult(key=req.key, error=f"engine crash: {reason}"))
+            else:
+                replay.append(req)
+        if self.probe is not None:
+            self.probe_crashes += 1
+            group = self.probe
+            self.probe = None
+            self.probe_pending.clear()
+            if len(group) == 1:
+                (poison,) = group
+                log.error("row %s takes the engine down (%s): written as an error row", poison.key, reason)
+                self.ready.append(EngineResult(key=poison.key, error=f"engine crash: {reason}"))
+            else:
+                half = len(group) // 2
+                self.groups.extendleft([group[half:], group[:half]])
+            if self.probe_crashes > self.probe_budget:
+                self._give_up(reason, replay + [r for g in self.groups for r in g])
+        else:
+            self.crashes += 1
+            if self.crashes > eng.max_restarts:
+                self._give_up(reason, replay)
+            if replay:
+                eng.requeued += len(replay)
+                self.groups.append(replay)
+                self.probe_budget = 2 * math.ceil(math.log2(len(replay) + 1)) + 2
+                self.probe_crashes = 0
+        log.warning(
+            "the engine died (%s) with %d request(s) in flight; restarting (restart %d of %d)",
+            reason,
+            len(lost),
+            eng.restarts + 1,
+            eng.max_restarts,
+        )
+        try:
+            eng.restart(reason)
+        except Exception as e:
+            self._give_up(f"{reason}; then the restart failed: {_one_line(e)}", replay)
+        self._start_probe()
+
+    def _start_probe(self) -> None:
+        if self.probe is None and self.groups:
+            self.probe = self.groups.popleft()
+            self.probe_pending = deque(self.probe)
+
+    def _probe_done(self) -> None:
+        self.probe = None
+        self._start_probe()
+        if self.probe is None:
+            log.info("the requests in flight at the crash completed; back to normal feeding")
+
+    def _give_up(self, reason: str, pending: list[EngineRequest]) -> None:
+        keys = [r.key for r in pending]
+        raise EngineDeadError(
+            f"the engine died {self.engine.restarts + 1} time(s), more than engine.max_restarts="
+            f"{self.engine.max_restarts} allows (last: {reason})",
+            keys,
+        )
+
+    def _abort_inflight(self) -> None:
+        if not self.inflight or self.engine.llm is None:
+            return
+        engine = self.engine.vllm_engine
+        try:
+            engine.abort_request(list(self.inflight), internal=True)
+        except TypeError:
+            engine.abort_request(list(self.inflight))
+        except Exception:  # pragma: no cover - the engine may be dead
+            log.debug("could not abort %d in-flight requests", len(self.inflight), exc_info=True)
+            return
+        deadline = time.time() + 30
+        try:
+            while engine.has_unfinished_requests() and time.time() < deadline:
+                engine.step()
+        except Exception:  # pragma: no cover
+            log.debug("draining aborted requests failed", exc_info=True)
+        self.inflight.clear()
+
+
+class _Watchdog:
+    """Notices a step that never returns. Out of process, it kills the engine's processes (the
+    step then fails and the supervisor restarts the engine); in process nothing can interrupt
+    vLLM's native code, so it ends the process with a message: committed shards stay, and
+    rerunning the command resumes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.fired = False
+        self._since: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine-watchdog", daemon=True)
+        self._thread.start()
+
+    def begin(self) -> None:
+        self.fired = False
+        self._since = time.monotonic()
+
+    def end(self) -> None:
+        self._since = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        limit = float(self.engine.stall_timeout_s)
+        while not self._stop.wait(min(1.0, limit / 4)):
+            since = self._since
+            if since is None or time.monotonic() - since < limit or self.fired:
+                continue
+            self.fired = True
+            if not self.engine.in_process:
+                from sage_vllm_batch.engine import _engine_children
+
+                log.error("engine step stalled for %.0fs: killing the engine processes", limit)
+                for p in _engine_children():
+                    try:
+                        p.kill()
+                    except Exception:
+                        pass
+            else:
+                import sys
+
+                print(
+                    f"error: the engine stalled for {limit:.0f}s inside vLLM (engine.stall_timeout_s); "
+                    "committed shards are intact: rerun the same command to resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(75)
+
+
+class _Fault:
+    """Test hook (``SAGE_VLLM_BATCH_FAULT``): a crash inside vLLM when a marked row is admitted."""
+
+    fired_once = False
+
+    def __init__(self, mode: str, marker: str) -> None:
+        self.mode, self.marker = mode, marker
+
+    @classmethod
+    def from_env(cls) -> _Fault | None:
+        spec = os.environ.get(FAULT_ENV)
+        if not spec or ":" not in spec:
+            return None
+        mode, marker = spec.split(":", 1)
+        return cls(mode, marker)
+
+    def on_admit(self, engine: Engine, req: EngineRequest) -> None:
+        if self.mode.endswith("-once") and _Fault.fired_once:
+            return
+        ids = req.prompt_token_ids or []
+        if self.marker not in engine.tokenizer.decode(ids):
+            return
+        _Fault.fired_once = True
+        if self.mode.startswith("kill"):
+            import signal
+
+            from sage_vllm_batch.engine import _engine_children
+
+            for p in _engine_children():
+                if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM"):
+                    os.kill(p.pid, signal.SIGKILL)
+            return
+        core = engine.vllm_engine.engine_core
+        real = core.get_output
+
+        def broken(*a: Any, **kw: Any) -> Any:
+            core.get_output = real
+            raise RuntimeError(f"injected engine fault (row marked {self.marker!r})")
+
+        core.get_output = broken
