@@ -79,6 +79,7 @@ class SupervisedStream:
         self.probe_crashes = 0
         self.probe_budget = 0
         self.crashes = 0  # outside probes, counted against max_restarts
+        self._lost_rids: list[str] = []
         self._fault = _Fault.from_env()
         self._watch = _Watchdog(engine) if engine.stall_timeout_s and engine.stall_timeout_s > 0 else None
 
@@ -176,6 +177,7 @@ class SupervisedStream:
     def _on_death(self, exc: BaseException) -> None:
         eng = self.engine
         lost = [s.req for s in self.inflight.values()]
+        self._lost_rids = list(self.inflight)
         self.inflight.clear()
         reason = _one_line(exc)
         # Streaming requests fail: their client has seen partial output that a replay would repeat.
@@ -237,6 +239,10 @@ class SupervisedStream:
 
     def _give_up(self, reason: str, pending: list[EngineRequest]) -> None:
         keys = [r.key for r in pending]
+        try:  # if the engine still lives, leave it clean for whoever uses it next
+            self.engine.vllm_engine.abort_request(self._lost_rids)
+        except Exception:
+            pass
         raise EngineDeadError(
             f"the engine died {self.engine.restarts + 1} time(s), more than engine.max_restarts="
             f"{self.engine.max_restarts} allows (last: {reason})",

@@ -1,0 +1,257 @@
+"""One engine, many callers: a thread drives an :class:`~sage_vllm_batch.engine.Engine`'s
+supervised stream over a shared feed, so concurrent callers are batched together by vLLM.
+
+vLLM's ``LLMEngine`` must be stepped from one thread. The service's calls (``generate``,
+``embed``, ``process``, OpenAI requests) are :meth:`EngineDriver.submit`-ted and come back as
+futures; batch jobs hand their request iterator to :meth:`EngineDriver.stream`, which has the
+signature of :meth:`Engine.stream`, so the runner's ``execute`` runs a job on a serving engine
+unchanged. Interactive requests are admitted before job requests (and, with
+``scheduling_policy=priority``, scheduled before them by vLLM). Restarts after an engine death
+are the supervisor's, as in batch runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sage_vllm_batch.engine import Engine, RequestFeed
+from sage_vllm_batch.engine_io import EngineRequest, EngineResult
+from sage_vllm_batch.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE_PRIORITY = 0
+JOB_PRIORITY = 1
+_END = object()
+
+
+@dataclass
+class _Ticket:
+    """The key the engine sees: where the result goes, and the caller's own key."""
+
+    target: Any  # a Future (interactive) or a _Job
+    key: Any
+
+
+@dataclass
+class _Job:
+    requests: Iterator[EngineRequest]
+    results: queue.Queue = field(default_factory=queue.Queue)
+    submitted: int = 0
+    delivered: int = 0
+    exhausted: bool = False
+    cancelled: bool = False
+
+    def maybe_end(self) -> None:
+        if self.exhausted and self.delivered >= self.submitted:
+            self.results.put(_END)
+
+
+class _SharedFeed(RequestFeed):
+    def __init__(self, priorities: bool) -> None:
+        self.priorities = priorities
+        self.cond = threading.Condition()
+        self.interactive: deque[EngineRequest] = deque()
+        self.jobs: deque[_Job] = deque()
+        self.closed = False
+
+    def put(self, req: EngineRequest) -> None:
+        with self.cond:
+            if self.closed:
+                raise EngineError("the engine is closed")
+            self.interactive.append(req)
+            self.cond.notify()
+
+    def add_job(self, job: _Job) -> None:
+        with self.cond:
+            if self.closed:
+                raise EngineError("the engine is closed")
+            self.jobs.append(job)
+            self.cond.notify()
+
+    def poll(self, block: bool) -> EngineRequest | None:
+        with self.cond:
+            while True:
+                if self.interactive:
+                    return self.interactive.popleft()
+                req = self._next_job_request()
+                if req is not None:
+                    return req
+                if self.closed:
+                    raise StopIteration
+                if not block:
+                    return None
+                self.cond.wait()
+
+    def _next_job_request(self) -> EngineRequest | None:
+        # Round-robin over jobs; a job's iterator reads its input here, on the engine thread.
+        for _ in range(len(self.jobs)):
+            job = self.jobs[0]
+            self.jobs.rotate(-1)
+            if job.cancelled:
+                self.jobs.remove(job)
+                continue
+            try:
+                req = next(job.requests)
+            except StopIteration:
+                self.jobs.remove(job)
+                job.exhausted = True
+                job.maybe_end()
+                continue
+            except Exception as e:  # the job's input failed: that job ends, the engine goes on
+                self.jobs.remove(job)
+                job.exhausted = True
+                job.results.put(e)
+                continue
+            job.submitted += 1
+            prio = JOB_PRIORITY if self.priorities else req.priority
+            return replace(req, key=_Ticket(job, req.key), priority=prio)
+        return None
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class EngineDriver:
+    """Drives one :class:`Engine` from a thread of its own; every method is thread-safe.
+
+    Args:
+        engine: The loaded engine (the driver owns it from now on: :meth:`close` closes it).
+        priorities: The engine was built with ``scheduling_policy=priority``: job requests get a
+            lower priority than interactive ones.
+    """
+
+    def __init__(self, engine: Engine, *, priorities: bool = False) -> None:
+        self.engine = engine
+        self._feed = _SharedFeed(priorities)
+        self._ids = itertools.count()
+        self._error: BaseException | None = None
+        self._pending: set[Future] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{engine.runner}", daemon=True)
+        self._thread.start()
+        self._embedding_dim: int | None = None
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            for res in self.engine.stream(self._feed):
+                ticket: _Ticket = res.key
+                res.key = ticket.key
+                if isinstance(ticket.target, Future):
+                    with self._lock:
+                        self._pending.discard(ticket.target)
+                    if not ticket.target.done():
+                        ticket.target.set_result(res)
+                else:
+                    job: _Job = ticket.target
+                    job.delivered += 1
+                    if not job.cancelled:
+                        job.results.put(res)
+                    job.maybe_end()
+        except BaseException as e:  # the engine is gone for good: fail everyone waiting
+            log.error("the engine thread stopped: %s", e)
+            self._error = e
+            self._feed.close()
+            with self._lock:
+                pending, self._pending = list(self._pending), set()
+            for fut in pending:
+                if not fut.done():
+                    fut.set_exception(e)
+            for job in list(self._feed.jobs):
+                job.results.put(e)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise EngineError(f"the engine is not running: {self._error}")
+
+    # ------------------------------------------------------------------ entry points
+    def submit(self, req: EngineRequest) -> Future:
+        """Queue one request; the future resolves to its :class:`EngineResult`."""
+        self._check()
+        fut: Future = Future()
+        with self._lock:
+            self._pending.add(fut)
+        self._feed.put(replace(req, key=_Ticket(fut, req.key), priority=INTERACTIVE_PRIORITY))
+        return fut
+
+    def run(self, requests: Iterable[EngineRequest], timeout: float | None = None) -> list[EngineResult]:
+        """Submit requests and wait for all; results in input order."""
+        futs = [self.submit(r) for r in requests]
+        return [f.result(timeout=timeout) for f in futs]
+
+    def stream(
+        self, requests: Iterable[EngineRequest], *, on_step: Callable[[], None] | None = None
+    ) -> Iterator[EngineResult]:
+        """A job's requests alongside everyone else's; results as they finish (as Engine.stream)."""
+        self._check()
+        job = _Job(iter(requests))
+        self._feed.add_job(job)
+        try:
+            while True:
+                item = job.results.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if on_step is not None:
+                    on_step()
+                yield item
+        finally:
+            job.cancelled = True
+
+    # ------------------------------------------------------------------ verbs (as Engine's)
+    def generate(self, prompts: list[str], sampling: Mapping[str, Any] | None = None) -> list[EngineResult]:
+        return self.run(
+            EngineRequest(key=i, prompt_token_ids=self.encode(p), sampling=sampling)
+            for i, p in enumerate(prompts)
+        )
+
+    def chat(
+        self, conversations: list[list[dict[str, Any]]], sampling: Mapping[str, Any] | None = None
+    ) -> list[EngineResult]:
+        return self.run(
+            EngineRequest(key=i, prompt_token_ids=self.render_chat(c), sampling=sampling)
+            for i, c in enumerate(conversations)
+        )
+
+    def embed(self, texts: list[str]) -> list[EngineResult]:
+        return self.run(EngineRequest(key=i, prompt_token_ids=self.encode(t)) for i, t in enumerate(texts))
+
+    @property
+    def embedding_dim(self) -> int:
+        if self._embedding_dim is None:
+            if self.engine.runner != "pooling":
+                raise EngineError("embedding_dim is only defined for a pooling (embedding) model")
+            (res,) = self.embed(["dimension probe"])
+            self._embedding_dim = int(res.embedding.shape[0])
+        return self._embedding_dim
+
+    def encode(self, text: str) -> list[int]:
+        return self.engine.encode(text)
+
+    def render_chat(self, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
+        return self.engine.render_chat(messages, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        # Read-only facts of the engine (max_model_len, runner, model, load_seconds, loads, ...).
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def close(self, timeout: float = 30.0, *, close_engine: bool = True) -> None:
+        """Stop taking requests, let the engine thread finish, then shut the engine down."""
+        self._feed.close()
+        self._thread.join(timeout=timeout)
+        if close_engine:
+            self.engine.close()
