@@ -341,7 +341,7 @@ class _Fault:
         if self.mode.endswith("-once") and _Fault.fired_once:
             return
         ids = req.prompt_token_ids or []
-        if self.marker not in engine.tokenizer.decode(ids):
+        if self.marker.lower() not in engine.tokenizer.decode(ids).lower():
             return
         _Fault.fired_once = True
         if self.mode.startswith("kill"):

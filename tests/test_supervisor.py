@@ -118,7 +118,8 @@ def test_engine_core_process_killed_mid_run_out_of_process(registry_root, tmp_pa
 
     verses = resolve_path("pkg://bible/data/kjv.jsonl")
     with open(verses) as f:
-        marker = [json.loads(next(f))["text"] for _ in range(120)][-1][:40]
+        verse = [json.loads(next(f))["text"] for _ in range(120)][-1]
+    marker = max((w.strip(".,;:") for w in verse.split()), key=len)  # one word: BERT decodes uncased
     args = ["data.limit=200", "output.shard_rows=50", "engine.max_in_flight=32", "engine.stall_timeout_s=120"]
     env = {"SAGE_LLM_MODEL_ROOT": str(registry_root)}
     killed, clean = tmp_path / "killed", tmp_path / "clean"

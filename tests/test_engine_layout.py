@@ -1,0 +1,60 @@
+"""The CPU engine runs vLLM's engine core in this process: no engine processes, two engines side
+by side, early stop leaves the engine clean, and close() gives the memory back."""
+
+from __future__ import annotations
+
+import gc
+
+import psutil
+import pytest
+from conftest import compose_job
+
+from sage_vllm_batch.engine_io import EngineRequest
+
+pytestmark = pytest.mark.engine
+
+
+def _engine_processes():
+    return [p for p in psutil.Process().children(recursive=True) if "VLLM" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+
+
+def test_cpu_engines_run_in_process_side_by_side(embed_engine, chat_engine):
+    assert embed_engine.in_process and chat_engine.in_process
+    assert _engine_processes() == []
+    (vec,) = embed_engine.embed(["In the beginning God created the heaven and the earth."])
+    (ans,) = chat_engine.chat([[{"role": "user", "content": "What is the capital of France?"}]], {"max_tokens": 16})
+    assert vec.embedding.shape == (384,) and "Paris" in ans.text
+    # The second engine's construction did not change the first's layout (vLLM caches its env).
+    (vec2,) = embed_engine.embed(["In the beginning God created the heaven and the earth."])
+    assert float(abs(vec.embedding - vec2.embedding).max()) < 1e-3
+
+
+def test_early_stop_aborts_the_rest_and_the_engine_is_reusable(chat_engine):
+    prompt = chat_engine.render_chat([{"role": "user", "content": "Count from one to fifty."}])
+    reqs = (EngineRequest(key=i, prompt_token_ids=prompt, sampling={"max_tokens": 64}) for i in range(24))
+    stream = chat_engine.stream(reqs)
+    first = next(stream)
+    assert first.error is None
+    stream.close()  # the consumer stops early: the other requests are aborted
+    assert not chat_engine.vllm_engine.has_unfinished_requests()
+    (again,) = chat_engine.chat([[{"role": "user", "content": "Say hi."}]], {"max_tokens": 8})
+    assert again.error is None and again.text
+
+
+def test_close_frees_the_engine_memory(registry_root, tmp_path):
+    from sage_vllm_batch.runner import load_engine, resolve_model
+
+    proc = psutil.Process()
+    gc.collect()
+    before = proc.memory_info().rss
+    cfg = compose_job("task=embed", out_dir=tmp_path, registry_root=registry_root)
+    engine = load_engine(cfg, resolve_model(cfg))
+    engine.embed([f"verse number {i}" for i in range(256)])
+    loaded = proc.memory_info().rss
+    engine.close()
+    gc.collect()
+    after = proc.memory_info().rss
+    grew = loaded - before
+    assert grew > 50 * 2**20, f"loading grew RSS by only {grew / 2**20:.0f} MiB"
+    assert after - before < grew / 2, f"close() kept {(after - before) / 2**20:.0f} of {grew / 2**20:.0f} MiB"
+    assert engine.llm is None
