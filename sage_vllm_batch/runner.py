@@ -35,6 +35,7 @@ from sage_vllm_batch.metrics import RssSampler, RunMetrics
 from sage_vllm_batch.progress import Progress
 from sage_vllm_batch.requests import RequestBuilder, sampling_dict
 from sage_vllm_batch.sink import GenerationLayout, ParquetShardSink, embedding_column, output_schema
+from sage_vllm_batch.structured import resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,10 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
         "shard_rows": cfg.output.shard_rows,
         "passthrough_columns": _passthrough_names(cfg),
     }
+    # The schema itself, not its file name: editing the file must not resume into mixed rows.
+    so = resolve_config(job["sampling"].get("structured_outputs"))
+    if so is not None:
+        job["sampling"]["structured_outputs"] = so
     manifest = build_manifest(
         job,
         model=model.as_dict(),

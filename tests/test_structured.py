@@ -160,3 +160,18 @@ def test_n1_layout_is_unchanged_and_n3_layout_keeps_every_sample(tmp_path):
     # the sweep summary counts every sample of every good row
     q = output_quality(tmp_path / "o")
     assert q == {"mean_completion_tokens": 1.0, "distinct_output_ratio": round(2 / 3, 4)}
+
+
+def test_editing_the_schema_file_refuses_to_resume_into_mixed_rows(tmp_path):
+    from sage_vllm_batch.errors import ResumeError
+    from sage_vllm_batch.runner import ResolvedModel, prepare_point
+
+    model = ResolvedModel(id="fake/model", revision="1", path="/nowhere")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    args = (*CHAT, "data.limit=2", f"sampling.structured_outputs.json={schema}")
+    assert prepare_point(compose_job(*args, out_dir=tmp_path / "o"), model=model).state == "new"
+    assert prepare_point(compose_job(*args, out_dir=tmp_path / "o"), model=model).state == "resume"
+    schema.write_text(json.dumps({**SCHEMA, "required": ["topic", "n"]}))
+    with pytest.raises(ResumeError, match="sampling.structured_outputs.json.required"):
+        prepare_point(compose_job(*args, out_dir=tmp_path / "o"), model=model)
