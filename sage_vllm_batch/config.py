@@ -69,8 +69,28 @@ class EngineConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    """``vllm.sampling_params.StructuredOutputsParams``: constrain every answer (set one field).
+
+    The output then gets a ``parsed`` column, and an answer that does not satisfy the constraint
+    (cut by ``max_tokens``, invalid JSON, ...) becomes an error row.
+    """
+
+    # A JSON schema: inline (a mapping), JSON text, or the path of a .json file.
+    json: Any = None
+    choice: list[str] | None = None  # the answer is exactly one of these strings
+    regex: str | None = None
+    grammar: str | None = None  # EBNF (xgrammar) or Lark (guidance)
+
+
+@dataclass
 class SamplingConfig:
-    """``vllm.SamplingParams`` fields. ``None`` leaves vLLM's own default."""
+    """``vllm.SamplingParams`` fields. ``None`` leaves vLLM's own default.
+
+    ``n`` > 1 keeps every sample: the output's ``text``, ``finish_reason`` and
+    ``completion_tokens`` (and ``parsed``, ``logprobs``, ``cumulative_logprob``) become lists of
+    length n, one output row per input row as always.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -85,6 +105,11 @@ class SamplingConfig:
     repetition_penalty: float | None = None
     stop: list[str] | None = None
     ignore_eos: bool | None = None
+    # Top-k logprobs of every generated token (and the cumulative logprob of each sample).
+    logprobs: int | None = None
+    # Top-k logprobs of every prompt token (scoring a corpus by likelihood).
+    prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
 
 @dataclass
@@ -291,6 +316,7 @@ def validate(cfg: DictConfig) -> None:
         _check(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
         _check(s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
         _check(s.n >= 1, "sampling.n", "must be >= 1")
+        _check_sampling_limits(cfg)
     vs = cfg.output.vector_store
     if vs.type is not None:
         _check(vs.type in ("lancedb", "faiss"), "output.vector_store.type", "must be lancedb, faiss or null")
@@ -300,6 +326,42 @@ def validate(cfg: DictConfig) -> None:
         "progress",
         "must be one of auto, bar, json, none",
     )
+
+
+def _check_sampling_limits(cfg: DictConfig) -> None:
+    """What vLLM would refuse on every request, refused once here with the key to change."""
+    import os
+
+    s = cfg.sampling
+    max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))
+    _check(s.n <= max_n, "sampling.n", f"must be <= {max_n} (vLLM's VLLM_MAX_N_SEQUENCES), got {s.n}")
+    _check(
+        s.n == 1 or s.temperature > 0,
+        "sampling.n",
+        f"n={s.n} needs sampling.temperature > 0: greedy decoding gives one answer, and vLLM "
+        "refuses n > 1 at temperature 0",
+    )
+    # vLLM's max_logprobs (ModelConfig, default 20) bounds both; engine.extra.max_logprobs raises it.
+    max_lp = int((cfg.engine.get("extra") or {}).get("max_logprobs", 20))
+    for key in ("logprobs", "prompt_logprobs"):
+        k = s.get(key)
+        if k is None:
+            continue
+        _check(k >= 0, f"sampling.{key}", f"must be >= 0 (the top-k per token), got {k}")
+        _check(
+            max_lp == -1 or k <= max_lp,
+            f"sampling.{key}",
+            f"{k} is more than the engine returns (max_logprobs={max_lp}); lower it or set "
+            f"engine.extra.max_logprobs={k}",
+        )
+    from sage_vllm_batch.structured import StructuredOutputError, check_compiles, resolve_config
+
+    try:
+        params = resolve_config(s.get("structured_outputs"))
+        if params is not None:
+            check_compiles(params)
+    except StructuredOutputError as e:
+        raise ConfigError(f"sampling.structured_outputs: {e}") from e
 
 
 def to_yaml(cfg: DictConfig) -> str:

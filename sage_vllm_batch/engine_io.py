@@ -8,7 +8,7 @@ tokens, vectors) is decided here, in one place shared by batch runs, sweeps and 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,28 @@ class EngineRequest:
 
 
 @dataclass
+class Sample:
+    """One of the ``n`` completions of a generate request.
+
+    ``logprobs`` (when asked for): per generated token, the sampled token then the top-k
+    alternatives (k entries, k+1 when the sampled token is not among the top k), each a
+    ``{"token_id", "token", "logprob", "rank"}`` dict. ``parsed``: the answer checked against the
+    request's structured-output constraint (the JSON value as compact text, or the choice).
+    """
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    cumulative_logprob: float | None = None
+    logprobs: list[list[dict[str, Any]]] | None = None
+    parsed: str | None = None
+
+
+@dataclass
 class EngineResult:
+    """A finished request. For generation, ``text``/``finish_reason`` are the first sample's and
+    ``completion_tokens`` counts the tokens of all samples; ``samples`` holds each of the n."""
+
     key: Any
     error: str | None = None
     text: str | None = None
@@ -46,6 +67,9 @@ class EngineResult:
     completion_tokens: int = 0
     embedding: np.ndarray | None = None
     latency_s: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+    # Per prompt token (the first has none: an empty list), entries as in Sample.logprobs.
+    prompt_logprobs: list[list[dict[str, Any]]] | None = None
 
 
 def to_vllm(req: EngineRequest, runner: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
@@ -62,7 +86,12 @@ def to_vllm(req: EngineRequest, runner: str) -> tuple[dict[str, Any], Any, dict[
         return prompt, req.params, extra
     if runner == "pooling":
         return prompt, PoolingParams(task="embed"), extra
-    params = SamplingParams(**dict(req.sampling or {}))
+    sampling = dict(req.sampling or {})
+    if sampling.get("structured_outputs") is not None:
+        from sage_vllm_batch.structured import to_params
+
+        sampling["structured_outputs"] = to_params(sampling["structured_outputs"])
+    params = SamplingParams(**sampling)
     params.output_kind = RequestOutputKind.FINAL_ONLY
     return prompt, params, extra
 
@@ -82,12 +111,54 @@ def from_vllm(key: Any, out: Any, runner: str, latency: float) -> EngineResult:
             prompt_tokens=prompt_tokens,
             latency_s=latency,
         )
-    comp = out.outputs[0]
+    samples = [
+        Sample(
+            text=c.text,
+            finish_reason=c.finish_reason,
+            completion_tokens=len(c.token_ids),
+            cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None,
+            logprobs=None if c.logprobs is None else [_entries(pos) for pos in c.logprobs],
+        )
+        for c in sorted(out.outputs, key=lambda c: c.index)
+    ]
+    plp = getattr(out, "prompt_logprobs", None)
     return EngineResult(
         key=key,
-        text=comp.text,
-        finish_reason=comp.finish_reason,
+        text=samples[0].text,
+        finish_reason=samples[0].finish_reason,
         prompt_tokens=prompt_tokens,
-        completion_tokens=len(comp.token_ids),
+        completion_tokens=sum(s.completion_tokens for s in samples),
         latency_s=latency,
+        samples=samples,
+        prompt_logprobs=None if plp is None else [_entries(pos) for pos in plp],
     )
+
+
+def _entries(position: Mapping[int, Any] | None) -> list[dict[str, Any]]:
+    """vLLM's ``{token_id: Logprob}`` of one position as plain records (Parquet structs)."""
+    if not position:
+        return []
+    return [
+        {"token_id": int(tid), "token": lp.decoded_token, "logprob": float(lp.logprob), "rank": lp.rank}
+        for tid, lp in position.items()
+    ]
+
+
+def check_structured(res: EngineResult, sampling: Mapping[str, Any] | None) -> EngineResult:
+    """Check each sample against the request's structured-output constraint (if any): fill
+    ``parsed``, or make the result an error that says which sample failed and why."""
+    from sage_vllm_batch.structured import constraint_of
+
+    if res.error is not None or not res.samples:
+        return res
+    constraint = constraint_of(sampling)
+    if constraint is None:
+        return res
+    problems = []
+    for i, s in enumerate(res.samples):
+        s.parsed, problem = constraint.check(s.text, s.finish_reason)
+        if problem:
+            problems.append(problem if len(res.samples) == 1 else f"sample {i}: {problem}")
+    if problems:
+        res.error = f"structured output invalid ({constraint.kind}): " + "; ".join(problems)
+    return res

@@ -29,8 +29,19 @@ class Tokenizing(Protocol):
 
 
 def sampling_dict(sampling_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """SamplingParams keyword arguments from the sampling config (None = vLLM's default)."""
-    return {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in sampling_cfg.items() if v is not None}
+    """SamplingParams keyword arguments from the sampling config (None = vLLM's default).
+
+    ``structured_outputs`` becomes ``StructuredOutputsParams`` keyword arguments (a schema file
+    read once), or is dropped when no constraint is set.
+    """
+    from sage_vllm_batch.structured import resolve_config
+
+    out = {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in sampling_cfg.items() if v is not None}
+    if "structured_outputs" in out:
+        so = resolve_config(out.pop("structured_outputs"))
+        if so is not None:
+            out["structured_outputs"] = so
+    return out
 
 
 def _sampling_param_names() -> frozenset[str] | None:
@@ -71,6 +82,8 @@ class RequestBuilder:
         self.sampling = dict(sampling)
         self.engine = engine
         self._sampling_names = _sampling_param_names() if data.sampling_column else None
+        # n > 1 in the job makes the per-sample output columns lists; only then may a row ask for n.
+        self._multi_sample = int(self.sampling.get("n", 1)) > 1
 
     def build(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
         try:
@@ -175,8 +188,19 @@ class RequestBuilder:
             unknown = sorted(set(value) - self._sampling_names)
             if unknown:
                 raise RowError(f"bad sampling options: unknown option(s) {', '.join(unknown)}")
-        if value.get("n", 1) != 1:
-            raise RowError("bad sampling options: n must be 1 (one output row per input row)")
+        n = value.get("n", 1)
+        if n != 1 and not self._multi_sample:
+            raise RowError(
+                f"bad sampling options: n={n!r} needs sampling.n > 1 in the job config (which makes text, "
+                "finish_reason and completion_tokens list columns, one entry per sample)"
+            )
+        if value.get("structured_outputs") is not None:
+            from sage_vllm_batch.structured import StructuredOutputError, check_row_spec
+
+            try:
+                check_row_spec(value["structured_outputs"])
+            except StructuredOutputError as e:
+                raise RowError(f"bad sampling options: structured_outputs: {e}") from e
         return {**self.sampling, **value}
 
     def _fit(self, ids: list[int], max_tokens: int, keep: str = "head") -> list[int]:

@@ -28,12 +28,14 @@ from sage_vllm_batch.engine import (
     resolve_in_process,
     vllm_version,
 )
+from sage_vllm_batch.engine_io import check_structured
 from sage_vllm_batch.errors import ConfigError, EngineError, SageBatchError
 from sage_vllm_batch.manifest import SUCCESS, build_manifest, prepare_output_dir, write_json_atomic
 from sage_vllm_batch.metrics import RssSampler, RunMetrics
 from sage_vllm_batch.progress import Progress
 from sage_vllm_batch.requests import RequestBuilder, sampling_dict
-from sage_vllm_batch.sink import ParquetShardSink, embedding_column, output_schema
+from sage_vllm_batch.sink import GenerationLayout, ParquetShardSink, embedding_column, output_schema
+from sage_vllm_batch.structured import resolve_config
 from sage_vllm_batch.supervisor import EngineDeadError
 
 log = logging.getLogger(__name__)
@@ -119,12 +121,30 @@ def _passthrough_names(cfg: DictConfig) -> list[str]:
     return names
 
 
+def generation_layout(cfg: DictConfig) -> GenerationLayout | None:
+    """The generation columns of a job (None for embed); a sampling column may ask per row for
+    a constraint or logprobs, so it brings their columns."""
+    if cfg.task.type == "embed":
+        return None
+    s, per_row = cfg.sampling, bool(cfg.data.sampling_column)
+    so = s.get("structured_outputs")
+    return GenerationLayout(
+        samples=int(s.n) > 1,
+        parsed=per_row or (so is not None and any(v is not None for v in so.values())),
+        logprobs=per_row or s.get("logprobs") is not None,
+        prompt_logprobs=per_row or s.get("prompt_logprobs") is not None,
+    )
+
+
 @dataclass
 class _Chunk:
     row_ids: list[int]
     passthrough: list[list[Any]]
     results: list[EngineResult | None]
     done: int = 0
+    # Each row's sampling options (shared objects unless a row has its own): results are
+    # checked against their structured-output constraint.
+    sampling: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -151,6 +171,7 @@ class Point:
     _finished: bool = False
     _on_rows: Any = None
     _embedding_dim: int | None = None
+    _layout: GenerationLayout | None = None
 
     # -------------------------------------------------------------- setup on first batch
     def _setup(self, engine: Engine, schema: pa.Schema) -> None:
@@ -165,13 +186,14 @@ class Point:
         task = self.cfg.task.type
         if task == "embed":
             self._embedding_dim = engine.embedding_dim
+        self._layout = generation_layout(self.cfg)
         # A pass-through column named like an output column (e.g. "text" for chat) gets a prefix.
-        reserved = set(output_schema(task, [], self._embedding_dim).names)
+        reserved = set(output_schema(task, [], self._embedding_dim, self._layout).names)
         self._pt_src = names
         self._pt_out = [f"input_{n}" if n in reserved else n for n in names]
         fields = [pa.field(o, schema.field(s).type) for s, o in zip(names, self._pt_out, strict=True)]
         self._sink = ParquetShardSink(
-            self.out_dir, output_schema(task, fields, self._embedding_dim), self.cfg.output.compression
+            self.out_dir, output_schema(task, fields, self._embedding_dim, self._layout), self.cfg.output.compression
         )
         self._builder = RequestBuilder(
             self.cfg.task, self.cfg.data, sampling_dict(OmegaConf.to_container(self.cfg.sampling)), engine
@@ -211,7 +233,9 @@ class Point:
                 buf.passthrough.append([row.get(c) for c in self._pt_src])
                 buf.results.append(None)
                 self.metrics.rows_in += 1
-                yield self._builder.build((self, chunk, len(buf.results) - 1), row)
+                req = self._builder.build((self, chunk, len(buf.results) - 1), row)
+                buf.sampling.append(req.sampling)
+                yield req
                 pos += 1
         self._total_positions = pos
         if self._sink is None:  # empty input (or empty shard)
@@ -230,6 +254,7 @@ class Point:
 
     def on_result(self, chunk: int, idx: int, res: EngineResult) -> None:
         buf = self._chunks[chunk]
+        res = check_structured(res, buf.sampling[idx])
         buf.results[idx] = res
         buf.done += 1
         self.metrics.add_result(res)
@@ -253,10 +278,7 @@ class Point:
             cols["embedding"] = embedding_column(vecs, self._embedding_dim)
             cols["prompt_tokens"] = [r.prompt_tokens for r in rs]
         else:
-            cols["text"] = [r.text for r in rs]
-            cols["finish_reason"] = [r.finish_reason for r in rs]
-            cols["prompt_tokens"] = [r.prompt_tokens for r in rs]
-            cols["completion_tokens"] = [r.completion_tokens for r in rs]
+            cols.update(self._layout.columns(rs))
         cols["error"] = [r.error for r in rs]
         try:
             rec = self._sink.commit(chunk, cols)
@@ -319,6 +341,10 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
         "shard_rows": cfg.output.shard_rows,
         "passthrough_columns": _passthrough_names(cfg),
     }
+    # The schema itself, not its file name: editing the file must not resume into mixed rows.
+    so = resolve_config(job["sampling"].get("structured_outputs"))
+    if so is not None:
+        job["sampling"]["structured_outputs"] = so
     manifest = build_manifest(
         job,
         model=model.as_dict(),

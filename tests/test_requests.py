@@ -106,4 +106,21 @@ def test_per_row_sampling_overrides_and_errors():
     assert b.build(0, {"prompt": "a", "s": None}).sampling == {"temperature": 0.0, "max_tokens": 4}
     assert "unknown option(s) temprature" in b.build(0, {"prompt": "a", "s": {"temprature": 1}}).error
     assert b.build(0, {"prompt": "a", "s": "[1]"}).error.startswith("bad sampling options")
-    assert "n must be 1" in b.build(0, {"prompt": "a", "s": {"n": 3}}).error
+    # n > 1 per row needs the job's list layout (sampling.n > 1); then any row may ask for its own n
+    assert "needs sampling.n > 1 in the job config" in b.build(0, {"prompt": "a", "s": {"n": 3}}).error
+    so = b.build(0, {"prompt": "a", "s": {"structured_outputs": {"choice": ["x"], "regex": "y"}}}).error
+    assert so.startswith("bad sampling options: structured_outputs: set exactly one of")
+    assert "unknown key(s) jsn" in b.build(0, {"prompt": "a", "s": {"structured_outputs": {"jsn": {}}}}).error
+    ok = b.build(0, {"prompt": "a", "s": {"structured_outputs": {"choice": ["x", "y"]}}})
+    assert ok.error is None and ok.sampling["structured_outputs"] == {"choice": ["x", "y"]}
+
+
+def test_per_row_n_with_a_multi_sample_job():
+    t = OmegaConf.create({"type": "generate", "overlong_prompt": "error_row", "add_generation_prompt": True, "chat_template_kwargs": {}})
+    d = OmegaConf.create(
+        {"text_column": "text", "prompt_column": "prompt", "messages_column": "messages", "prompt_template": None,
+         "system_prompt": None, "sampling_column": "s"}
+    )
+    b = RequestBuilder(t, d, {"temperature": 1.0, "max_tokens": 4, "n": 3}, FakeTok())
+    assert b.build(0, {"prompt": "a", "s": {"n": 5}}).sampling["n"] == 5
+    assert b.build(0, {"prompt": "a", "s": None}).sampling["n"] == 3

@@ -35,23 +35,29 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
 
 
 def output_quality(out_dir: Path) -> dict[str, Any]:
-    """Cheap quality proxies read back from a point's shards, one column at a time (bounded)."""
+    """Cheap quality proxies read back from a point's shards, one column at a time (bounded).
+
+    Over every sample of every good row: with sampling.n > 1, ``text`` and ``completion_tokens``
+    are lists and each of the n samples counts.
+    """
     seen: set[bytes] = set()
-    rows = ok = tokens = 0
+    samples = tokens = 0
     for f in sorted(out_dir.glob("part-*.parquet")):
         pf = pq.ParquetFile(f)
         if "completion_tokens" not in pf.schema_arrow.names:  # embed: no generated text
             return {}
         for batch in pf.iter_batches(columns=["text", "completion_tokens", "error"]):
             for text, n, err in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
-                rows += 1
-                if err is None:
-                    ok += 1
-                    tokens += n or 0
-                    seen.add(hashlib.blake2b((text or "").encode(), digest_size=8).digest())
+                if err is not None:
+                    continue
+                texts, counts = (text, n) if isinstance(text, list) else ([text], [n])
+                for t, c in zip(texts, counts, strict=True):
+                    samples += 1
+                    tokens += c or 0
+                    seen.add(hashlib.blake2b((t or "").encode(), digest_size=8).digest())
     return {
-        "mean_completion_tokens": round(tokens / ok, 2) if ok else None,
-        "distinct_output_ratio": round(len(seen) / ok, 4) if ok else None,
+        "mean_completion_tokens": round(tokens / samples, 2) if samples else None,
+        "distinct_output_ratio": round(len(seen) / samples, 4) if samples else None,
     }
 
 
