@@ -48,6 +48,10 @@ class EngineConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
+    # Bytes of KV cache (vLLM's kv_cache_memory_bytes); when set it replaces the
+    # gpu_memory_utilization share (on the CPU: a share of the whole NUMA node, checked against
+    # the memory free at start, so a busy machine refused to start).
+    kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = False
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None

@@ -401,6 +401,7 @@ def engine_kwargs(engine_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -
         "dtype",
         "max_model_len",
         "gpu_memory_utilization",
+        "kv_cache_memory_bytes",
         "enforce_eager",
         "max_num_seqs",
         "max_num_batched_tokens",

@@ -22,6 +22,7 @@ SUCCESS = "_SUCCESS"
 _IGNORED = {
     "engine.max_in_flight",
     "engine.in_process",
+    "engine.kv_cache_memory_bytes",
     "engine.max_restarts",
     "engine.stall_timeout_s",
     "data.read_batch_rows",
