@@ -66,11 +66,18 @@ class WindowedFakeEngine:
 def main(argv: list[str]) -> None:
     out, src, *overrides = argv
     cfg = compose_job(
-        "data=jsonl", f"data.path={src}", "data.limit=null", "output.shard_rows=100", *overrides, out_dir=Path(out)
+        "data=jsonl",
+        f"data.path={src}",
+        "data.limit=null",
+        "output.shard_rows=100",
+        *overrides,
+        out_dir=Path(out),
     )
     engine = WindowedFakeEngine()
     execute([prepare_point(cfg, model=MODEL)], engine, progress="none")
-    print(json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seen": engine.seen}))
+    print(
+        json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seen": engine.seen})
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,10 @@ def _hold(root: Path, tmp_path: Path, model_id: str, revision: str | None) -> su
 def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sage_vllm_batch.registry.cli", "--root", str(root), *args],
-        env=ENV, capture_output=True, text=True, timeout=60,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
