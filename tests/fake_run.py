@@ -70,6 +70,7 @@ def main(argv: list[str]) -> None:
         f"data.path={src}",
         "data.limit=null",
         "output.shard_rows=100",
+        "engine.in_process=true",  # a known layout: resolving "auto" would import vLLM
         *overrides,
         out_dir=Path(out),
     )
