@@ -9,12 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import compose_job
+from conftest import compose_job, read_output
 from fake_run import MODEL
 
 from sage_vllm_batch.engine import EngineResult
 from sage_vllm_batch.runner import execute, prepare_point
-from sage_vllm_batch.sink import read_output
 
 FAKE_RUN = Path(__file__).with_name("fake_run.py")
 

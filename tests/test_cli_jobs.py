@@ -12,9 +12,9 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, read_output, run_cli
 
-from sage_vllm_batch.sink import LEDGER, read_output
+from sage_vllm_batch.sink import LEDGER
 
 pytestmark = pytest.mark.engine
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose_job
+from conftest import compose_job, read_output
 
 from sage_vllm_batch.runner import execute, prepare_point, resolve_model
-from sage_vllm_batch.sink import read_output
 
 pytestmark = pytest.mark.engine
 

@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import compose_job
+from conftest import compose_job, read_output
 
 from sage_vllm_batch.runner import execute, prepare_point, resolve_model
-from sage_vllm_batch.sink import read_output
 
 pytestmark = pytest.mark.engine
 

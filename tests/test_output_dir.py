@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_job
+from conftest import compose_job, read_output
 from fake_run import MODEL, WindowedFakeEngine
 
 from sage_vllm_batch.errors import ResumeError
@@ -25,7 +25,7 @@ from sage_vllm_batch.faults import ENV as PAUSE_ENV
 from sage_vllm_batch.manifest import MANIFEST
 from sage_vllm_batch.output_lock import OutputLockedError
 from sage_vllm_batch.runner import ResolvedModel, execute, prepare_point
-from sage_vllm_batch.sink import LEDGER, read_output
+from sage_vllm_batch.sink import LEDGER
 
 FAKE_RUN = Path(__file__).with_name("fake_run.py")
 ROWS = 250
