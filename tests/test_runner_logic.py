@@ -265,3 +265,13 @@ def test_misordered_rows_are_not_hidden_by_the_reader(corpus, tmp_path):
     assert sink.read_output(out).column("id").to_pylist()[100:102] == [199, 198]  # read as written
     with pytest.raises(AssertionError, match="part-000001.parquet: ids out of order"):
         read_output(out)
+
+
+def test_engine_loads_counts_the_engines_own_loads(corpus, tmp_path):
+    class Restarted(FakeEngine):
+        loads = 3  # the first load and two restarts (the supervisor keeps this count)
+
+    run_once(job(corpus, tmp_path / "a"), FakeEngine())
+    run_once(job(corpus, tmp_path / "b"), Restarted())
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["engine_loads"] == 1
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["engine_loads"] == 3
