@@ -187,3 +187,22 @@ def test_complete_run_asked_for_a_vector_store_builds_it_from_its_shards(corpus,
     assert faiss.read_index(str(out / "vectors" / "index.faiss")).ntotal == ROWS - len(BAD)
     sinks = json.loads((out / MANIFEST).read_text())["sinks"]
     assert sinks["vector_store"] == {"type": "faiss", "path": str(out / "vectors"), "table": None}
+
+
+def test_a_run_holds_a_lease_on_its_model_until_it_lets_go(tmp_path):
+    from fake_hub import make_model_dir
+
+    from sage_vllm_batch import registry
+    from sage_vllm_batch.runner import hold_model
+
+    root = tmp_path / "reg"
+    src = make_model_dir(tmp_path, "src", arch="BertModel")
+    cfg = compose_job(
+        "model.id=org/tiny", f"model.source=path:{src}", out_dir=tmp_path / "out", registry_root=root
+    )
+    with hold_model(cfg) as model:
+        assert Path(model.path).is_dir() and model.revision == "local"
+        assert model.content_sha256 == registry.model_fingerprint("org/tiny", root=root)["content_sha256"]
+        with pytest.raises(registry.ModelInUseError, match=f"pid {os.getpid()} .*job test"):
+            registry.delete_model("org/tiny", root=root)
+    assert [r.model_id for r in registry.delete_model("org/tiny", root=root)] == ["org/tiny"]
