@@ -102,6 +102,10 @@ class Engine:
         **engine_args: Passed through to ``vllm.LLM`` (names as in vLLM's ``EngineArgs``).
     """
 
+    # The request iterator may yield None ("nothing now, step first"): the runner pauses reading
+    # its input that way while a straggler holds back a chunk's commit (bounded memory).
+    supports_pause = True
+
     def __init__(
         self,
         model: str,

@@ -43,7 +43,10 @@ class _Ticket:
 
 @dataclass
 class _Job:
-    requests: Iterator[EngineRequest]
+    """A batch job's requests, pulled by the job's own thread (which also handles its results, so
+    the runner's per-point state is touched by one thread only) and admitted by the engine's."""
+
+    pending: deque = field(default_factory=deque)
     results: queue.Queue = field(default_factory=queue.Queue)
     submitted: int = 0
     delivered: int = 0
@@ -92,29 +95,27 @@ class _SharedFeed(RequestFeed):
                 self.cond.wait()
 
     def _next_job_request(self) -> EngineRequest | None:
-        # Round-robin over jobs; a job's iterator reads its input here, on the engine thread.
+        # Round-robin over the jobs that have requests waiting.
         for _ in range(len(self.jobs)):
             job = self.jobs[0]
             self.jobs.rotate(-1)
             if job.cancelled:
                 self.jobs.remove(job)
                 continue
-            try:
-                req = next(job.requests)
-            except StopIteration:
-                self.jobs.remove(job)
-                job.exhausted = True
-                job.maybe_end()
-                continue
-            except Exception as e:  # the job's input failed: that job ends, the engine goes on
-                self.jobs.remove(job)
-                job.exhausted = True
-                job.results.put(e)
-                continue
-            job.submitted += 1
-            prio = JOB_PRIORITY if self.priorities else req.priority
-            return replace(req, key=_Ticket(job, req.key), priority=prio)
+            if job.pending:
+                return job.pending.popleft()
         return None
+
+    def offer(self, job: _Job, req: EngineRequest) -> None:
+        with self.cond:
+            job.submitted += 1
+            job.pending.append(req)
+            self.cond.notify()
+
+    def end_of(self, job: _Job) -> None:
+        with self.cond:
+            job.exhausted = True
+            job.maybe_end()
 
     def close(self) -> None:
         with self.cond:
@@ -155,10 +156,11 @@ class EngineDriver:
                         ticket.target.set_result(res)
                 else:
                     job: _Job = ticket.target
-                    job.delivered += 1
-                    if not job.cancelled:
-                        job.results.put(res)
-                    job.maybe_end()
+                    with self._feed.cond:
+                        job.delivered += 1
+                        if not job.cancelled:
+                            job.results.put(res)
+                        job.maybe_end()
         except BaseException as e:  # the engine is gone for good: fail everyone waiting
             log.error("the engine thread stopped: %s", e)
             self._error = e
@@ -190,16 +192,40 @@ class EngineDriver:
         futs = [self.submit(r) for r in requests]
         return [f.result(timeout=timeout) for f in futs]
 
+    # Engine.stream may pause a job (its iterator yields None); here a job pauses by itself.
+    supports_pause = False
+
     def stream(
-        self, requests: Iterable[EngineRequest], *, on_step: Callable[[], None] | None = None
+        self, requests: Iterable[EngineRequest | None], *, on_step: Callable[[], None] | None = None
     ) -> Iterator[EngineResult]:
-        """A job's requests alongside everyone else's; results as they finish (as Engine.stream)."""
+        """A job's requests alongside everyone else's; results as they finish (as Engine.stream).
+
+        The caller's thread reads the job's input and handles its results; up to
+        ``max_in_flight`` of its requests wait for the engine thread at a time.
+        """
         self._check()
-        job = _Job(iter(requests))
+        job = _Job()
         self._feed.add_job(job)
+        it = iter(requests)
+        exhausted = False
+        room = max(1, int(self.engine.max_in_flight))
         try:
             while True:
-                item = job.results.get()
+                while not exhausted and job.submitted - job.delivered < room:
+                    try:
+                        req = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        self._feed.end_of(job)
+                        break
+                    if req is None:
+                        break
+                    prio = JOB_PRIORITY if self._feed.priorities else req.priority
+                    self._feed.offer(job, replace(req, key=_Ticket(job, req.key), priority=prio))
+                try:
+                    item = job.results.get(timeout=None if exhausted else 0.05)
+                except queue.Empty:
+                    continue
                 if item is _END:
                     return
                 if isinstance(item, BaseException):

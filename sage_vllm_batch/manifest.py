@@ -1,7 +1,7 @@
 """The run manifest: what a run's output depends on, checked before resuming into a directory.
 
 Resuming must never mix rows made under different settings. The manifest records a hash of the
-output-relevant config, the model id and revision, the input fingerprint, the vLLM version and the
+output-relevant config, the model id, revision, resolved commit and content hash, the input fingerprint, the vLLM version and the
 seeds; resuming under a different manifest is refused with the list of what changed.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_vllm_batch.errors import ResumeError
+from sage_vllm_batch.output_lock import LOCK_NAME
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -45,6 +46,7 @@ def build_manifest(
     input_fingerprint: dict[str, Any],
     vllm: str,
     runtime: dict[str, Any] | None = None,
+    sinks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``job`` holds the resolved model/engine/sampling/task/data/output sections (plain dicts)."""
     relevant = {k: v for k, v in _flatten(job).items() if k not in _IGNORED}
@@ -58,14 +60,18 @@ def build_manifest(
         "seeds": {k: v for k, v in relevant.items() if k.endswith("seed")},
         # How the engine ran (recorded, not compared: it changes speed, not rows).
         "runtime": dict(runtime or {}),
+        # Where rows go besides the shards (recorded, not compared: a new sink is built from the
+        # committed shards, see runner.prepare_point).
+        "sinks": dict(sinks or {}),
     }
 
 
 def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two manifests (empty when compatible)."""
     changes = []
-    a, b = _flatten({k: old.get(k) for k in ("config", "model", "input", "vllm")}), _flatten(
-        {k: new.get(k) for k in ("config", "model", "input", "vllm")}
+    a, b = (
+        _flatten({k: old.get(k) for k in ("config", "model", "input", "vllm")}),
+        _flatten({k: new.get(k) for k in ("config", "model", "input", "vllm")}),
     )
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
@@ -73,15 +79,46 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
+# What Hydra writes into its run dir before our code runs: not a conflict.
+_HYDRA_FILES = (".hydra",)
+_LOCK_FILE = LOCK_NAME
+
+
+def _ours(name: str) -> bool:
+    """Names this runner writes into an output directory."""
+    return (
+        name in (MANIFEST, SUCCESS, "_ledger.jsonl", "metrics.json", "config.yaml", "vectors", _LOCK_FILE)
+        or (name.startswith("part-") and name.endswith(".parquet"))
+        or name.startswith((".tmp-", "._manifest.json.", ".metrics.json.", "._ledger.jsonl."))
+    )
+
+
+def _foreign_entries(out_dir: Path) -> tuple[list[str], list[str]]:
+    """``(entries named like our outputs, other entries)`` of a directory without our manifest."""
+    clash, other = [], []
+    for p in sorted(out_dir.iterdir()):
+        if p.name == _LOCK_FILE or p.name in _HYDRA_FILES or p.name.endswith(".log"):
+            continue
+        (clash if _ours(p.name) else other).append(p.name)
+    return clash, other
+
+
 def prepare_output_dir(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> str:
     """Make ``out_dir`` ready for this run. Returns ``new``, ``resume`` or ``complete``.
 
+    Only a directory holding our manifest is ever cleared (``overwrite``); in any other directory
+    nothing is deleted: a non-empty one is refused unless ``overwrite`` (then our files are written
+    next to the others, and files named like ours are still refused, since we would replace them).
+
     Raises:
-        ResumeError: the directory holds a run made under a different manifest.
+        ResumeError: the directory holds a run made under a different manifest, or files that
+            are not ours.
     """
     path = out_dir / MANIFEST
     if path.exists() and overwrite:
-        _clear_run(out_dir)
+        _clear_run(out_dir)  # a run of ours: its files go, anything else stays
+        write_json_atomic(path, manifest)
+        return "new"
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -97,13 +134,35 @@ def prepare_output_dir(out_dir: Path, manifest: dict[str, Any], *, overwrite: bo
             )
         return "complete" if (out_dir / SUCCESS).exists() else "resume"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_run(out_dir)  # a dir without a manifest holds no committed shards of ours
+    clash, other = _foreign_entries(out_dir)
+    if clash:
+        raise ResumeError(
+            f"{out_dir} has no {MANIFEST} but holds files named like this runner's outputs "
+            f"({', '.join(clash[:5])}): they were not written by a run of ours, so they are neither "
+            "resumed from nor deleted. Move them away or choose another output.dir."
+        )
+    if other and not overwrite:
+        raise ResumeError(
+            f"{out_dir} is not empty and holds no run of ours ({', '.join(other[:5])}"
+            f"{' ...' if len(other) > 5 else ''}). Choose an empty or new output.dir, or set "
+            "output.overwrite=true to write next to those files (they are left alone)."
+        )
     write_json_atomic(path, manifest)
     return "new"
 
 
+def record_sinks(out_dir: Path, sinks: dict[str, Any]) -> None:
+    """Update the sinks recorded in the manifest (they may change without changing the rows)."""
+    path = out_dir / MANIFEST
+    data = json.loads(path.read_text())
+    if data.get("sinks") != sinks:
+        data["sinks"] = sinks
+        write_json_atomic(path, data)
+
+
 def _clear_run(out_dir: Path) -> None:
-    for name in (MANIFEST, SUCCESS, "_ledger.jsonl", "metrics.json"):
+    """Remove a previous run of ours (the directory holds our manifest)."""
+    for name in (MANIFEST, SUCCESS, "_ledger.jsonl", "metrics.json", "config.yaml"):
         (out_dir / name).unlink(missing_ok=True)
     for p in list(out_dir.glob("part-*.parquet")) + list(out_dir.glob(".tmp-*")):
         p.unlink(missing_ok=True)

@@ -9,8 +9,10 @@ unit of exactly-once resume (see :mod:`sage_vllm_batch.sink`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +32,17 @@ from sage_vllm_batch.engine import (
 )
 from sage_vllm_batch.engine_io import check_structured
 from sage_vllm_batch.errors import ConfigError, EngineError, SageBatchError
-from sage_vllm_batch.manifest import SUCCESS, build_manifest, prepare_output_dir, write_json_atomic
+from sage_vllm_batch.faults import pause_point
+from sage_vllm_batch.manifest import (
+    MANIFEST,
+    SUCCESS,
+    build_manifest,
+    prepare_output_dir,
+    record_sinks,
+    write_json_atomic,
+)
 from sage_vllm_batch.metrics import RssSampler, RunMetrics
+from sage_vllm_batch.output_lock import OutputLock
 from sage_vllm_batch.progress import Progress
 from sage_vllm_batch.requests import RequestBuilder, sampling_dict
 from sage_vllm_batch.sink import GenerationLayout, ParquetShardSink, embedding_column, output_schema
@@ -51,9 +62,16 @@ class ResolvedModel:
     id: str
     revision: str | None
     path: str
+    commit: str | None = None  # the Hub commit, for models fetched from the Hub
+    content_sha256: str | None = None  # over the files' recorded hashes (registry.model_fingerprint)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "revision": self.revision}
+        return {
+            "id": self.id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "content_sha256": self.content_sha256,
+        }
 
 
 def resolve_model(cfg: DictConfig) -> ResolvedModel:
@@ -69,7 +87,25 @@ def resolve_model(cfg: DictConfig) -> ResolvedModel:
         (rec.revision for rec in registry.list_models(root=r.root) if rec.model_id == m.id and rec.path == path),
         m.revision,
     )
-    return ResolvedModel(id=m.id, revision=revision, path=str(path))
+    fp = registry.model_fingerprint(m.id, revision, root=r.root)
+    return ResolvedModel(
+        id=m.id, revision=revision, path=str(path), commit=fp["commit"], content_sha256=fp["content_sha256"]
+    )
+
+
+@contextlib.contextmanager
+def hold_model(cfg: DictConfig, *, purpose: str | None = None) -> Iterator[ResolvedModel]:
+    """Resolve the model and hold a registry lease on it (``gc``/``delete`` leave it in place)
+    until the block exits: wrap everything from resolution to ``engine.close()``."""
+    from sage_vllm_batch import registry
+
+    m = cfg.model
+    why = purpose or f"job {cfg.get('job_name', '?')}"
+    with registry.lease(m.id, m.revision, root=cfg.registry.root, purpose=why) as held:
+        model = resolve_model(cfg)
+        if model.revision:
+            held.pin(model.revision)
+        yield model
 
 
 def engine_group_key(cfg: DictConfig) -> str:
@@ -172,6 +208,15 @@ class Point:
     _on_rows: Any = None
     _embedding_dim: int | None = None
     _layout: GenerationLayout | None = None
+    _lock: OutputLock | None = None
+    # Chunks buffered (not yet committed) before the request stream pauses for results; None:
+    # never pause (the engine cannot, see Engine.stream).
+    _max_open_chunks: int | None = None
+
+    def release(self) -> None:
+        """Give up the output directory (the end of this run's writes)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # -------------------------------------------------------------- setup on first batch
     def _setup(self, engine: Engine, schema: pa.Schema) -> None:
@@ -200,8 +245,14 @@ class Point:
         )
 
     # -------------------------------------------------------------- request stream
-    def requests(self, engine: Engine) -> Iterator[EngineRequest]:
-        """This point's requests, in input order, skipping chunks committed by an earlier run."""
+    def requests(self, engine: Engine) -> Iterator[EngineRequest | None]:
+        """This point's requests, in input order, skipping chunks committed by an earlier run.
+
+        Rows that fail before reaching the engine (null, empty, too long) are recorded here and
+        never enter the engine's window. ``None`` asks the engine to pause admission until it has
+        returned results: too many chunks are open (a slow row holds one back while the others
+        fill), and buffering more would grow memory without bound.
+        """
         size = self.shard_rows
         pos = 0
         for batch in self.source.batches():
@@ -228,6 +279,8 @@ class Point:
                 row = {k: cols[k][i] for k in names}
                 buf = self._chunks.get(chunk)
                 if buf is None:
+                    while self._max_open_chunks is not None and len(self._chunks) >= self._max_open_chunks:
+                        yield None
                     buf = self._chunks[chunk] = _Chunk([], [], [])
                 buf.row_ids.append(int(row["__row_id"]))
                 buf.passthrough.append([row.get(c) for c in self._pt_src])
@@ -235,8 +288,11 @@ class Point:
                 self.metrics.rows_in += 1
                 req = self._builder.build((self, chunk, len(buf.results) - 1), row)
                 buf.sampling.append(req.sampling)
-                yield req
                 pos += 1
+                if req.error is not None:
+                    self.on_result(chunk, len(buf.results) - 1, EngineResult(key=req.key, error=req.error))
+                else:
+                    yield req
         self._total_positions = pos
         if self._sink is None:  # empty input (or empty shard)
             schema = self.source.schema if hasattr(self.source, "schema") else None
@@ -301,13 +357,22 @@ class Point:
     def finalize(self) -> None:
         """All rows are committed: write the vector store (if any), metrics and ``_SUCCESS``."""
         vs = self.cfg.output.vector_store
-        if vs.type:
-            from sage_vllm_batch.vector_sinks import write_vector_store
+        try:
+            if vs.type:
+                from sage_vllm_batch.vector_sinks import write_vector_store
 
-            write_vector_store(self.out_dir, vs)
-        self.metrics.finish()
-        write_json_atomic(self.out_dir / "metrics.json", self.metrics_record())
-        (self.out_dir / SUCCESS).write_text("")
+                write_vector_store(self.out_dir, vs)
+            self.metrics.finish()
+            write_json_atomic(self.out_dir / "metrics.json", self.metrics_record())
+            pause_point("finalize.success")
+            (self.out_dir / SUCCESS).write_text("")
+        except OSError as e:
+            self._finished = False  # not complete: no _SUCCESS
+            raise SageBatchError(
+                f"could not finish {self.out_dir}: {e.strerror or e} ({getattr(e, 'filename', None) or 'write'}). "
+                "All shards are committed; free space or fix permissions and rerun the same command "
+                "to write the rest."
+            ) from e
         log.info("%s: %d rows written to %s", self.name, self.metrics.rows_out, self.out_dir)
 
     def metrics_record(self) -> dict[str, Any]:
@@ -336,6 +401,50 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
     out_dir = output_dir_of(cfg)
     model = model or resolve_model(cfg)
     source = open_source(cfg.data)
+    lock = OutputLock(out_dir).acquire()  # before anything in out_dir is read or written
+    try:
+        point = _prepare_locked(cfg, name, out_dir, model, source)
+    except BaseException:
+        lock.release()
+        raise
+    point._lock = lock
+    return point
+
+
+def _sinks(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    vs = cfg.output.vector_store
+    store = None
+    if vs.type:
+        from sage_vllm_batch.vector_sinks import store_path
+
+        store = {
+            "type": vs.type,
+            "path": str(store_path(out_dir, vs)),
+            "table": vs.table if vs.type == "lancedb" else None,
+        }
+    return {"parquet": {"compression": cfg.output.compression}, "vector_store": store}
+
+
+def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, Any]) -> None:
+    """A complete run asked for a vector store it does not have: build it from the shards."""
+    want = sinks["vector_store"]
+    if want is None:
+        return
+    have = json.loads((out_dir / MANIFEST).read_text()).get("sinks", {}).get("vector_store")
+    if have == want and Path(want["path"]).exists():
+        return
+    from sage_vllm_batch.vector_sinks import write_vector_store
+
+    log.info(
+        "%s is complete but has no %s vector store at %s: building it from the shards",
+        out_dir,
+        want["type"],
+        want["path"],
+    )
+    write_vector_store(out_dir, cfg.output.vector_store)
+
+
+def _prepare_locked(cfg: DictConfig, name: str, out_dir: Path, model: ResolvedModel, source: Any) -> Point:
     job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _OUTPUT_SECTIONS}
     job["output"] = {
         "shard_rows": cfg.output.shard_rows,
@@ -351,8 +460,12 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
         input_fingerprint=source.fingerprint(),
         vllm=vllm_version(),
         runtime={"engine_in_process": resolve_in_process(cfg.engine.in_process)},
+        sinks=_sinks(cfg, out_dir),
     )
     state = prepare_output_dir(out_dir, manifest, overwrite=cfg.output.overwrite)
+    if state == "complete":
+        _add_missing_vector_store(cfg, out_dir, manifest["sinks"])
+    record_sinks(out_dir, manifest["sinks"])
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     committed: dict[int, dict[str, Any]] = {}
     if state != "new":
@@ -382,7 +495,7 @@ def _engine_counters(p: Point, engine: Any) -> None:
     p.metrics.requeued_rows = int(getattr(engine, "requeued", 0))
 
 
-def _interleave(gens: Sequence[Iterator[EngineRequest]]) -> Iterator[EngineRequest]:
+def _interleave(gens: Sequence[Iterator[EngineRequest | None]]) -> Iterator[EngineRequest | None]:
     """Round-robin over points row by row, so all points progress together (and rows with equal
     prompts sit next to each other in the engine, where prefix caching can share them)."""
     active = list(gens)
@@ -395,7 +508,16 @@ def _interleave(gens: Sequence[Iterator[EngineRequest]]) -> Iterator[EngineReque
 
 
 def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", interval_s: float = 10.0) -> None:
-    """Run points that share ``engine`` as one interleaved stream of requests."""
+    """Run points that share ``engine`` as one interleaved stream of requests, then release their
+    output directories."""
+    try:
+        _execute(points, engine, progress=progress, interval_s=interval_s)
+    finally:
+        for p in points:
+            p.release()
+
+
+def _execute(points: Sequence[Point], engine: Engine, *, progress: str, interval_s: float) -> None:
     todo = [p for p in points if p.state != "complete"]
     if not todo:
         return
@@ -405,11 +527,16 @@ def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", 
         total = int(sum(ests))
     label = todo[0].name if len(todo) == 1 else f"{len(todo)} points"
     bar = Progress(total, mode=progress, interval_s=interval_s, desc=label)
+    # Open chunks per point before its requests pause (only if the engine can pause): room for
+    # the engine's window twice over, so a pause means a straggler, not a full pipeline.
+    window = int(getattr(engine, "max_in_flight", 0) or 1024)
     for p in todo:
         p.metrics.load_seconds = engine.load_seconds
         _engine_counters(p, engine)
         p.metrics.engine_in_process = getattr(engine, "in_process", None)
         p._on_rows = bar.update
+        if getattr(engine, "supports_pause", False):
+            p._max_open_chunks = 2 + 2 * math.ceil(window / p.shard_rows)
     with RssSampler() as rss:
         try:
             for res in engine.stream(_interleave([p.requests(engine) for p in todo])):
@@ -429,7 +556,10 @@ def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", 
                 _engine_counters(p, engine)
                 if not p._finished:  # leave a record of how far it got
                     p.metrics.finish()
-                    write_json_atomic(p.out_dir / "metrics.json", p.metrics_record())
+                    try:
+                        write_json_atomic(p.out_dir / "metrics.json", p.metrics_record())
+                    except OSError as e:
+                        log.error("%s: could not write metrics.json: %s", p.name, e)
     for p in todo:
         p.metrics.peak_rss_bytes = rss.peak_bytes
         write_json_atomic(p.out_dir / "metrics.json", p.metrics_record())
@@ -448,14 +578,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from sage_vllm_batch.finetune import run_finetune
 
         return run_finetune(cfg)
-    point = prepare_point(cfg, name=cfg.job_name)
-    if point.state == "complete":
-        log.info("%s is already complete (%s); nothing to do", point.out_dir, SUCCESS)
-        return json.loads((point.out_dir / "metrics.json").read_text())
-    engine = load_engine(cfg, point.model)
-    try:
-        execute([point], engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
-    finally:
-        engine.close()
-    return point.metrics_record()
-
+    with hold_model(cfg) as model:
+        point = prepare_point(cfg, name=cfg.job_name, model=model)
+        try:
+            if point.state == "complete":
+                log.info("%s is already complete (%s); nothing to do", point.out_dir, SUCCESS)
+                return json.loads((point.out_dir / "metrics.json").read_text())
+            engine = load_engine(cfg, point.model)
+            try:
+                execute([point], engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
+            finally:
+                engine.close()
+            return point.metrics_record()
+        finally:
+            point.release()

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sage_vllm_batch.faults import pause_point
+
 LEDGER = "_ledger.jsonl"
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-"
@@ -187,7 +189,10 @@ class ParquetShardSink:
         name = part_name(chunk)
         tmp = self.out_dir / f"{TMP_PREFIX}{name}"
         with pa.OSFile(str(tmp), "wb") as f:
-            pq.write_table(table, f, compression=self.compression)
+            # As pq.write_table does it, with a fault point before the footer (a half-written file).
+            with pq.ParquetWriter(f, table.schema, compression=self.compression) as writer:
+                writer.write_table(table)
+                pause_point("shard.half")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.out_dir / name)
@@ -232,10 +237,19 @@ def embedding_column(vectors: Sequence[np.ndarray | None], dim: int) -> pa.Fixed
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(mask))
 
 
+def committed_files(out_dir: str | Path) -> list[tuple[dict[str, Any], Path]]:
+    """``(ledger record, path)`` of every committed shard, in chunk (= input) order."""
+    out = Path(out_dir)
+    recs = ParquetShardSink.read_ledger(out)
+    return [(recs[c], out / recs[c]["file"]) for c in sorted(recs)]
+
+
 def read_output(out_dir: str | Path) -> pa.Table:
-    """All committed rows of a run, in id order (for users and tests)."""
-    files = sorted(Path(out_dir).glob(PART_GLOB))
+    """All committed rows of a run, shard by shard as the ledger lists them (input order).
+
+    Rows are not re-sorted: what a reader gets is what the run wrote.
+    """
+    files = committed_files(out_dir)
     if not files:
-        raise FileNotFoundError(f"no {PART_GLOB} in {out_dir}")
-    table = pa.concat_tables(pq.read_table(f) for f in files)
-    return table.sort_by("id")
+        raise FileNotFoundError(f"no committed shards in {out_dir} (no {LEDGER} entries)")
+    return pa.concat_tables(pq.read_table(p) for _, p in files)

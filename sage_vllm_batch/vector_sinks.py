@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sage_vllm_batch.errors import ConfigError, DataError
+from sage_vllm_batch.faults import pause_point
 from sage_vllm_batch.sink import PART_GLOB, ParquetShardSink, _fsync_dir
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,7 @@ def _write_faiss(files: Sequence[Path], path: Path, passthrough: list[pa.Field],
             )
             rows += batch.num_rows
     faiss.write_index(index, str(tmp_index))
+    pause_point("vector_store.write")
     for tmp in (tmp_ids, tmp_index):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -78,3 +78,24 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900):
         text=True,
         timeout=timeout,
     )
+
+
+def read_output(out_dir):
+    """Every committed row, shard by shard in ledger order (sink.read_output), checking what a
+    sorted read would hide: ids ascend within each shard and match the ledger's record of it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sage_vllm_batch.sink import committed_files
+
+    tables = []
+    for rec, path in committed_files(out_dir):
+        t = pq.read_table(path)
+        ids = t.column("id").to_pylist()
+        assert all(a < b for a, b in zip(ids, ids[1:], strict=False)), f"{path.name}: ids out of order: {ids[:20]}"
+        assert (len(ids), ids[0] if ids else None, ids[-1] if ids else None) == (
+            rec["rows"], rec["first_id"], rec["last_id"]
+        ), f"{path.name} does not match its ledger record {rec}"
+        tables.append(t)
+    assert tables, f"no committed shards in {out_dir}"
+    return pa.concat_tables(tables)

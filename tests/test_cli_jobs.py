@@ -12,9 +12,9 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, read_output, run_cli
 
-from sage_vllm_batch.sink import LEDGER, read_output
+from sage_vllm_batch.sink import LEDGER
 
 pytestmark = pytest.mark.engine
 
@@ -119,7 +119,12 @@ def test_fused_sweep_loads_once_and_summarizes(workspace):
         assert (sweep / p / ".hydra" / "overrides.yaml").exists()
     summary = pq.read_table(sweep / "summary.parquet").to_pylist()
     assert sorted(row["sampling.temperature"] for row in summary) == ["0", "0.7", "1.0"]
-    assert all(row["status"] == "completed" and row["distinct_output_ratio"] > 0 for row in summary)
+    assert all(row["status"] == "completed" for row in summary)
+    ratios = {row["sampling.temperature"]: row["distinct_output_ratio"] for row in summary}
+    for p in points:  # the ratio is what the point's output holds
+        texts = read_output(sweep / p).column("text").to_pylist()
+        assert ratios[p.rsplit("=", 1)[1]] == round(len(set(texts)) / 6, 4), p
+    assert ratios["0"] == 1.0  # six different prompts, six different greedy answers
     assert "| sampling.temperature |" in (sweep / "summary.md").read_text()
     assert list(sweep.glob("summary_*.png"))
     # Rerunning the sweep skips the completed points.

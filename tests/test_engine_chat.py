@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose_job
+from conftest import compose_job, read_output
 
 from sage_vllm_batch.runner import execute, prepare_point, resolve_model
-from sage_vllm_batch.sink import read_output
 
 pytestmark = pytest.mark.engine
 
@@ -81,8 +80,12 @@ def test_generate_prompt_column(chat_engine, registry_root, tmp_path):
     )
     run_points([cfg], chat_engine)
     t = read_output(out)
-    assert t.column("prompt").to_pylist()[0].startswith("from typing import List")
+    prompts = t.column("prompt").to_pylist()
+    assert prompts[0].startswith("from typing import List")
     assert t.column("error").null_count == 3 and all(t.column("text").to_pylist())
+    # Each row's result is for that row's prompt: vLLM's prompt token count matches it.
+    assert t.column("prompt_tokens").to_pylist() == [len(chat_engine.encode(p)) for p in prompts]
+    assert len(set(t.column("prompt_tokens").to_pylist())) == 3  # distinct, so a mix-up would show
 
 
 def test_fused_points_equal_points_run_alone(chat_engine, registry_root, tmp_path):
@@ -105,9 +108,11 @@ def test_openai_batch_file_with_per_request_options(chat_engine, registry_root, 
     src = tmp_path / "batch.jsonl"
     lines = [
         {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "m", "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 5}},
+         "body": {"model": "m", "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                  "max_tokens": 5}},
         {"custom_id": "req-2", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "m", "messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 2, "temperature": 0}},
+         "body": {"model": "m", "messages": [{"role": "user", "content": "Explain photosynthesis in detail."}],
+                  "max_tokens": 2, "temperature": 0}},
         {"custom_id": "req-3", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "best_of_all": 3}},
     ]
@@ -118,6 +123,7 @@ def test_openai_batch_file_with_per_request_options(chat_engine, registry_root, 
     t = read_output(out)
     assert t.column("custom_id").to_pylist() == ["req-1", "req-2", "req-3"]
     n1, n2, _ = t.column("completion_tokens").to_pylist()
-    assert 0 < n1 <= 5 and 0 < n2 <= 2  # each request's own max_tokens reached the engine
+    # Long answers cut at each request's own max_tokens (the job's default is 128).
+    assert (n1, n2) == (5, 2) and t.column("finish_reason").to_pylist()[:2] == ["length", "length"]
     assert t.column("error").to_pylist()[:2] == [None, None]
     assert "best_of_all" in t.column("error").to_pylist()[2]

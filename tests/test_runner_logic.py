@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_job
+from conftest import compose_job, read_output
 
 from sage_vllm_batch.engine import EngineResult
 from sage_vllm_batch.errors import ResumeError, SageBatchError
 from sage_vllm_batch.runner import ResolvedModel, execute, prepare_point
-from sage_vllm_batch.sink import LEDGER, read_output
+from sage_vllm_batch.sink import LEDGER
 
 MODEL = ResolvedModel(id="fake/model", revision="1", path="/nowhere")
 
@@ -159,26 +160,87 @@ def test_crash_leftovers_are_removed_and_redone(corpus, tmp_path):
     assert sorted(json.loads(x)["chunk"] for x in lines) == [0, 1, 2]
 
 
-def test_disk_full_stops_cleanly_keeping_committed_shards(corpus, tmp_path, monkeypatch):
-    from sage_vllm_batch import sink
+class FullDisk:
+    """The disk fills up while the ``nth`` file whose name contains ``target`` is written: its
+    first write stores a few bytes, then it and every later write to it fail with ENOSPC. Hooks
+    the real write path: pyarrow's ``OSFile`` (shards) and ``open`` in the sink (ledger) and the
+    manifest module (``metrics.json``)."""
 
-    out = tmp_path / "out"
-    real = sink.ParquetShardSink.commit
-    calls = {"n": 0}
+    def __init__(self, monkeypatch, target: str, nth: int = 1) -> None:
+        import builtins
 
-    def full_after_one(self, chunk, columns):
-        calls["n"] += 1
-        if calls["n"] > 1:
+        import pyarrow as pa
+
+        from sage_vllm_batch import manifest, sink
+
+        self.target, self.nth, self.opened, self.failed = target, nth, 0, False
+        real_open, real_osfile = builtins.open, pa.OSFile
+
+        def wrap(path, mode, fh):
+            if self.target not in os.path.basename(str(path)) or not set(mode) & set("wa"):
+                return fh
+            self.opened += 1
+            return _Filling(fh, self) if self.opened >= self.nth else fh
+
+        def osfile(path, mode="r", **kw):
+            return wrap(path, mode, real_osfile(path, mode, **kw))
+
+        def open_(path, mode="r", *a, **kw):
+            return wrap(path, mode, real_open(path, mode, *a, **kw))
+
+        monkeypatch.setattr(pa, "OSFile", osfile)
+        for mod in (sink, manifest):
+            monkeypatch.setattr(mod, "open", open_, raising=False)
+
+
+class _Filling:
+    def __init__(self, fh, disk) -> None:
+        self._fh, self._disk, self._room = fh, disk, 10
+
+    def write(self, data):
+        if len(data) > self._room:
+            self._fh.write(data[: self._room])
+            self._fh.flush()
+            self._room = 0
+            self._disk.failed = True
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, chunk, columns)
+        self._room -= len(data)
+        return self._fh.write(data)
 
-    monkeypatch.setattr(sink.ParquetShardSink, "commit", full_after_one)
-    with pytest.raises(SageBatchError, match="No space left on device.*rerun the same command"):
-        run_once(job(corpus, out), FakeEngine())
-    assert pq.read_table(out / "part-000000.parquet").num_rows == 100
-    monkeypatch.setattr(sink.ParquetShardSink, "commit", real)
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "nth", "partial"),
+    [
+        (".tmp-part-", 2, ".tmp-part-000001.parquet"),  # the second shard's write
+        ("_ledger", 2, "part-000001.parquet"),  # renamed into place, then its ledger line fails
+        (".metrics.json.tmp", 1, ".metrics.json.tmp"),  # finalize
+    ],
+)
+def test_disk_full_stops_cleanly_and_the_rerun_completes(corpus, tmp_path, monkeypatch, target, nth, partial):
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    run_once(job(corpus, clean), FakeEngine())
+    with monkeypatch.context() as m:
+        disk = FullDisk(m, target, nth)
+        with pytest.raises(SageBatchError, match="No space left on device.*rerun the same command"):
+            run_once(job(corpus, out), FakeEngine())
+    assert disk.failed and (out / partial).exists() and not (out / "_SUCCESS").exists()
+    assert pq.read_table(out / "part-000000.parquet").num_rows == 100  # committed before: intact
+    if target == "_ledger":
+        assert not (out / LEDGER).read_bytes().endswith(b"\n")  # a torn line
     run_once(job(corpus, out), FakeEngine())
-    assert read_output(out).num_rows == 250
+    assert (out / "_SUCCESS").exists() and read_output(out).equals(read_output(clean))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".sage-run.lock") == []
+    lines = (out / LEDGER).read_text().splitlines()
+    assert sorted(json.loads(x)["chunk"] for x in lines) == [0, 1, 2]
 
 
 def test_sharding_splits_rows_between_machines(corpus, tmp_path):
@@ -188,3 +250,28 @@ def test_sharding_splits_rows_between_machines(corpus, tmp_path):
         run_once(job(corpus, out, "data.num_shards=3", f"data.shard_index={k}"), FakeEngine())
         ids += read_output(out).column("id").to_pylist()
     assert sorted(ids) == list(range(250))
+
+
+def test_misordered_rows_are_not_hidden_by_the_reader(corpus, tmp_path):
+    import pyarrow as pa
+
+    from sage_vllm_batch import sink
+
+    out = tmp_path / "out"
+    run_once(job(corpus, out), FakeEngine())
+    shard = out / "part-000001.parquet"
+    t = pq.read_table(shard)
+    pq.write_table(t.take(pa.array(list(reversed(range(t.num_rows))))), shard)  # a runner bug's output
+    assert sink.read_output(out).column("id").to_pylist()[100:102] == [199, 198]  # read as written
+    with pytest.raises(AssertionError, match="part-000001.parquet: ids out of order"):
+        read_output(out)
+
+
+def test_engine_loads_counts_the_engines_own_loads(corpus, tmp_path):
+    class Restarted(FakeEngine):
+        loads = 3  # the first load and two restarts (the supervisor keeps this count)
+
+    run_once(job(corpus, tmp_path / "a"), FakeEngine())
+    run_once(job(corpus, tmp_path / "b"), Restarted())
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["engine_loads"] == 1
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["engine_loads"] == 3

@@ -17,6 +17,7 @@ from sage_vllm_batch.registry.api import (
     get_model_path,
     import_model,
     list_models,
+    model_fingerprint,
     touch_model,
     verify_model,
 )
@@ -31,6 +32,7 @@ from sage_vllm_batch.registry.errors import (
     RegistryError,
     VerificationError,
 )
+from sage_vllm_batch.registry.lease import LeaseHolder, ModelInUseError, lease
 from sage_vllm_batch.registry.sources import SourceSpec, detect_model_type, parse_source
 from sage_vllm_batch.registry.store import ModelRecord, resolve_root, validate_model_id
 
@@ -39,8 +41,10 @@ __all__ = [
     "HubUnavailableError",
     "InvalidModelIdError",
     "InvalidSourceError",
+    "LeaseHolder",
     "ManifestError",
     "ModelExistsError",
+    "ModelInUseError",
     "ModelNotFoundError",
     "ModelRecord",
     "RegistryError",
@@ -54,7 +58,9 @@ __all__ = [
     "gc",
     "get_model_path",
     "import_model",
+    "lease",
     "list_models",
+    "model_fingerprint",
     "parse_source",
     "resolve_root",
     "touch_model",

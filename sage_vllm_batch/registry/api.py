@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from sage_vllm_batch.registry.errors import (
     VerificationError,
     fetch_hint,
 )
+from sage_vllm_batch.registry.lease import ModelInUseError, holders
 from sage_vllm_batch.registry.sources import SourceSpec
 from sage_vllm_batch.registry.store import (
     DEFAULT_REVISION_HUB,
@@ -197,6 +200,27 @@ def ensure_model(
     return record.path
 
 
+def model_fingerprint(model_id: str, revision: str | None = None, root: Root = None) -> dict[str, str | None]:
+    """What identifies a model revision's content: the Hub commit (if fetched from the Hub) and a
+    sha256 over its files' recorded hashes (cached in the registry record).
+
+    A run's manifest records both, so a revision re-imported with other files (a moved branch,
+    a re-converted GGUF, an upgraded package under the same version) is not resumed into.
+    """
+    store = Store(root)
+    record = _pick(store, model_id, revision)
+    with store.model_lock(model_id), store.edit() as data:
+        entry = data["models"].get(model_id, {}).get(record.revision)
+        if entry is None:  # removed since we looked
+            raise ModelNotFoundError(f"Model {model_id!r}@{record.revision} left the registry at {store.root}.")
+        digest = entry.get("content_sha256")
+        if digest is None:
+            files = entry.get("files") or hash_files(record.path)
+            blob = "\n".join(f"{name} {files[name]['sha256']}" for name in sorted(files))
+            digest = entry["content_sha256"] = hashlib.sha256(blob.encode()).hexdigest()
+    return {"commit": record.source.get("commit"), "content_sha256": digest}
+
+
 def download_model(
     model_id: str,
     revision: str | None = None,
@@ -302,6 +326,13 @@ def delete_model(model_id: str, revision: str | None = None, root: Root = None) 
             if revision is not None
             else [r.revision for r in store.records(model_id)]
         )
+        users = [h for rev in revisions for h in holders(store, model_id, rev)]
+        if users:
+            rev = f"@{revision}" if revision else ""
+            raise ModelInUseError(
+                f"Not deleting {model_id!r}{rev}: it is in use by "
+                f"{'; '.join(sorted({h.describe() for h in users}))}. Delete it once that run has finished."
+            )
         removed = [rec for rev in revisions if (rec := store.remove(model_id, rev)) is not None]
     if not removed:
         rev = f"@{revision}" if revision else ""
@@ -367,16 +398,24 @@ def verify_model(
     return result
 
 
-def gc(max_size_bytes: int, *, dry_run: bool = False, root: Root = None) -> list[ModelRecord]:
+def gc(
+    max_size_bytes: int,
+    *,
+    dry_run: bool = False,
+    root: Root = None,
+    on_skip: Callable[[ModelRecord, str], None] | None = None,
+) -> list[ModelRecord]:
     """Evict least-recently-used model revisions until the registry fits in ``max_size_bytes``.
 
     Also removes leftovers of crashed downloads and imports (unless ``dry_run``). Models being
-    imported or deleted by another process right now are skipped.
+    imported or deleted by another process right now, and models held by a running job, sweep or
+    service (a lease), are skipped: the next least recently used goes instead.
 
     Args:
         max_size_bytes: Budget for the sum of all model sizes.
         dry_run: Only report what would be evicted.
         root: Registry root.
+        on_skip: Called with each model kept because it is in use, and who uses it.
 
     Returns:
         The evicted (or, with ``dry_run``, the would-be evicted) records, oldest use first.
@@ -390,6 +429,11 @@ def gc(max_size_bytes: int, *, dry_run: bool = False, root: Root = None) -> list
     for record in records:
         if total <= max_size_bytes:
             break
+        users = holders(store, record.model_id, record.revision)
+        if users:
+            if on_skip is not None:
+                on_skip(record, "; ".join(h.describe() for h in users))
+            continue
         victims.append(record)
         total -= record.size
     if dry_run:
@@ -405,8 +449,13 @@ def gc(max_size_bytes: int, *, dry_run: bool = False, root: Root = None) -> list
             continue  # in use by an import right now: keep it
         try:
             current = store.get(record.model_id, record.revision)
-            # Skip it if someone used it since we looked: it is no longer the least recently used.
-            if current is not None and current.last_used_at == record.last_used_at:
+            # Skip it if someone used it since we looked: it is no longer the least recently used
+            # (or took a lease on it: checked again under the model lock, which leases also take).
+            if (
+                current is not None
+                and current.last_used_at == record.last_used_at
+                and not holders(store, record.model_id, record.revision)
+            ):
                 store.remove(record.model_id, record.revision)
                 evicted.append(record)
         finally:

@@ -359,7 +359,7 @@ def gc_cmd(
     """
     root = _root(ctx)
     budget = parse_size(max_size)
-    plan = api.gc(budget, dry_run=True, root=root)
+    plan = api.gc(budget, dry_run=True, root=root, on_skip=_print_kept)
     out = _out()
     if not plan:
         total = sum(r.size for r in api.list_models(root=root))
@@ -372,8 +372,12 @@ def gc_cmd(
         return
     if not yes:
         typer.confirm(f"Delete these {len(plan)} model revision(s)?", abort=True)
-    for record in api.gc(budget, root=root):
+    for record in api.gc(budget, root=root, on_skip=_print_kept):
         out.print(f"Deleted {record.model_id}@{record.revision}", markup=False)
+
+
+def _print_kept(record: ModelRecord, users: str) -> None:
+    _out().print(f"Kept {record.model_id}@{record.revision}: in use by {users}", markup=False)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 
-from sage_vllm_batch.runner import Point, engine_group_key, execute, load_engine
+from sage_vllm_batch.runner import Point, engine_group_key, execute, hold_model, load_engine
 from sage_vllm_batch.sweep.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,17 @@ def run_sweep(
             continue
         groups.setdefault(engine_group_key(point.cfg), []).append((ret, point))
 
+    try:
+        _run_groups(groups, fuse)
+    finally:
+        for _, point in prepared:
+            if point is not None:
+                point.release()  # the output dirs' locks, taken by prepare_point
+    if summary:
+        write_summary(sweep_dir, list(prepared), plot_metric=plot_metric)
+
+
+def _run_groups(groups: dict[str, list[tuple[JobReturn, Point]]], fuse: bool) -> None:
     first_key = next(iter(groups), None)
     for gi, (key, members) in enumerate(groups.items()):
         points = [p for _, p in members]
@@ -54,32 +65,37 @@ def run_sweep(
                 log.info("  %s: already complete, skipped", p.name)
         if todo:
             try:
-                engine = load_engine(todo[0].cfg, todo[0].model)
+                _run_group(gi, todo, fuse)
             except Exception as e:
                 for ret, _ in members:
                     _fail(ret, e)
                 continue
-            log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), engine.load_seconds)
-            for p in todo:
-                p.metrics.engine_shared_by_points = len(todo)
-                p.metrics.fused = fuse
-            try:
-                for batch in [todo] if fuse else [[p] for p in todo]:
-                    try:
-                        execute(batch, engine, progress=batch[0].cfg.progress, interval_s=batch[0].cfg.progress_interval_s)
-                    except Exception as e:
-                        log.error("engine group %d failed: %s", gi + 1, e)
-                        for p in batch:
-                            p.error = str(e)
-            finally:
-                engine.close()
         for ret, p in members:
             if p.error:
                 _fail(ret, RuntimeError(f"{p.name}: {p.error}"))
             else:
                 ret.return_value = _final_metrics(p)
-    if summary:
-        write_summary(sweep_dir, list(prepared), plot_metric=plot_metric)
+
+
+def _run_group(gi: int, todo: list[Point], fuse: bool) -> None:
+    """Load the group's model once (holding a registry lease on it until the engine is closed)
+    and run its points."""
+    with hold_model(todo[0].cfg, purpose=f"sweep of {len(todo)} point(s)") as model:
+        engine = load_engine(todo[0].cfg, model)
+        log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), engine.load_seconds)
+        for p in todo:
+            p.metrics.engine_shared_by_points = len(todo)
+            p.metrics.fused = fuse
+        try:
+            for batch in [todo] if fuse else [[p] for p in todo]:
+                try:
+                    execute(batch, engine, progress=batch[0].cfg.progress, interval_s=batch[0].cfg.progress_interval_s)
+                except Exception as e:
+                    log.error("engine group %d failed: %s", gi + 1, e)
+                    for p in batch:
+                        p.error = str(e)
+        finally:
+            engine.close()
 
 
 def _final_metrics(p: Point) -> dict[str, Any]:

@@ -1,0 +1,119 @@
+"""Memory stays bounded whatever the input: bad rows do not pile up in the engine's window, and
+slow rows do not let uncommitted chunks pile up behind them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import compose_job, read_output
+from fake_run import MODEL
+
+from sage_vllm_batch.engine import EngineResult
+from sage_vllm_batch.runner import execute, prepare_point
+
+FAKE_RUN = Path(__file__).with_name("fake_run.py")
+
+
+def _peak_rss_kb(tmp_path: Path, n: int) -> int:
+    src = tmp_path / f"bad{n}.jsonl"
+    src.write_text('{"text": null}\n' * n)
+    out = tmp_path / f"out{n}"
+    # The system allocator: Arrow's default pool returns freed pages on a timer (noisy peaks).
+    env = {**os.environ, "PYTHONPATH": str(FAKE_RUN.parents[1]), "ARROW_DEFAULT_MEMORY_POOL": "system"}
+    proc = subprocess.run(
+        [sys.executable, str(FAKE_RUN), str(out), str(src), "output.shard_rows=1000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    t = read_output(out)
+    assert t.num_rows == n and t.column("error").null_count == 0
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_kb"]
+
+
+def test_100k_consecutive_bad_rows_keep_peak_rss_flat(tmp_path):
+    small, large = _peak_rss_kb(tmp_path, 10_000), _peak_rss_kb(tmp_path, 100_000)
+    print(f"peak RSS: 10k bad rows {small / 1024:.1f} MiB, 100k bad rows {large / 1024:.1f} MiB")
+    # Measured: +5 to +13 MiB (allocator noise: the Python heap's peak is flat at ~2.4 MiB, see
+    # tracemalloc). Before bad rows bypassed the engine's window they all waited in its ready list
+    # (and their chunks in the runner): +45 MiB.
+    assert large - small < 24 * 1024
+
+
+class SlowRowEngine:
+    """Completes each request one step after admission, except the first row of every chunk,
+    which takes ``slow_steps`` steps. With ``supports_pause`` it honours the runner's pause."""
+
+    max_model_len = 64
+    load_seconds = 0.0
+    embedding_dim = 4
+    max_in_flight = 8
+
+    def __init__(self, supports_pause: bool, slow_steps: int = 40) -> None:
+        self.supports_pause = supports_pause
+        self.slow_steps = slow_steps
+        self.max_open = 0
+
+    def encode(self, text):
+        return [1, len(text), 2]
+
+    def stream(self, requests, on_step=None):
+        it, exhausted, inflight, step = iter(requests), False, {}, 0
+        while True:
+            while not exhausted and len(inflight) < self.max_in_flight:
+                req = next(it, StopIteration)
+                if req is StopIteration:
+                    exhausted = True
+                elif req is None:  # the runner asks for a pause: step first
+                    break
+                else:
+                    _, _, idx = req.key
+                    inflight[id(req)] = (req, step + (self.slow_steps if idx == 0 else 1))
+            if not inflight:
+                if exhausted:
+                    return
+                continue
+            step += 1
+            for k, (req, due) in list(inflight.items()):
+                if due <= step:
+                    del inflight[k]
+                    point = req.key[0]
+                    self.max_open = max(self.max_open, len(point._chunks))
+                    yield EngineResult(
+                        key=req.key, embedding=req.prompt_token_ids and _vec(req), prompt_tokens=3
+                    )
+
+
+def _vec(req):
+    import numpy as np
+
+    return np.array(req.prompt_token_ids + [0], dtype=np.float32)
+
+
+def test_slow_rows_cannot_pile_up_open_chunks(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(600)))
+    opened = {}
+    for pause in (False, True):
+        out = tmp_path / f"out-{pause}"
+        cfg = compose_job(
+            "data=jsonl",
+            f"data.path={src}",
+            "data.limit=null",
+            "output.shard_rows=10",
+            "engine.in_process=true",
+            out_dir=out,
+        )
+        engine = SlowRowEngine(supports_pause=pause)
+        execute([prepare_point(cfg, model=MODEL)], engine, progress="none")
+        assert read_output(out).column("id").to_pylist() == list(range(600))
+        opened[pause] = engine.max_open
+    # The bound: 2 + 2 * ceil(window / shard_rows) = 4 open chunks (40 rows) instead of one per
+    # straggler in the window.
+    assert opened[True] <= 4 < opened[False]
