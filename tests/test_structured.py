@@ -170,8 +170,10 @@ def test_editing_the_schema_file_refuses_to_resume_into_mixed_rows(tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
     args = (*CHAT, "data.limit=2", f"sampling.structured_outputs.json={schema}")
-    assert prepare_point(compose_job(*args, out_dir=tmp_path / "o"), model=model).state == "new"
-    assert prepare_point(compose_job(*args, out_dir=tmp_path / "o"), model=model).state == "resume"
+    for want in ("new", "resume"):
+        point = prepare_point(compose_job(*args, out_dir=tmp_path / "o"), model=model)
+        assert point.state == want
+        point.release()  # one writer per directory: the next prepare_point takes over
     schema.write_text(json.dumps({**SCHEMA, "required": ["topic", "n"]}))
     with pytest.raises(ResumeError, match="sampling.structured_outputs.json.required"):
         prepare_point(compose_job(*args, out_dir=tmp_path / "o"), model=model)
