@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,11 @@ def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
         in_process=cfg.engine.in_process,
         **kw,
     )
+
+
+def request_builder(cfg: DictConfig, engine: Any) -> RequestBuilder:
+    """The request builder of a job's rows on ``engine`` (its tokenizer and context length)."""
+    return RequestBuilder(cfg.task, cfg.data, sampling_dict(OmegaConf.to_container(cfg.sampling)), engine)
 
 
 # ---------------------------------------------------------------------------- points
@@ -170,13 +175,18 @@ class Point:
         self._sink = ParquetShardSink(
             self.out_dir, output_schema(task, fields, self._embedding_dim), self.cfg.output.compression
         )
-        self._builder = RequestBuilder(
-            self.cfg.task, self.cfg.data, sampling_dict(OmegaConf.to_container(self.cfg.sampling)), engine
-        )
+        self._builder = request_builder(self.cfg, engine)
 
     # -------------------------------------------------------------- request stream
     def requests(self, engine: Engine) -> Iterator[EngineRequest]:
         """This point's requests, in input order, skipping chunks committed by an earlier run."""
+        for chunk, idx, row in self.rows(engine):
+            yield self._builder.build((self, chunk, idx), row)
+
+    def rows(self, engine: Any) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """``(chunk, index in chunk, row)`` for every row still to do, in input order, with the chunk
+        bookkeeping that :meth:`on_result` completes. ``engine`` only needs ``embedding_dim`` (embed)
+        and what :class:`RequestBuilder` keeps, so an executor may pass a stand-in for remote engines."""
         size = self.shard_rows
         pos = 0
         for batch in self.source.batches():
@@ -208,7 +218,7 @@ class Point:
                 buf.passthrough.append([row.get(c) for c in self._pt_src])
                 buf.results.append(None)
                 self.metrics.rows_in += 1
-                yield self._builder.build((self, chunk, len(buf.results) - 1), row)
+                yield chunk, len(buf.results) - 1, row
                 pos += 1
         self._total_positions = pos
         if self._sink is None:  # empty input (or empty shard)
@@ -353,6 +363,34 @@ def _interleave(gens: Sequence[Iterator[EngineRequest]]) -> Iterator[EngineReque
 
 def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", interval_s: float = 10.0) -> None:
     """Run points that share ``engine`` as one interleaved stream of requests."""
+
+    def feed(todo: Sequence[Point]) -> None:
+        for res in engine.stream(_interleave([p.requests(engine) for p in todo])):
+            point, chunk, idx = res.key
+            point.on_result(chunk, idx, res)
+
+    drive(
+        points,
+        feed,
+        load_seconds=engine.load_seconds,
+        in_process=getattr(engine, "in_process", None),
+        progress=progress,
+        interval_s=interval_s,
+    )
+
+
+def drive(
+    points: Sequence[Point],
+    feed: Callable[[Sequence[Point]], None],
+    *,
+    load_seconds: float | None,
+    in_process: bool | None,
+    progress: str = "auto",
+    interval_s: float = 10.0,
+) -> None:
+    """The frame of a run around ``feed(todo)``, which hands every result of the points not yet
+    complete to :meth:`Point.on_result`: one progress bar, metrics, and an error if rows were left
+    without results. Executors differ only in their ``feed``."""
     todo = [p for p in points if p.state != "complete"]
     if not todo:
         return
@@ -363,15 +401,13 @@ def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", 
     label = todo[0].name if len(todo) == 1 else f"{len(todo)} points"
     bar = Progress(total, mode=progress, interval_s=interval_s, desc=label)
     for p in todo:
-        p.metrics.load_seconds = engine.load_seconds
+        p.metrics.load_seconds = load_seconds
         p.metrics.engine_loads = 1
-        p.metrics.engine_in_process = getattr(engine, "in_process", None)
+        p.metrics.engine_in_process = in_process
         p._on_rows = bar.update
     with RssSampler() as rss:
         try:
-            for res in engine.stream(_interleave([p.requests(engine) for p in todo])):
-                point, chunk, idx = res.key
-                point.on_result(chunk, idx, res)
+            feed(todo)
         finally:
             bar.close()
             for p in todo:
@@ -401,10 +437,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if point.state == "complete":
         log.info("%s is already complete (%s); nothing to do", point.out_dir, SUCCESS)
         return json.loads((point.out_dir / "metrics.json").read_text())
-    engine = load_engine(cfg, point.model)
+    from sage_vllm_batch.executors import make_executor
+
+    executor = make_executor(cfg)
+    executor.start(cfg, point.model)
     try:
-        execute([point], engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
+        executor.execute([point])
     finally:
-        engine.close()
+        executor.close()
     return point.metrics_record()
 

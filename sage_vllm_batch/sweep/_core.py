@@ -10,7 +10,8 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 
-from sage_vllm_batch.runner import Point, engine_group_key, execute, load_engine
+from sage_vllm_batch.executors import make_executor
+from sage_vllm_batch.runner import Point, engine_group_key
 from sage_vllm_batch.sweep.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -53,26 +54,28 @@ def run_sweep(
             if p.state == "complete":
                 log.info("  %s: already complete, skipped", p.name)
         if todo:
+            executor = make_executor(todo[0].cfg)
             try:
-                engine = load_engine(todo[0].cfg, todo[0].model)
+                executor.start(todo[0].cfg, todo[0].model)
             except Exception as e:
                 for ret, _ in members:
                     _fail(ret, e)
+                executor.close()
                 continue
-            log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), engine.load_seconds)
+            log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), executor.load_seconds)
             for p in todo:
                 p.metrics.engine_shared_by_points = len(todo)
                 p.metrics.fused = fuse
             try:
                 for batch in [todo] if fuse else [[p] for p in todo]:
                     try:
-                        execute(batch, engine, progress=batch[0].cfg.progress, interval_s=batch[0].cfg.progress_interval_s)
+                        executor.execute(batch)
                     except Exception as e:
                         log.error("engine group %d failed: %s", gi + 1, e)
                         for p in batch:
                             p.error = str(e)
             finally:
-                engine.close()
+                executor.close()
         for ret, p in members:
             if p.error:
                 _fail(ret, RuntimeError(f"{p.name}: {p.error}"))
