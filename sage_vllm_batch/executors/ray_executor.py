@@ -284,6 +284,8 @@ class RayExecutor:
         ray = _import_ray()
         t0 = time.perf_counter()
         deaths0 = sum(not w.alive for w in self.workers)
+        for w in self.workers:  # units abandoned by an earlier, interrupted execute: never commit them
+            w.inflight.clear()
         try:
             alive = self._alive()
             sections = [
