@@ -29,7 +29,7 @@ from sage_vllm_batch.sink import LEDGER, read_output
 ray = pytest.importorskip("ray")
 
 # A small KV cache: the machine is shared, and 6 short prompts need little.
-SMALL = ("engine.gpu_memory_utilization=0.05",)
+SMALL = ("engine.gpu_memory_utilization=0.1",)
 EMBED = ("task=embed", "data.limit=40", "output.shard_rows=10", *SMALL)
 CHAT = (
     "task=chat",

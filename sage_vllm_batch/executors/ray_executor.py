@@ -284,8 +284,10 @@ class RayExecutor:
         ray = _import_ray()
         t0 = time.perf_counter()
         deaths0 = sum(not w.alive for w in self.workers)
-        for w in self.workers:  # units abandoned by an earlier, interrupted execute: never commit them
+        self.units_retried = 0
+        for w in self.workers:  # counters are per execute; units abandoned by an interrupted one never commit
             w.inflight.clear()
+            w.units = w.rows = w.prompt_tokens = w.completion_tokens = 0
         try:
             alive = self._alive()
             sections = [
