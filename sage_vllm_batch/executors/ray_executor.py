@@ -485,4 +485,11 @@ def _import_ray() -> Any:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:400] or type(e).__name__
+    """A Ray error in one line: its first line, and the raised exception's own message (the last
+    line of the remote traceback) where Ray wrapped one."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    head = " ".join(lines[0].split())[:200]
+    tail = " ".join(lines[-1].split())[:400] if len(lines) > 1 else ""
+    return f"{head} ... {tail}" if tail and tail != head else head
