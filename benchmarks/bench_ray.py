@@ -89,20 +89,36 @@ class Variant:
         out = self.work / f"{self.name}-{self._n}"
         cfg = self.cfg(overrides, out)  # composing is the CLI's job: untimed
         gc.collect()
+        cpu0 = self.cpu_seconds()
         t0 = time.perf_counter()
         point = prepare_point(cfg)
         self.executor.execute([point])
         dt = time.perf_counter() - t0
+        cpu = self.cpu_seconds() - cpu0
         m = point.metrics
         shutil.rmtree(out, ignore_errors=True)
         return {
             "seconds": dt,
+            "cpu_seconds": cpu,
             "rows": m.rows_out,
             "tokens": m.prompt_tokens + m.completion_tokens,
             "completion_tokens": m.completion_tokens,
             "error_rows": m.error_rows,
             "workers": (m.executor or {}).get("workers"),
         }
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process (the driver, and for (L) the engine) plus the Ray workers'."""
+        import psutil
+
+        total = time.process_time()
+        for w in getattr(self.executor, "workers", []):
+            try:
+                t = psutil.Process(w.info["pid"]).cpu_times()
+                total += t.user + t.system
+            except (psutil.Error, KeyError):
+                pass
+        return total
 
     def summary(self) -> dict[str, Any]:
         best = min(self.runs, key=lambda r: r["seconds"])
@@ -115,6 +131,8 @@ class Variant:
             "error_rows": best["error_rows"],
             "rows_per_s": round(best["rows"] / best["seconds"], 2),
             "tokens_per_s": round(best["tokens"] / best["seconds"], 1),
+            # CPU time per 1,000 rows (driver + engines): what the rows cost whatever the machine's load.
+            "cpu_s_per_1k_rows": round(1000 * median([r["cpu_seconds"] / r["rows"] for r in self.runs]), 2),
             "workers_of_best": [
                 {k: w[k] for k in ("worker", "rows", "rows_per_s", "load_seconds", "threads")}
                 for w in best["workers"] or []
@@ -187,19 +205,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.task}: {rows} rows, chunks of {shard_rows}, {args.threads} thread(s) per engine, {os.cpu_count()} cores"
     )
     print(
-        f"{'variant':28} {'start s':>8} {'best s':>8} {'median s':>9} {'rows/s':>9} {'tokens/s':>10}  per worker rows"
+        f"{'variant':28} {'start s':>8} {'best s':>8} {'median s':>9} {'rows/s':>9} {'tokens/s':>10} {'CPU s/1k rows':>13}  per worker rows"
     )
     names = {"L": "(L) local", "R1": "(R1) ray 1 worker", "R2": "(R2) ray 2 workers"}
     for key, s in res.items():
         per = ", ".join(f"{w['worker']}:{w['rows']}" for w in s["workers_of_best"]) or "-"
         print(
             f"{names[key]:28} {s['start_seconds']:>8.1f} {s['best_seconds']:>8.2f} {s['median_seconds']:>9.2f} "
-            f"{s['rows_per_s']:>9.1f} {s['tokens_per_s']:>10.1f}  {per}"
+            f"{s['rows_per_s']:>9.1f} {s['tokens_per_s']:>10.1f} {s['cpu_s_per_1k_rows']:>13.2f}  {per}"
         )
     ok_s = "OK" if scaling >= SCALING_TARGET else "BELOW TARGET"
     ok_o = "OK" if overhead <= OVERHEAD_TARGET else "ABOVE TARGET"
     print(f"scaling R2/R1 rows/s: {scaling:.3f} (target >= {SCALING_TARGET}) {ok_s}")
     print(f"Ray overhead 1 - R1/L: {overhead * 100:.1f}% (target <= {OVERHEAD_TARGET * 100:.0f}%) {ok_o}")
+    cpu_ratio = res["R2"]["cpu_s_per_1k_rows"] / res["R1"]["cpu_s_per_1k_rows"]
+    cpu_l = res["R1"]["cpu_s_per_1k_rows"] / res["L"]["cpu_s_per_1k_rows"]
+    print(
+        f"CPU per row R2/R1: {cpu_ratio:.3f}, R1/L: {cpu_l:.3f} (near 1: the executor adds no CPU work per row; "
+        "wall-clock scaling below 2x with these near 1 means the machine had no spare core for the second worker)"
+    )
     print(
         f"load average at start: {info['loadavg_at_start']}, at end: {[round(x, 2) for x in os.getloadavg()]}"
     )
@@ -216,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             "variants": res,
             "scaling_r2_over_r1": round(scaling, 3),
             "overhead_1_minus_r1_over_l": round(overhead, 4),
+            "cpu_per_row_r2_over_r1": round(cpu_ratio, 3),
+            "cpu_per_row_r1_over_l": round(cpu_l, 3),
             "targets": {"scaling": SCALING_TARGET, "overhead": OVERHEAD_TARGET},
             "machine": info,
         },
