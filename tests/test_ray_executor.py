@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from sage_vllm_batch.config import ExecutorConfig, validate
 from sage_vllm_batch.errors import ConfigError, EngineError
+from sage_vllm_batch.executors import make_executor
 from sage_vllm_batch.executors.ray_executor import RayExecutor, Unit, Worker, units_of
 from sage_vllm_batch.runner import prepare_point, run
 from sage_vllm_batch.sink import LEDGER, read_output
@@ -142,13 +143,38 @@ def _run_ray(ex: RayExecutor, cfg):
 
 
 @pytest.mark.engine
-def test_greedy_chat_on_two_workers_equals_local(ray_local, registry_root, tmp_path):
-    run(compose_job(*CHAT, out_dir=tmp_path / "local", registry_root=registry_root))
-    m = run(compose_job(*CHAT, *RAY, out_dir=tmp_path / "ray", registry_root=registry_root))
-    assert_same_output(tmp_path / "local", tmp_path / "ray", vectors=False)
-    texts = read_output(tmp_path / "ray").column("text").to_pylist()
-    assert len(texts) == 6 and all(texts)
-    workers = m["executor"]["workers"]
+def test_greedy_chat_fused_sweep_on_two_workers_equals_local(ray_local, registry_root, tmp_path):
+    # Two greedy sweep points (8 and 4 new tokens) run fused: each unit carries both points' rows.
+    sweep = {"t8": ("sampling.max_tokens=8",), "t4": ("sampling.max_tokens=4",)}
+    parts: list[int] = []
+    for kind, extra in (("local", ()), ("ray", RAY)):
+        points = [
+            prepare_point(
+                compose_job(
+                    *CHAT, *extra, *over, out_dir=tmp_path / kind / name, registry_root=registry_root
+                ),
+                name=name,
+            )
+            for name, over in sweep.items()
+        ]
+        ex = make_executor(points[0].cfg)
+        ex.start(points[0].cfg, points[0].model)
+        if kind == "ray":
+            ex.on_dispatch = lambda _ex, _w, unit: parts.append(len(unit.parts))
+        try:
+            ex.execute(points)
+        finally:
+            ex.close()
+    for name in sweep:
+        assert_same_output(tmp_path / "local" / name, tmp_path / "ray" / name, vectors=False)
+    assert parts == [2, 2, 2]  # 6 rows in chunks of 2, every chunk with both points
+    t8 = read_output(tmp_path / "ray" / "t8")
+    t4 = read_output(tmp_path / "ray" / "t4")
+    assert t8.num_rows == t4.num_rows == 6 and all(t8.column("text").to_pylist())
+    assert (
+        max(t4.column("completion_tokens").to_pylist()) <= 4 < max(t8.column("completion_tokens").to_pylist())
+    )
+    workers = json.loads((tmp_path / "ray" / "t8" / "metrics.json").read_text())["executor"]["workers"]
     assert len(workers) == 2 and all(w["completion_tokens"] > 0 for w in workers)
 
 
