@@ -57,6 +57,9 @@ def task_overrides(task: str, rows: int, shard_rows: int, extra: list[str]) -> l
         ]
     else:
         base = ["task=embed"]
+    # Four engines live at once here: each reserves this share of NUMA node 0 (engine=cpu's 0.3 of a
+    # large node would not fit four times); plenty for these short rows.
+    base.append("engine.gpu_memory_utilization=0.1")
     return [*base, *extra, f"data.limit={rows}", f"output.shard_rows={shard_rows}"]
 
 
