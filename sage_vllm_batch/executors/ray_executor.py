@@ -163,6 +163,13 @@ class RayExecutor:
 
     # ------------------------------------------------------------------ start
     def start(self, cfg: DictConfig, model: ResolvedModel) -> None:
+        try:
+            self._start(cfg, model)
+        except BaseException:
+            self.close()  # workers that did start, and a Ray instance started here
+            raise
+
+    def _start(self, cfg: DictConfig, model: ResolvedModel) -> None:
         ray = _import_ray()
         ex = self.ex
         t0 = time.perf_counter()
