@@ -221,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     ok_o = "OK" if overhead <= OVERHEAD_TARGET else "ABOVE TARGET"
     print(f"scaling R2/R1 rows/s: {scaling:.3f} (target >= {SCALING_TARGET}) {ok_s}")
     print(f"Ray overhead 1 - R1/L: {overhead * 100:.1f}% (target <= {OVERHEAD_TARGET * 100:.0f}%) {ok_o}")
+    cores = {k: v["cpu_s_per_1k_rows"] * v["rows_per_s"] / 1000 for k, v in res.items()}
+    print(
+        "CPU cores busy while serving: "
+        + ", ".join(f"{k} {c:.2f}" for k, c in cores.items())
+        + " (R2 at the R1 figure: the second worker got no extra CPU from the machine; Linux "
+        "autogroup shares CPU per session, and every process here is in this run's session)"
+    )
     cpu_ratio = res["R2"]["cpu_s_per_1k_rows"] / res["R1"]["cpu_s_per_1k_rows"]
     cpu_l = res["R1"]["cpu_s_per_1k_rows"] / res["L"]["cpu_s_per_1k_rows"]
     print(
@@ -244,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "scaling_r2_over_r1": round(scaling, 3),
             "overhead_1_minus_r1_over_l": round(overhead, 4),
             "cpu_per_row_r2_over_r1": round(cpu_ratio, 3),
+            "cores_busy": {k: round(c, 3) for k, c in cores.items()},
             "cpu_per_row_r1_over_l": round(cpu_l, 3),
             "targets": {"scaling": SCALING_TARGET, "overhead": OVERHEAD_TARGET},
             "machine": info,
