@@ -206,6 +206,40 @@ class RegistryConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """Where the engine(s) run: ``local`` (one engine in this process) or ``ray`` (one engine per
+    Ray actor; this process reads the input, hands out chunks and commits every shard itself)."""
+
+    type: str = "local"  # local | ray
+    # ray: workers, each holding one loaded engine.
+    num_workers: int = 2
+    # ray: an existing cluster ("auto", "ray://head:10001", "head:6379"); null starts a local Ray instance.
+    address: str | None = None
+    # ray: CPUs of the local instance (null: this machine's cores, at least what the workers ask).
+    num_cpus: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # ray: custom Ray resources each worker needs, e.g. {"accelerator_type:A10G": 0.01}.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # ray: OpenMP/torch threads of each worker's engine (0: cpus_per_worker, rounded up), so workers
+    # sharing a node do not oversubscribe its cores.
+    threads_per_worker: int = 0
+    # ray: a chunk whose worker dies (or fails) goes to another worker at most this many times.
+    max_chunk_retries: int = 2
+    # ray: chunks queued per worker, so its engine goes on to the next chunk without a pause.
+    chunks_per_worker: int = 2
+    # ray: a chunk running longer than this on a worker counts as a hung worker (killed, chunk
+    # retried elsewhere). null: no limit.
+    chunk_timeout_s: float | None = None
+    # ray: seconds to wait for the workers to be placed and load their engines.
+    start_timeout_s: float = 900.0
+    # ray: show the workers' own log lines (vLLM's) here; off, they stay in Ray's session log dir.
+    worker_logs: bool = False
+    # ray: extra Ray runtime_env for the workers (env_vars, py_modules, pip, ...).
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = MISSING
     engine: EngineConfig = MISSING
@@ -214,6 +248,7 @@ class JobConfig:
     data: DataConfig = MISSING
     output: OutputConfig = MISSING
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     # Progress display: auto (a bar on a terminal, JSON lines otherwise) | bar | json | none
     progress: str = "auto"
     progress_interval_s: float = 10.0
@@ -258,6 +293,7 @@ def register_configs() -> None:
     cs.store(group="task", name="base_finetune", node=FinetuneTaskConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="output", name="base_output", node=OutputConfig)
+    cs.store(group="executor", name="base_executor", node=ExecutorConfig)
 
 
 register_configs()
@@ -325,6 +361,19 @@ def validate(cfg: DictConfig) -> None:
     if vs.type is not None:
         _check(vs.type in ("lancedb", "faiss"), "output.vector_store.type", "must be lancedb, faiss or null")
         _check(task == "embed", "output.vector_store.type", "a vector store sink needs task=embed")
+    ex = cfg.executor
+    _check(ex.type in ("local", "ray"), "executor.type", f"must be local or ray, got {ex.type!r}")
+    _check(ex.num_workers >= 1, "executor.num_workers", "must be >= 1")
+    _check(ex.cpus_per_worker >= 0, "executor.cpus_per_worker", "must be >= 0")
+    _check(ex.gpus_per_worker >= 0, "executor.gpus_per_worker", "must be >= 0")
+    _check(ex.threads_per_worker >= 0, "executor.threads_per_worker", "must be >= 0 (0: cpus_per_worker)")
+    _check(ex.max_chunk_retries >= 0, "executor.max_chunk_retries", "must be >= 0")
+    _check(ex.chunks_per_worker >= 1, "executor.chunks_per_worker", "must be >= 1")
+    _check(
+        ex.chunk_timeout_s is None or ex.chunk_timeout_s > 0,
+        "executor.chunk_timeout_s",
+        "must be > 0 or null",
+    )
     _check(
         cfg.progress in ("auto", "bar", "json", "none"),
         "progress",

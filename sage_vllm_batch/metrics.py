@@ -75,6 +75,7 @@ class RunMetrics:
         self.fused = False
         self.wall_seconds: float | None = None
         self.peak_rss_bytes: int | None = None
+        self.executor: dict[str, Any] | None = None  # executor=ray: workers, retries, throughput per worker
         self._lat: list[float] = []
         self._lat_seen = 0
         self._rng = random.Random(0)
@@ -116,7 +117,7 @@ class RunMetrics:
         wall = self.wall_seconds if self.wall_seconds is not None else self.elapsed()
         # Throughput over the time this run spent serving rows (excludes the model load).
         serve = max(wall - (self.load_seconds or 0.0), 1e-9)
-        return {
+        rec = {
             "rows_in": self.rows_in,
             "rows_out": self.rows_out,
             "rows_skipped_resumed": self.rows_skipped_resumed,
@@ -142,3 +143,6 @@ class RunMetrics:
             "peak_rss_bytes": self.peak_rss_bytes,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
         }
+        if self.executor is not None:
+            rec["executor"] = self.executor
+        return rec

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,11 @@ def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
     )
 
 
+def request_builder(cfg: DictConfig, engine: Any) -> RequestBuilder:
+    """The request builder of a job's rows on ``engine`` (its tokenizer and context length)."""
+    return RequestBuilder(cfg.task, cfg.data, sampling_dict(OmegaConf.to_container(cfg.sampling)), engine)
+
+
 # ---------------------------------------------------------------------------- points
 def output_dir_of(cfg: DictConfig) -> Path:
     try:
@@ -240,9 +245,7 @@ class Point:
         self._sink = ParquetShardSink(
             self.out_dir, output_schema(task, fields, self._embedding_dim, self._layout), self.cfg.output.compression
         )
-        self._builder = RequestBuilder(
-            self.cfg.task, self.cfg.data, sampling_dict(OmegaConf.to_container(self.cfg.sampling)), engine
-        )
+        self._builder = request_builder(self.cfg, engine)
 
     # -------------------------------------------------------------- request stream
     def requests(self, engine: Engine) -> Iterator[EngineRequest | None]:
@@ -253,6 +256,23 @@ class Point:
         returned results: too many chunks are open (a slow row holds one back while the others
         fill), and buffering more would grow memory without bound.
         """
+        for item in self.rows(engine):
+            if item is None:
+                yield None
+                continue
+            chunk, idx, row = item
+            req = self._builder.build((self, chunk, idx), row)
+            self._chunks[chunk].sampling[idx] = req.sampling
+            if req.error is not None:
+                self.on_result(chunk, idx, EngineResult(key=req.key, error=req.error))
+            else:
+                yield req
+
+    def rows(self, engine: Any) -> Iterator[tuple[int, int, dict[str, Any]] | None]:
+        """``(chunk, index in chunk, row)`` for every row still to do, in input order, with the chunk
+        bookkeeping that :meth:`on_result` completes (``None``: pause, see :meth:`requests`).
+        ``engine`` only needs ``embedding_dim`` (embed) and what :class:`RequestBuilder` keeps, so an
+        executor may pass a stand-in for remote engines."""
         size = self.shard_rows
         pos = 0
         for batch in self.source.batches():
@@ -286,13 +306,9 @@ class Point:
                 buf.passthrough.append([row.get(c) for c in self._pt_src])
                 buf.results.append(None)
                 self.metrics.rows_in += 1
-                req = self._builder.build((self, chunk, len(buf.results) - 1), row)
-                buf.sampling.append(req.sampling)
+                buf.sampling.append(self._builder.sampling)
+                yield chunk, len(buf.results) - 1, row
                 pos += 1
-                if req.error is not None:
-                    self.on_result(chunk, len(buf.results) - 1, EngineResult(key=req.key, error=req.error))
-                else:
-                    yield req
         self._total_positions = pos
         if self._sink is None:  # empty input (or empty shard)
             schema = self.source.schema if hasattr(self.source, "schema") else None
@@ -510,14 +526,44 @@ def _interleave(gens: Sequence[Iterator[EngineRequest | None]]) -> Iterator[Engi
 def execute(points: Sequence[Point], engine: Engine, *, progress: str = "auto", interval_s: float = 10.0) -> None:
     """Run points that share ``engine`` as one interleaved stream of requests, then release their
     output directories."""
+
+    def feed(todo: Sequence[Point]) -> None:
+        try:
+            for res in engine.stream(_interleave([p.requests(engine) for p in todo])):
+                point, chunk, idx = res.key
+                point.on_result(chunk, idx, res)
+        except EngineDeadError as e:
+            rows = [_row_of(k) for k in e.keys]
+            shown = ", ".join(rows[:20]) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+            raise EngineError(
+                f"{e} Rows in flight: {shown or 'none'}. Committed shards are intact: rerun the same "
+                "command to resume (raise engine.max_restarts to survive more crashes)."
+            ) from e
+
     try:
-        _execute(points, engine, progress=progress, interval_s=interval_s)
+        drive(points, feed, engine=engine, progress=progress, interval_s=interval_s)
     finally:
         for p in points:
             p.release()
 
 
-def _execute(points: Sequence[Point], engine: Engine, *, progress: str, interval_s: float) -> None:
+def drive(
+    points: Sequence[Point],
+    feed: Callable[[Sequence[Point]], None],
+    *,
+    engine: Any = None,
+    load_seconds: float | None = None,
+    in_process: bool | None = None,
+    progress: str = "auto",
+    interval_s: float = 10.0,
+) -> None:
+    """The frame of a run around ``feed(todo)``, which hands every result of the points not yet
+    complete to :meth:`Point.on_result`: one progress bar, metrics, and an error if rows were left
+    without results. Executors differ only in their ``feed``; ``engine`` (a local one) supplies
+    the load time, layout and restart counters and lets the points pause their input."""
+    if engine is not None:
+        load_seconds = engine.load_seconds
+        in_process = getattr(engine, "in_process", None)
     todo = [p for p in points if p.state != "complete"]
     if not todo:
         return
@@ -531,24 +577,15 @@ def _execute(points: Sequence[Point], engine: Engine, *, progress: str, interval
     # the engine's window twice over, so a pause means a straggler, not a full pipeline.
     window = int(getattr(engine, "max_in_flight", 0) or 1024)
     for p in todo:
-        p.metrics.load_seconds = engine.load_seconds
+        p.metrics.load_seconds = load_seconds
         _engine_counters(p, engine)
-        p.metrics.engine_in_process = getattr(engine, "in_process", None)
+        p.metrics.engine_in_process = in_process
         p._on_rows = bar.update
         if getattr(engine, "supports_pause", False):
             p._max_open_chunks = 2 + 2 * math.ceil(window / p.shard_rows)
     with RssSampler() as rss:
         try:
-            for res in engine.stream(_interleave([p.requests(engine) for p in todo])):
-                point, chunk, idx = res.key
-                point.on_result(chunk, idx, res)
-        except EngineDeadError as e:
-            rows = [_row_of(k) for k in e.keys]
-            shown = ", ".join(rows[:20]) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
-            raise EngineError(
-                f"{e} Rows in flight: {shown or 'none'}. Committed shards are intact: rerun the same "
-                "command to resume (raise engine.max_restarts to survive more crashes)."
-            ) from e
+            feed(todo)
         finally:
             bar.close()
             for p in todo:
@@ -584,11 +621,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if point.state == "complete":
                 log.info("%s is already complete (%s); nothing to do", point.out_dir, SUCCESS)
                 return json.loads((point.out_dir / "metrics.json").read_text())
-            engine = load_engine(cfg, point.model)
+            from sage_vllm_batch.executors import make_executor
+
+            executor = make_executor(cfg)
+            executor.start(cfg, point.model)
             try:
-                execute([point], engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
+                executor.execute([point])
             finally:
-                engine.close()
+                executor.close()
             return point.metrics_record()
         finally:
             point.release()

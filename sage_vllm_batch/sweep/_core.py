@@ -10,7 +10,8 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 
-from sage_vllm_batch.runner import Point, engine_group_key, execute, hold_model, load_engine
+from sage_vllm_batch.executors import make_executor
+from sage_vllm_batch.runner import Point, engine_group_key, hold_model
 from sage_vllm_batch.sweep.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -81,21 +82,22 @@ def _run_group(gi: int, todo: list[Point], fuse: bool) -> None:
     """Load the group's model once (holding a registry lease on it until the engine is closed)
     and run its points."""
     with hold_model(todo[0].cfg, purpose=f"sweep of {len(todo)} point(s)") as model:
-        engine = load_engine(todo[0].cfg, model)
-        log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), engine.load_seconds)
-        for p in todo:
-            p.metrics.engine_shared_by_points = len(todo)
-            p.metrics.fused = fuse
+        executor = make_executor(todo[0].cfg)
         try:
+            executor.start(todo[0].cfg, model)
+            log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), executor.load_seconds)
+            for p in todo:
+                p.metrics.engine_shared_by_points = len(todo)
+                p.metrics.fused = fuse
             for batch in [todo] if fuse else [[p] for p in todo]:
                 try:
-                    execute(batch, engine, progress=batch[0].cfg.progress, interval_s=batch[0].cfg.progress_interval_s)
+                    executor.execute(batch)
                 except Exception as e:
                     log.error("engine group %d failed: %s", gi + 1, e)
                     for p in batch:
                         p.error = str(e)
         finally:
-            engine.close()
+            executor.close()
 
 
 def _final_metrics(p: Point) -> dict[str, Any]:

@@ -1,0 +1,265 @@
+"""executor=ray: scaling from 1 to 2 workers, and Ray's overhead against the local executor.
+
+    python benchmarks/bench_ray.py [--task embed|chat] [--rows N] [--repeats R] [--shard-rows S]
+
+Three variants of the same job, all started first (engines loaded, untimed), then timed in turns
+(L, R1, R2, L, R1, R2, ...) after one small warm-up each, in one process:
+
+  (L)  executor=local: one engine in this process, 1 torch thread (``--threads``);
+  (R1) executor=ray, 1 worker x 1 thread;
+  (R2) executor=ray, 2 workers x 1 thread each.
+
+A timed run is ``prepare_point(cfg)`` into a fresh output dir plus ``executor.execute([point])``:
+reading, chunking, the engines, committing the shards. Throughput is rows/s (and tokens/s) of the
+best run. Printed side by side: scaling R2/R1 (target >= 1.8: a 2-core machine cannot show a 2x
+wall-clock gain with more threads, but it can with 1-thread workers if Ray adds no serial cost) and
+Ray's overhead 1 - R1/L (target <= 10%). Results go to ``benchmarks/results/ray.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    HUMANEVAL_ROWS,
+    add_common_args,
+    compose,
+    machine_info,
+    median,
+    now_utc,
+    registry_root,
+    write_results,
+)
+
+SCALING_TARGET = 1.8
+OVERHEAD_TARGET = 0.10
+WARMUP_ROWS = 16
+
+
+def task_overrides(task: str, rows: int, shard_rows: int, extra: list[str]) -> list[str]:
+    if task == "chat":
+        base = [
+            "task=chat",
+            "model=smollm2-135m-instruct",
+            "sampling.temperature=0",
+            "sampling.max_tokens=64",
+        ]
+    else:
+        base = ["task=embed"]
+    # Four engines live at once here: each reserves this share of NUMA node 0 (engine=cpu's 0.3 of a
+    # large node would not fit four times); plenty for these short rows.
+    base.append("engine.gpu_memory_utilization=0.1")
+    return [*base, *extra, f"data.limit={rows}", f"output.shard_rows={shard_rows}"]
+
+
+class Variant:
+    """One executor, started once, run many times on fresh output dirs."""
+
+    def __init__(
+        self, name: str, executor_overrides: list[str], base: list[str], root: Path, work: Path
+    ) -> None:
+        from sage_vllm_batch.executors import make_executor
+        from sage_vllm_batch.runner import resolve_model
+
+        self.name, self.base, self.root, self.work = name, base, root, work
+        self.exo = executor_overrides
+        self._n = 0
+        cfg = self.cfg(base)
+        self.executor = make_executor(cfg)
+        t0 = time.perf_counter()
+        self.executor.start(cfg, resolve_model(cfg))
+        self.start_s = time.perf_counter() - t0
+        self.runs: list[dict[str, Any]] = []
+
+    def cfg(self, overrides: list[str], out: Path | None = None):
+        return compose(*overrides, *self.exo, out_dir=out or self.work / "probe", registry_root=self.root)
+
+    def run(self, overrides: list[str]) -> dict[str, Any]:
+        from sage_vllm_batch.runner import prepare_point
+
+        self._n += 1
+        out = self.work / f"{self.name}-{self._n}"
+        cfg = self.cfg(overrides, out)  # composing is the CLI's job: untimed
+        gc.collect()
+        cpu0 = self.cpu_seconds()
+        t0 = time.perf_counter()
+        point = prepare_point(cfg)
+        self.executor.execute([point])
+        dt = time.perf_counter() - t0
+        cpu = self.cpu_seconds() - cpu0
+        m = point.metrics
+        shutil.rmtree(out, ignore_errors=True)
+        return {
+            "seconds": dt,
+            "cpu_seconds": cpu,
+            "rows": m.rows_out,
+            "tokens": m.prompt_tokens + m.completion_tokens,
+            "completion_tokens": m.completion_tokens,
+            "error_rows": m.error_rows,
+            "workers": (m.executor or {}).get("workers"),
+        }
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process (the driver, and for (L) the engine) plus the Ray workers'."""
+        import psutil
+
+        total = time.process_time()
+        for w in getattr(self.executor, "workers", []):
+            try:
+                t = psutil.Process(w.info["pid"]).cpu_times()
+                total += t.user + t.system
+            except (psutil.Error, KeyError):
+                pass
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        best = min(self.runs, key=lambda r: r["seconds"])
+        return {
+            "start_seconds": round(self.start_s, 2),
+            "best_seconds": round(best["seconds"], 3),
+            "median_seconds": round(median([r["seconds"] for r in self.runs]), 3),
+            "all_seconds": [round(r["seconds"], 3) for r in self.runs],
+            "rows": best["rows"],
+            "error_rows": best["error_rows"],
+            "rows_per_s": round(best["rows"] / best["seconds"], 2),
+            "tokens_per_s": round(best["tokens"] / best["seconds"], 1),
+            # CPU time per 1,000 rows (driver + engines): what the rows cost whatever the machine's load.
+            "cpu_s_per_1k_rows": round(1000 * median([r["cpu_seconds"] / r["rows"] for r in self.runs]), 2),
+            "workers_of_best": [
+                {k: w[k] for k in ("worker", "rows", "rows_per_s", "load_seconds", "threads")}
+                for w in best["workers"] or []
+            ],
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=("embed", "chat"), default="embed")
+    ap.add_argument("--rows", type=int, default=None, help="rows (default: embed 2000, chat 164)")
+    ap.add_argument("--shard-rows", type=int, default=None, help="rows per chunk (default: rows / 20)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each variant (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="threads of each engine (default 1)")
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    rows = args.rows or (HUMANEVAL_ROWS if args.task == "chat" else 2000)
+    if args.task == "chat":
+        rows = min(rows, HUMANEVAL_ROWS)
+    shard_rows = args.shard_rows or max(1, rows // 20)
+    base = task_overrides(args.task, rows, shard_rows, args.override)
+    warm = task_overrides(args.task, WARMUP_ROWS, max(1, WARMUP_ROWS // 4), args.override)
+    info = machine_info()
+
+    import ray
+    import torch
+
+    # (L) runs in this process: give it the workers' thread count (set before its engine loads).
+    torch.set_num_threads(args.threads)
+    # One logical CPU more than the machine has: R1 and R2 stay started side by side, run in turns.
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray_common = ["executor=ray", f"executor.threads_per_worker={args.threads}"]
+    specs = [
+        ("L", ["executor=local"]),
+        ("R1", [*ray_common, "executor.num_workers=1"]),
+        ("R2", [*ray_common, "executor.num_workers=2"]),
+    ]
+    work = Path(tempfile.mkdtemp(prefix="sage-bench-ray-"))
+    variants: list[Variant] = []
+    try:
+        with registry_root(args.registry_root, [args.task]) as root:
+            for name, exo in specs:
+                print(f"== starting {name} ({' '.join(exo)}) ...", flush=True)
+                v = Variant(name, exo, base, root, work)
+                variants.append(v)
+                print(f"   started in {v.start_s:.1f}s", flush=True)
+            for v in variants:
+                v.run(warm)
+            for i in range(args.repeats):
+                for v in variants:
+                    r = v.run(base)
+                    v.runs.append(r)
+                    print(
+                        f"   run {i + 1}/{args.repeats} {v.name:3} {r['seconds']:7.2f}s "
+                        f"{r['rows'] / r['seconds']:8.1f} rows/s",
+                        flush=True,
+                    )
+            res = {v.name: v.summary() for v in variants}
+    finally:
+        for v in variants:
+            v.executor.close()
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+    scaling = res["R2"]["rows_per_s"] / res["R1"]["rows_per_s"]
+    overhead = 1 - res["R1"]["rows_per_s"] / res["L"]["rows_per_s"]
+    print("\n" + "=" * 96)
+    print(
+        f"{args.task}: {rows} rows, chunks of {shard_rows}, {args.threads} thread(s) per engine, {os.cpu_count()} cores"
+    )
+    print(
+        f"{'variant':28} {'start s':>8} {'best s':>8} {'median s':>9} {'rows/s':>9} {'tokens/s':>10} {'CPU s/1k rows':>13}  per worker rows"
+    )
+    names = {"L": "(L) local", "R1": "(R1) ray 1 worker", "R2": "(R2) ray 2 workers"}
+    for key, s in res.items():
+        per = ", ".join(f"{w['worker']}:{w['rows']}" for w in s["workers_of_best"]) or "-"
+        print(
+            f"{names[key]:28} {s['start_seconds']:>8.1f} {s['best_seconds']:>8.2f} {s['median_seconds']:>9.2f} "
+            f"{s['rows_per_s']:>9.1f} {s['tokens_per_s']:>10.1f} {s['cpu_s_per_1k_rows']:>13.2f}  {per}"
+        )
+    ok_s = "OK" if scaling >= SCALING_TARGET else "BELOW TARGET"
+    ok_o = "OK" if overhead <= OVERHEAD_TARGET else "ABOVE TARGET"
+    print(f"scaling R2/R1 rows/s: {scaling:.3f} (target >= {SCALING_TARGET}) {ok_s}")
+    print(f"Ray overhead 1 - R1/L: {overhead * 100:.1f}% (target <= {OVERHEAD_TARGET * 100:.0f}%) {ok_o}")
+    cores = {k: v["cpu_s_per_1k_rows"] * v["rows_per_s"] / 1000 for k, v in res.items()}
+    print(
+        "CPU cores busy while serving: "
+        + ", ".join(f"{k} {c:.2f}" for k, c in cores.items())
+        + " (R2 at the R1 figure: the second worker got no extra CPU from the machine; Linux "
+        "autogroup shares CPU per session, and every process here is in this run's session)"
+    )
+    cpu_ratio = res["R2"]["cpu_s_per_1k_rows"] / res["R1"]["cpu_s_per_1k_rows"]
+    cpu_l = res["R1"]["cpu_s_per_1k_rows"] / res["L"]["cpu_s_per_1k_rows"]
+    print(
+        f"CPU per row R2/R1: {cpu_ratio:.3f}, R1/L: {cpu_l:.3f} (near 1: the executor adds no CPU work per row; "
+        "wall-clock scaling below 2x with these near 1 means the machine had no spare core for the second worker)"
+    )
+    print(
+        f"load average at start: {info['loadavg_at_start']}, at end: {[round(x, 2) for x in os.getloadavg()]}"
+    )
+    print("=" * 96)
+    path = write_results(
+        "ray.json",
+        {
+            "benchmark": "ray",
+            "finished_at": now_utc(),
+            "task": args.task,
+            "overrides": base,
+            "threads_per_engine": args.threads,
+            "repeats": args.repeats,
+            "variants": res,
+            "scaling_r2_over_r1": round(scaling, 3),
+            "overhead_1_minus_r1_over_l": round(overhead, 4),
+            "cpu_per_row_r2_over_r1": round(cpu_ratio, 3),
+            "cores_busy": {k: round(c, 3) for k, c in cores.items()},
+            "cpu_per_row_r1_over_l": round(cpu_l, 3),
+            "targets": {"scaling": SCALING_TARGET, "overhead": OVERHEAD_TARGET},
+            "machine": info,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

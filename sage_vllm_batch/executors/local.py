@@ -1,0 +1,37 @@
+"""``executor=local``: one engine in this process, the runner's own path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
+
+from sage_vllm_batch.runner import execute, load_engine
+
+if TYPE_CHECKING:
+    from sage_vllm_batch.engine import Engine
+    from sage_vllm_batch.runner import Point, ResolvedModel
+
+
+class LocalExecutor:
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+
+    @property
+    def load_seconds(self) -> float:
+        return self.engine.load_seconds if self.engine is not None else 0.0
+
+    def start(self, cfg: DictConfig, model: ResolvedModel) -> None:
+        self.engine = load_engine(cfg, model)
+
+    def execute(self, points: Sequence[Point]) -> None:
+        if self.engine is None:
+            raise RuntimeError("LocalExecutor.execute before start")
+        cfg = points[0].cfg
+        execute(points, self.engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
