@@ -8,8 +8,10 @@ one engine step later. It prints ``{"peak_rss_kb": ...}`` on success."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +77,14 @@ def main(argv: list[str]) -> None:
         out_dir=Path(out),
     )
     engine = WindowedFakeEngine()
+    trace = bool(os.environ.get("FAKE_RUN_TRACEMALLOC"))
+    if trace:  # the Python heap's peak: deterministic, unlike RSS (allocator and arena noise)
+        tracemalloc.start()
     execute([prepare_point(cfg, model=MODEL)], engine, progress="none")
-    print(
-        json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seen": engine.seen})
-    )
+    rec = {"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seen": engine.seen}
+    if trace:
+        rec["peak_py_kb"] = tracemalloc.get_traced_memory()[1] // 1024
+    print(json.dumps(rec))
 
 
 if __name__ == "__main__":
