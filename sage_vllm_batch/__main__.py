@@ -42,7 +42,25 @@ def _app(cfg: DictConfig) -> float | None:
     return metrics.get("rows_per_s")
 
 
+def _data_option_error(argv: list[str]) -> str | None:
+    """``data=corpus.parquet`` names a file where Hydra wants an option: say what to type."""
+    options = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") == "data" and value not in options:
+            if os.path.exists(value) or any(c in value for c in "/.*?"):
+                return (
+                    f"error: data={value}: `data` picks a data option ({', '.join(options)}); "
+                    f"to read a file, directory or glob write data.path={value}"
+                )
+    return None
+
+
 def main() -> None:
+    hint = _data_option_error(sys.argv[1:])
+    if hint:
+        print(hint, file=sys.stderr)
+        sys.exit(2)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

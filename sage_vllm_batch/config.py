@@ -8,7 +8,8 @@ unchanged. Cross-field rules live in :func:`validate`, checked once before any w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING as MISSING_DC
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -126,6 +127,10 @@ class DataConfig:
 
     format: str = "auto"
     path: str = MISSING
+    # The example dataset of a task's default data option (``data=example_<task>``). The option's
+    # other settings are written ``${sage_example:value}`` and apply only while ``path`` is this
+    # one: with ``data.path=FILE`` none of them leak into the user's job.
+    example: str | None = None
     text_column: str = "text"  # embed
     prompt_column: str = "prompt"  # generate
     messages_column: str = "messages"  # chat
@@ -211,9 +216,23 @@ def run_dirname(override_dirname: str) -> str:
     return f"{safe[:80]}-{hashlib.sha256(override_dirname.encode()).hexdigest()[:12]}"
 
 
+def example_value(value: Any, *, _parent_: Any, _node_: Any) -> Any:
+    """``${sage_example:value}`` in a data option: ``value`` while ``data.path`` is the option's
+    example dataset (``data.example``), else the schema's default for that key."""
+    if _parent_.get("example") is not None and _parent_.get("path") == _parent_.get("example"):
+        return value
+    key = _node_._key()
+    f = next((f for f in fields(DataConfig) if f.name == key), None)
+    if f is None:
+        raise ConfigError(f"data.{key}: ${{sage_example:...}} is only for keys of the data schema")
+    return f.default_factory() if f.default_factory is not MISSING_DC else f.default
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("sage_dirname"):
         OmegaConf.register_new_resolver("sage_dirname", run_dirname)
+    if not OmegaConf.has_resolver("sage_example"):
+        OmegaConf.register_new_resolver("sage_example", example_value)
     cs = ConfigStore.instance()
     cs.store(group="hydra/launcher", name="fused", node=FusedLauncherConfig, provider="sage_vllm_batch")
     cs.store(name="base_config", node=JobConfig)
