@@ -167,6 +167,8 @@ class OutputConfig:
     # Input columns copied to the output. None: the task's input column.
     passthrough_columns: list[str] | None = None
     overwrite: bool = False
+    # Also write openai_batch_output.jsonl, the output file of `vllm run-batch` (data=openai_batch).
+    openai_batch: bool = False
     vector_store: VectorStoreConfig = field(default_factory=VectorStoreConfig)
 
 
@@ -307,6 +309,13 @@ def validate(cfg: DictConfig) -> None:
     if vs.type is not None:
         _check(vs.type in ("lancedb", "faiss"), "output.vector_store.type", "must be lancedb, faiss or null")
         _check(task == "embed", "output.vector_store.type", "a vector store sink needs task=embed")
+    if cfg.output.get("openai_batch"):
+        _check(
+            cfg.data.format == "openai_batch" and task in ("chat", "generate") and bool(cfg.data.id_column),
+            "output.openai_batch",
+            "the OpenAI batch output file needs data=openai_batch (custom_id as data.id_column) and "
+            "task=chat (/v1/chat/completions) or task=generate (/v1/completions)",
+        )
     _check(
         cfg.progress in ("auto", "bar", "json", "none"),
         "progress",

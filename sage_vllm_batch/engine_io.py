@@ -26,6 +26,9 @@ class EngineRequest:
     prompt_token_ids: list[int] | None = None
     sampling: Mapping[str, Any] | None = None  # SamplingParams fields (generate runner)
     error: str | None = None
+    # A ready vllm.SamplingParams (OpenAI batch bodies, built by vLLM's own request models);
+    # wins over ``sampling``.
+    params: Any = None
 
 
 @dataclass
@@ -51,7 +54,8 @@ def to_vllm(req: EngineRequest, runner: str) -> tuple[dict[str, Any], Any, dict[
     prompt = {"prompt_token_ids": req.prompt_token_ids}
     if runner == "pooling":
         return prompt, PoolingParams(task="embed"), {}
-    params = SamplingParams(**dict(req.sampling or {}))
+    # A copy: vLLM may keep state on the params, and a request can be sent again after a restart.
+    params = req.params.clone() if req.params is not None else SamplingParams(**dict(req.sampling or {}))
     params.output_kind = RequestOutputKind.FINAL_ONLY
     return prompt, params, {}
 

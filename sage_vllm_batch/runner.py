@@ -280,6 +280,8 @@ class Point:
             from sage_vllm_batch.vector_sinks import write_vector_store
 
             write_vector_store(self.out_dir, vs)
+        if self.cfg.output.get("openai_batch"):
+            write_openai_batch_file(self.cfg, self.out_dir)
         self.metrics.finish()
         write_json_atomic(self.out_dir / "metrics.json", self.metrics_record())
         (self.out_dir / SUCCESS).write_text("")
@@ -301,6 +303,15 @@ class Point:
         if self.error:
             rec["error"] = self.error
         return rec
+
+
+def write_openai_batch_file(cfg: DictConfig, out_dir: Path) -> None:
+    from sage_vllm_batch.openai_output import write_openai_batch_output
+
+    path = write_openai_batch_output(
+        out_dir, task=cfg.task.type, model=cfg.model.id, custom_id_column=cfg.data.id_column
+    )
+    log.info("OpenAI batch output: %s", path)
 
 
 def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | None = None) -> Point:
@@ -400,6 +411,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     point = prepare_point(cfg, name=cfg.job_name)
     if point.state == "complete":
         log.info("%s is already complete (%s); nothing to do", point.out_dir, SUCCESS)
+        if cfg.output.get("openai_batch") and not (point.out_dir / "openai_batch_output.jsonl").exists():
+            write_openai_batch_file(cfg, point.out_dir)
         return json.loads((point.out_dir / "metrics.json").read_text())
     engine = load_engine(cfg, point.model)
     try:
