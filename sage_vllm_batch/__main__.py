@@ -23,6 +23,10 @@ log = logging.getLogger("sage_vllm_batch")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
+    if cfg.get("mode") == "plan":
+        from sage_vllm_batch.plan import print_plan
+
+        sys.exit(print_plan(cfg))
     from sage_vllm_batch.runner import run
 
     try:

@@ -20,6 +20,8 @@ from sage_vllm_batch.errors import ConfigError
 TASKS = ("embed", "generate", "chat", "finetune")
 DATA_FORMATS = ("auto", "parquet", "jsonl", "csv", "hf", "openai_batch")
 OVERLONG_POLICIES = ("error_row", "truncate")
+# What the command does with the job: run it, or only say what a run would do (no engine).
+MODES = ("run", "plan")
 
 
 @dataclass
@@ -191,6 +193,7 @@ class JobConfig:
     progress: str = "auto"
     progress_interval_s: float = 10.0
     job_name: str = "default"
+    mode: str = "run"  # one of MODES
 
 
 @dataclass
@@ -258,6 +261,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules, checked once at start (types and key names are checked by the schema)."""
     task = cfg.task.type
+    _check(cfg.get("mode", "run") in MODES, "mode", f"must be one of {', '.join(MODES)}, got {cfg.get('mode')!r}")
     _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
     _check(
         cfg.task.overlong_prompt in OVERLONG_POLICIES,

@@ -57,13 +57,33 @@ def build_manifest(
 def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two manifests (empty when compatible)."""
     changes = []
-    a, b = _flatten({k: old.get(k) for k in ("config", "model", "input", "vllm")}), _flatten(
-        {k: new.get(k) for k in ("config", "model", "input", "vllm")}
+    a, b = (
+        _flatten({k: old.get(k) for k in ("config", "model", "input", "vllm")}),
+        _flatten({k: new.get(k) for k in ("config", "model", "input", "vllm")}),
     )
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return changes
+
+
+def output_dir_state(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> tuple[str, list[str]]:
+    """What :func:`prepare_output_dir` would find, touching nothing: ``(state, changes)`` with state
+    ``new``, ``overwrite`` (a run there would be discarded), ``resume``, ``complete`` or
+    ``refused`` (``changes`` lists what differs from the run already there)."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return "new", []
+    if overwrite:
+        return "overwrite", []
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    changes = diff(old, manifest)
+    if changes:
+        return "refused", changes
+    return ("complete" if (out_dir / SUCCESS).exists() else "resume"), []
 
 
 def prepare_output_dir(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> str:
