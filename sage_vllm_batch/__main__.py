@@ -23,11 +23,20 @@ log = logging.getLogger("sage_vllm_batch")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
+    from sage_vllm_batch.logs import configure
+
     if cfg.get("mode") == "plan":
         from sage_vllm_batch.plan import print_plan
 
+        configure(verbose=cfg.verbose, log_dir=None)
         sys.exit(print_plan(cfg))
-    from sage_vllm_batch.runner import run
+    from sage_vllm_batch.runner import output_dir_of, run
+
+    try:
+        configure(verbose=cfg.verbose, log_dir=output_dir_of(cfg) if cfg.task.type != "finetune" else None)
+    except SageBatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
     try:
         metrics = run(cfg)
@@ -61,6 +70,9 @@ def _data_option_error(argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    from sage_vllm_batch.logs import prepare_environment
+
+    prepare_environment()
     hint = _data_option_error(sys.argv[1:])
     if hint:
         print(hint, file=sys.stderr)

@@ -194,6 +194,9 @@ class JobConfig:
     progress_interval_s: float = 10.0
     job_name: str = "default"
     mode: str = "run"  # one of MODES
+    # false: the console shows the runner's lines, progress and errors (libraries log to
+    # <output.dir>/run.log); true: everything on the console too.
+    verbose: bool = False
 
 
 @dataclass

@@ -77,14 +77,17 @@ def engine_group_key(cfg: DictConfig) -> str:
 def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
     runner = "pooling" if cfg.task.type == "embed" else "generate"
     kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
-    return Engine(
-        model.path,
-        runner=runner,
-        max_in_flight=cfg.engine.max_in_flight,
-        tokenizer=cfg.model.tokenizer,
-        in_process=cfg.engine.in_process,
-        **kw,
-    )
+    from sage_vllm_batch.logs import native_output_to_log
+
+    with native_output_to_log():  # torch's C++ warnings and loading bars go to the log file
+        return Engine(
+            model.path,
+            runner=runner,
+            max_in_flight=cfg.engine.max_in_flight,
+            tokenizer=cfg.model.tokenizer,
+            in_process=cfg.engine.in_process,
+            **kw,
+        )
 
 
 # ---------------------------------------------------------------------------- points
