@@ -236,9 +236,25 @@ def example_value(value: Any, *, _parent_: Any, _node_: Any) -> Any:
     return f.default_factory() if f.default_factory is not MISSING_DC else f.default
 
 
+def help_config_groups() -> str:
+    """``--help``'s group list: the options a user can pick, without the ``base_*`` schemas
+    (Hydra's ``$APP_CONFIG_GROUPS`` lists every ConfigStore entry too)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group in sorted(g for g in loader.list_groups("") if g != "hydra"):
+        options = sorted(o for o in loader.get_group_options(group) if not o.startswith("base_"))
+        if options:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines) + "\n"
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("sage_dirname"):
         OmegaConf.register_new_resolver("sage_dirname", run_dirname)
+    if not OmegaConf.has_resolver("sage_help_groups"):
+        OmegaConf.register_new_resolver("sage_help_groups", help_config_groups)
     if not OmegaConf.has_resolver("sage_example"):
         OmegaConf.register_new_resolver("sage_example", example_value)
     cs = ConfigStore.instance()
