@@ -280,7 +280,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules, checked once at start (types and key names are checked by the schema)."""
     task = cfg.task.type
-    _check(cfg.get("mode", "run") in MODES, "mode", f"must be one of {', '.join(MODES)}, got {cfg.get('mode')!r}")
+    mode = cfg.get("mode", "run")
+    _check(mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
     _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
     _check(
         cfg.task.overlong_prompt in OVERLONG_POLICIES,

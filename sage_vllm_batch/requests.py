@@ -113,7 +113,8 @@ class RequestBuilder:
             want = self._openai.requested_max_tokens(req) or self.sampling.get("max_tokens", 16)
             if self.task_type == "chat":
                 try:
-                    ids = self.engine.render_chat(self._messages(row), **self._openai.chat_template_options(req))
+                    options = self._openai.chat_template_options(req)
+                    ids = self.engine.render_chat(self._messages(row), **options)
                 except RowError:
                     raise
                 except Exception as e:

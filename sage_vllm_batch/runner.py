@@ -317,7 +317,9 @@ def write_openai_batch_file(cfg: DictConfig, out_dir: Path) -> None:
     log.info("OpenAI batch output: %s", path)
 
 
-def job_manifest(cfg: DictConfig, model: ResolvedModel, source: Any, runtime: dict[str, Any] | None = None) -> dict:
+def job_manifest(
+    cfg: DictConfig, model: ResolvedModel, source: Any, runtime: dict[str, Any] | None = None
+) -> dict:
     """The manifest of a job's output: what the rows written depend on."""
     job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _OUTPUT_SECTIONS}
     job["output"] = {
@@ -325,7 +327,11 @@ def job_manifest(cfg: DictConfig, model: ResolvedModel, source: Any, runtime: di
         "passthrough_columns": _passthrough_names(cfg),
     }
     return build_manifest(
-        job, model=model.as_dict(), input_fingerprint=source.fingerprint(), vllm=vllm_version(), runtime=runtime
+        job,
+        model=model.as_dict(),
+        input_fingerprint=source.fingerprint(),
+        vllm=vllm_version(),
+        runtime=runtime,
     )
 
 
@@ -337,7 +343,8 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
     out_dir = output_dir_of(cfg)
     model = model or resolve_model(cfg)
     source = open_source(cfg.data)
-    manifest = job_manifest(cfg, model, source, runtime={"engine_in_process": resolve_in_process(cfg.engine.in_process)})
+    runtime = {"engine_in_process": resolve_in_process(cfg.engine.in_process)}
+    manifest = job_manifest(cfg, model, source, runtime=runtime)
     state = prepare_output_dir(out_dir, manifest, overwrite=cfg.output.overwrite)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     committed: dict[int, dict[str, Any]] = {}
