@@ -43,15 +43,19 @@ class EngineResult:
     latency_s: float = 0.0
 
 
-def to_vllm(req: EngineRequest, runner: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+def to_vllm(req: EngineRequest, runner: str) -> tuple[Any, Any, dict[str, Any]]:
     """``(prompt, params, add_request keyword arguments)`` for ``LLMEngine.add_request``.
 
     Raises whatever vLLM raises for parameters it refuses (the caller turns it into an error row).
     """
     from vllm import PoolingParams, SamplingParams
+    from vllm.inputs import tokens_input
     from vllm.sampling_params import RequestOutputKind
 
-    prompt = {"prompt_token_ids": req.prompt_token_ids}
+    # Already an engine input (what vLLM's renderer makes of token ids): a raw prompt dict would be
+    # rendered again and is deprecated ("Passing raw prompts to InputProcessor is deprecated").
+    # The builder has already applied the context-length policy.
+    prompt = tokens_input(req.prompt_token_ids)
     if runner == "pooling":
         return prompt, PoolingParams(task="embed"), {}
     # A copy: vLLM may keep state on the params, and a request can be sent again after a restart.

@@ -29,14 +29,6 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= logging.ERROR or record.name.startswith(_OURS)
 
 
-class _DeprecatedRawPrompt(logging.Filter):
-    """vLLM 0.32 warns on every raw token-id prompt given to ``LLMEngine.add_request`` (its own
-    ``LLM.generate`` takes the same path); the request is processed correctly, the warning is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Passing raw prompts to InputProcessor is deprecated" not in record.getMessage()
-
-
 def prepare_environment() -> None:
     """Before vLLM is imported: let its loggers propagate to ours instead of printing to stdout."""
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
@@ -53,7 +45,6 @@ def configure(*, verbose: bool, log_dir: str | Path | None) -> Path | None:
             if not verbose:
                 h.addFilter(_ConsoleFilter())
     logging.captureWarnings(True)
-    logging.getLogger("vllm.v1.engine.input_processor").addFilter(_DeprecatedRawPrompt())
     with contextlib.suppress(Exception):  # transformers prints through its own handler by default
         from transformers.utils import logging as hf_logging
 

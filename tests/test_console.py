@@ -47,6 +47,11 @@ def test_library_logs_go_to_the_file_unless_verbose(tmp_path):
     root.addHandler(console)
     level = root.level
     root.setLevel(logging.INFO)
+    # As under the CLI (VLLM_CONFIGURE_LOGGING=0): vLLM's loggers propagate to the root logger; an
+    # engine loaded earlier in this session may have configured them otherwise.
+    vllm_logger = logging.getLogger("vllm")
+    propagate = vllm_logger.propagate
+    vllm_logger.propagate = True
     try:
         path = logs.configure(verbose=False, log_dir=tmp_path)
         for name in ("vllm.model_executor", "transformers.modeling_utils", "py.warnings"):
@@ -62,6 +67,7 @@ def test_library_logs_go_to_the_file_unless_verbose(tmp_path):
         logging.getLogger("vllm.model_executor").warning("library noise")
         assert seen == ["vllm.model_executor"]
     finally:
+        vllm_logger.propagate = propagate
         root.setLevel(level)
         root.removeHandler(console)
         fh = logs._state.get("file")
