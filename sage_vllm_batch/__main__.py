@@ -23,7 +23,20 @@ log = logging.getLogger("sage_vllm_batch")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    from sage_vllm_batch.runner import run
+    from sage_vllm_batch.logs import configure
+
+    if cfg.get("mode") == "plan":
+        from sage_vllm_batch.plan import print_plan
+
+        configure(verbose=cfg.verbose, log_dir=None)
+        sys.exit(print_plan(cfg))
+    from sage_vllm_batch.runner import output_dir_of, run
+
+    try:
+        configure(verbose=cfg.verbose, log_dir=output_dir_of(cfg) if cfg.task.type != "finetune" else None)
+    except SageBatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
     try:
         metrics = run(cfg)
@@ -42,7 +55,28 @@ def _app(cfg: DictConfig) -> float | None:
     return metrics.get("rows_per_s")
 
 
+def _data_option_error(argv: list[str]) -> str | None:
+    """``data=corpus.parquet`` names a file where Hydra wants an option: say what to type."""
+    options = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") == "data" and value not in options:
+            if os.path.exists(value) or any(c in value for c in "/.*?"):
+                return (
+                    f"error: data={value}: `data` picks a data option ({', '.join(options)}); "
+                    f"to read a file, directory or glob write data.path={value}"
+                )
+    return None
+
+
 def main() -> None:
+    from sage_vllm_batch.logs import prepare_environment
+
+    prepare_environment()
+    hint = _data_option_error(sys.argv[1:])
+    if hint:
+        print(hint, file=sys.stderr)
+        sys.exit(2)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

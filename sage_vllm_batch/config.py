@@ -8,7 +8,8 @@ unchanged. Cross-field rules live in :func:`validate`, checked once before any w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING as MISSING_DC
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -19,6 +20,8 @@ from sage_vllm_batch.errors import ConfigError
 TASKS = ("embed", "generate", "chat", "finetune")
 DATA_FORMATS = ("auto", "parquet", "jsonl", "csv", "hf", "openai_batch")
 OVERLONG_POLICIES = ("error_row", "truncate")
+# What the command does with the job: run it, or only say what a run would do (no engine).
+MODES = ("run", "plan")
 
 
 @dataclass
@@ -160,6 +163,10 @@ class DataConfig:
 
     format: str = "auto"
     path: str = MISSING
+    # The example dataset of a task's default data option (``data=example_<task>``). The option's
+    # other settings are written ``${sage_example:value}`` and apply only while ``path`` is this
+    # one: with ``data.path=FILE`` none of them leak into the user's job.
+    example: str | None = None
     text_column: str = "text"  # embed
     prompt_column: str = "prompt"  # generate
     messages_column: str = "messages"  # chat
@@ -196,6 +203,8 @@ class OutputConfig:
     # Input columns copied to the output. None: the task's input column.
     passthrough_columns: list[str] | None = None
     overwrite: bool = False
+    # Also write openai_batch_output.jsonl, the output file of `vllm run-batch` (data=openai_batch).
+    openai_batch: bool = False
     vector_store: VectorStoreConfig = field(default_factory=VectorStoreConfig)
 
 
@@ -253,6 +262,10 @@ class JobConfig:
     progress: str = "auto"
     progress_interval_s: float = 10.0
     job_name: str = "default"
+    mode: str = "run"  # one of MODES
+    # false: the console shows the runner's lines, progress and errors (libraries log to
+    # <output.dir>/run.log); true: everything on the console too.
+    verbose: bool = False
 
 
 @dataclass
@@ -280,9 +293,39 @@ def run_dirname(override_dirname: str) -> str:
     return f"{safe[:80]}-{hashlib.sha256(override_dirname.encode()).hexdigest()[:12]}"
 
 
+def example_value(value: Any, *, _parent_: Any, _node_: Any) -> Any:
+    """``${sage_example:value}`` in a data option: ``value`` while ``data.path`` is the option's
+    example dataset (``data.example``), else the schema's default for that key."""
+    if _parent_.get("example") is not None and _parent_.get("path") == _parent_.get("example"):
+        return value
+    key = _node_._key()
+    f = next((f for f in fields(DataConfig) if f.name == key), None)
+    if f is None:
+        raise ConfigError(f"data.{key}: ${{sage_example:...}} is only for keys of the data schema")
+    return f.default_factory() if f.default_factory is not MISSING_DC else f.default
+
+
+def help_config_groups() -> str:
+    """``--help``'s group list: the options a user can pick, without the ``base_*`` schemas
+    (Hydra's ``$APP_CONFIG_GROUPS`` lists every ConfigStore entry too)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group in sorted(g for g in loader.list_groups("") if g != "hydra"):
+        options = sorted(o for o in loader.get_group_options(group) if not o.startswith("base_"))
+        if options:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines) + "\n"
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("sage_dirname"):
         OmegaConf.register_new_resolver("sage_dirname", run_dirname)
+    if not OmegaConf.has_resolver("sage_help_groups"):
+        OmegaConf.register_new_resolver("sage_help_groups", help_config_groups)
+    if not OmegaConf.has_resolver("sage_example"):
+        OmegaConf.register_new_resolver("sage_example", example_value)
     cs = ConfigStore.instance()
     cs.store(group="hydra/launcher", name="fused", node=FusedLauncherConfig, provider="sage_vllm_batch")
     cs.store(name="base_config", node=JobConfig)
@@ -307,6 +350,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules, checked once at start (types and key names are checked by the schema)."""
     task = cfg.task.type
+    mode = cfg.get("mode", "run")
+    _check(mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
     _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
     _check(
         cfg.task.overlong_prompt in OVERLONG_POLICIES,
@@ -374,6 +419,13 @@ def validate(cfg: DictConfig) -> None:
         "executor.chunk_timeout_s",
         "must be > 0 or null",
     )
+    if cfg.output.get("openai_batch"):
+        _check(
+            cfg.data.format == "openai_batch" and task in ("chat", "generate") and bool(cfg.data.id_column),
+            "output.openai_batch",
+            "the OpenAI batch output file needs data=openai_batch (custom_id as data.id_column) and "
+            "task=chat (/v1/chat/completions) or task=generate (/v1/completions)",
+        )
     _check(
         cfg.progress in ("auto", "bar", "json", "none"),
         "progress",

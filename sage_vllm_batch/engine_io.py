@@ -28,7 +28,8 @@ class EngineRequest:
     error: str | None = None
     # Lower runs first when the engine uses priority scheduling (service: interactive before jobs).
     priority: int = 0
-    # Already-built vLLM inputs (the OpenAI server layer makes its own); used as they are.
+    # Already-built vLLM inputs: a prompt from the OpenAI server layer; a SamplingParams from it or
+    # from an OpenAI batch body (vLLM's own request models). Params are cloned per admission.
     prompt: Any = None
     params: Any = None
     # Called with every vLLM output of this request, partial ones included (streaming). Such a
@@ -72,26 +73,33 @@ class EngineResult:
     prompt_logprobs: list[list[dict[str, Any]]] | None = None
 
 
-def to_vllm(req: EngineRequest, runner: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+def to_vllm(req: EngineRequest, runner: str) -> tuple[Any, Any, dict[str, Any]]:
     """``(prompt, params, add_request keyword arguments)`` for ``LLMEngine.add_request``.
 
     Raises whatever vLLM raises for parameters it refuses (the caller turns it into an error row).
     """
     from vllm import PoolingParams, SamplingParams
+    from vllm.inputs import tokens_input
     from vllm.sampling_params import RequestOutputKind
 
-    prompt = req.prompt if req.prompt is not None else {"prompt_token_ids": req.prompt_token_ids}
+    # An engine input already (what vLLM's renderer makes of token ids): a raw prompt dict would be
+    # rendered again and is deprecated. The builder has already applied the context-length policy.
+    prompt = req.prompt if req.prompt is not None else tokens_input(req.prompt_token_ids)
     extra: dict[str, Any] = {"priority": req.priority} if req.priority else {}
     if req.params is not None:
-        return prompt, req.params, extra
-    if runner == "pooling":
+        # A copy: vLLM may keep state on the params, and a request can be sent again after a restart.
+        params = req.params.clone() if hasattr(req.params, "clone") else req.params
+        if req.on_output is not None or not isinstance(params, SamplingParams):
+            return prompt, params, extra  # the caller chose how outputs come back
+    elif runner == "pooling":
         return prompt, PoolingParams(task="embed"), extra
-    sampling = dict(req.sampling or {})
-    if sampling.get("structured_outputs") is not None:
-        from sage_vllm_batch.structured import to_params
+    else:
+        sampling = dict(req.sampling or {})
+        if sampling.get("structured_outputs") is not None:
+            from sage_vllm_batch.structured import to_params
 
-        sampling["structured_outputs"] = to_params(sampling["structured_outputs"])
-    params = SamplingParams(**sampling)
+            sampling["structured_outputs"] = to_params(sampling["structured_outputs"])
+        params = SamplingParams(**sampling)
     params.output_kind = RequestOutputKind.FINAL_ONLY
     return prompt, params, extra
 

@@ -103,6 +103,25 @@ def _foreign_entries(out_dir: Path) -> tuple[list[str], list[str]]:
     return clash, other
 
 
+def output_dir_state(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> tuple[str, list[str]]:
+    """What :func:`prepare_output_dir` would find, touching nothing: ``(state, changes)`` with state
+    ``new``, ``overwrite`` (a run there would be discarded), ``resume``, ``complete`` or
+    ``refused`` (``changes`` lists what differs from the run already there)."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return "new", []
+    if overwrite:
+        return "overwrite", []
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    changes = diff(old, manifest)
+    if changes:
+        return "refused", changes
+    return ("complete" if (out_dir / SUCCESS).exists() else "resume"), []
+
+
 def prepare_output_dir(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> str:
     """Make ``out_dir`` ready for this run. Returns ``new``, ``resume`` or ``complete``.
 

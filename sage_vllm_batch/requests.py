@@ -84,12 +84,19 @@ class RequestBuilder:
         self._sampling_names = _sampling_param_names() if data.sampling_column else None
         # n > 1 in the job makes the per-sample output columns lists; only then may a row ask for n.
         self._multi_sample = int(self.sampling.get("n", 1)) > 1
+        self._openai = None
+        if data.get("format") == "openai_batch" and self.task_type in ("generate", "chat"):
+            from sage_vllm_batch.openai_requests import OpenAIRequests
+
+            self._openai = OpenAIRequests(self.task_type, self.sampling)
 
     def build(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
         try:
             bad = row.get("__bad")
             if bad:
                 raise RowError(f"bad input: {bad}")
+            if self._openai is not None:
+                return self._build_openai(key, row)
             sampling = self._row_sampling(row) if self.task_type != "embed" else None
             if self.task_type == "embed":
                 ids = self._fit(self.engine.encode(self._text(row, self.data.text_column)), 0)
@@ -110,6 +117,32 @@ class RequestBuilder:
         except RowError as e:
             return EngineRequest(key=key, error=str(e))
         return EngineRequest(key=key, prompt_token_ids=ids, sampling=sampling)
+
+    def _build_openai(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
+        from sage_vllm_batch.openai_requests import OpenAIBodyError
+
+        try:
+            req = self._openai.parse(row)
+            want = self._openai.requested_max_tokens(req) or self.sampling.get("max_tokens", 16)
+            if self.task_type == "chat":
+                try:
+                    options = self._openai.chat_template_options(req)
+                    ids = self.engine.render_chat(self._messages(row), **options)
+                except RowError:
+                    raise
+                except Exception as e:
+                    raise RowError(f"chat template failed: {' '.join(str(e).split())[:300]}") from e
+                ids = self._fit(ids, want, keep="tail")
+            else:
+                ids = self._fit(self.engine.encode(self._text(row, self.data.prompt_column)), want)
+            params = self._openai.sampling_params(req, len(ids), self.engine.max_model_len)
+        except OpenAIBodyError as e:
+            raise RowError(str(e)) from e
+        # The body's response_format became vLLM structured outputs: each answer is checked too.
+        so = getattr(params, "structured_outputs", None)
+        return EngineRequest(
+            key=key, prompt_token_ids=ids, params=params, sampling=None if so is None else {"structured_outputs": so}
+        )
 
     # ------------------------------------------------------------------ pieces
     @staticmethod

@@ -116,16 +116,19 @@ def engine_group_key(cfg: DictConfig) -> str:
 def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
     runner = "pooling" if cfg.task.type == "embed" else "generate"
     kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
-    return Engine(
-        model.path,
-        runner=runner,
-        max_in_flight=cfg.engine.max_in_flight,
-        tokenizer=cfg.model.tokenizer,
-        in_process=cfg.engine.in_process,
-        max_restarts=cfg.engine.max_restarts,
-        stall_timeout_s=cfg.engine.stall_timeout_s,
-        **kw,
-    )
+    from sage_vllm_batch.logs import native_output_to_log
+
+    with native_output_to_log():  # torch's C++ warnings and loading bars go to the log file
+        return Engine(
+            model.path,
+            runner=runner,
+            max_in_flight=cfg.engine.max_in_flight,
+            tokenizer=cfg.model.tokenizer,
+            in_process=cfg.engine.in_process,
+            max_restarts=cfg.engine.max_restarts,
+            stall_timeout_s=cfg.engine.stall_timeout_s,
+            **kw,
+        )
 
 
 def request_builder(cfg: DictConfig, engine: Any) -> RequestBuilder:
@@ -378,6 +381,8 @@ class Point:
                 from sage_vllm_batch.vector_sinks import write_vector_store
 
                 write_vector_store(self.out_dir, vs)
+            if self.cfg.output.get("openai_batch"):
+                write_openai_batch_file(self.cfg, self.out_dir)
             self.metrics.finish()
             write_json_atomic(self.out_dir / "metrics.json", self.metrics_record())
             pause_point("finalize.success")
@@ -407,6 +412,43 @@ class Point:
         if self.error:
             rec["error"] = self.error
         return rec
+
+
+def write_openai_batch_file(cfg: DictConfig, out_dir: Path) -> None:
+    from sage_vllm_batch.openai_output import write_openai_batch_output
+
+    path = write_openai_batch_output(
+        out_dir, task=cfg.task.type, model=cfg.model.id, custom_id_column=cfg.data.id_column
+    )
+    log.info("OpenAI batch output: %s", path)
+
+
+def job_manifest(
+    cfg: DictConfig,
+    model: ResolvedModel,
+    source: Any,
+    runtime: dict[str, Any] | None = None,
+    out_dir: Path | None = None,
+) -> dict:
+    """The manifest of a job's output: what the rows written depend on (and, recorded but not
+    compared, how the engine ran and which sinks were asked for)."""
+    job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _OUTPUT_SECTIONS}
+    job["output"] = {
+        "shard_rows": cfg.output.shard_rows,
+        "passthrough_columns": _passthrough_names(cfg),
+    }
+    # The schema itself, not its file name: editing the file must not resume into mixed rows.
+    so = resolve_config(job["sampling"].get("structured_outputs"))
+    if so is not None:
+        job["sampling"]["structured_outputs"] = so
+    return build_manifest(
+        job,
+        model=model.as_dict(),
+        input_fingerprint=source.fingerprint(),
+        vllm=vllm_version(),
+        runtime=runtime,
+        sinks=_sinks(cfg, out_dir if out_dir is not None else output_dir_of(cfg)),
+    )
 
 
 def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | None = None) -> Point:
@@ -461,23 +503,8 @@ def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, A
 
 
 def _prepare_locked(cfg: DictConfig, name: str, out_dir: Path, model: ResolvedModel, source: Any) -> Point:
-    job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _OUTPUT_SECTIONS}
-    job["output"] = {
-        "shard_rows": cfg.output.shard_rows,
-        "passthrough_columns": _passthrough_names(cfg),
-    }
-    # The schema itself, not its file name: editing the file must not resume into mixed rows.
-    so = resolve_config(job["sampling"].get("structured_outputs"))
-    if so is not None:
-        job["sampling"]["structured_outputs"] = so
-    manifest = build_manifest(
-        job,
-        model=model.as_dict(),
-        input_fingerprint=source.fingerprint(),
-        vllm=vllm_version(),
-        runtime={"engine_in_process": resolve_in_process(cfg.engine.in_process)},
-        sinks=_sinks(cfg, out_dir),
-    )
+    runtime = {"engine_in_process": resolve_in_process(cfg.engine.in_process)}
+    manifest = job_manifest(cfg, model, source, runtime=runtime, out_dir=out_dir)
     state = prepare_output_dir(out_dir, manifest, overwrite=cfg.output.overwrite)
     if state == "complete":
         _add_missing_vector_store(cfg, out_dir, manifest["sinks"])
@@ -620,6 +647,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         try:
             if point.state == "complete":
                 log.info("%s is already complete (%s); nothing to do", point.out_dir, SUCCESS)
+                if cfg.output.get("openai_batch") and not (point.out_dir / "openai_batch_output.jsonl").exists():
+                    write_openai_batch_file(cfg, point.out_dir)
                 return json.loads((point.out_dir / "metrics.json").read_text())
             from sage_vllm_batch.executors import make_executor
 

@@ -117,3 +117,12 @@ def test_sweep_points_share_an_engine_unless_model_or_engine_differ(tmp_path):
     d = engine_group_key(compose_job("task=chat", "model=hub", "model.id=org/other", out_dir=tmp_path))
     assert a == b
     assert len({a, c, d}) == 3
+
+
+def test_help_lists_only_real_options():
+    r = _cli("--help")
+    assert r.returncode == 0
+    groups = r.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "base_" not in groups
+    assert "data: csv, example_chat," in groups and "task: chat, embed, finetune, generate" in groups
+    assert "mode=plan" in r.stdout

@@ -57,6 +57,10 @@ class FusedLauncher(Launcher):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             prepared.append(self._prepare(idx, list(overrides), swept, sweep_dir))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        from sage_vllm_batch.logs import configure
+
+        # A quiet console, as for a single run; the whole sweep's log goes to <sweep dir>/run.log.
+        configure(verbose=bool(self.config.get("verbose", False)), log_dir=sweep_dir)
         run_sweep(
             prepared,
             sweep_dir=sweep_dir,

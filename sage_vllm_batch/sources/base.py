@@ -89,16 +89,43 @@ def is_saved_dataset(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in HF_MARKERS)
 
 
+FORMAT_CHOICES = "parquet, jsonl, csv, hf, openai_batch"
+
+
+def _json_array(path: str) -> bool:
+    """A plain ``.json`` file holding one JSON array (not JSON lines): ``datasets`` reads it."""
+    if not path.lower().endswith(".json"):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
 def detect_format(path: str) -> str:
-    """``format: auto``: from the extension; a directory holding a saved HF dataset is ``hf``."""
+    """``format: auto``: from the extension; a directory holding a saved HF dataset is ``hf``, and
+    so is a ``.json`` file holding a JSON array (read through ``datasets``' json builder)."""
     if is_saved_dataset(path):
         return "hf"
-    files = resolve_files(path, None)
+    if os.path.isfile(path) and format_of(path) is None:
+        raise DataError(
+            f"data.path {path!r}: cannot tell the format from the file name; set data.format to one of "
+            f"{FORMAT_CHOICES} (recognised names: .parquet, .jsonl, .json, .ndjson, .csv, optionally .gz)."
+        )
+    try:
+        files = resolve_files(path, None)
+    except DataError as e:
+        if not os.path.exists(path) and not _is_glob(path):
+            raise
+        raise DataError(
+            f"{e} If the files are of another form, set data.format to one of {FORMAT_CHOICES}."
+        ) from e
     formats = sorted({format_of(f) for f in files})
     if len(formats) > 1:
         raise DataError(
             f"data.path {path!r} mixes formats ({', '.join(formats)}); set data.format to pick one."
         )
+    if formats == ["jsonl"] and any(_json_array(f) for f in files):
+        return "hf"
     return formats[0]
 
 

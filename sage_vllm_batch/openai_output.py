@@ -1,0 +1,83 @@
+"""The OpenAI batch output file (``output.openai_batch=true``), as ``vllm run-batch`` writes it.
+
+One line per input row, in input order: ``{"id", "custom_id", "response": {"status_code",
+"request_id", "body"}, "error"}``, the body a ``ChatCompletionResponse`` (task=chat) or a
+``CompletionResponse`` (task=generate) built with vLLM's own response models. It is built from the
+committed Parquet shards once all of them are in, written to a temp file and renamed: a crash
+leaves either no file or a whole one, and ids are derived from the run, so a rebuild is identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from sage_vllm_batch.sink import ParquetShardSink
+
+OUTPUT_FILE = "openai_batch_output.jsonl"
+
+
+def _response_body(task: str, model: str, rid: str, created: int, row: dict[str, Any]) -> Any:
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionResponse,
+        ChatCompletionResponseChoice,
+        ChatMessage,
+    )
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
+    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+    usage = UsageInfo(
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        total_tokens=row["prompt_tokens"] + row["completion_tokens"],
+    )
+    if task == "chat":
+        choice = ChatCompletionResponseChoice(
+            index=0,
+            message=ChatMessage(role="assistant", content=row["text"]),
+            finish_reason=row["finish_reason"],
+        )
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{rid}", created=created, model=model, choices=[choice], usage=usage
+        )
+    choice = CompletionResponseChoice(index=0, text=row["text"], finish_reason=row["finish_reason"])
+    return CompletionResponse(id=f"cmpl-{rid}", created=created, model=model, choices=[choice], usage=usage)
+
+
+def write_openai_batch_output(out_dir: str | Path, *, task: str, model: str, custom_id_column: str) -> Path:
+    """Write ``<out_dir>/openai_batch_output.jsonl`` from the committed shards; returns its path."""
+    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput, BatchResponseData
+
+    out = Path(out_dir)
+    manifest = out / "_manifest.json"
+    run_key = hashlib.sha256(manifest.read_bytes() if manifest.exists() else str(out).encode()).hexdigest()
+    target = out / OUTPUT_FILE
+    tmp = out / f".tmp-{OUTPUT_FILE}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _, rec in sorted(ParquetShardSink.read_ledger(out).items()):
+            path = out / rec["file"]
+            created = int(os.stat(path).st_mtime)
+            for row in pq.read_table(path).to_pylist():
+                rid = uuid.uuid5(uuid.NAMESPACE_URL, f"{run_key}/{row['id']}").hex
+                if row["error"] is None:
+                    response = BatchResponseData(
+                        request_id=f"vllm-batch-{rid}", body=_response_body(task, model, rid, created, row)
+                    )
+                    error = None
+                else:
+                    status = 500 if row["error"].startswith("engine error") else 400
+                    response = BatchResponseData(status_code=status, request_id=f"vllm-batch-{rid}")
+                    error = row["error"]
+                line = BatchRequestOutput(
+                    id=f"vllm-{rid}", custom_id=str(row[custom_id_column]), response=response, error=error
+                )
+                f.write(line.model_dump_json() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    return target

