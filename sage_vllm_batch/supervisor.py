@@ -297,7 +297,14 @@ class _Watchdog:
         limit = float(self.engine.stall_timeout_s)
         while not self._stop.wait(min(1.0, limit / 4)):
             since = self._since
-            if since is None or time.monotonic() - since < limit or self.fired:
+            if since is None or self.fired:
+                continue
+            if not self.engine.in_process and self._core_dead():
+                # vLLM's client notices a dead engine-core process and shuts itself down, but a
+                # step already waiting for outputs is never woken (it would wait forever).
+                self._wake("the engine core process died")
+                continue
+            if time.monotonic() - since < limit:
                 continue
             self.fired = True
             if not self.engine.in_process:
@@ -309,6 +316,7 @@ class _Watchdog:
                         p.kill()
                     except Exception:
                         pass
+                self._wake(f"engine stalled: no step finished in {limit:.0f}s")
             else:
                 import sys
 
@@ -319,6 +327,23 @@ class _Watchdog:
                     flush=True,
                 )
                 os._exit(75)
+
+    def _core(self) -> Any:
+        try:
+            return self.engine.vllm_engine.engine_core
+        except Exception:
+            return None
+
+    def _core_dead(self) -> bool:
+        resources = getattr(self._core(), "resources", None)
+        return bool(getattr(resources, "engine_dead", False))
+
+    def _wake(self, why: str) -> None:
+        """Make the blocked step raise: its client reads outputs from this queue."""
+        self.fired = True
+        q = getattr(self._core(), "outputs_queue", None)
+        if q is not None:
+            q.put_nowait(RuntimeError(why))
 
 
 class _Fault:
