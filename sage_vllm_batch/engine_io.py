@@ -14,6 +14,16 @@ from typing import Any
 import numpy as np
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter to apply to a request (vLLM's ``LoRARequest``): ``int_id`` is vLLM's key
+    for the loaded adapter, stable for one registry id and revision."""
+
+    name: str
+    int_id: int
+    path: str
+
+
 @dataclass
 class EngineRequest:
     """One unit of work. ``key`` is opaque to the engine and comes back on the result.
@@ -26,6 +36,7 @@ class EngineRequest:
     prompt_token_ids: list[int] | None = None
     sampling: Mapping[str, Any] | None = None  # SamplingParams fields (generate runner)
     error: str | None = None
+    lora: LoraSpec | None = None  # generate runner; the engine must be built with enable_lora
 
 
 @dataclass
@@ -53,7 +64,12 @@ def to_vllm(req: EngineRequest, runner: str) -> tuple[dict[str, Any], Any, dict[
         return prompt, PoolingParams(task="embed"), {}
     params = SamplingParams(**dict(req.sampling or {}))
     params.output_kind = RequestOutputKind.FINAL_ONLY
-    return prompt, params, {}
+    extra: dict[str, Any] = {}
+    if req.lora is not None:
+        from vllm.lora.request import LoRARequest
+
+        extra["lora_request"] = LoRARequest(req.lora.name, req.lora.int_id, req.lora.path)
+    return prompt, params, extra
 
 
 def from_vllm(key: Any, out: Any, runner: str, latency: float) -> EngineResult:

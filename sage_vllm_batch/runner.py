@@ -48,9 +48,14 @@ class ResolvedModel:
     id: str
     revision: str | None
     path: str
+    adapter: dict[str, Any] | None = None  # model.adapter: the registry entry of the LoRA adapter
+    lora: Any = None  # its engine_io.LoraSpec, put on every request
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "revision": self.revision}
+        d: dict[str, Any] = {"id": self.id, "revision": self.revision}
+        if self.adapter:
+            d["adapter"] = self.adapter
+        return d
 
 
 def resolve_model(cfg: DictConfig) -> ResolvedModel:
@@ -62,11 +67,19 @@ def resolve_model(cfg: DictConfig) -> ResolvedModel:
         m.id, revision=m.revision, source=m.source, allow_download=r.allow_download, root=r.root
     )
     # ensure_model also records the use (last-used time, for the registry's LRU gc).
-    revision = next(
-        (rec.revision for rec in registry.list_models(root=r.root) if rec.model_id == m.id and rec.path == path),
-        m.revision,
-    )
-    return ResolvedModel(id=m.id, revision=revision, path=str(path))
+    rec = next((rec for rec in registry.list_models(root=r.root) if rec.model_id == m.id and rec.path == path), None)
+    revision = rec.revision if rec is not None else m.revision
+    if rec is not None and rec.type == "lora":
+        raise ConfigError(
+            f"model.id: {m.id!r} is a LoRA adapter; run its base model with it: "
+            f"model.id={rec.tags.get('base_model')} model.adapter={m.id}"
+        )
+    resolved = ResolvedModel(id=m.id, revision=revision, path=str(path))
+    if m.get("adapter"):
+        from sage_vllm_batch.finetune.register import resolve_adapter
+
+        resolved.lora, resolved.adapter = resolve_adapter(m, m.id, revision, r.root)
+    return resolved
 
 
 def engine_group_key(cfg: DictConfig) -> str:
@@ -77,6 +90,10 @@ def engine_group_key(cfg: DictConfig) -> str:
 def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
     runner = "pooling" if cfg.task.type == "embed" else "generate"
     kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
+    if model.adapter:
+        from sage_vllm_batch.finetune.register import lora_engine_args
+
+        kw.update(lora_engine_args(model.adapter["rank"]))
     return Engine(
         model.path,
         runner=runner,
@@ -171,7 +188,11 @@ class Point:
             self.out_dir, output_schema(task, fields, self._embedding_dim), self.cfg.output.compression
         )
         self._builder = RequestBuilder(
-            self.cfg.task, self.cfg.data, sampling_dict(OmegaConf.to_container(self.cfg.sampling)), engine
+            self.cfg.task,
+            self.cfg.data,
+            sampling_dict(OmegaConf.to_container(self.cfg.sampling)),
+            engine,
+            lora=self.model.lora,
         )
 
     # -------------------------------------------------------------- request stream
