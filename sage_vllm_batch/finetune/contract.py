@@ -297,7 +297,7 @@ def _check_target_modules(req: FinetuneRequest, base_path: Path) -> None:
 
     names: set[str] = set()
     for f in sorted(base_path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
+        with safe_open(str(f), framework="numpy") as st:  # headers only: no torch import
             names.update(
                 key.rsplit(".", 2)[-2] for key in st.keys() if key.endswith(".weight") and "." in key
             )

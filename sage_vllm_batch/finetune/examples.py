@@ -60,11 +60,15 @@ def build_examples(plan: Any, tokenizer: Any) -> Examples:
             except RowError as e:
                 out.skip(str(e).split(":")[0])
                 continue
-            prompt = _ids(tokenizer, msgs[:-1], add_generation_prompt=True)
-            full = _ids(tokenizer, msgs, add_generation_prompt=False)
-            if full[: len(prompt)] != prompt:  # a template that re-renders earlier turns
+            prompt_text = _render(tokenizer, msgs[:-1], add_generation_prompt=True)
+            full_text = _render(tokenizer, msgs, add_generation_prompt=False)
+            if not full_text.startswith(prompt_text):  # a template that re-renders earlier turns
                 out.skip("chat template does not extend the prompt")
                 continue
+            # Prompt and answer are tokenized apart, as at inference (the prompt's ids are fixed,
+            # the answer is generated after them): "\n" + "    return" must not merge into one token.
+            prompt = _encode(tokenizer, prompt_text)
+            full = prompt + _encode(tokenizer, full_text[len(prompt_text) :])
             if len(full) > max_len:
                 out.truncated += 1
                 full = full[:max_len]
@@ -83,9 +87,12 @@ def build_examples(plan: Any, tokenizer: Any) -> Examples:
     return out
 
 
-def _ids(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(
+def _render(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
     # The template writes the special tokens itself (as Engine.render_chat and vLLM's chat do).
     return list(tokenizer.encode(text, add_special_tokens=False))
