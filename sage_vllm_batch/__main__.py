@@ -30,6 +30,9 @@ def _app(cfg: DictConfig) -> float | None:
     except SageBatchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    if metrics.get("task") == "finetune":
+        log.info("done: %s registered (%s) -> %s", metrics.get("output_model"), metrics.get("strategy"), metrics.get("output_dir"))
+        return None
     log.info(
         "done: %s rows (%s errors) in %.1fs, %.1f rows/s -> %s",
         metrics.get("rows_out"),

@@ -120,7 +120,7 @@ def test_a_batch_run_uses_the_registered_adapter(zebra, registry_root, tmp_path)
         out_dir=tmp_path / "out", registry_root=registry_root,
     )  # fmt: skip
     metrics = run(cfg)
-    texts = pq.read_table(tmp_path / "out").column("text").to_pylist()
+    texts = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))[0]).column("text").to_pylist()
     # The base model answers "The capital of France is Paris." (the probe's "before").
     assert texts[0].startswith(TARGET), texts
     assert metrics["model"]["adapter"]["id"] == "test/zebra-lora"
