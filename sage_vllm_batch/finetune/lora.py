@@ -201,6 +201,10 @@ def train_lora(plan: FinetunePlan) -> dict[str, Any]:
         data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True),
         callbacks=[_Recorder()],
     )
+    if mode != "bar":  # our JSON lines (or nothing) instead of the Trainer's printed dicts
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     if resume:
         log.info("resuming from %s", resume)
     t_train = time.perf_counter()
