@@ -2,7 +2,7 @@
 
 A thin shell around :func:`sage_vllm_batch.runner.run`: compose the config, run, print where the
 results are. User errors (a bad key, a missing model, a malformed input file) print one paragraph
-and exit 1, without a traceback.
+and exit 1, without a traceback; a valid request for something not built yet exits 3.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def _app(cfg: DictConfig) -> float | None:
         metrics = run(cfg)
     except SageBatchError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_code)
+    if metrics.get("task") == "finetune":
+        log.info("done: %s registered (%s) -> %s", metrics.get("output_model"), metrics.get("strategy"), metrics.get("output_dir"))
+        return None
     log.info(
         "done: %s rows (%s errors) in %.1fs, %.1f rows/s -> %s",
         metrics.get("rows_out"),

@@ -42,6 +42,10 @@ class ModelConfig:
     max_model_len: int | None = None
     dtype: str | None = None
     tokenizer: str | None = None
+    # A LoRA adapter from the registry (type lora, trained on this model), applied to every
+    # request through vLLM's LoRA support.
+    adapter: str | None = None
+    adapter_revision: str | None = None
 
 
 @dataclass
@@ -136,16 +140,30 @@ class TaskConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tune job settings (validated; the training step is a later issue)."""
+    """``task=finetune`` settings: the strategy and its hyper-parameters (see sage_vllm_batch.finetune).
 
-    method: str = "lora"  # lora | full
+    The base model is ``model.id`` (it must be in the registry), the data is the ``data`` group
+    (prompt/response columns, or a messages column whose last message is the assistant's answer),
+    the artifacts (checkpoints, metrics.json, loss.png, the adapter) go to ``output.dir``.
+    """
+
+    strategy: str = "lora"  # lora | qlora | full (qlora and full are validated, then refused: not built yet)
+    # Registry id of the result; None: ft/<base model name>-<strategy>-<output dir name>.
+    output_model: str | None = None
     epochs: int = 1
+    max_steps: int = 0  # > 0 stops after this many optimizer steps (wins over epochs)
     learning_rate: float = 2e-4
-    batch_size: int = 8
+    batch_size: int = 4
+    max_seq_len: int = 512  # longer examples are cut (prompt first kept, answer tokens counted)
     lora_rank: int = 16
     lora_alpha: int = 32
+    lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    eval_fraction: float = 0.0
+    save_steps: int = 10  # checkpoint every N steps: a killed job resumes from the last one
+    seed: int = 0
+    # A prompt answered greedily before and after training (recorded in metrics.json).
+    probe_prompt: str | None = None
+    probe_max_tokens: int = 32
 
 
 @dataclass
@@ -170,6 +188,7 @@ class DataConfig:
     text_column: str = "text"  # embed
     prompt_column: str = "prompt"  # generate
     messages_column: str = "messages"  # chat
+    response_column: str = "response"  # finetune: the answer to learn for each prompt
     # generate/chat: a str.format template over the row's columns, used instead of the
     # prompt/messages column when set, e.g. "Summarize: {text}".
     prompt_template: str | None = None
@@ -402,6 +421,12 @@ def validate(cfg: DictConfig) -> None:
         _check(s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
         _check(s.n >= 1, "sampling.n", "must be >= 1")
         _check_sampling_limits(cfg)
+    if cfg.model.get("adapter"):
+        _check(
+            task in ("generate", "chat"),
+            "model.adapter",
+            f"a LoRA adapter applies to generate/chat jobs, not task={task} (remove model.adapter)",
+        )
     vs = cfg.output.vector_store
     if vs.type is not None:
         _check(vs.type in ("lancedb", "faiss"), "output.vector_store.type", "must be lancedb, faiss or null")

@@ -14,6 +14,16 @@ from typing import Any
 import numpy as np
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter to apply to a request (vLLM's ``LoRARequest``): ``int_id`` is vLLM's key
+    for the loaded adapter, stable for one registry id and revision."""
+
+    name: str
+    int_id: int
+    path: str
+
+
 @dataclass
 class EngineRequest:
     """One unit of work. ``key`` is opaque to the engine and comes back on the result.
@@ -35,6 +45,7 @@ class EngineRequest:
     # Called with every vLLM output of this request, partial ones included (streaming). Such a
     # request is not replayed after an engine restart: it fails instead (its client saw tokens).
     on_output: Callable[[Any], None] | None = None
+    lora: LoraSpec | None = None  # generate runner; the engine must be built with enable_lora
 
 
 @dataclass
@@ -86,6 +97,10 @@ def to_vllm(req: EngineRequest, runner: str) -> tuple[Any, Any, dict[str, Any]]:
     # rendered again and is deprecated. The builder has already applied the context-length policy.
     prompt = req.prompt if req.prompt is not None else tokens_input(req.prompt_token_ids)
     extra: dict[str, Any] = {"priority": req.priority} if req.priority else {}
+    if req.lora is not None:
+        from vllm.lora.request import LoRARequest
+
+        extra["lora_request"] = LoRARequest(req.lora.name, req.lora.int_id, req.lora.path)
     if req.params is not None:
         # A copy: vLLM may keep state on the params, and a request can be sent again after a restart.
         params = req.params.clone() if hasattr(req.params, "clone") else req.params

@@ -6,6 +6,8 @@ from __future__ import annotations
 class SageBatchError(Exception):
     """Base class: a user-facing error, printed as one paragraph without a traceback."""
 
+    exit_code = 1  # the CLI's exit status (README: "Exit codes")
+
 
 class ConfigError(SageBatchError):
     """The job config is invalid (names the key)."""
@@ -21,3 +23,9 @@ class ResumeError(SageBatchError):
 
 class EngineError(SageBatchError):
     """vLLM failed to start or to serve the job."""
+
+
+class NotBuiltError(SageBatchError):
+    """A valid request for something not built yet (e.g. fine-tune strategy ``qlora``/``full``)."""
+
+    exit_code = 3

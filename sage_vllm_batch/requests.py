@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any, Protocol
 
 from sage_vllm_batch.engine import EngineRequest
+from sage_vllm_batch.engine_io import LoraSpec
 
 
 class Tokenizing(Protocol):
@@ -70,9 +71,12 @@ class RequestBuilder:
         data: The data config (column names, template, system prompt, sampling column).
         sampling: Base sampling parameters for generate/chat (already without ``None`` values).
         engine: Gives tokenization, the chat template and the context length.
+        lora: A LoRA adapter every request asks for (``model.adapter``), or None.
     """
 
-    def __init__(self, task: Any, data: Any, sampling: Mapping[str, Any], engine: Tokenizing) -> None:
+    def __init__(
+        self, task: Any, data: Any, sampling: Mapping[str, Any], engine: Tokenizing, lora: LoraSpec | None = None
+    ) -> None:
         self.task_type: str = task.type
         self.overlong: str = task.overlong_prompt
         self.add_generation_prompt: bool = bool(task.get("add_generation_prompt", True))
@@ -89,6 +93,7 @@ class RequestBuilder:
             from sage_vllm_batch.openai_requests import OpenAIRequests
 
             self._openai = OpenAIRequests(self.task_type, self.sampling)
+        self.lora = lora  # a LoRA adapter applied to every request (model.adapter)
 
     def build(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
         try:
@@ -116,7 +121,7 @@ class RequestBuilder:
                 ids = self._fit(ids, (sampling or {}).get("max_tokens", 16), keep="tail")
         except RowError as e:
             return EngineRequest(key=key, error=str(e))
-        return EngineRequest(key=key, prompt_token_ids=ids, sampling=sampling)
+        return EngineRequest(key=key, prompt_token_ids=ids, sampling=sampling, lora=self.lora)
 
     def _build_openai(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
         from sage_vllm_batch.openai_requests import OpenAIBodyError
@@ -168,6 +173,14 @@ class RequestBuilder:
         if not text.strip():
             raise RowError("empty input: the prompt template rendered an empty prompt")
         return text
+
+    def messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The conversation a chat row asks (template, prompt or messages column, system prompt).
+
+        Raises:
+            RowError: the row cannot make one (the message says why).
+        """
+        return self._messages(row)
 
     def _messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
         if self.data.prompt_template or self.data.messages_column not in row:

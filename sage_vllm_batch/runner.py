@@ -64,14 +64,19 @@ class ResolvedModel:
     path: str
     commit: str | None = None  # the Hub commit, for models fetched from the Hub
     content_sha256: str | None = None  # over the files' recorded hashes (registry.model_fingerprint)
+    adapter: dict[str, Any] | None = None  # model.adapter: the registry entry of the LoRA adapter
+    lora: Any = None  # its engine_io.LoraSpec, put on every request
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "id": self.id,
             "revision": self.revision,
             "commit": self.commit,
             "content_sha256": self.content_sha256,
         }
+        if self.adapter:
+            d["adapter"] = self.adapter
+        return d
 
 
 def resolve_model(cfg: DictConfig) -> ResolvedModel:
@@ -83,14 +88,22 @@ def resolve_model(cfg: DictConfig) -> ResolvedModel:
         m.id, revision=m.revision, source=m.source, allow_download=r.allow_download, root=r.root
     )
     # ensure_model also records the use (last-used time, for the registry's LRU gc).
-    revision = next(
-        (rec.revision for rec in registry.list_models(root=r.root) if rec.model_id == m.id and rec.path == path),
-        m.revision,
-    )
+    rec = next((rec for rec in registry.list_models(root=r.root) if rec.model_id == m.id and rec.path == path), None)
+    revision = rec.revision if rec is not None else m.revision
+    if rec is not None and rec.type == "lora":
+        raise ConfigError(
+            f"model.id: {m.id!r} is a LoRA adapter; run its base model with it: "
+            f"model.id={rec.tags.get('base_model')} model.adapter={m.id}"
+        )
     fp = registry.model_fingerprint(m.id, revision, root=r.root)
-    return ResolvedModel(
+    resolved = ResolvedModel(
         id=m.id, revision=revision, path=str(path), commit=fp["commit"], content_sha256=fp["content_sha256"]
     )
+    if m.get("adapter"):
+        from sage_vllm_batch.finetune.register import resolve_adapter
+
+        resolved.lora, resolved.adapter = resolve_adapter(m, m.id, revision, r.root)
+    return resolved
 
 
 @contextlib.contextmanager
@@ -116,6 +129,10 @@ def engine_group_key(cfg: DictConfig) -> str:
 def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
     runner = "pooling" if cfg.task.type == "embed" else "generate"
     kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
+    if model.adapter:
+        from sage_vllm_batch.finetune.register import lora_engine_args
+
+        kw.update(lora_engine_args(model.adapter["rank"]))
     from sage_vllm_batch.logs import native_output_to_log
 
     with native_output_to_log():  # torch's C++ warnings and loading bars go to the log file
@@ -131,9 +148,11 @@ def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
         )
 
 
-def request_builder(cfg: DictConfig, engine: Any) -> RequestBuilder:
+def request_builder(cfg: DictConfig, engine: Any, lora: Any = None) -> RequestBuilder:
     """The request builder of a job's rows on ``engine`` (its tokenizer and context length)."""
-    return RequestBuilder(cfg.task, cfg.data, sampling_dict(OmegaConf.to_container(cfg.sampling)), engine)
+    return RequestBuilder(
+        cfg.task, cfg.data, sampling_dict(OmegaConf.to_container(cfg.sampling)), engine, lora=lora
+    )
 
 
 # ---------------------------------------------------------------------------- points
@@ -248,7 +267,7 @@ class Point:
         self._sink = ParquetShardSink(
             self.out_dir, output_schema(task, fields, self._embedding_dim, self._layout), self.cfg.output.compression
         )
-        self._builder = request_builder(self.cfg, engine)
+        self._builder = request_builder(self.cfg, engine, lora=self.model.lora)
 
     # -------------------------------------------------------------- request stream
     def requests(self, engine: Engine) -> Iterator[EngineRequest | None]:

@@ -102,6 +102,8 @@ def _source_text(record: ModelRecord) -> str:
     # Short enough for an 80-column table; `show` prints the full source record.
     src = record.source
     kind = str(src.get("kind", "?"))
+    if record.type == "lora" and record.tags.get("base_model"):
+        return f"lora of {record.tags['base_model']}@{record.tags.get('base_revision', '?')}"
     if kind == "hub":
         return f"hub@{str(src.get('commit', ''))[:8]}"
     if kind == "package":

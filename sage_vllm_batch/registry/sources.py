@@ -25,7 +25,9 @@ from sage_vllm_batch.registry.errors import InvalidSourceError
 from sage_vllm_batch.resources import package_dir
 
 SourceKind = Literal["hub", "package", "path", "gguf"]
-MODEL_TYPES = ("text", "embedding")
+MODEL_TYPES = ("text", "embedding", "lora")
+# A peft adapter folder (a fine-tune's result): registered as type lora, used with model.adapter.
+ADAPTER_CONFIG = "adapter_config.json"
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Present in every sentence-transformers folder: such a model is used for embeddings whatever its backbone.
 _SENTENCE_TRANSFORMERS_FILES = (
@@ -143,9 +145,10 @@ def locate(spec: SourceSpec) -> Path:
     elif not target.is_dir():
         what = "is a file; name a folder, or a .gguf file" if target.is_file() else "does not exist"
         raise InvalidSourceError(f"Source {spec}: {target} {what}.")
-    elif not (target / "config.json").is_file():
+    elif not (target / "config.json").is_file() and not (target / ADAPTER_CONFIG).is_file():
         raise InvalidSourceError(
-            f"Source {spec}: {target} has no config.json, so it is not a Hugging Face model folder."
+            f"Source {spec}: {target} has no config.json (nor {ADAPTER_CONFIG}), so it is not a Hugging Face "
+            "model folder (nor a LoRA adapter)."
         )
     return target
 
@@ -182,11 +185,14 @@ def materialize(spec: SourceSpec, staging: Path) -> dict[str, Any]:
 
 
 def detect_model_type(model_dir: Path) -> str:
-    """``embedding`` or ``text``, from the folder's files and ``config.json``'s architectures.
+    """``embedding``, ``text`` or ``lora``, from the folder's files and ``config.json``'s architectures.
 
+    A peft adapter folder (``adapter_config.json``, no ``config.json``) is ``lora``.
     sentence-transformers files mean embedding; ``*ForCausalLM`` / ``*LMHeadModel`` mean text;
     encoders (``BertModel``, ``*ForSequenceClassification``) mean embedding; anything else is text.
     """
+    if (model_dir / ADAPTER_CONFIG).is_file() and not (model_dir / "config.json").is_file():
+        return "lora"
     if any((model_dir / name).is_file() for name in _SENTENCE_TRANSFORMERS_FILES):
         return "embedding"
     try:

@@ -147,7 +147,7 @@ class ModelRecord:
 
     @property
     def type(self) -> str:
-        """``text`` or ``embedding``."""
+        """``text``, ``embedding`` or ``lora`` (an adapter: tags ``base_model``, ``base_revision``)."""
         return self.tags.get("type", "text")
 
     @property
