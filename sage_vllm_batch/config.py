@@ -19,6 +19,8 @@ from sage_vllm_batch.errors import ConfigError
 TASKS = ("embed", "generate", "chat", "finetune")
 DATA_FORMATS = ("auto", "parquet", "jsonl", "csv", "hf", "openai_batch")
 OVERLONG_POLICIES = ("error_row", "truncate")
+# run: push the dataset through the engine; serve: keep the engine loaded behind an HTTP server.
+MODES = ("run", "serve")
 
 
 @dataclass
@@ -177,6 +179,24 @@ class RegistryConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``mode=serve``: the HTTP server (vLLM's OpenAI app plus ``/v1/process`` and ``/v1/jobs``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # /v1/* then needs "Authorization: Bearer <key>" (also read from $SAGE_VLLM_API_KEY).
+    api_key: str | None = None
+    # Jobs over HTTP may read data only below these directories (empty: HTTP jobs are refused).
+    data_roots: list[str] = field(default_factory=list)
+    # ... and write only below this one (relative paths: from the directory the server starts in).
+    output_root: str = "outputs"
+    # Larger request bodies get 413 before they are parsed.
+    max_body_bytes: int = 4_000_000
+    # download_model of the served model reloads it (VLLMService.download_model).
+    auto_reload: bool = True
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = MISSING
     engine: EngineConfig = MISSING
@@ -189,6 +209,10 @@ class JobConfig:
     progress: str = "auto"
     progress_interval_s: float = 10.0
     job_name: str = "default"
+    mode: str = "run"  # run | serve
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    # mode=serve: a conf/model option loaded as the embedding model next to ``model``.
+    embedding_model: str | None = None
 
 
 @dataclass
@@ -242,6 +266,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules, checked once at start (types and key names are checked by the schema)."""
     task = cfg.task.type
+    mode = cfg.get("mode", "run")
+    _check(mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
     _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
     _check(
         cfg.task.overlong_prompt in OVERLONG_POLICIES,
