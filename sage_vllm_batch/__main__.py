@@ -25,6 +25,8 @@ log = logging.getLogger("sage_vllm_batch")
 def _app(cfg: DictConfig) -> float | None:
     from sage_vllm_batch.runner import run
 
+    if cfg.get("mode", "run") == "serve":
+        return _serve(cfg)
     try:
         metrics = run(cfg)
     except SageBatchError as e:
@@ -40,6 +42,21 @@ def _app(cfg: DictConfig) -> float | None:
     )
     # Hydra's sweepers read the return value: rows/s is the natural objective.
     return metrics.get("rows_per_s")
+
+
+def _serve(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from sage_vllm_batch.config import validate
+    from sage_vllm_batch.service.http import serve
+
+    try:
+        validate(cfg)
+        code = serve(cfg, list(HydraConfig.get().overrides.task))
+    except SageBatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
 
 
 def main() -> None:

@@ -268,6 +268,10 @@ def validate(cfg: DictConfig) -> None:
     task = cfg.task.type
     mode = cfg.get("mode", "run")
     _check(mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "serve":  # the service takes its tasks per request; jobs are validated on submission
+        _check(0 <= cfg.serve.port <= 65535, "serve.port", f"must be in [0, 65535], got {cfg.serve.port}")
+        _check(cfg.serve.max_body_bytes >= 1024, "serve.max_body_bytes", "must be >= 1024")
+        return
     _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
     _check(
         cfg.task.overlong_prompt in OVERLONG_POLICIES,
@@ -290,7 +294,9 @@ def validate(cfg: DictConfig) -> None:
         f"must be auto, true or false, got {cfg.engine.in_process!r}",
     )
     _check(cfg.engine.max_restarts >= 0, "engine.max_restarts", "must be >= 0")
-    _check(cfg.engine.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)")
+    _check(
+        cfg.engine.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)"
+    )
     _check(cfg.engine.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
     _check(
         0.0 < cfg.engine.gpu_memory_utilization <= 1.0,

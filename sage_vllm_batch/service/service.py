@@ -31,7 +31,15 @@ from sage_vllm_batch.service.options import load_option, model_option
 log = logging.getLogger(__name__)
 
 TEXT, EMBED = "text", "embedding"
-_PLAIN_KEYS = ("model_id", "embedding_model_id", "engine", "sampling", "auto_reload", "registry_root", "revision")
+_PLAIN_KEYS = (
+    "model_id",
+    "embedding_model_id",
+    "engine",
+    "sampling",
+    "auto_reload",
+    "registry_root",
+    "revision",
+)
 
 
 class ServiceError(SageBatchError):
@@ -77,7 +85,9 @@ class VLLMService:
         elif isinstance(config, Mapping):
             self._from_plain(dict(config))
         else:
-            raise ServiceError(f"VLLMService config: expected a job config or a dict, got {type(config).__name__}")
+            raise ServiceError(
+                f"VLLMService config: expected a job config or a dict, got {type(config).__name__}"
+            )
         if self._wanted[TEXT] is None and self._wanted[EMBED] is None:
             raise ServiceError("VLLMService: no model to serve (give model_id and/or embedding_model_id)")
 
@@ -105,7 +115,9 @@ class VLLMService:
     def _from_plain(self, d: dict[str, Any]) -> None:
         unknown = sorted(set(d) - set(_PLAIN_KEYS))
         if unknown:
-            raise ServiceError(f"VLLMService config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_PLAIN_KEYS)}")
+            raise ServiceError(
+                f"VLLMService config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_PLAIN_KEYS)}"
+            )
         text = model_option(d["model_id"], type="text") if d.get("model_id") else None
         if text is not None and d.get("revision"):
             text.revision = d["revision"]
@@ -150,7 +162,9 @@ class VLLMService:
         resolved = resolve_model(cfg)
         engine = load_engine(cfg, resolved)
         log.info("serving %s (%s) from %s", resolved.id, kind, resolved.path)
-        return _Slot(kind, model_cfg, resolved, EngineDriver(engine, priorities=kind == TEXT), engine_cfg, time.time())
+        return _Slot(
+            kind, model_cfg, resolved, EngineDriver(engine, priorities=kind == TEXT), engine_cfg, time.time()
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -252,10 +266,14 @@ class VLLMService:
     def process(self, payload: Any) -> dict[str, Any]:
         """``{"task": "generate" | "embed", "inputs": ..., "options": {...}}`` -> the verb's result."""
         if not isinstance(payload, Mapping):
-            raise ServiceError(f"payload: expected an object with task, inputs, options; got {type(payload).__name__}")
+            raise ServiceError(
+                f"payload: expected an object with task, inputs, options; got {type(payload).__name__}"
+            )
         unknown = sorted(set(payload) - {"task", "inputs", "options", "model"})
         if unknown:
-            raise ServiceError(f"payload: unknown key(s) {', '.join(map(repr, unknown))}; allowed: task, inputs, options")
+            raise ServiceError(
+                f"payload: unknown key(s) {', '.join(map(repr, unknown))}; allowed: task, inputs, options"
+            )
         task = payload.get("task")
         if task not in ("generate", "embed"):
             raise ServiceError(f"payload.task: must be 'generate' or 'embed', got {task!r}")
@@ -267,12 +285,18 @@ class VLLMService:
         model = payload.get("model")
         if task == "generate":
             self._check_model(TEXT, model)
-            return {"task": task, "model_id": self.slot(TEXT).name, "outputs": self.generate(payload["inputs"], **options)}
+            return {
+                "task": task,
+                "model_id": self.slot(TEXT).name,
+                "outputs": self.generate(payload["inputs"], **options),
+            }
         self._check_model(EMBED, model)
         opts = dict(options)
         normalize = opts.pop("normalize", True)
         if opts:
-            raise ServiceError(f"payload.options: embed takes only 'normalize', got {', '.join(sorted(opts))}")
+            raise ServiceError(
+                f"payload.options: embed takes only 'normalize', got {', '.join(sorted(opts))}"
+            )
         if not isinstance(normalize, bool):
             raise ServiceError("payload.options.normalize: must be true or false")
         return {"task": task, **self.embed(payload["inputs"], normalize=normalize)}
@@ -280,7 +304,8 @@ class VLLMService:
     def _check_model(self, kind: str, model: Any) -> None:
         if model is not None and model != self.slot(kind).name:
             raise ServiceError(
-                f"payload.model: {model!r} is not served for this task; served: {self.model_names}", status=404
+                f"payload.model: {model!r} is not served for this task; served: {self.model_names}",
+                status=404,
             )
 
     def _sampling(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -349,9 +374,14 @@ class VLLMService:
                     "model first",
                     status=409,
                 )
-        return [r.to_dict() | {"files": None} for r in registry.delete_model(model_id, revision, root=self.registry_cfg.root)]
+        return [
+            r.to_dict() | {"files": None}
+            for r in registry.delete_model(model_id, revision, root=self.registry_cfg.root)
+        ]
 
-    def switch_model(self, model_id: str, revision: str | None = None, *, kind: str | None = None) -> dict[str, Any]:
+    def switch_model(
+        self, model_id: str, revision: str | None = None, *, kind: str | None = None
+    ) -> dict[str, Any]:
         """Serve another model: the new engine loads first, then takes new requests; requests in
         flight finish on the old engine. If the new one fails to load, the old one keeps serving."""
         model_cfg = model_option(model_id)
@@ -371,12 +401,19 @@ class VLLMService:
         if old is not None:
             # close() drains: requests already inside the old engine finish there.
             threading.Thread(target=old.driver.close, name=f"retire-{old.name}", daemon=True).start()
-        return {"kind": kind, "model_id": new.name, "revision": new.resolved.revision, "previous": old.name if old else None}
+        return {
+            "kind": kind,
+            "model_id": new.name,
+            "revision": new.resolved.revision,
+            "previous": old.name if old else None,
+        }
 
     def fine_tune(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """The design's fine-tune call (``base_model``, ``dataset_path``, ``output_dir``, ``strategy``)."""
         if not isinstance(request, Mapping):
-            raise ServiceError("fine_tune: expected an object with base_model, dataset_path, output_dir, strategy")
+            raise ServiceError(
+                "fine_tune: expected an object with base_model, dataset_path, output_dir, strategy"
+            )
         missing = [k for k in ("base_model", "dataset_path", "output_dir") if not request.get(k)]
         if missing:
             raise ServiceError(f"fine_tune: missing field(s) {', '.join(missing)}")
@@ -393,7 +430,12 @@ class VLLMService:
     # ------------------------------------------------------------------ status
     def info(self) -> dict[str, Any]:
         return {
-            k: {"model_id": s.name, "revision": s.resolved.revision, "path": s.resolved.path, "loaded_at": s.loaded_at}
+            k: {
+                "model_id": s.name,
+                "revision": s.resolved.revision,
+                "path": s.resolved.path,
+                "loaded_at": s.loaded_at,
+            }
             for k, s in self._slots.items()
         }
 
@@ -414,7 +456,9 @@ def _normalize_prompts(prompts: Any) -> list[str | list[dict[str, Any]]]:
     if isinstance(prompts, Sequence) and prompts and all(is_message(m) for m in prompts):
         return [list(prompts)]
     if not isinstance(prompts, Sequence) or isinstance(prompts, bytes) or not prompts:
-        raise ServiceError("inputs: expected a string, a non-empty list of strings, chat messages, or conversations")
+        raise ServiceError(
+            "inputs: expected a string, a non-empty list of strings, chat messages, or conversations"
+        )
     out: list[str | list[dict[str, Any]]] = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
