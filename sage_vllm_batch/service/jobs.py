@@ -81,6 +81,8 @@ class Job:
         if p is not None:
             rows_done = p.metrics.rows_out + p.metrics.rows_skipped_resumed
             rows_total = p.source.estimated_rows()
+            if rows_total is None and self.status == "complete":  # jsonl/csv: known once read
+                rows_total = rows_done
             with contextlib.suppress(Exception):
                 metrics = p.metrics_record() if self.status != "running" else p.metrics.to_dict()
         if self.status == "complete" and not metrics:
