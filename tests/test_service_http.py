@@ -236,6 +236,25 @@ def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch)
     assert read_output(job["output_dir"]).num_rows == 32  # resumed as complete: nothing redone
 
 
+def test_cancelled_job_keeps_its_shards_and_resumes(http, dirs, batch):
+    from sage_vllm_batch.sink import ParquetShardSink, read_output
+
+    overrides = ["task=chat", "data=jsonl", f"data.path={dirs['data'] / 'q.jsonl'}", "output.shard_rows=4",
+                 "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}"]  # fmt: skip
+    job = http.post("/v1/jobs", json={"overrides": overrides}).json()
+    deadline = time.monotonic() + 120
+    while not ParquetShardSink.read_ledger(Path(job["output_dir"])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = http.delete(f"/v1/jobs/{job['id']}")
+    assert r.status_code == 200 and r.json()["status"] in ("cancelled", "complete"), r.text
+    kept = ParquetShardSink.read_ledger(Path(job["output_dir"]))
+    assert kept, "committed shards stay"
+    again = http.post("/v1/jobs", json={"overrides": overrides})
+    assert again.status_code == 201, again.text
+    assert _wait_job(http, job["id"])["status"] == "complete"
+    assert read_output(job["output_dir"]).column("text").to_pylist() == batch
+
+
 def test_job_refusals_name_the_key_and_touch_nothing(http, dirs):
     base = ["task=chat", "data=jsonl", "output.passthrough_columns=[prompt]"]
     q = dirs["data"] / "q.jsonl"
