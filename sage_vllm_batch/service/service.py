@@ -10,6 +10,7 @@ drivers through :mod:`.engine_client`. Requests are built by the runner's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -390,8 +391,12 @@ class VLLMService:
         if revision is not None:
             model_cfg.revision = revision
         old = self._slots.get(kind)
+        from sage_vllm_batch.supervisor import CPU_STEP_LOCK
+
         try:
-            new = self._load(kind, model_cfg)
+            # The old engine pauses while the new one loads: the two must not compute at once.
+            with CPU_STEP_LOCK if kind == TEXT else contextlib.nullcontext():
+                new = self._load(kind, model_cfg)
         except SageBatchError as e:
             still = f"; {old.name} keeps serving" if old else ""
             raise ServiceError(f"switch_model({model_id!r}) failed{still}: {e}", status=409) from e
