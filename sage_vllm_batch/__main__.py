@@ -38,6 +38,8 @@ def _app(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
+    if cfg.get("mode", "run") == "serve":
+        return _serve(cfg)
     try:
         metrics = run(cfg)
     except SageBatchError as e:
@@ -70,6 +72,21 @@ def _data_option_error(argv: list[str]) -> str | None:
                     f"to read a file, directory or glob write data.path={value}"
                 )
     return None
+
+
+def _serve(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from sage_vllm_batch.config import validate
+    from sage_vllm_batch.service.http import serve
+
+    try:
+        validate(cfg)
+        code = serve(cfg, list(HydraConfig.get().overrides.task))
+    except SageBatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
 
 
 def main() -> None:

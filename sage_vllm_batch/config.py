@@ -20,8 +20,9 @@ from sage_vllm_batch.errors import ConfigError
 TASKS = ("embed", "generate", "chat", "finetune")
 DATA_FORMATS = ("auto", "parquet", "jsonl", "csv", "hf", "openai_batch")
 OVERLONG_POLICIES = ("error_row", "truncate")
-# What the command does with the job: run it, or only say what a run would do (no engine).
-MODES = ("run", "plan")
+# run: push the dataset through the engine; plan: say what a run would do (no engine);
+# serve: keep the engine loaded behind an HTTP server.
+MODES = ("run", "plan", "serve")
 
 
 @dataclass
@@ -268,6 +269,24 @@ class ExecutorConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``mode=serve``: the HTTP server (vLLM's OpenAI app plus ``/v1/process`` and ``/v1/jobs``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # /v1/* then needs "Authorization: Bearer <key>" (also read from $SAGE_VLLM_API_KEY).
+    api_key: str | None = None
+    # Jobs over HTTP may read data only below these directories (empty: HTTP jobs are refused).
+    data_roots: list[str] = field(default_factory=list)
+    # ... and write only below this one (relative paths: from the directory the server starts in).
+    output_root: str = "outputs"
+    # Larger request bodies get 413 before they are parsed.
+    max_body_bytes: int = 4_000_000
+    # download_model of the served model reloads it (VLLMService.download_model).
+    auto_reload: bool = True
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = MISSING
     engine: EngineConfig = MISSING
@@ -281,10 +300,9 @@ class JobConfig:
     progress: str = "auto"
     progress_interval_s: float = 10.0
     job_name: str = "default"
-    mode: str = "run"  # one of MODES
-    # false: the console shows the runner's lines, progress and errors (libraries log to
-    # <output.dir>/run.log); true: everything on the console too.
-    verbose: bool = False
+# run: push the dataset through the engine; plan: say what a run would do (no engine);
+# serve: keep the engine loaded behind an HTTP server.
+MODES = ("run", "plan", "serve")
 
 
 @dataclass
@@ -371,6 +389,10 @@ def validate(cfg: DictConfig) -> None:
     task = cfg.task.type
     mode = cfg.get("mode", "run")
     _check(mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "serve":  # the service takes its tasks per request; jobs are validated on submission
+        _check(0 <= cfg.serve.port <= 65535, "serve.port", f"must be in [0, 65535], got {cfg.serve.port}")
+        _check(cfg.serve.max_body_bytes >= 1024, "serve.max_body_bytes", "must be >= 1024")
+        return
     _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
     _check(
         cfg.task.overlong_prompt in OVERLONG_POLICIES,
@@ -393,7 +415,9 @@ def validate(cfg: DictConfig) -> None:
         f"must be auto, true or false, got {cfg.engine.in_process!r}",
     )
     _check(cfg.engine.max_restarts >= 0, "engine.max_restarts", "must be >= 0")
-    _check(cfg.engine.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)")
+    _check(
+        cfg.engine.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)"
+    )
     _check(cfg.engine.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
     _check(
         0.0 < cfg.engine.gpu_memory_utilization <= 1.0,

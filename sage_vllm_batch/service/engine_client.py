@@ -1,0 +1,177 @@
+"""vLLM's ``EngineClient`` protocol over an :class:`~sage_vllm_batch.engine_driver.EngineDriver`.
+
+vLLM's OpenAI server (chat templates, streaming, validation, ``/v1/*`` routes) talks to an
+``EngineClient``, normally ``AsyncLLM``, whose engine core always runs in a child process: about
+half the speed of the in-process engine on small CPU machines, and a second engine loop next to
+the one batch jobs use. This adapter hands vLLM's handlers the service's own engine instead:
+``generate``/``encode`` submit the handler's prebuilt prompt and params to the driver's engine
+thread and stream its outputs back onto the event loop. The supervisor (restarts, poison rows)
+and priority scheduling (interactive before jobs) come with the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable, Iterable
+from typing import Any
+
+from vllm.engine.protocol import EngineClient
+
+from sage_vllm_batch.engine_driver import EngineDriver
+from sage_vllm_batch.engine_io import EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+class _Done:
+    __slots__ = ("future",)
+
+    def __init__(self, future: Any) -> None:
+        self.future = future
+
+
+class DriverEngineClient(EngineClient):
+    """An ``EngineClient`` whose engine is whatever ``driver()`` returns now (so a reload of the
+    same model swaps engines under the server)."""
+
+    def __init__(self, driver: Callable[[], EngineDriver]) -> None:
+        self._driver = driver
+        llm_engine = driver().engine.vllm_engine
+        self.vllm_config = llm_engine.vllm_config
+        self.model_config = llm_engine.model_config
+        self.renderer = llm_engine.renderer
+        self.input_processor = llm_engine.input_processor
+        self._tasks = tuple(llm_engine.get_supported_tasks())
+        self._stopped = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_running(self) -> bool:
+        return not self._stopped and not self.errored
+
+    @property
+    def is_stopped(self) -> bool:
+        return self._stopped
+
+    @property
+    def errored(self) -> bool:
+        return self._driver()._error is not None
+
+    @property
+    def dead_error(self) -> BaseException:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        return EngineDeadError(f"the engine is not running: {self._driver()._error}")
+
+    async def get_supported_tasks(self) -> tuple[Any, ...]:
+        return self._tasks
+
+    # ------------------------------------------------------------------ requests
+    async def _run(self, prompt: Any, params: Any, request_id: str) -> AsyncGenerator[Any, None]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_output(out: Any) -> None:  # engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        def on_done(fut: Any) -> None:  # engine thread (or here, if already done)
+            loop.call_soon_threadsafe(queue.put_nowait, _Done(fut))
+
+        req = EngineRequest(key=request_id, prompt=prompt, params=params, on_output=on_output)
+        fut = self._driver().submit(req)
+        fut.add_done_callback(on_done)
+        while True:
+            item = await queue.get()
+            if isinstance(item, _Done):
+                res = item.future.result()  # raises if the engine died for good
+                if res.error is not None:
+                    # Refused on admission (too long, bad parameters): vLLM's handlers answer 400.
+                    raise ValueError(res.error.removeprefix("rejected by vLLM: "))
+                return
+            if isinstance(item, BaseException):  # the engine crashed under a streaming request
+                from vllm.v1.engine.exceptions import EngineGenerateError
+
+                raise EngineGenerateError() from item
+            item.request_id = request_id
+            yield item
+            if item.finished:
+                return
+
+    async def generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any
+    ) -> AsyncGenerator[Any, None]:
+        if kwargs.get("lora_request") is not None:
+            raise ValueError("LoRA adapters are not served by sage-vllm-batch's server")
+        async for out in self._run(prompt, sampling_params, request_id):
+            yield out
+
+    async def encode(
+        self, prompt: Any, pooling_params: Any, request_id: str, *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[Any, None]:
+        async for out in self._run(prompt, pooling_params, request_id):
+            yield out
+
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        # A request whose client went away runs to its end (max_tokens bounds it): the driver has
+        # no per-request abort.
+        log.debug("abort of %s ignored: the request finishes on its own", request_id)
+
+    # ------------------------------------------------------------------ the rest of the protocol
+    async def notify_kv_transfer_request_rejected(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def is_tracing_enabled(self) -> bool:
+        return False
+
+    async def do_log_stats(self) -> None:
+        return None
+
+    async def check_health(self) -> None:
+        if self.errored:
+            raise self.dead_error
+
+    async def start_profile(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("profiling is not available in sage-vllm-batch's server")
+
+    async def stop_profile(self) -> None:
+        raise NotImplementedError("profiling is not available in sage-vllm-batch's server")
+
+    async def reset_mm_cache(self) -> None:
+        return None
+
+    async def reset_encoder_cache(self) -> None:
+        return None
+
+    async def reset_prefix_cache(
+        self, reset_running_requests: bool = False, reset_connector: bool = False
+    ) -> bool:
+        return False
+
+    async def sleep(self, level: int = 1, mode: Any = "abort") -> None:
+        raise NotImplementedError("sleep mode is not available in sage-vllm-batch's server")
+
+    async def release_kv_cache_memory(self) -> None:
+        raise NotImplementedError("sleep mode is not available in sage-vllm-batch's server")
+
+    async def wake_up(self, tags: list[str] | None = None) -> bool:
+        return True
+
+    async def is_sleeping(self) -> bool:
+        return False
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        raise ValueError("LoRA adapters are not served by sage-vllm-batch's server")
+
+    async def pause_generation(self, *, mode: Any = "abort", clear_cache: bool = True) -> None:
+        raise NotImplementedError("pausing is not available in sage-vllm-batch's server")
+
+    async def resume_generation(self) -> None:
+        return None
+
+    async def is_paused(self) -> bool:
+        return False
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        # The service owns the engines and closes them; here the server only stops using them.
+        self._stopped = True

@@ -1,0 +1,489 @@
+"""``VLLMService``: the design's blocking service over loaded engines.
+
+A text model (generate runner, priority scheduling) and an optional embedding model (pooling
+runner), each an :class:`~sage_vllm_batch.engine.Engine` driven by one
+:class:`~sage_vllm_batch.engine_driver.EngineDriver`: concurrent callers are batched together by
+vLLM, batch jobs run on the same engines (see :mod:`.jobs`), and the HTTP server reaches the same
+drivers through :mod:`.engine_client`. Requests are built by the runner's
+:class:`~sage_vllm_batch.requests.RequestBuilder`, so prompts render exactly as in batch mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from sage_vllm_batch.engine_driver import EngineDriver
+from sage_vllm_batch.engine_io import EngineRequest, EngineResult
+from sage_vllm_batch.errors import EngineError, SageBatchError
+from sage_vllm_batch.requests import RequestBuilder, _sampling_param_names, sampling_dict
+from sage_vllm_batch.runner import ResolvedModel, load_engine, resolve_model
+from sage_vllm_batch.service.options import load_option, model_option
+
+log = logging.getLogger(__name__)
+
+TEXT, EMBED = "text", "embedding"
+_PLAIN_KEYS = (
+    "model_id",
+    "embedding_model_id",
+    "engine",
+    "sampling",
+    "auto_reload",
+    "registry_root",
+    "revision",
+)
+
+
+class ServiceError(SageBatchError):
+    """A request the service refuses; ``status`` is the HTTP status the server answers with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Slot:
+    """One loaded model: what was asked for, where it is, and the driver serving it."""
+
+    kind: str
+    model_cfg: DictConfig
+    resolved: ResolvedModel
+    driver: EngineDriver
+    engine_cfg: DictConfig
+    loaded_at: float
+
+    @property
+    def name(self) -> str:
+        return self.resolved.id
+
+
+class VLLMService:
+    """Load models once, then serve ``generate`` / ``embed`` / ``process`` calls from any thread.
+
+    Args:
+        config: The composed job config (``mode=serve``: ``model``, ``engine``, ``sampling``,
+            ``registry``, ``serve``, ``embedding_model``), or the design's plain dict:
+            ``model_id`` (a conf/model option name or a model id), ``embedding_model_id``,
+            ``engine`` (overrides of conf/engine/cpu.yaml), ``sampling`` (overrides of
+            conf/sampling/default.yaml), ``auto_reload``, ``registry_root``.
+    """
+
+    def __init__(self, config: DictConfig | Mapping[str, Any]) -> None:
+        self._lock = threading.RLock()
+        self._slots: dict[str, _Slot] = {}
+        if isinstance(config, DictConfig):
+            self._from_job(config)
+        elif isinstance(config, Mapping):
+            self._from_plain(dict(config))
+        else:
+            raise ServiceError(
+                f"VLLMService config: expected a job config or a dict, got {type(config).__name__}"
+            )
+        if self._wanted[TEXT] is None and self._wanted[EMBED] is None:
+            raise ServiceError("VLLMService: no model to serve (give model_id and/or embedding_model_id)")
+
+    # ------------------------------------------------------------------ config
+    def _from_job(self, cfg: DictConfig) -> None:
+        text = cfg.model if cfg.model.type == "text" else None
+        emb = cfg.model if cfg.model.type == "embedding" else None
+        if cfg.get("embedding_model"):
+            if emb is not None:
+                raise ServiceError(
+                    f"embedding_model={cfg.embedding_model}: model={cfg.model.id} is already an embedding "
+                    "model; serve a text model with model=<text option> next to it"
+                )
+            emb = model_option(cfg.embedding_model)
+            if emb.type != "embedding":
+                raise ServiceError(f"embedding_model={cfg.embedding_model}: {emb.id} is a {emb.type} model")
+        self._wanted = {TEXT: text, EMBED: emb}
+        self.engine_cfg: DictConfig = cfg.engine
+        self.sampling: dict[str, Any] = sampling_dict(OmegaConf.to_container(cfg.sampling, resolve=True))
+        self.registry_cfg: DictConfig = cfg.registry
+        self.overlong = str(cfg.task.get("overlong_prompt", "error_row"))
+        serve = cfg.get("serve")
+        self.auto_reload = bool(serve.auto_reload) if serve is not None else True
+
+    def _from_plain(self, d: dict[str, Any]) -> None:
+        unknown = sorted(set(d) - set(_PLAIN_KEYS))
+        if unknown:
+            raise ServiceError(
+                f"VLLMService config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_PLAIN_KEYS)}"
+            )
+        text = model_option(d["model_id"], type="text") if d.get("model_id") else None
+        if text is not None and d.get("revision"):
+            text.revision = d["revision"]
+        emb = model_option(d["embedding_model_id"], type="embedding") if d.get("embedding_model_id") else None
+        if emb is not None:
+            emb.type = "embedding"
+        self._wanted = {TEXT: text, EMBED: emb}
+        try:
+            self.engine_cfg = OmegaConf.merge(load_option("engine", "cpu"), d.get("engine") or {})
+            sampling = OmegaConf.merge(load_option("sampling", "default"), d.get("sampling") or {})
+        except SageBatchError:
+            raise
+        except Exception as e:
+            raise ServiceError(f"VLLMService config: {e}") from e
+        self.sampling = sampling_dict(OmegaConf.to_container(sampling, resolve=True))
+        self.registry_cfg = OmegaConf.create({"root": d.get("registry_root"), "allow_download": True})
+        self.overlong = "error_row"
+        self.auto_reload = bool(d.get("auto_reload", True))
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self) -> VLLMService:
+        """Resolve the models through the registry and load them (a missing model fails with the
+        registry's message naming the command that fetches it)."""
+        for kind in (TEXT, EMBED):
+            if self._wanted[kind] is not None and kind not in self._slots:
+                self._slots[kind] = self._load(kind, self._wanted[kind])
+        return self
+
+    def _load(self, kind: str, model_cfg: DictConfig) -> _Slot:
+        engine_cfg = OmegaConf.create(OmegaConf.to_container(self.engine_cfg, resolve=True))
+        if kind == TEXT:
+            # Interactive requests go ahead of batch-job requests inside vLLM's scheduler.
+            engine_cfg.extra["scheduling_policy"] = "priority"
+        cfg = OmegaConf.create(
+            {
+                "task": {"type": "chat" if kind == TEXT else "embed"},
+                "model": OmegaConf.to_container(model_cfg, resolve=True),
+                "engine": OmegaConf.to_container(engine_cfg),
+                "registry": OmegaConf.to_container(self.registry_cfg, resolve=True),
+            }
+        )
+        resolved = resolve_model(cfg)
+        engine = load_engine(cfg, resolved)
+        log.info("serving %s (%s) from %s", resolved.id, kind, resolved.path)
+        return _Slot(
+            kind, model_cfg, resolved, EngineDriver(engine, priorities=kind == TEXT), engine_cfg, time.time()
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            slots, self._slots = list(self._slots.values()), {}
+        for s in slots:
+            s.driver.close()
+
+    def __enter__(self) -> VLLMService:
+        return self.setup()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ slots
+    def slot(self, kind: str) -> _Slot:
+        s = self._slots.get(kind)
+        if s is None:
+            if not self._slots and any(self._wanted.values()):
+                raise ServiceError("the service is not set up: call setup() first", status=503)
+            what = "text-generation" if kind == TEXT else "embedding"
+            hint = "model=<text option>" if kind == TEXT else "embedding_model=<option> (e.g. minilm-l6-v2)"
+            raise ServiceError(f"no {what} model is loaded; start the service with {hint}", status=409)
+        return s
+
+    def has(self, kind: str) -> bool:
+        return kind in self._slots
+
+    @property
+    def model_names(self) -> dict[str, str]:
+        return {k: s.name for k, s in self._slots.items()}
+
+    def _submit(self, kind: str, build: Callable[[_Slot], EngineRequest]) -> Future:
+        """Submit on the current engine; a swap between building and submitting retries on the new one."""
+        while True:
+            s = self.slot(kind)
+            req = build(s)
+            try:
+                return s.driver.submit(req)
+            except EngineError:
+                if self._slots.get(kind) is s:
+                    raise
+                # switch_model closed this engine after we read it: build again for the new one
+
+    # ------------------------------------------------------------------ verbs
+    def generate(self, prompts: Any, **options: Any) -> list[dict[str, Any]]:
+        """Complete strings (plain prompts) or answer chat messages / conversations.
+
+        Returns one dict per input: ``text``, ``finish_reason``, ``tokens_used`` (``prompt``,
+        ``completion``, ``total``), ``latency_s``, ``error`` (None unless that input failed).
+        ``options`` are SamplingParams fields that override the config's sampling for this call.
+        """
+        inputs = _normalize_prompts(prompts)
+        sampling = self._sampling(options)
+        task = OmegaConf.create({"type": "generate", "overlong_prompt": self.overlong})
+        chat_task = OmegaConf.create({"type": "chat", "overlong_prompt": self.overlong})
+        data = _data(prompt_column="prompt", messages_column="messages")
+
+        def build_for(i: int, item: Any) -> Callable[[_Slot], EngineRequest]:
+            def build(s: _Slot) -> EngineRequest:
+                if isinstance(item, str):
+                    return RequestBuilder(task, data, sampling, s.driver).build(i, {"prompt": item})
+                return RequestBuilder(chat_task, data, sampling, s.driver).build(i, {"messages": item})
+
+            return build
+
+        t0 = time.perf_counter()
+        futs = [self._submit(TEXT, build_for(i, item)) for i, item in enumerate(inputs)]
+        return [_text_result(f.result(), t0) for f in futs]
+
+    def embed(self, texts: str | Sequence[str], normalize: bool = True) -> dict[str, Any]:
+        """Embed texts: ``{"vectors": [[float, ...], ...], "dim": int, "model_id": str}``.
+
+        A text that cannot be embedded (empty, too long) raises, naming its index.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+            raise ServiceError("embed: inputs must be a string or a list of strings")
+        task = OmegaConf.create({"type": "embed", "overlong_prompt": self.overlong})
+        data = _data(text_column="text")
+
+        def build_for(i: int, text: str) -> Callable[[_Slot], EngineRequest]:
+            return lambda s: RequestBuilder(task, data, {}, s.driver).build(i, {"text": text})
+
+        slot = self.slot(EMBED)
+        futs = [self._submit(EMBED, build_for(i, t)) for i, t in enumerate(texts)]
+        vectors = []
+        for i, f in enumerate(futs):
+            res: EngineResult = f.result()
+            if res.error is not None:
+                raise ServiceError(f"embed: input {i}: {res.error}", status=400)
+            v = res.embedding.astype(np.float32)
+            if normalize:
+                v = v / max(float(np.linalg.norm(v)), 1e-12)
+            vectors.append(v.tolist())
+        dim = len(vectors[0]) if vectors else slot.driver.embedding_dim
+        return {"vectors": vectors, "dim": dim, "model_id": slot.name}
+
+    def process(self, payload: Any) -> dict[str, Any]:
+        """``{"task": "generate" | "embed", "inputs": ..., "options": {...}}`` -> the verb's result."""
+        if not isinstance(payload, Mapping):
+            raise ServiceError(
+                f"payload: expected an object with task, inputs, options; got {type(payload).__name__}"
+            )
+        unknown = sorted(set(payload) - {"task", "inputs", "options", "model"})
+        if unknown:
+            raise ServiceError(
+                f"payload: unknown key(s) {', '.join(map(repr, unknown))}; allowed: task, inputs, options"
+            )
+        task = payload.get("task")
+        if task not in ("generate", "embed"):
+            raise ServiceError(f"payload.task: must be 'generate' or 'embed', got {task!r}")
+        if "inputs" not in payload:
+            raise ServiceError("payload.inputs: missing (a string, a list of strings, or chat messages)")
+        options = payload.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise ServiceError(f"payload.options: expected an object, got {type(options).__name__}")
+        model = payload.get("model")
+        if task == "generate":
+            self._check_model(TEXT, model)
+            return {
+                "task": task,
+                "model_id": self.slot(TEXT).name,
+                "outputs": self.generate(payload["inputs"], **options),
+            }
+        self._check_model(EMBED, model)
+        opts = dict(options)
+        normalize = opts.pop("normalize", True)
+        if opts:
+            raise ServiceError(
+                f"payload.options: embed takes only 'normalize', got {', '.join(sorted(opts))}"
+            )
+        if not isinstance(normalize, bool):
+            raise ServiceError("payload.options.normalize: must be true or false")
+        return {"task": task, **self.embed(payload["inputs"], normalize=normalize)}
+
+    def _check_model(self, kind: str, model: Any) -> None:
+        if model is not None and model != self.slot(kind).name:
+            raise ServiceError(
+                f"payload.model: {model!r} is not served for this task; served: {self.model_names}",
+                status=404,
+            )
+
+    def _sampling(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        opts = {k: v for k, v in options.items() if v is not None}
+        names = _sampling_param_names()
+        if names is not None:
+            unknown = sorted(set(opts) - names)
+            if unknown:
+                raise ServiceError(f"options: unknown sampling option(s) {', '.join(unknown)}")
+        if opts.get("n", 1) != 1:
+            raise ServiceError("options.n: must be 1 (one output per input)")
+        merged = {**self.sampling, **opts}
+        try:
+            from vllm import SamplingParams
+
+            SamplingParams(**merged)
+        except ImportError:  # pragma: no cover
+            pass
+        except Exception as e:
+            raise ServiceError(f"options: {' '.join(str(e).split())[:300]}") from e
+        return merged
+
+    # ------------------------------------------------------------------ models
+    def show_models(self) -> list[dict[str, Any]]:
+        """Models in the registry, with which of them are being served."""
+        from sage_vllm_batch import registry
+
+        served = {(s.resolved.id, s.resolved.revision): k for k, s in self._slots.items()}
+        out = []
+        for rec in registry.list_models(root=self.registry_cfg.root):
+            d = rec.to_dict()
+            d.pop("files", None)
+            d["served_as"] = served.get((rec.model_id, rec.revision))
+            out.append(d)
+        return out
+
+    def download_model(self, model_id: str, revision: str | None = None) -> dict[str, Any]:
+        """Fetch a model into the registry; with ``auto_reload``, a served model is reloaded."""
+        from sage_vllm_batch import registry
+
+        opt = model_option(model_id)
+        root = self.registry_cfg.root
+        if opt.source != "hub":
+            registry.ensure_model(opt.id, revision=revision, source=opt.source, root=root)
+            rec = next(r for r in registry.list_models(root=root) if r.model_id == opt.id)
+        else:
+            rec = registry.download_model(opt.id, revision=revision, root=root, progress=False)
+        reloaded = None
+        if self.auto_reload:
+            for kind, s in list(self._slots.items()):
+                if s.resolved.id == opt.id:
+                    self.switch_model(opt.id, revision, kind=kind)
+                    reloaded = kind
+        d = rec.to_dict()
+        d.pop("files", None)
+        return {**d, "reloaded": reloaded}
+
+    def delete_model(self, model_id: str, revision: str | None = None) -> list[dict[str, Any]]:
+        """Delete a model from the registry; the model being served is refused."""
+        from sage_vllm_batch import registry
+
+        for kind, s in self._slots.items():
+            if s.resolved.id == model_id and revision in (None, s.resolved.revision):
+                raise ServiceError(
+                    f"delete_model: {model_id} is being served as the {kind} model; switch_model to another "
+                    "model first",
+                    status=409,
+                )
+        return [
+            r.to_dict() | {"files": None}
+            for r in registry.delete_model(model_id, revision, root=self.registry_cfg.root)
+        ]
+
+    def switch_model(
+        self, model_id: str, revision: str | None = None, *, kind: str | None = None
+    ) -> dict[str, Any]:
+        """Serve another model: the new engine loads first, then takes new requests; requests in
+        flight finish on the old engine. If the new one fails to load, the old one keeps serving."""
+        model_cfg = model_option(model_id)
+        kind = kind or (EMBED if model_cfg.type == "embedding" else TEXT)
+        model_cfg.type = "embedding" if kind == EMBED else "text"
+        if revision is not None:
+            model_cfg.revision = revision
+        old = self._slots.get(kind)
+        from sage_vllm_batch.supervisor import CPU_STEP_LOCK
+
+        try:
+            # The old engine pauses while the new one loads: the two must not compute at once.
+            with CPU_STEP_LOCK if kind == TEXT else contextlib.nullcontext():
+                new = self._load(kind, model_cfg)
+        except SageBatchError as e:
+            still = f"; {old.name} keeps serving" if old else ""
+            raise ServiceError(f"switch_model({model_id!r}) failed{still}: {e}", status=409) from e
+        with self._lock:
+            self._slots[kind] = new
+            self._wanted[kind] = model_cfg
+        if old is not None:
+            # close() drains: requests already inside the old engine finish there.
+            threading.Thread(target=old.driver.close, name=f"retire-{old.name}", daemon=True).start()
+        return {
+            "kind": kind,
+            "model_id": new.name,
+            "revision": new.resolved.revision,
+            "previous": old.name if old else None,
+        }
+
+    def fine_tune(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The design's fine-tune call (``base_model``, ``dataset_path``, ``output_dir``, ``strategy``)."""
+        if not isinstance(request, Mapping):
+            raise ServiceError(
+                "fine_tune: expected an object with base_model, dataset_path, output_dir, strategy"
+            )
+        missing = [k for k in ("base_model", "dataset_path", "output_dir") if not request.get(k)]
+        if missing:
+            raise ServiceError(f"fine_tune: missing field(s) {', '.join(missing)}")
+        try:
+            from sage_vllm_batch.finetune import fine_tune
+        except ImportError as e:
+            raise ServiceError(
+                "fine_tune: this installation has no training step (sage_vllm_batch.finetune.fine_tune is "
+                "missing); use a sage-vllm-batch version with fine-tuning",
+                status=501,
+            ) from e
+        return fine_tune(dict(request), registry_root=self.registry_cfg.root)
+
+    # ------------------------------------------------------------------ status
+    def info(self) -> dict[str, Any]:
+        return {
+            k: {
+                "model_id": s.name,
+                "revision": s.resolved.revision,
+                "path": s.resolved.path,
+                "loaded_at": s.loaded_at,
+            }
+            for k, s in self._slots.items()
+        }
+
+
+def _data(**columns: str) -> DictConfig:
+    """The data section a RequestBuilder reads, for inputs that arrive as rows of one column."""
+    from sage_vllm_batch.requests import _DATA_KEYS
+
+    return OmegaConf.create({**dict.fromkeys(_DATA_KEYS), **columns})
+
+
+def _normalize_prompts(prompts: Any) -> list[str | list[dict[str, Any]]]:
+    def is_message(m: Any) -> bool:
+        return isinstance(m, Mapping) and "role" in m
+
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(is_message(m) for m in prompts):
+        return [list(prompts)]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes) or not prompts:
+        raise ServiceError(
+            "inputs: expected a string, a non-empty list of strings, chat messages, or conversations"
+        )
+    out: list[str | list[dict[str, Any]]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, Sequence) and p and all(is_message(m) for m in p):
+            out.append(list(p))
+        else:
+            raise ServiceError(f"inputs[{i}]: expected a string or a list of {{role, content}} messages")
+    return out
+
+
+def _text_result(res: EngineResult, t0: float) -> dict[str, Any]:
+    return {
+        "text": res.text,
+        "finish_reason": res.finish_reason,
+        "tokens_used": {
+            "prompt": res.prompt_tokens,
+            "completion": res.completion_tokens,
+            "total": res.prompt_tokens + res.completion_tokens,
+        },
+        "latency_s": round(res.latency_s or (time.perf_counter() - t0), 4),
+        "error": res.error,
+    }

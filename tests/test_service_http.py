@@ -1,0 +1,301 @@
+"""``python -m sage_vllm_batch mode=serve`` against real clients: one server per module (a text
+and an embedding model), started as a user would, on a free loopback port."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import compose_job
+
+pytestmark = pytest.mark.engine
+
+CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBED = "sentence-transformers/all-MiniLM-L6-v2"
+KEY = "test-key-123"
+QUESTIONS = [f"What is {i} plus {i}?" for i in range(32)]
+MAX_TOKENS = 8
+# Fixed small KV caches (no share-of-free-memory check): the server's two engines and the batch
+# reference share a machine with other work.
+MEM = "+engine.extra.kv_cache_memory_bytes=268435456"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("serve")
+    data = base / "data"
+    data.mkdir()
+    with open(data / "q.jsonl", "w") as f:
+        for q in QUESTIONS:
+            f.write(json.dumps({"prompt": q}) + "\n")
+    outside = base / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(json.dumps({"prompt": "secret"}) + "\n")
+    (data / "link.jsonl").symlink_to(outside / "secret.jsonl")
+    return {
+        "base": base,
+        "data": data,
+        "outputs": base / "outputs",
+        "outside": outside,
+        "state": base / "state",
+    }
+
+
+@pytest.fixture(scope="module")
+def server(registry_root, dirs):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "SAGE_VLLM_API_KEY": KEY,
+        "SAGE_VLLM_SERVICES_DIR": str(dirs["state"]),
+    }
+    args = [
+        sys.executable, "-m", "sage_vllm_batch", "mode=serve", "model=smollm2-135m-instruct",
+        "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM, f"serve.port={port}",
+        f"serve.data_roots=[{dirs['data']}]", f"serve.output_root={dirs['outputs']}",
+    ]  # fmt: skip
+    log = open(dirs["base"] / "server.log", "w")
+    proc = subprocess.Popen(args, cwd=dirs["base"], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("READY"):
+            break
+    if not lines or not lines[-1].startswith("READY"):
+        proc.kill()
+        pytest.fail(f"server did not start: {lines}\n{(dirs['base'] / 'server.log').read_text()[-3000:]}")
+    yield {"url": url, "proc": proc, "port": port, "stdout": lines}
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def batch(registry_root, dirs):
+    """The same 32 chat prompts through batch mode (the runner), greedy."""
+    from sage_vllm_batch.runner import run
+    from sage_vllm_batch.sink import read_output
+
+    out = dirs["base"] / "batch"
+    cfg = compose_job(
+        "task=chat", "model=smollm2-135m-instruct", "data=jsonl", f"data.path={dirs['data'] / 'q.jsonl'}",
+        "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}", MEM,
+        out_dir=out, registry_root=registry_root,
+    )  # fmt: skip
+    run(cfg)
+    return read_output(out).column("text").to_pylist()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_ready_line_names_address_and_models(server):
+    text = "".join(server["stdout"])
+    assert server["url"] in text and CHAT in text and EMBED in text
+
+
+def test_openai_sdk_models_chat_stream_completions_embeddings(client):
+    assert {m.id for m in client.models.list().data} == {CHAT, EMBED}
+    msgs = [{"role": "user", "content": "Say hello."}]
+    chat = client.chat.completions.create(model=CHAT, messages=msgs, max_tokens=MAX_TOKENS, temperature=0)
+    text = chat.choices[0].message.content
+    assert text and chat.usage.completion_tokens == MAX_TOKENS
+    stream = client.chat.completions.create(
+        model=CHAT, messages=msgs, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) > 2 and "".join(pieces) == text
+    comp = client.completions.create(
+        model=CHAT, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert comp.choices[0].text.strip()
+    emb = client.embeddings.create(model=EMBED, input=["a cat", "a dog"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
+
+
+def test_32_concurrent_clients_match_batch_mode(client, batch):
+    def ask(q):
+        r = client.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": q}], max_tokens=MAX_TOKENS, temperature=0
+        )
+        return r.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, QUESTIONS))
+    assert got == batch
+
+
+def test_bad_requests_are_4xx_and_the_server_keeps_serving(http, client):
+    cases = [
+        ("post", "/v1/chat/completions", {"content": b"{not json"}),
+        ("post", "/v1/chat/completions", {"json": {"model": CHAT, "messages": "not a list"}}),
+        ("post", "/v1/chat/completions", {"json": {"model": CHAT, "messages": [], "max_tokens": "many"}}),
+        ("post", "/v1/chat/completions", {"json": {"model": "no/such-model", "messages": [{"role": "user", "content": "x"}]}}),
+        ("post", "/v1/completions", {"json": {"model": CHAT, "prompt": "word " * 5000, "max_tokens": 4}}),
+        ("post", "/v1/embeddings", {"json": {"model": EMBED, "input": 12}}),
+        ("post", "/v1/completions", {"content": b"x" * 5_000_000}),
+        ("post", "/v1/process", {"content": b"[1, 2"}),
+        ("post", "/v1/process", {"json": {"task": "translate", "inputs": "x"}}),
+        ("post", "/v1/process", {"json": {"task": "generate"}}),
+        ("post", "/v1/process", {"json": {"task": "generate", "inputs": [3]}}),
+        ("post", "/v1/process", {"json": {"task": "generate", "inputs": "x", "options": {"tempo": 1}}}),
+        ("get", "/v1/jobs/job-nope", {}),
+    ]  # fmt: skip
+    for method, path, kw in cases:
+        r = getattr(http, method)(path, **kw)
+        assert 400 <= r.status_code < 500, (path, kw, r.status_code, r.text[:300])
+        assert r.json()["error"]["message"]
+    r = http.post("/v1/process", json={"task": "generate", "inputs": "x", "options": {"tempo": 1}})
+    assert "tempo" in r.json()["error"]["message"]
+    assert client.completions.create(model=CHAT, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_api_key_is_enforced(server):
+    url = server["url"]
+    assert httpx.get(url + "/v1/models").status_code == 401
+    assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(url + "/v1/process", json={"task": "embed", "inputs": "x"}).status_code == 401
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_process_route_generate_and_embed(http):
+    r = http.post("/v1/process", json={"task": "generate", "inputs": ["Hi", [{"role": "user", "content": "Hi"}]],
+                                       "options": {"max_tokens": 3}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    outs = r.json()["outputs"]
+    assert len(outs) == 2 and all(o["tokens_used"]["completion"] == 3 for o in outs)
+    r = http.post("/v1/process", json={"task": "embed", "inputs": ["a", "b", "c"]})
+    body = r.json()
+    assert body["dim"] == 384 and len(body["vectors"]) == 3 and body["model_id"] == EMBED
+    assert abs(sum(x * x for x in body["vectors"][0]) - 1.0) < 1e-3
+
+
+def _wait_job(http, job_id, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        j = http.get(f"/v1/jobs/{job_id}").json()
+        if j["status"] not in ("queued", "running"):
+            return j
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish: {j}")
+
+
+def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch):
+    from sage_vllm_batch.sink import read_output
+
+    overrides = ["task=chat", "data=jsonl", f"data.path={dirs['data'] / 'q.jsonl'}",
+                 "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}"]  # fmt: skip
+    r = http.post("/v1/jobs", json={"overrides": overrides})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["status"] in ("queued", "running", "complete")
+    assert Path(job["output_dir"]).is_relative_to(dirs["outputs"])
+    done = _wait_job(http, job["id"])
+    assert done["status"] == "complete", done
+    assert done["rows_done"] == done["rows_total"] == 32
+    assert done["metrics"]["rows_out"] == 32
+    assert read_output(job["output_dir"]).column("text").to_pylist() == batch
+    assert job["id"] in [j["id"] for j in http.get("/v1/jobs").json()["data"]]
+    again = http.post("/v1/jobs", json={"overrides": overrides})
+    assert again.status_code == 201 and again.json()["output_dir"] == job["output_dir"]
+    assert _wait_job(http, job["id"])["status"] == "complete"
+    assert read_output(job["output_dir"]).num_rows == 32  # resumed as complete: nothing redone
+
+
+def test_cancelled_job_keeps_its_shards_and_resumes(http, dirs, batch):
+    from sage_vllm_batch.sink import ParquetShardSink, read_output
+
+    overrides = ["task=chat", "data=jsonl", f"data.path={dirs['data'] / 'q.jsonl'}", "output.shard_rows=4",
+                 "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}"]  # fmt: skip
+    job = http.post("/v1/jobs", json={"overrides": overrides}).json()
+    deadline = time.monotonic() + 120
+    while not ParquetShardSink.read_ledger(Path(job["output_dir"])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = http.delete(f"/v1/jobs/{job['id']}")
+    assert r.status_code == 200 and r.json()["status"] in ("cancelled", "complete"), r.text
+    kept = ParquetShardSink.read_ledger(Path(job["output_dir"]))
+    assert kept, "committed shards stay"
+    again = http.post("/v1/jobs", json={"overrides": overrides})
+    assert again.status_code == 201, again.text
+    assert _wait_job(http, job["id"])["status"] == "complete"
+    assert read_output(job["output_dir"]).column("text").to_pylist() == batch
+
+
+def test_job_refusals_name_the_key_and_touch_nothing(http, dirs):
+    base = ["task=chat", "data=jsonl", "output.passthrough_columns=[prompt]"]
+    q = dirs["data"] / "q.jsonl"
+    cases = {
+        "data.path": [f"data.path={dirs['data']}/../outside/secret.jsonl"],
+        "data.path ": [f"data.path={dirs['outside'] / 'secret.jsonl'}"],
+        "data.path  ": [f"data.path={dirs['data'] / 'link.jsonl'}"],
+        "output.dir": [f"data.path={q}", f"output.dir={dirs['outside'] / 'out'}"],
+        "model": [f"data.path={q}", "model=minilm-l6-v2"],
+        "engine.max_num_seqs": [f"data.path={q}", "engine.max_num_seqs=2"],
+        "registry.root": [f"data.path={q}", f"registry.root={dirs['outside']}"],
+        "hydra.run.dir": [f"data.path={q}", f"hydra.run.dir={dirs['outside']}"],
+    }
+    for key, extra in cases.items():
+        r = http.post("/v1/jobs", json={"overrides": [*base, *extra]})
+        assert r.status_code in (400, 403), (key, r.text)
+        assert key.strip() in r.json()["error"]["message"], (key, r.text)
+    assert sorted(p.name for p in dirs["outside"].iterdir()) == ["secret.jsonl"]
+
+
+def test_status_cli_lists_the_service(server, dirs, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sage_vllm_batch.service import status
+
+    monkeypatch.setenv(status.STATE_ENV, str(dirs["state"]))
+    (rec,) = status.running()
+    assert rec["pid"] == server["proc"].pid and rec["port"] == server["port"]
+    assert rec["models"] == {"text": CHAT, "embedding": EMBED}
+    out = CliRunner().invoke(status.app, ["status", "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)[0]["url"] == server["url"]
+
+
+def test_sigterm_exits_cleanly(server, dirs, monkeypatch):
+    """Last test of the module: stop the server the way `sage-vllm-services stop` does."""
+    from sage_vllm_batch.service import status
+
+    monkeypatch.setenv(status.STATE_ENV, str(dirs["state"]))
+    proc = server["proc"]
+    t0 = time.monotonic()
+    status.stop(str(server["port"]), timeout=30)
+    assert proc.wait(timeout=5) == 0
+    assert time.monotonic() - t0 < 30
+    assert status.running() == []

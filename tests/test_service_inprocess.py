@@ -1,0 +1,141 @@
+"""``VLLMService`` in-process: the design's contract, hot model switch under load, registry
+calls, and the SAGE kernel pipeline of the README on the same loaded service."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sage_vllm_batch.service import ServiceError, VLLMService
+
+pytestmark = pytest.mark.engine
+
+CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBED = "sentence-transformers/all-MiniLM-L6-v2"
+KV = {"extra": {"kv_cache_memory_bytes": 256 * 2**20}}  # fixed small KV cache per engine
+
+
+@pytest.fixture(scope="module")
+def service(registry_root):
+    svc = VLLMService(
+        {
+            "model_id": "smollm2-135m-instruct",
+            "embedding_model_id": "minilm-l6-v2",
+            "engine": KV,
+            "sampling": {"max_tokens": 6},
+            "registry_root": str(registry_root),
+        }
+    )
+    svc.setup()
+    yield svc
+    svc.close()
+
+
+def test_generate_embed_process_contract(service):
+    outs = service.generate(
+        ["The sky is", [{"role": "user", "content": "Hi"}], [[{"role": "user", "content": "Hi"}]][0]],
+        max_tokens=3,
+    )
+    assert len(outs) == 3 and outs[1]["text"] == outs[2]["text"]
+    for o in outs:
+        assert o["error"] is None and o["text"] and o["finish_reason"] == "length"
+        assert o["tokens_used"]["completion"] == 3
+        assert o["tokens_used"]["total"] == o["tokens_used"]["prompt"] + 3 and o["latency_s"] > 0
+    assert service.generate("The sky is")[0]["tokens_used"]["completion"] == 6  # config's sampling
+    emb = service.embed(["a cat", "a dog"])
+    assert emb["dim"] == 384 and emb["model_id"] == EMBED and len(emb["vectors"]) == 2
+    assert abs(sum(x * x for x in emb["vectors"][0]) - 1) < 1e-3
+    assert len(service.embed("a cat", normalize=False)["vectors"][0]) == 384
+    assert service.process({"task": "embed", "inputs": ["x"]})["dim"] == 384
+    with pytest.raises(ServiceError, match="payload.task"):
+        service.process({"task": "summarize", "inputs": "x"})
+    with pytest.raises(ServiceError, match="payload.inputs"):
+        service.process({"task": "generate"})
+    with pytest.raises(ServiceError, match="unknown key"):
+        service.process({"task": "generate", "inputs": "x", "extra": 1})
+    with pytest.raises(ServiceError, match="temprature"):
+        service.generate("x", temprature=0.5)
+    with pytest.raises(ServiceError, match=r"inputs\[1\]"):
+        service.generate(["x", 3])
+
+
+def test_registry_calls_protect_the_served_model(service):
+    served = {m["id"]: m["served_as"] for m in service.show_models()}
+    assert served[CHAT] == "text" and served[EMBED] == "embedding"
+    with pytest.raises(ServiceError, match="being served") as e:
+        service.delete_model(CHAT)
+    assert e.value.status == 409
+    with pytest.raises(ServiceError, match="dataset_path"):
+        service.fine_tune({"base_model": CHAT, "output_dir": "/tmp/x"})
+
+
+def test_switch_model_under_load_loses_no_request(service):
+    old_driver = service.slot("text").driver
+    results: list[dict] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def caller(i: int) -> None:
+        while not stop.is_set():
+            try:
+                results.extend(service.generate([f"Count to {i}"], max_tokens=2))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    before = len(results)
+    info = service.switch_model("smollm2-135m-instruct")  # reload: a new engine takes over
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert info["model_id"] == CHAT and service.slot("text").driver is not old_driver
+    assert before > 0 and len(results) > before
+    assert all(r["error"] is None and r["tokens_used"]["completion"] == 2 for r in results)
+
+    with pytest.raises(ServiceError, match="keeps serving"):
+        service.switch_model("nobody/no-such-model")
+    assert service.generate("Hi", max_tokens=1)[0]["error"] is None
+
+
+_collected: list[dict] = []
+
+
+def test_sage_kernel_pipeline_returns_text_and_embeddings(service, tmp_path, monkeypatch):
+    pytest.importorskip("sage.kernel")
+    monkeypatch.setenv("SAGE_OUTPUT_DIR", str(tmp_path / "sage"))
+    from sage.common.core.functions import SinkFunction
+    from sage.kernel.api.local_environment import LocalEnvironment
+
+    from sage_vllm_batch.service.sage_adapter import (
+        VLLMEmbeddingOperator,
+        VLLMServiceGenerator,
+        register_vllm_service,
+    )
+
+    class Collect(SinkFunction):
+        def execute(self, data):
+            _collected.append(data)
+
+    env = LocalEnvironment("sage_vllm_test")
+    register_vllm_service(env, "vllm", service)
+    (
+        env.from_batch([{"prompt": "What is 2+2?"}, {"prompt": "Name a color."}])
+        .map(VLLMServiceGenerator, service_name="vllm", options={"max_tokens": 8})
+        .map(VLLMEmbeddingOperator, service_name="vllm", text_field="prompt")
+        .sink(Collect)
+    )
+    env.submit(autostop=True)
+    env.close()
+    time.sleep(0.5)
+    assert len(_collected) == 2
+    for rec in _collected:
+        assert rec["generated"] and rec["tokens_used"]["completion"] <= 8
+        assert len(rec["embedding"]) == 384
