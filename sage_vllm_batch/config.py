@@ -300,9 +300,13 @@ class JobConfig:
     progress: str = "auto"
     progress_interval_s: float = 10.0
     job_name: str = "default"
-# run: push the dataset through the engine; plan: say what a run would do (no engine);
-# serve: keep the engine loaded behind an HTTP server.
-MODES = ("run", "plan", "serve")
+    mode: str = "run"  # one of MODES
+    # false: the console shows the runner's lines, progress and errors (libraries log to
+    # <output.dir>/run.log); true: everything on the console too.
+    verbose: bool = False
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    # mode=serve: a conf/model option loaded as the embedding model next to ``model``.
+    embedding_model: str | None = None
 
 
 @dataclass
