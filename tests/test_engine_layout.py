@@ -22,7 +22,7 @@ def test_cpu_engines_run_in_process_side_by_side(embed_engine, chat_engine):
     assert embed_engine.in_process and chat_engine.in_process
     assert _engine_processes() == []
     (vec,) = embed_engine.embed(["In the beginning God created the heaven and the earth."])
-    (ans,) = chat_engine.chat([[{"role": "user", "content": "What is the capital of France?"}]], {"max_tokens": 16})
+    (ans,) = chat_engine.chat([[{"role": "user", "content": "What is the capital of France?"}]], {"temperature": 0.0, "max_tokens": 16})
     assert vec.embedding.shape == (384,) and "Paris" in ans.text
     # The second engine's construction did not change the first's layout (vLLM caches its env).
     (vec2,) = embed_engine.embed(["In the beginning God created the heaven and the earth."])

@@ -278,14 +278,18 @@ class RayExecutor:
         if self._engine is None:
             raise RuntimeError("RayExecutor.execute before start")
         cfg = points[0].cfg
-        drive(
-            points,
-            self._feed,
-            load_seconds=self.load_seconds,
-            in_process=self._engine.in_process,
-            progress=cfg.progress,
-            interval_s=cfg.progress_interval_s,
-        )
+        try:
+            drive(
+                points,
+                self._feed,
+                load_seconds=self.load_seconds,
+                in_process=self._engine.in_process,
+                progress=cfg.progress,
+                interval_s=cfg.progress_interval_s,
+            )
+        finally:
+            for p in points:  # the end of this run's writes, as in runner.execute
+                p.release()
 
     def _feed(self, todo: Sequence[Point]) -> None:
         ray = _import_ray()
