@@ -158,7 +158,12 @@ def main() -> None:
         common = [f"registry.root={root}", *a.override]
         if "embed" in tasks:
             mpath = str(registry.ensure_model(MODELS["embed"][0], source=MODELS["embed"][1], root=root))
-            for label, texts in (("verses", kjv(a.rows)), ("800-char chunks", chunks_800(a.rows))):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(mpath)
+            # Plain vLLM refuses a text over the model's context (256 tokens): keep the chunks that fit.
+            chunks = [c for c in chunks_800(a.rows + a.rows // 4) if len(tok.encode(c)) <= 256][: a.rows]
+            for label, texts in (("verses", kjv(a.rows)), ("800-char chunks", chunks)):
                 data = tmpd / f"embed-{label[:5]}.jsonl"
                 data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
                 recs = {}
