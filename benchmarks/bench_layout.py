@@ -196,6 +196,7 @@ def main() -> None:
                         "data=jsonl",
                         f"data.path={data}",
                         "data.prompt_column=prompt",
+                        "output.passthrough_columns=[prompt]",
                         f"sampling.max_tokens={a.max_tokens}",
                         *common,
                     ],
