@@ -134,24 +134,20 @@ def prepare_output_dir(out_dir: Path, manifest: dict[str, Any], *, overwrite: bo
             are not ours.
     """
     path = out_dir / MANIFEST
-    if path.exists() and overwrite:
+    state, changes = output_dir_state(out_dir, manifest, overwrite=overwrite)
+    if state == "overwrite":
         _clear_run(out_dir)  # a run of ours: its files go, anything else stays
         write_json_atomic(path, manifest)
         return "new"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        changes = diff(old, manifest)
-        if changes:
-            shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
-            raise ResumeError(
-                f"{out_dir} holds a run made under a different manifest, so resuming would mix "
-                f"outputs. Changed: {shown}. Use another output.dir, or output.overwrite=true to "
-                "discard the old results."
-            )
-        return "complete" if (out_dir / SUCCESS).exists() else "resume"
+    if state == "refused":
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        raise ResumeError(
+            f"{out_dir} holds a run made under a different manifest, so resuming would mix "
+            f"outputs. Changed: {shown}. Use another output.dir, or output.overwrite=true to "
+            "discard the old results."
+        )
+    if state != "new":
+        return state
     out_dir.mkdir(parents=True, exist_ok=True)
     clash, other = _foreign_entries(out_dir)
     if clash:
