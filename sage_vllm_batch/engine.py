@@ -83,7 +83,47 @@ def vllm_version() -> str:
     return "unknown"
 
 
-class Engine:
+class EngineVerbs:
+    """The plain verbs over a request runner, shared by :class:`Engine` (one caller) and
+    :class:`~sage_vllm_batch.engine_driver.EngineDriver` (many callers on one engine thread).
+    A subclass gives ``run_all`` (results in input order), ``encode``, ``render_chat``,
+    ``runner`` and an ``_embedding_dim`` slot."""
+
+    _embedding_dim: int | None = None
+
+    def run_all(self, requests: Iterable[EngineRequest]) -> list[EngineResult]:  # pragma: no cover
+        raise NotImplementedError
+
+    def generate(self, prompts: list[str], sampling: Mapping[str, Any] | None = None) -> list[EngineResult]:
+        """Complete plain prompts; results in input order."""
+        return self.run_all(
+            EngineRequest(key=i, prompt_token_ids=self.encode(p), sampling=sampling) for i, p in enumerate(prompts)
+        )
+
+    def chat(
+        self, conversations: list[list[dict[str, Any]]], sampling: Mapping[str, Any] | None = None
+    ) -> list[EngineResult]:
+        """Answer conversations through the model's chat template; results in input order."""
+        return self.run_all(
+            EngineRequest(key=i, prompt_token_ids=self.render_chat(c), sampling=sampling)
+            for i, c in enumerate(conversations)
+        )
+
+    def embed(self, texts: list[str]) -> list[EngineResult]:
+        """Embed texts; results in input order."""
+        return self.run_all(EngineRequest(key=i, prompt_token_ids=self.encode(t)) for i, t in enumerate(texts))
+
+    @property
+    def embedding_dim(self) -> int:
+        if self.runner != "pooling":
+            raise EngineError("embedding_dim is only defined for a pooling (embedding) model")
+        if self._embedding_dim is None:
+            (res,) = self.embed(["dimension probe"])
+            self._embedding_dim = int(res.embedding.shape[0])
+        return self._embedding_dim
+
+
+class Engine(EngineVerbs):
     """A vLLM model loaded once, serving generation or embedding requests, supervised.
 
     Args:
@@ -216,15 +256,6 @@ class Engine:
         # The template emits BOS/EOS itself (as vLLM's LLM.chat does: add_special_tokens=False).
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    @property
-    def embedding_dim(self) -> int:
-        if self.runner != "pooling":
-            raise EngineError("embedding_dim is only defined for a pooling (embedding) model")
-        if self._embedding_dim is None:
-            (res,) = self.embed(["dimension probe"])
-            self._embedding_dim = int(res.embedding.shape[0])
-        return self._embedding_dim
-
     # ------------------------------------------------------------------ core
     def stream(
         self,
@@ -250,29 +281,11 @@ class Engine:
         feed = requests if isinstance(requests, RequestFeed) else IteratorFeed(requests)
         return SupervisedStream(self, feed, on_step=on_step).run()
 
-    # ------------------------------------------------------------------ verbs
-    def generate(self, prompts: list[str], sampling: Mapping[str, Any] | None = None) -> list[EngineResult]:
-        """Complete plain prompts; results in input order."""
-        reqs = (
-            EngineRequest(key=i, prompt_token_ids=self.encode(p), sampling=sampling)
-            for i, p in enumerate(prompts)
-        )
-        return _ordered(self.stream(reqs), len(prompts))
-
-    def chat(
-        self, conversations: list[list[dict[str, Any]]], sampling: Mapping[str, Any] | None = None
-    ) -> list[EngineResult]:
-        """Answer conversations through the model's chat template; results in input order."""
-        reqs = (
-            EngineRequest(key=i, prompt_token_ids=self.render_chat(c), sampling=sampling)
-            for i, c in enumerate(conversations)
-        )
-        return _ordered(self.stream(reqs), len(conversations))
-
-    def embed(self, texts: list[str]) -> list[EngineResult]:
-        """Embed texts; results in input order."""
-        reqs = (EngineRequest(key=i, prompt_token_ids=self.encode(t)) for i, t in enumerate(texts))
-        return _ordered(self.stream(reqs), len(texts))
+    def run_all(self, requests: Iterable[EngineRequest]) -> list[EngineResult]:
+        """Run requests through :meth:`stream` (pulled lazily); results in input order (keys are
+        0..n-1)."""
+        done = {r.key: r for r in self.stream(requests)}
+        return [done[i] for i in range(len(done))]
 
     @property
     def llm(self) -> Any:
@@ -385,13 +398,6 @@ def _engine_children() -> list[Any]:
         return psutil.Process().children(recursive=True)
     except Exception:  # pragma: no cover
         return []
-
-
-def _ordered(results: Iterable[EngineResult], n: int) -> list[EngineResult]:
-    out: list[EngineResult | None] = [None] * n
-    for r in results:
-        out[r.key] = r
-    return out  # type: ignore[return-value]
 
 
 def _one_line(e: BaseException) -> str:

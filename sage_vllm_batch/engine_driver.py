@@ -17,12 +17,12 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sage_vllm_batch.engine import Engine, RequestFeed
+from sage_vllm_batch.engine import Engine, EngineVerbs, RequestFeed
 from sage_vllm_batch.engine_io import EngineRequest, EngineResult
 from sage_vllm_batch.errors import EngineError
 
@@ -123,7 +123,7 @@ class _SharedFeed(RequestFeed):
             self.cond.notify_all()
 
 
-class EngineDriver:
+class EngineDriver(EngineVerbs):
     """Drives one :class:`Engine` from a thread of its own; every method is thread-safe.
 
     Args:
@@ -187,6 +187,9 @@ class EngineDriver:
         self._feed.put(replace(req, key=_Ticket(fut, req.key), priority=INTERACTIVE_PRIORITY))
         return fut
 
+    def run_all(self, requests: Iterable[EngineRequest]) -> list[EngineResult]:
+        return self.run(requests)
+
     def run(self, requests: Iterable[EngineRequest], timeout: float | None = None) -> list[EngineResult]:
         """Submit requests and wait for all; results in input order."""
         futs = [self.submit(r) for r in requests]
@@ -236,33 +239,7 @@ class EngineDriver:
         finally:
             job.cancelled = True
 
-    # ------------------------------------------------------------------ verbs (as Engine's)
-    def generate(self, prompts: list[str], sampling: Mapping[str, Any] | None = None) -> list[EngineResult]:
-        return self.run(
-            EngineRequest(key=i, prompt_token_ids=self.encode(p), sampling=sampling)
-            for i, p in enumerate(prompts)
-        )
-
-    def chat(
-        self, conversations: list[list[dict[str, Any]]], sampling: Mapping[str, Any] | None = None
-    ) -> list[EngineResult]:
-        return self.run(
-            EngineRequest(key=i, prompt_token_ids=self.render_chat(c), sampling=sampling)
-            for i, c in enumerate(conversations)
-        )
-
-    def embed(self, texts: list[str]) -> list[EngineResult]:
-        return self.run(EngineRequest(key=i, prompt_token_ids=self.encode(t)) for i, t in enumerate(texts))
-
-    @property
-    def embedding_dim(self) -> int:
-        if self._embedding_dim is None:
-            if self.engine.runner != "pooling":
-                raise EngineError("embedding_dim is only defined for a pooling (embedding) model")
-            (res,) = self.embed(["dimension probe"])
-            self._embedding_dim = int(res.embedding.shape[0])
-        return self._embedding_dim
-
+    # ------------------------------------------------------------------ verbs: EngineVerbs over run_all
     def encode(self, text: str) -> list[int]:
         return self.engine.encode(text)
 
