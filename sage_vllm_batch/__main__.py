@@ -40,13 +40,23 @@ def _app(cfg: DictConfig) -> float | None:
 
     if cfg.get("mode", "run") == "serve":
         return _serve(cfg)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    # A single run exits right after (main's os._exit); a multirun goes on to its next job.
+    single = HydraConfig.get().mode == RunMode.RUN
     try:
-        metrics = run(cfg)
+        metrics = run(cfg, process_exiting=single)
     except SageBatchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     if metrics.get("task") == "finetune":
-        log.info("done: %s registered (%s) -> %s", metrics.get("output_model"), metrics.get("strategy"), metrics.get("output_dir"))
+        log.info(
+            "done: %s registered (%s) -> %s",
+            metrics.get("output_model"),
+            metrics.get("strategy"),
+            metrics.get("output_dir"),
+        )
         return None
     log.info(
         "done: %s rows (%s errors) in %.1fs, %.1f rows/s -> %s",

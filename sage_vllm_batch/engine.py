@@ -21,6 +21,7 @@ from typing import Any
 
 from sage_vllm_batch.engine_io import EngineRequest, EngineResult
 from sage_vllm_batch.errors import EngineError
+from sage_vllm_batch.startup import freeze_import_heap, import_vllm
 
 __all__ = ["Engine", "EngineRequest", "EngineResult", "engine_kwargs", "vllm_version"]
 
@@ -32,6 +33,8 @@ _MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 # vLLM reads its process layout from the environment (and caches its env reads once an engine
 # core starts): engine construction is serialized so each engine gets the layout it asked for.
 _construct_lock = threading.Lock()
+# Engines left to the process's exit (Engine.leave_to_exit): held so that no finalizer tears them down.
+_left_to_exit: list[Any] = []
 
 
 def resolve_in_process(setting: str | bool | None) -> bool:
@@ -49,16 +52,19 @@ def resolve_in_process(setting: str | bool | None) -> bool:
         )
     if value != "auto":
         return value == "true"
+    import_vllm()
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu()) and (os.cpu_count() or 1) <= 32
 
 
 def _build_llm(in_process: bool, **kwargs: Any) -> Any:
+    import_vllm()
     from vllm import LLM
     from vllm import envs as vllm_envs
 
     with _construct_lock:
+        freeze_import_heap()
         before = os.environ.get(_MP_ENV)
         os.environ[_MP_ENV] = "0" if in_process else "1"
         if hasattr(vllm_envs, "disable_envs_cache"):
@@ -97,7 +103,8 @@ class EngineVerbs:
     def generate(self, prompts: list[str], sampling: Mapping[str, Any] | None = None) -> list[EngineResult]:
         """Complete plain prompts; results in input order."""
         return self.run_all(
-            EngineRequest(key=i, prompt_token_ids=self.encode(p), sampling=sampling) for i, p in enumerate(prompts)
+            EngineRequest(key=i, prompt_token_ids=self.encode(p), sampling=sampling)
+            for i, p in enumerate(prompts)
         )
 
     def chat(
@@ -111,7 +118,9 @@ class EngineVerbs:
 
     def embed(self, texts: list[str]) -> list[EngineResult]:
         """Embed texts; results in input order."""
-        return self.run_all(EngineRequest(key=i, prompt_token_ids=self.encode(t)) for i, t in enumerate(texts))
+        return self.run_all(
+            EngineRequest(key=i, prompt_token_ids=self.encode(t)) for i, t in enumerate(texts)
+        )
 
     @property
     def embedding_dim(self) -> int:
@@ -166,7 +175,7 @@ class Engine(EngineVerbs):
         self.stall_timeout_s = stall_timeout_s
         t0 = time.perf_counter()
         try:
-            import vllm  # noqa: F401
+            import_vllm()
         except ImportError as e:  # pragma: no cover - depends on the install
             raise EngineError(
                 f"vLLM is not importable ({e}). Install it: pip install 'sage-vllm-batch[cpu]' "
@@ -318,6 +327,15 @@ class Engine(EngineVerbs):
     def close(self) -> None:
         """Shut the engine down and free its memory."""
         self._shutdown_llm()
+
+    def leave_to_exit(self) -> None:
+        """For a process about to exit (the CLI's single run): skip the teardown of an in-process
+        engine, whose full GC passes cost over a second on a small machine while the OS reclaims
+        the memory anyway. An engine in child processes is closed as usual."""
+        if self.in_process and self._llm is not None:
+            _left_to_exit.append(self)
+        else:
+            self.close()
 
 
 class RequestFeed:

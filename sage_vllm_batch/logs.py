@@ -16,6 +16,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from sage_vllm_batch.startup import gc_paused
+
 LOG_FILE = "run.log"
 # Loggers whose INFO lines are the runner's own (everything else reaches the console at ERROR).
 _OURS = ("sage_vllm_batch", "hydra_plugins", "__main__")
@@ -45,7 +47,7 @@ def configure(*, verbose: bool, log_dir: str | Path | None) -> Path | None:
             if not verbose:
                 h.addFilter(_ConsoleFilter())
     logging.captureWarnings(True)
-    with contextlib.suppress(Exception):  # transformers prints through its own handler by default
+    with contextlib.suppress(Exception), gc_paused():  # transformers prints through its own handler
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_default_handler()

@@ -103,13 +103,35 @@ def _foreign_entries(out_dir: Path) -> tuple[list[str], list[str]]:
     return clash, other
 
 
+def _foreign_refusal(out_dir: Path, *, overwrite: bool) -> str | None:
+    """Why a directory without our manifest cannot take a new run, or None if it can."""
+    if not out_dir.is_dir():
+        return None
+    clash, other = _foreign_entries(out_dir)
+    if clash:
+        return (
+            f"{out_dir} has no {MANIFEST} but holds files named like this runner's outputs "
+            f"({', '.join(clash[:5])}): they were not written by a run of ours, so they are neither "
+            "resumed from nor deleted. Move them away or choose another output.dir."
+        )
+    if other and not overwrite:
+        return (
+            f"{out_dir} is not empty and holds no run of ours ({', '.join(other[:5])}"
+            f"{' ...' if len(other) > 5 else ''}). Choose an empty or new output.dir, or set "
+            "output.overwrite=true to write next to those files (they are left alone)."
+        )
+    return None
+
+
 def output_dir_state(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> tuple[str, list[str]]:
-    """What :func:`prepare_output_dir` would find, touching nothing: ``(state, changes)`` with state
-    ``new``, ``overwrite`` (a run there would be discarded), ``resume``, ``complete`` or
-    ``refused`` (``changes`` lists what differs from the run already there)."""
+    """What :func:`prepare_output_dir` would find, touching nothing: ``(state, reasons)`` with state
+    ``new``, ``overwrite`` (a run there would be discarded), ``resume``, ``complete``, ``refused``
+    (``reasons`` lists what differs from the run already there) or ``foreign`` (files that are not
+    a run of ours are in the way; ``reasons`` holds the message)."""
     path = out_dir / MANIFEST
     if not path.exists():
-        return "new", []
+        why = _foreign_refusal(out_dir, overwrite=overwrite)
+        return ("foreign", [why]) if why else ("new", [])
     if overwrite:
         return "overwrite", []
     try:
@@ -146,22 +168,11 @@ def prepare_output_dir(out_dir: Path, manifest: dict[str, Any], *, overwrite: bo
             f"outputs. Changed: {shown}. Use another output.dir, or output.overwrite=true to "
             "discard the old results."
         )
+    if state == "foreign":
+        raise ResumeError(changes[0])
     if state != "new":
         return state
     out_dir.mkdir(parents=True, exist_ok=True)
-    clash, other = _foreign_entries(out_dir)
-    if clash:
-        raise ResumeError(
-            f"{out_dir} has no {MANIFEST} but holds files named like this runner's outputs "
-            f"({', '.join(clash[:5])}): they were not written by a run of ours, so they are neither "
-            "resumed from nor deleted. Move them away or choose another output.dir."
-        )
-    if other and not overwrite:
-        raise ResumeError(
-            f"{out_dir} is not empty and holds no run of ours ({', '.join(other[:5])}"
-            f"{' ...' if len(other) > 5 else ''}). Choose an empty or new output.dir, or set "
-            "output.overwrite=true to write next to those files (they are left alone)."
-        )
     write_json_atomic(path, manifest)
     return "new"
 

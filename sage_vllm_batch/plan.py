@@ -133,6 +133,9 @@ def _output(cfg: DictConfig, plan: Plan, model: Any, source: Any) -> None:
         text = f"resuming: {len(ledger)} shard(s) committed ({rows} rows), the rest will be run"
     elif state == "complete":
         text = f"complete ({len(ledger)} shard(s), {rows} rows): nothing to do"
+    elif state == "foreign":
+        text = "refused: files that are not a run of ours are in the way"
+        plan.problems.append(f"output: {changes[0]}")
     else:
         text = "refused: it holds a run made under different settings"
         plan.problems.append(

@@ -654,8 +654,11 @@ def drive(
         )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job end to end and return its metrics (the importable core of the CLI)."""
+def run(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
+    """Run one job end to end and return its metrics (the importable core of the CLI).
+
+    ``process_exiting``: the caller exits right after (the CLI's single run), so an in-process
+    engine is left to the OS instead of being torn down (see :meth:`Engine.leave_to_exit`)."""
     validate(cfg)
     if cfg.task.type == "finetune":
         from sage_vllm_batch.finetune import run_finetune
@@ -676,7 +679,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             try:
                 executor.execute([point])
             finally:
-                executor.close()
+                executor.close(process_exiting=process_exiting)
             return point.metrics_record()
         finally:
             point.release()

@@ -11,6 +11,7 @@ import pytest
 from conftest import compose_job, run_cli
 from test_runner_logic import Crash, FakeEngine
 
+from sage_vllm_batch.errors import ResumeError
 from sage_vllm_batch.plan import print_plan
 from sage_vllm_batch.runner import execute, prepare_point, resolve_model
 
@@ -87,6 +88,23 @@ def test_plan_of_a_refused_run_says_why_and_fails(corpus, tmp_path, minilm_regis
     assert "output.overwrite=true" in text
     code, text = plan_of(job(corpus, out, minilm_registry, "data.limit=100", "output.overwrite=true"))
     assert code == 0 and "overwrite: the run there (1 shard(s), 50 rows) will be discarded" in text
+
+
+def test_plan_agrees_with_the_run_on_a_directory_of_other_files(corpus, tmp_path, minilm_registry):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, text = plan_of(job(corpus, out, minilm_registry))
+    assert code == 1 and "refused" in text and "holds no run of ours (notes.txt)" in text
+    cfg = job(corpus, out, minilm_registry)
+    with pytest.raises(ResumeError, match="holds no run of ours"):  # the run refuses it the same way
+        prepare_point(cfg, name="t", model=resolve_model(cfg))
+    code, text = plan_of(job(corpus, out, minilm_registry, "output.overwrite=true"))
+    assert code == 0 and f"{out}: new" in text
+    (out / "part-000000.parquet").write_bytes(b"not ours")
+    code, text = plan_of(job(corpus, out, minilm_registry, "output.overwrite=true"))
+    assert code == 1 and "named like this runner's outputs (part-000000.parquet)" in text
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_plan_of_an_unreadable_input_fails(tmp_path, minilm_registry):

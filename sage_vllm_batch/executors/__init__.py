@@ -23,7 +23,10 @@ class Executor(Protocol):
 
     def execute(self, points: Sequence[Point]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, process_exiting: bool = False) -> None:
+        """Free the engines. ``process_exiting``: the process exits next; an executor may leave
+        to the OS what it would otherwise tear down."""
+        ...
 
 
 def make_executor(cfg: DictConfig) -> Executor:

@@ -31,7 +31,10 @@ class LocalExecutor:
         cfg = points[0].cfg
         execute(points, self.engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
 
-    def close(self) -> None:
+    def close(self, *, process_exiting: bool = False) -> None:
         if self.engine is not None:
-            self.engine.close()
+            if process_exiting:
+                self.engine.leave_to_exit()
+            else:
+                self.engine.close()
             self.engine = None

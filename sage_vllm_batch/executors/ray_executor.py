@@ -471,7 +471,8 @@ class RayExecutor:
         }
 
     # ------------------------------------------------------------------ close
-    def close(self) -> None:
+    def close(self, *, process_exiting: bool = False) -> None:
+        # Ray's actors live outside this process: they are closed either way.
         ray = _import_ray()
         alive = self._alive()
         if alive and ray.is_initialized():
