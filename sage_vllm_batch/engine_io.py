@@ -7,6 +7,7 @@ tokens, vectors) is decided here, in one place shared by batch runs, sweeps and 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,9 @@ class EngineRequest:
     # request is not replayed after an engine restart: it fails instead (its client saw tokens).
     on_output: Callable[[Any], None] | None = None
     lora: LoraSpec | None = None  # generate runner; the engine must be built with enable_lora
+    # Set from any thread to give the request up (a service client went away): it is aborted in
+    # the engine before its next step and comes back as an error result ("cancelled ...").
+    cancel: threading.Event | None = None
 
 
 @dataclass
@@ -115,7 +119,8 @@ def to_vllm(req: EngineRequest, runner: str) -> tuple[Any, Any, dict[str, Any]]:
 
             sampling["structured_outputs"] = to_params(sampling["structured_outputs"])
         params = SamplingParams(**sampling)
-    params.output_kind = RequestOutputKind.FINAL_ONLY
+    # on_output sees partial outputs (its contract); otherwise only the final one is built.
+    params.output_kind = RequestOutputKind.CUMULATIVE if req.on_output is not None else RequestOutputKind.FINAL_ONLY
     return prompt, params, extra
 
 

@@ -13,6 +13,7 @@ fresh engine, until the request that takes the engine down is alone: it comes ba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -67,6 +68,9 @@ def _is_admission_error(e: BaseException) -> bool:
     return isinstance(e, ValueError | TypeError | KeyError | NotImplementedError)
 
 
+_CANCELLED = "cancelled: the request was given up before it finished"
+
+
 class SupervisedStream:
     def __init__(
         self, engine: Engine, feed: RequestFeed, *, on_step: Callable[[], None] | None = None
@@ -85,6 +89,7 @@ class SupervisedStream:
         self.probe_budget = 0
         self.crashes = 0  # outside probes, counted against max_restarts
         self._lost_rids: list[str] = []
+        self._cancellable = False  # a request with a cancel event was admitted: check each step
         self._fault = _Fault.from_env()
         self._watch = _Watchdog(engine) if engine.stall_timeout_s and engine.stall_timeout_s > 0 else None
 
@@ -96,6 +101,10 @@ class SupervisedStream:
                 self._admit()
                 while self.ready:
                     yield self.ready.popleft()
+                if self._cancellable:
+                    self._drop_cancelled()
+                    while self.ready:
+                        yield self.ready.popleft()
                 if not self.inflight:
                     if self.probe is not None:
                         self._probe_done()
@@ -113,8 +122,8 @@ class SupervisedStream:
                     slot = self.inflight.get(rid)
                     if slot is None:
                         continue
-                    if slot.req.on_output is not None:
-                        slot.req.on_output(out)
+                    if slot.req.on_output is not None and not self._deliver(rid, slot, out):
+                        continue
                     if not out.finished:
                         continue
                     del self.inflight[rid]
@@ -150,6 +159,11 @@ class SupervisedStream:
             if req.error is not None:
                 self.ready.append(EngineResult(key=req.key, error=req.error))
                 continue
+            if req.cancel is not None:
+                if req.cancel.is_set():
+                    self.ready.append(EngineResult(key=req.key, error=_CANCELLED))
+                    continue
+                self._cancellable = True
             rid = eng.next_request_id()
             try:
                 prompt, params, extra = to_vllm(req, eng.runner)
@@ -164,6 +178,33 @@ class SupervisedStream:
             self.inflight[rid] = _Slot(req, time.perf_counter())
             if self._fault is not None:
                 self._fault.on_admit(eng, req)
+
+    def _deliver(self, rid: str, slot: _Slot, out: Any) -> bool:
+        """Hand a partial output to its caller; a caller whose callback fails loses its request,
+        and the engine goes on serving everyone else."""
+        try:
+            slot.req.on_output(out)
+            return True
+        except Exception as e:
+            log.warning("request %s: its output callback failed (%s); the request is given up", slot.req.key, e)
+            del self.inflight[rid]
+            if not out.finished:
+                with contextlib.suppress(Exception):
+                    self.engine.vllm_engine.abort_request([rid])
+            self.ready.append(EngineResult(key=slot.req.key, error=f"cancelled: the output callback failed: {_one_line(e)}"))
+            return False
+
+    def _drop_cancelled(self) -> None:
+        gone = [rid for rid, s in self.inflight.items() if s.req.cancel is not None and s.req.cancel.is_set()]
+        if not gone:
+            return
+        try:
+            self.engine.vllm_engine.abort_request(gone)
+        except Exception:  # pragma: no cover - a dead engine: the next step restarts it
+            log.debug("could not abort %d cancelled requests", len(gone), exc_info=True)
+            return
+        for rid in gone:
+            self.ready.append(EngineResult(key=self.inflight.pop(rid).req.key, error=_CANCELLED))
 
     def _step(self) -> list[Any]:
         eng = self.engine
@@ -264,9 +305,7 @@ class SupervisedStream:
             return
         engine = self.engine.vllm_engine
         try:
-            engine.abort_request(list(self.inflight), internal=True)
-        except TypeError:
-            engine.abort_request(list(self.inflight))
+            engine.abort_request(list(self.inflight))  # our ids are vLLM's external request ids
         except Exception:  # pragma: no cover - the engine may be dead
             log.debug("could not abort %d in-flight requests", len(self.inflight), exc_info=True)
             return

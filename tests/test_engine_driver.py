@@ -64,3 +64,64 @@ def test_concurrent_callers_and_a_job_on_one_engine(chat_engine, registry_root, 
         assert driver.chat(convs[:2], GREEDY)[1].text == want[1]
     finally:
         driver.close(close_engine=False)
+
+
+LONG = {"temperature": 0.0, "max_tokens": 1500, "ignore_eos": True}
+
+
+def test_a_cancelled_request_is_aborted_in_the_engine(chat_engine):
+    driver = EngineDriver(chat_engine)
+    try:
+        prompt = driver.render_chat([{"role": "user", "content": "Tell me a very long story."}])
+        cancel = threading.Event()
+        seen = []
+
+        def on_output(out):  # engine thread: give up after the first tokens
+            seen.append(len(out.outputs[0].token_ids))
+            cancel.set()
+
+        fut = driver.submit(EngineRequest(key="long", prompt_token_ids=prompt, sampling=LONG, on_output=on_output, cancel=cancel))
+        res = fut.result(timeout=300)
+        assert res.error is not None and res.error.startswith("cancelled")
+        assert max(seen) < 100  # stopped within a few steps, not after 1,500 tokens
+        assert not chat_engine.vllm_engine.has_unfinished_requests()
+        # A request cancelled before it reached the engine never runs; the engine keeps serving.
+        gone = threading.Event()
+        gone.set()
+        res = driver.submit(EngineRequest(key="x", prompt_token_ids=prompt, sampling=LONG, cancel=gone)).result(timeout=60)
+        assert res.error.startswith("cancelled")
+        (ok,) = driver.chat([[{"role": "user", "content": "Say hi."}]], GREEDY)
+        assert ok.error is None and ok.text
+    finally:
+        driver.close(close_engine=False)
+
+
+def test_a_server_request_left_early_is_cancelled(chat_engine):
+    import asyncio
+
+    from vllm import SamplingParams
+
+    from sage_vllm_batch.service.engine_client import DriverEngineClient
+
+    driver = EngineDriver(chat_engine)
+    futures = []
+    submit = driver.submit
+    driver.submit = lambda req: futures.append(submit(req)) or futures[-1]
+    try:
+        client = DriverEngineClient(lambda: driver)
+        prompt = {"prompt_token_ids": driver.render_chat([{"role": "user", "content": "Tell me a long story."}])}
+
+        async def leave_after_first_output():
+            gen = client.generate(prompt, SamplingParams(**LONG), "req-1")
+            first = await gen.__anext__()
+            await gen.aclose()  # what vLLM's handler does when the HTTP client disconnects
+            return first
+
+        first = asyncio.run(leave_after_first_output())
+        assert not first.finished
+        (fut,) = futures
+        res = fut.result(timeout=300)
+        assert res.error is not None and res.error.startswith("cancelled")
+        assert not chat_engine.vllm_engine.has_unfinished_requests()
+    finally:
+        driver.close(close_engine=False)

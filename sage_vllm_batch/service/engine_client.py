@@ -12,7 +12,9 @@ and priority scheduling (interactive before jobs) come with the driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
@@ -44,6 +46,7 @@ class DriverEngineClient(EngineClient):
         self.input_processor = llm_engine.input_processor
         self._tasks = tuple(llm_engine.get_supported_tasks())
         self._stopped = False
+        self._live: dict[str, threading.Event] = {}  # request id -> its cancel event
 
     # ------------------------------------------------------------------ state
     @property
@@ -72,31 +75,45 @@ class DriverEngineClient(EngineClient):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
+        cancel = threading.Event()
+
         def on_output(out: Any) -> None:  # engine thread
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # the caller's event loop is gone: nobody reads this any more
+                cancel.set()
 
         def on_done(fut: Any) -> None:  # engine thread (or here, if already done)
-            loop.call_soon_threadsafe(queue.put_nowait, _Done(fut))
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, _Done(fut))
 
-        req = EngineRequest(key=request_id, prompt=prompt, params=params, on_output=on_output)
+        req = EngineRequest(key=request_id, prompt=prompt, params=params, on_output=on_output, cancel=cancel)
         fut = self._driver().submit(req)
         fut.add_done_callback(on_done)
-        while True:
-            item = await queue.get()
-            if isinstance(item, _Done):
-                res = item.future.result()  # raises if the engine died for good
-                if res.error is not None:
-                    # Refused on admission (too long, bad parameters): vLLM's handlers answer 400.
-                    raise ValueError(res.error.removeprefix("rejected by vLLM: "))
-                return
-            if isinstance(item, BaseException):  # the engine crashed under a streaming request
-                from vllm.v1.engine.exceptions import EngineGenerateError
+        self._live[request_id] = cancel
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Done):
+                    res = item.future.result()  # raises if the engine died for good
+                    if res.error is not None:
+                        # Refused on admission (too long, bad parameters): vLLM's handlers answer 400.
+                        raise ValueError(res.error.removeprefix("rejected by vLLM: "))
+                    return
+                if isinstance(item, BaseException):  # the engine crashed under a streaming request
+                    from vllm.v1.engine.exceptions import EngineGenerateError
 
-                raise EngineGenerateError() from item
-            item.request_id = request_id
-            yield item
-            if item.finished:
-                return
+                    raise EngineGenerateError() from item
+                item.request_id = request_id
+                yield item
+                if item.finished:
+                    return
+        finally:
+            # Left before the end (the client went away, the handler was cancelled): the engine
+            # stops working on it at its next step.
+            self._live.pop(request_id, None)
+            if not fut.done():
+                cancel.set()
 
     async def generate(
         self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any
@@ -113,9 +130,10 @@ class DriverEngineClient(EngineClient):
             yield out
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
-        # A request whose client went away runs to its end (max_tokens bounds it): the driver has
-        # no per-request abort.
-        log.debug("abort of %s ignored: the request finishes on its own", request_id)
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            cancel = self._live.get(rid)
+            if cancel is not None:
+                cancel.set()
 
     # ------------------------------------------------------------------ the rest of the protocol
     async def notify_kv_transfer_request_rejected(self, *args: Any, **kwargs: Any) -> None:
