@@ -21,6 +21,7 @@ from typing import Any
 
 from sage_vllm_batch.engine_io import EngineRequest, EngineResult
 from sage_vllm_batch.errors import EngineError
+from sage_vllm_batch.memory import release_freed_memory
 from sage_vllm_batch.startup import freeze_import_heap, import_vllm
 
 __all__ = ["Engine", "EngineRequest", "EngineResult", "engine_kwargs", "vllm_version"]
@@ -322,7 +323,7 @@ class Engine(EngineVerbs):
         import gc
 
         gc.collect()
-        _release_freed_memory()
+        release_freed_memory()
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""
@@ -396,17 +397,6 @@ def _config_context(model: str) -> int | None:
         return None
     value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     return int(value) if isinstance(value, int) else None
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by a closed in-process engine back to the OS (glibc keeps freed heap
-    pages for reuse otherwise), so a service that switches models does not grow."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _engine_children() -> list[Any]:

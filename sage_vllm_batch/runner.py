@@ -41,6 +41,7 @@ from sage_vllm_batch.manifest import (
     record_sinks,
     write_json_atomic,
 )
+from sage_vllm_batch.memory import release_freed_memory
 from sage_vllm_batch.metrics import RssSampler, RunMetrics
 from sage_vllm_batch.output_lock import OutputLock
 from sage_vllm_batch.progress import Progress
@@ -385,6 +386,7 @@ class Point:
         self.committed[chunk] = rec
         del self._chunks[chunk]
         self.metrics.on_commit()
+        release_freed_memory()  # bounds RSS over long runs (see sage_vllm_batch.memory)
 
     def _maybe_finish(self) -> None:
         if self._finished or self._total_positions is None or self._chunks:
