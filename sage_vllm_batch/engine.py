@@ -322,6 +322,9 @@ class Engine(EngineVerbs):
         del llm
         import gc
 
+        # vLLM's shutdown unfreezes the heap its engine core froze at start; if the shutdown failed
+        # (a dead engine), do it here, or this engine's objects would never be collected.
+        gc.unfreeze()
         gc.collect()
         release_freed_memory()
 

@@ -119,8 +119,10 @@ def to_vllm(req: EngineRequest, runner: str) -> tuple[Any, Any, dict[str, Any]]:
 
             sampling["structured_outputs"] = to_params(sampling["structured_outputs"])
         params = SamplingParams(**sampling)
-    # on_output sees partial outputs (its contract); otherwise only the final one is built.
-    params.output_kind = RequestOutputKind.CUMULATIVE if req.on_output is not None else RequestOutputKind.FINAL_ONLY
+    # on_output sees partial outputs (its contract); otherwise only the final one is built. With n > 1
+    # vLLM streams each sample on its own, so the final output would hold only the last one.
+    streaming = req.on_output is not None and int(getattr(params, "n", 1) or 1) == 1
+    params.output_kind = RequestOutputKind.CUMULATIVE if streaming else RequestOutputKind.FINAL_ONLY
     return prompt, params, extra
 
 

@@ -237,6 +237,8 @@ class SupervisedStream:
             if req.on_output is not None:
                 try:
                     req.on_output(exc)
+                except Exception:  # a failing callback loses only its own request
+                    log.debug("output callback of %s failed on engine death", req.key, exc_info=True)
                 finally:
                     self.ready.append(EngineResult(key=req.key, error=f"engine crash: {reason}"))
             else:

@@ -96,6 +96,8 @@ class DriverEngineClient(EngineClient):
                 item = await queue.get()
                 if isinstance(item, _Done):
                     res = item.future.result()  # raises if the engine died for good
+                    if res.error is not None and res.error.startswith("cancelled"):
+                        return  # aborted at the caller's request (abort()): nothing more to say
                     if res.error is not None:
                         # Refused on admission (too long, bad parameters): vLLM's handlers answer 400.
                         raise ValueError(res.error.removeprefix("rejected by vLLM: "))
@@ -111,7 +113,8 @@ class DriverEngineClient(EngineClient):
         finally:
             # Left before the end (the client went away, the handler was cancelled): the engine
             # stops working on it at its next step.
-            self._live.pop(request_id, None)
+            if self._live.get(request_id) is cancel:
+                del self._live[request_id]
             if not fut.done():
                 cancel.set()
 
