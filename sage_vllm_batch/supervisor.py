@@ -245,14 +245,16 @@ class SupervisedStream:
                 replay.append(req)
         if self.probe is not None:
             self.probe_crashes += 1
-            group = self.probe
+            # Only the members still unresolved: those that finished in this probe were yielded
+            # already, and running them again would write their rows twice.
+            group = replay + list(self.probe_pending)
             self.probe = None
             self.probe_pending.clear()
             if len(group) == 1:
                 (poison,) = group
                 log.error("row %s takes the engine down (%s): written as an error row", poison.key, reason)
                 self.ready.append(EngineResult(key=poison.key, error=f"engine crash: {reason}"))
-            else:
+            elif group:
                 half = len(group) // 2
                 self.groups.extendleft([group[half:], group[:half]])
             if self.probe_crashes > self.probe_budget:

@@ -1,0 +1,83 @@
+"""The supervisor's bookkeeping on a scripted engine (the recovery itself runs against the real
+engine in test_supervisor.py): a row that finished during a bisection probe is not run again."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from sage_vllm_batch.engine import IteratorFeed
+from sage_vllm_batch.engine_io import EngineRequest
+from sage_vllm_batch.supervisor import SupervisedStream
+
+
+class ScriptedVllm:
+    """Each prompt is ``[steps, poison]``: a request finishes after ``steps`` steps; the engine
+    dies on its third step while a poison request is inside."""
+
+    def __init__(self) -> None:
+        self.reqs: dict[str, list[int]] = {}  # rid -> [steps left, poison]
+        self.steps = 0
+
+    def add_request(self, rid, prompt, params, **extra):
+        steps, poison = prompt["prompt_token_ids"]
+        self.reqs[rid] = [steps, poison]
+
+    def step(self):
+        self.steps += 1
+        if self.steps >= 3 and any(p for _, p in self.reqs.values()):
+            raise RuntimeError("scripted crash")
+        done = []
+        for rid, r in list(self.reqs.items()):
+            r[0] -= 1
+            if r[0] <= 0 and not r[1]:
+                del self.reqs[rid]
+                done.append(
+                    SimpleNamespace(
+                        request_id=rid, finished=True, prompt_token_ids=[1], outputs=SimpleNamespace(data=[0.0])
+                    )
+                )
+        return done
+
+    def abort_request(self, rids, *a, **kw):
+        for rid in rids:
+            self.reqs.pop(rid, None)
+
+    def has_unfinished_requests(self):
+        return bool(self.reqs)
+
+
+class ScriptedEngine:
+    runner = "pooling"
+    in_process = False
+    stall_timeout_s = 0
+    max_restarts = 2
+
+    def __init__(self, max_in_flight: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.vllm_engine = ScriptedVllm()
+        self.llm = object()
+        self.restarts = 0
+        self.requeued = 0
+        self._n = 0
+
+    def next_request_id(self) -> str:
+        self._n += 1
+        return str(self._n)
+
+    def restart(self, reason: str) -> None:
+        self.restarts += 1
+        self.vllm_engine = ScriptedVllm()
+
+
+def test_a_row_finished_during_a_probe_is_not_run_again():
+    # x finishes first; then a joins p; the engine dies with [p, a] inside; in the probe a finishes
+    # before p takes the engine down again: p alone is the poison, a is not probed again.
+    rows = {"x": [1, 0], "p": [99, 1], "a": [2, 0]}
+    engine = ScriptedEngine(max_in_flight=2)
+    reqs = [EngineRequest(key=k, prompt_token_ids=v) for k, v in rows.items()]
+    results = list(SupervisedStream(engine, IteratorFeed(reqs)).run())
+    keys = [r.key for r in results]
+    assert sorted(keys) == ["a", "p", "x"], keys  # every row once
+    by_key = {r.key: r for r in results}
+    assert by_key["p"].error.startswith("engine crash") and by_key["a"].error is None
+    assert engine.restarts == 2
