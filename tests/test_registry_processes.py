@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import REPO_ROOT, make_model_dir
+from test_registry_cli import _subprocess as _cli  # the registry CLI as a real process
 
 from sage_vllm_batch import registry
 from sage_vllm_batch.registry import store
@@ -50,16 +51,6 @@ def _hold(root: Path, tmp_path: Path, model_id: str, revision: str | None) -> su
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return proc
-
-
-def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sage_vllm_batch.registry.cli", "--root", str(root), *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_leased_model_survives_delete_and_gc_until_its_holder_dies(root: Path, tmp_path: Path) -> None:
