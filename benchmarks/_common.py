@@ -44,6 +44,26 @@ MODELS = {
 HUMANEVAL_ROWS = 164  # HumanEval.jsonl.gz has 164 prompts: the chat example's whole set
 
 
+def task_base(task: str) -> list[str]:
+    """The job overrides of a benchmark task: the default embed job, or greedy SmolLM2 chat."""
+    if task == "chat":
+        return ["task=chat", "model=smollm2-135m-instruct", "sampling.temperature=0", "sampling.max_tokens=64"]
+    return ["task=embed"]
+
+
+def add_size_args(ap: argparse.ArgumentParser, *, rows: int, chat_rows: int) -> None:
+    """``--rows``, ``--chat-rows``, ``--max-tokens``, ``--only`` and the common options."""
+    ap.add_argument("--rows", type=int, default=rows, help="embed rows (verses and 800-char chunks)")
+    ap.add_argument("--chat-rows", type=int, default=chat_rows)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--only", choices=["embed", "chat"], default=None)
+    add_common_args(ap)
+
+
+def tasks_of(args: argparse.Namespace) -> list[str]:
+    return ["embed", "chat"] if args.only is None else [args.only]
+
+
 def compose(*overrides: str, out_dir: Path | None = None, registry_root: Path | None = None):
     """The real Hydra job config (conf/), composed in-process as the CLI would."""
     from sage_vllm_batch.compose import compose_job

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, add_common_args, machine_info, now_utc, registry_root, write_results  # noqa: E402
+from _common import MODELS, add_size_args, machine_info, now_utc, registry_root, tasks_of, write_results  # noqa: E402
 from bench_layout import chunks_800, humaneval, kjv  # noqa: E402
 
 BASE = {"enforce_eager": True, "gpu_memory_utilization": 0.3}
@@ -83,13 +83,9 @@ def table(title: str, unit: str, shapes: list[dict], rates: list[tuple[float, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=2000)
-    ap.add_argument("--chat-rows", type=int, default=96)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--only", choices=["embed", "chat"], default=None)
-    add_common_args(ap)
+    add_size_args(ap, rows=2000, chat_rows=96)
     a = ap.parse_args()
-    tasks = ["embed", "chat"] if a.only is None else [a.only]
+    tasks = tasks_of(a)
     results: dict = {"machine": machine_info(), "at": now_utc()}
     with registry_root(a.registry_root, tasks) as root:
         from sage_vllm_batch import registry

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, add_common_args, machine_info, now_utc, registry_root, write_results  # noqa: E402
+from _common import MODELS, add_size_args, machine_info, now_utc, registry_root, tasks_of, write_results  # noqa: E402
 
 # Runs inside the child process for the "vllm" and "st" variants: prints one JSON line.
 CHILD = r"""
@@ -147,13 +147,9 @@ def show(name: str, recs: dict[str, dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=3000, help="embed rows (verses and 800-char chunks)")
-    ap.add_argument("--chat-rows", type=int, default=164)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--only", choices=["embed", "chat"], default=None)
-    add_common_args(ap)
+    add_size_args(ap, rows=3000, chat_rows=164)
     a = ap.parse_args()
-    tasks = ["embed", "chat"] if a.only is None else [a.only]
+    tasks = tasks_of(a)
     results: dict = {"machine": machine_info(), "at": now_utc()}
     with registry_root(a.registry_root, tasks) as root, tempfile.TemporaryDirectory() as tmp:
         from sage_vllm_batch import registry

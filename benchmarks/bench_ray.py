@@ -39,6 +39,7 @@ from _common import (  # noqa: E402
     median,
     now_utc,
     registry_root,
+    task_base,
     write_results,
 )
 
@@ -48,18 +49,9 @@ WARMUP_ROWS = 16
 
 
 def task_overrides(task: str, rows: int, shard_rows: int, extra: list[str]) -> list[str]:
-    if task == "chat":
-        base = [
-            "task=chat",
-            "model=smollm2-135m-instruct",
-            "sampling.temperature=0",
-            "sampling.max_tokens=64",
-        ]
-    else:
-        base = ["task=embed"]
     # Four engines live at once here: each reserves this share of NUMA node 0 (engine=cpu's 0.3 of a
     # large node would not fit four times); plenty for these short rows.
-    base.append("engine.gpu_memory_utilization=0.1")
+    base = [*task_base(task), "engine.gpu_memory_utilization=0.1"]
     return [*base, *extra, f"data.limit={rows}", f"output.shard_rows={shard_rows}"]
 
 

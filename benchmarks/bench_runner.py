@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
     median,
     now_utc,
     registry_root,
+    task_base,
     write_results,
 )
 
@@ -50,16 +51,7 @@ WARMUP_ROWS = 8
 
 
 def task_overrides(task: str, rows: int, extra: list[str]) -> list[str]:
-    if task == "chat":
-        base = [
-            "task=chat",
-            "model=smollm2-135m-instruct",
-            "sampling.temperature=0",
-            "sampling.max_tokens=64",
-        ]
-    else:
-        base = ["task=embed"]
-    return [*base, *extra, f"data.limit={rows}"]
+    return [*task_base(task), *extra, f"data.limit={rows}"]
 
 
 def load_rows(cfg) -> list[dict[str, Any]]:
