@@ -60,8 +60,7 @@ def resolve_in_process(setting: str | bool | None) -> bool:
 
 
 def _build_llm(in_process: bool, **kwargs: Any) -> Any:
-    import_vllm()
-    from vllm import LLM
+    from vllm import LLM  # imported already, with the GC paused (Engine.__init__)
     from vllm import envs as vllm_envs
 
     with _construct_lock:
