@@ -68,7 +68,9 @@ def _is_admission_error(e: BaseException) -> bool:
     return isinstance(e, ValueError | TypeError | KeyError | NotImplementedError)
 
 
-_CANCELLED = "cancelled: the request was given up before it finished"
+# The error of a request given up before it finished (EngineRequest.cancel, a failing callback).
+CANCELLED = "cancelled: "
+_CANCELLED = CANCELLED + "the request was given up before it finished"
 
 
 class SupervisedStream:
@@ -191,7 +193,7 @@ class SupervisedStream:
             if not out.finished:
                 with contextlib.suppress(Exception):
                     self.engine.vllm_engine.abort_request([rid])
-            self.ready.append(EngineResult(key=slot.req.key, error=f"cancelled: the output callback failed: {_one_line(e)}"))
+            self.ready.append(EngineResult(key=slot.req.key, error=f"{CANCELLED}the output callback failed: {_one_line(e)}"))
             return False
 
     def _drop_cancelled(self) -> None:

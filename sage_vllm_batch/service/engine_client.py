@@ -22,6 +22,7 @@ from vllm.engine.protocol import EngineClient
 
 from sage_vllm_batch.engine_driver import EngineDriver
 from sage_vllm_batch.engine_io import EngineRequest
+from sage_vllm_batch.supervisor import CANCELLED
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class DriverEngineClient(EngineClient):
                 item = await queue.get()
                 if isinstance(item, _Done):
                     res = item.future.result()  # raises if the engine died for good
-                    if res.error is not None and res.error.startswith("cancelled"):
+                    if res.error is not None and res.error.startswith(CANCELLED):
                         return  # aborted at the caller's request (abort()): nothing more to say
                     if res.error is not None:
                         # Refused on admission (too long, bad parameters): vLLM's handlers answer 400.
