@@ -66,7 +66,7 @@ def tasks_of(args: argparse.Namespace) -> list[str]:
 
 def compose(*overrides: str, out_dir: Path | None = None, registry_root: Path | None = None):
     """The real Hydra job config (conf/), composed in-process as the CLI would."""
-    from sage_vllm_batch.compose import compose_job
+    from sage_vllm_batch.config.compose import compose_job
 
     return compose_job(["job_name=bench", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root)
 

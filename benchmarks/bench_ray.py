@@ -9,7 +9,7 @@ Three variants of the same job, all started first (engines loaded, untimed), the
   (R1) executor=ray, 1 worker x 1 thread;
   (R2) executor=ray, 2 workers x 1 thread each.
 
-A timed run is ``prepare_point(cfg)`` into a fresh output dir plus ``executor.execute([point])``:
+A timed run is ``prepare_point(cfg)`` into a fresh output dir plus ``executor.run_points([point])``:
 reading, chunking, the engines, committing the shards. Throughput is rows/s (and tokens/s) of the
 best run. Printed side by side: scaling R2/R1 (target >= 1.8: a 2-core machine cannot show a 2x
 wall-clock gain with more threads, but it can with 1-thread workers if Ray adds no serial cost) and
@@ -62,7 +62,7 @@ class Variant:
         self, name: str, executor_overrides: list[str], base: list[str], root: Path, work: Path
     ) -> None:
         from sage_vllm_batch.executors import make_executor
-        from sage_vllm_batch.runner import resolve_model
+        from sage_vllm_batch.run.model import resolve_model
 
         self.name, self.base, self.root, self.work = name, base, root, work
         self.exo = executor_overrides
@@ -78,7 +78,7 @@ class Variant:
         return compose(*overrides, *self.exo, out_dir=out or self.work / "probe", registry_root=self.root)
 
     def run(self, overrides: list[str]) -> dict[str, Any]:
-        from sage_vllm_batch.runner import prepare_point
+        from sage_vllm_batch.run.point import prepare_point
 
         self._n += 1
         out = self.work / f"{self.name}-{self._n}"
@@ -87,7 +87,7 @@ class Variant:
         cpu0 = self.cpu_seconds()
         t0 = time.perf_counter()
         point = prepare_point(cfg)
-        self.executor.execute([point])
+        self.executor.run_points([point])
         dt = time.perf_counter() - t0
         cpu = self.cpu_seconds() - cpu0
         m = point.metrics

@@ -9,7 +9,7 @@ and two variants run on it, alternating (a, b, a, b, ...) after one small warm-u
       ``engine.llm.embed(texts, use_tqdm=False)`` (embed) over the whole set, rows already in
       memory and, for chat, rendered exactly as the runner renders them (system prompt + template).
   (b) the runner: ``prepare_point(cfg)`` into a fresh output dir, then
-      ``execute([point], engine, progress="none")``: reading the input, building requests,
+      ``run_on_engine([point], engine, progress="none")``: reading the input, building requests,
       streaming them through the engine and writing Parquet shards + metrics.json.
 
 Same rows, same sampling (greedy, max_tokens 64). The prefix cache is reset before every timed
@@ -86,8 +86,8 @@ class Bench:
     def __init__(self, task: str, rows: int, root: Path, work: Path, extra: list[str]) -> None:
         from omegaconf import OmegaConf
 
-        from sage_vllm_batch.requests import sampling_dict
-        from sage_vllm_batch.runner import load_engine, resolve_model
+        from sage_vllm_batch.requests.builder import sampling_dict
+        from sage_vllm_batch.run.model import load_engine, resolve_model
 
         self.task, self.rows, self.root, self.work, self.extra = task, rows, root, work, extra
         self._n = 0
@@ -147,7 +147,8 @@ class Bench:
 
     # ------------------------------------------------------------------ (b) the runner
     def run_b(self, n: int | None = None) -> dict[str, Any]:
-        from sage_vllm_batch.runner import execute, prepare_point
+        from sage_vllm_batch.run.drive import run_on_engine
+        from sage_vllm_batch.run.point import prepare_point
 
         self._n += 1
         out = self.work / f"b{self._n}"
@@ -155,7 +156,7 @@ class Bench:
         self._fresh()
         t0 = time.perf_counter()
         point = prepare_point(cfg)
-        execute([point], self.engine, progress="none")
+        run_on_engine([point], self.engine, progress="none")
         dt = time.perf_counter() - t0
         m = point.metrics
         if m.error_rows:
@@ -178,7 +179,7 @@ class Bench:
         """Compare the last (a) outputs with the last (b) Parquet output (same rows, same order)."""
         import numpy as np
 
-        from sage_vllm_batch.sink import read_output
+        from sage_vllm_batch.outputs.shards import read_output
 
         table = read_output(self.last_b_dir)
         if self.task == "chat":

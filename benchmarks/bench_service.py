@@ -46,7 +46,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def run_batch(data: Path, out: Path, root: Path, max_tokens: int, extra: list[str]) -> dict:
-    from sage_vllm_batch.runner import run
+    from sage_vllm_batch.job import run
 
     cfg = compose(
         "task=chat", "model=smollm2-135m-instruct", "data=jsonl", f"data.path={data}",

@@ -52,7 +52,7 @@ VARIANTS = {
 
 class Bench:
     def __init__(self, rows: int, max_tokens: int, root: Path, work: Path, extra: list[str]) -> None:
-        from sage_vllm_batch.runner import load_engine, resolve_model
+        from sage_vllm_batch.run.model import load_engine, resolve_model
 
         self.rows, self.max_tokens, self.root, self.work, self.extra = rows, max_tokens, root, work, extra
         self._n = 0
@@ -74,7 +74,8 @@ class Bench:
         )
 
     def run(self, variant: str, rows: int | None = None) -> dict[str, Any]:
-        from sage_vllm_batch.runner import execute, prepare_point
+        from sage_vllm_batch.run.drive import run_on_engine
+        from sage_vllm_batch.run.point import prepare_point
 
         self._n += 1
         out = self.work / f"{variant}{self._n}"
@@ -83,7 +84,7 @@ class Bench:
         self.engine.llm.reset_prefix_cache()  # neither variant reuses the other's prompts
         t0 = time.perf_counter()
         point = prepare_point(cfg)
-        execute([point], self.engine, progress="none")
+        run_on_engine([point], self.engine, progress="none")
         dt = time.perf_counter() - t0
         m = point.metrics
         res = {

@@ -1,6 +1,6 @@
 """``python -m sage_vllm_batch`` / ``sage-vllm-batch``: the Hydra app.
 
-A thin shell around :func:`sage_vllm_batch.runner.run`: compose the config, run, print where the
+A thin shell around :mod:`sage_vllm_batch.job`: compose the config, run, print where the
 results are. User errors (a bad key, a missing model, a malformed input file) print one paragraph
 and exit 1, without a traceback; a valid request for something not built yet exits 3.
 """
@@ -23,14 +23,13 @@ log = logging.getLogger("sage_vllm_batch")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
+    from sage_vllm_batch import job
     from sage_vllm_batch.logs import configure
 
     if cfg.get("mode") == "plan":
-        from sage_vllm_batch.plan import print_plan
-
         configure(verbose=cfg.verbose, log_dir=None)
-        sys.exit(print_plan(cfg))
-    from sage_vllm_batch.runner import output_dir_of, run
+        sys.exit(job.plan(cfg))
+    from sage_vllm_batch.outputs.outdir import output_dir_of
 
     try:
         configure(verbose=cfg.verbose, log_dir=output_dir_of(cfg) if cfg.task.type != "finetune" else None)
@@ -46,7 +45,7 @@ def _app(cfg: DictConfig) -> float | None:
     # A single run exits right after (main's os._exit); a multirun goes on to its next job.
     single = HydraConfig.get().mode == RunMode.RUN
     try:
-        metrics = run(cfg, process_exiting=single)
+        metrics = job.run(cfg, process_exiting=single)
     except SageBatchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -87,12 +86,10 @@ def _data_option_error(argv: list[str]) -> str | None:
 def _serve(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from sage_vllm_batch.config import validate
-    from sage_vllm_batch.service.http import serve
+    from sage_vllm_batch import job
 
     try:
-        validate(cfg)
-        code = serve(cfg, list(HydraConfig.get().overrides.task))
+        code = job.serve(cfg, list(HydraConfig.get().overrides.task))
     except SageBatchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

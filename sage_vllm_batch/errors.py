@@ -29,3 +29,8 @@ class NotBuiltError(SageBatchError):
     """A valid request for something not built yet (e.g. fine-tune strategy ``qlora``/``full``)."""
 
     exit_code = 3
+
+
+def one_line(e: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line, at most ``limit`` characters (its type if empty)."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sage_vllm_batch.startup import gc_paused
+from sage_vllm_batch.engine.startup import gc_paused
 
 LOG_FILE = "run.log"
 # Loggers whose INFO lines are the runner's own (everything else reaches the console at ERROR).

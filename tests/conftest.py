@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def compose_job(*overrides: str, out_dir: Path | None = None, registry_root: Path | None = None):
     """Compose the real Hydra config (conf/), as the CLI would, with test overrides."""
-    from sage_vllm_batch.compose import compose_job as compose
+    from sage_vllm_batch.config.compose import compose_job as compose
 
     return compose(["job_name=test", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root)
 
@@ -42,7 +42,7 @@ def registry_root(tmp_path_factory) -> Path:
 
 
 def _engine(cfg):
-    from sage_vllm_batch.runner import load_engine, resolve_model
+    from sage_vllm_batch.run.model import load_engine, resolve_model
 
     return load_engine(cfg, resolve_model(cfg))
 
@@ -86,7 +86,7 @@ def read_output(out_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sage_vllm_batch.sink import committed_files
+    from sage_vllm_batch.outputs.shards import committed_files
 
     tables = []
     for rec, path in committed_files(out_dir):

@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import compose_job  # noqa: E402
 
 from sage_vllm_batch.engine import EngineResult  # noqa: E402
-from sage_vllm_batch.runner import ResolvedModel, execute, prepare_point  # noqa: E402
+from sage_vllm_batch.run.drive import run_on_engine  # noqa: E402
+from sage_vllm_batch.run.model import ResolvedModel  # noqa: E402
+from sage_vllm_batch.run.point import prepare_point  # noqa: E402
 
 MODEL = ResolvedModel(id="fake/model", revision="1", path="/nowhere", content_sha256="0" * 64)
 
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> None:
     trace = bool(os.environ.get("FAKE_RUN_TRACEMALLOC"))
     if trace:  # the Python heap's peak: deterministic, unlike RSS (allocator and arena noise)
         tracemalloc.start()
-    execute([prepare_point(cfg, model=MODEL)], engine, progress="none")
+    run_on_engine([prepare_point(cfg, model=MODEL)], engine, progress="none")
     rec = {"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seen": engine.seen}
     if trace:
         rec["peak_py_kb"] = tracemalloc.get_traced_memory()[1] // 1024

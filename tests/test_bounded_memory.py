@@ -13,7 +13,8 @@ from conftest import compose_job, read_output
 from fake_run import MODEL
 
 from sage_vllm_batch.engine import EngineResult
-from sage_vllm_batch.runner import execute, prepare_point
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.point import prepare_point
 
 FAKE_RUN = Path(__file__).with_name("fake_run.py")
 
@@ -119,7 +120,7 @@ def test_slow_rows_cannot_pile_up_open_chunks(tmp_path):
             out_dir=out,
         )
         engine = SlowRowEngine(supports_pause=pause)
-        execute([prepare_point(cfg, model=MODEL)], engine, progress="none")
+        run_on_engine([prepare_point(cfg, model=MODEL)], engine, progress="none")
         assert read_output(out).column("id").to_pylist() == list(range(600))
         opened[pause] = engine.max_open
     # The bound: 2 + 2 * ceil(window / shard_rows) = 4 open chunks (40 rows) instead of one per

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, read_output, run_cli
 
-from sage_vllm_batch.sink import LEDGER
+from sage_vllm_batch.outputs.shards import LEDGER
 
 pytestmark = pytest.mark.engine
 

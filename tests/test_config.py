@@ -108,7 +108,7 @@ def test_run_dirname_is_safe_and_bounded():
 
 
 def test_sweep_points_share_an_engine_unless_model_or_engine_differ(tmp_path):
-    from sage_vllm_batch.runner import engine_group_key
+    from sage_vllm_batch.run.model import engine_group_key
 
     base = ("task=chat", "model=smollm2-135m-instruct")
     a = engine_group_key(compose_job(*base, "sampling.temperature=0", out_dir=tmp_path))

@@ -57,8 +57,8 @@ def test_library_logs_go_to_the_file_unless_verbose(tmp_path):
         for name in ("vllm.model_executor", "transformers.modeling_utils", "py.warnings"):
             logging.getLogger(name).warning("library noise")
         logging.getLogger("vllm.engine").error("a real failure")
-        logging.getLogger("sage_vllm_batch.runner").info("ours")
-        assert seen == ["vllm.engine", "sage_vllm_batch.runner"]
+        logging.getLogger("sage_vllm_batch.job").info("ours")
+        assert seen == ["vllm.engine", "sage_vllm_batch.job"]
         for h in root.handlers:
             h.flush()
         assert path.read_text().count("library noise") == 3

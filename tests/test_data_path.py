@@ -14,7 +14,7 @@ from test_sources import write_dataset, write_jsonl
 
 from sage_vllm_batch.config import validate
 from sage_vllm_batch.errors import DataError
-from sage_vllm_batch.requests import RequestBuilder, sampling_dict
+from sage_vllm_batch.requests.builder import RequestBuilder, sampling_dict
 from sage_vllm_batch.sources import open_source
 
 ROWS = [{"prompt": f"say {i}", "n": i} for i in range(9)]

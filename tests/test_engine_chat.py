@@ -8,7 +8,9 @@ import json
 import pytest
 from conftest import compose_job, read_output
 
-from sage_vllm_batch.runner import execute, prepare_point, resolve_model
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import resolve_model
+from sage_vllm_batch.run.point import prepare_point
 
 pytestmark = pytest.mark.engine
 
@@ -17,7 +19,7 @@ CHAT = ("task=chat", "model=smollm2-135m-instruct")
 
 def run_points(cfgs, engine):
     points = [prepare_point(c, name=f"p{i}", model=resolve_model(c)) for i, c in enumerate(cfgs)]
-    execute(points, engine, progress="none")
+    run_on_engine(points, engine, progress="none")
     return points
 
 

@@ -7,10 +7,12 @@ import threading
 import pytest
 from conftest import compose_job
 
-from sage_vllm_batch.engine_driver import EngineDriver
-from sage_vllm_batch.engine_io import EngineRequest
-from sage_vllm_batch.runner import execute, prepare_point, resolve_model
-from sage_vllm_batch.sink import read_output
+from sage_vllm_batch.engine.driver import EngineDriver
+from sage_vllm_batch.engine.io import EngineRequest
+from sage_vllm_batch.outputs.shards import read_output
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import resolve_model
+from sage_vllm_batch.run.point import prepare_point
 
 pytestmark = pytest.mark.engine
 
@@ -32,7 +34,7 @@ def test_concurrent_callers_and_a_job_on_one_engine(chat_engine, registry_root, 
         "task=chat", "model=smollm2-135m-instruct", "data.limit=6", "sampling.max_tokens=12",
         out_dir=alone, registry_root=registry_root,
     )
-    execute([prepare_point(cfg_alone, name="alone", model=resolve_model(cfg_alone))], chat_engine, progress="none")
+    run_on_engine([prepare_point(cfg_alone, name="alone", model=resolve_model(cfg_alone))], chat_engine, progress="none")
 
     driver = EngineDriver(chat_engine)
     try:
@@ -50,7 +52,7 @@ def test_concurrent_callers_and_a_job_on_one_engine(chat_engine, registry_root, 
 
         threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(convs))]
         job = threading.Thread(
-            target=lambda: execute([prepare_point(cfg, name="job", model=resolve_model(cfg))], driver, progress="none")
+            target=lambda: run_on_engine([prepare_point(cfg, name="job", model=resolve_model(cfg))], driver, progress="none")
         )
         job.start()
         for t in threads:

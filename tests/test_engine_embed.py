@@ -9,14 +9,16 @@ import pyarrow as pa
 import pytest
 from conftest import compose_job, read_output
 
-from sage_vllm_batch.runner import execute, prepare_point, resolve_model
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import resolve_model
+from sage_vllm_batch.run.point import prepare_point
 
 pytestmark = pytest.mark.engine
 
 
 def run_point(cfg, engine):
     point = prepare_point(cfg, model=resolve_model(cfg))
-    execute([point], engine, progress="none")
+    run_on_engine([point], engine, progress="none")
     return point
 
 
@@ -110,7 +112,7 @@ def test_parquet_directory_source_with_passthrough(embed_engine, registry_root, 
 
 @pytest.mark.parametrize("store", ["lancedb", "faiss"])
 def test_vector_store_sink_answers_queries(embed_engine, registry_root, tmp_path, store):
-    from sage_vllm_batch.vector_sinks import search
+    from sage_vllm_batch.outputs.vector_stores import search
 
     out = tmp_path / "out"
     cfg = compose_job(

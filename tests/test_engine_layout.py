@@ -6,7 +6,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from sage_vllm_batch.engine_io import EngineRequest
+from sage_vllm_batch.engine.io import EngineRequest
 
 pytestmark = pytest.mark.engine
 
@@ -54,7 +54,7 @@ from pathlib import Path
 import psutil
 sys.path.insert(0, sys.argv[3])
 from conftest import compose_job
-from sage_vllm_batch.runner import load_engine, resolve_model
+from sage_vllm_batch.run.model import load_engine, resolve_model
 
 cfg = compose_job("task=embed", out_dir=Path(sys.argv[1]), registry_root=Path(sys.argv[2]))
 proc = psutil.Process()

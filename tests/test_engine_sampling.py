@@ -11,9 +11,11 @@ import pytest
 from conftest import compose_job
 from omegaconf import OmegaConf
 
-from sage_vllm_batch.engine_io import EngineRequest, check_structured
-from sage_vllm_batch.runner import execute, prepare_point, resolve_model
-from sage_vllm_batch.sink import LEDGER, read_output
+from sage_vllm_batch.engine.io import EngineRequest, check_structured
+from sage_vllm_batch.outputs.shards import LEDGER, read_output
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import resolve_model
+from sage_vllm_batch.run.point import prepare_point
 
 pytestmark = pytest.mark.engine
 
@@ -36,7 +38,7 @@ def prompts_file(tmp_path, rows=None):
 
 def run(cfg, engine):
     point = prepare_point(cfg, name="p", model=resolve_model(cfg))
-    execute([point], engine, progress="none")
+    run_on_engine([point], engine, progress="none")
     return point
 
 

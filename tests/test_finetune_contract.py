@@ -12,7 +12,7 @@ from conftest import compose_job, run_cli
 
 from sage_vllm_batch.errors import ConfigError, NotBuiltError
 from sage_vllm_batch.finetune import FinetuneRequest, fine_tune, validate
-from sage_vllm_batch.runner import run
+from sage_vllm_batch.job import run
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -78,10 +78,10 @@ def test_each_bad_field_is_named_with_what_to_do(changes, field, hint, registry_
 
 
 def test_an_output_dir_of_another_fine_tune_is_refused_unless_overwrite(registry_root, train_file, tmp_path):
-    from sage_vllm_batch.finetune.lora import prepare_output_dir
+    from sage_vllm_batch.finetune.lora import prepare_training_dir
 
     plan = validate(FinetuneRequest.from_dict(_request(train_file, tmp_path), registry_root=registry_root))
-    prepare_output_dir(plan)  # what a started run leaves: its plan
+    prepare_training_dir(plan)  # what a started run leaves: its plan
     same = validate(FinetuneRequest.from_dict(_request(train_file, tmp_path), registry_root=registry_root))
     assert same.state == "resume"
     with pytest.raises(ConfigError, match=r"output_dir: .* other settings.*learning_rate.*overwrite=true"):

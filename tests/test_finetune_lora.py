@@ -18,7 +18,7 @@ from conftest import compose_job
 
 from sage_vllm_batch import registry
 from sage_vllm_batch.finetune import fine_tune
-from sage_vllm_batch.runner import run
+from sage_vllm_batch.job import run
 
 pytestmark = pytest.mark.training
 

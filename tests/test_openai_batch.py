@@ -9,7 +9,7 @@ import pytest
 from conftest import compose_job
 from test_requests import FakeTok
 
-from sage_vllm_batch.requests import RequestBuilder, sampling_dict
+from sage_vllm_batch.requests.builder import RequestBuilder, sampling_dict
 from sage_vllm_batch.sources import open_source
 
 # vLLM's examples/offline_inference/openai_batch/openai_example_batch.jsonl
@@ -89,7 +89,7 @@ def test_vllm_example_batch_file_answered_in_full_and_resumable(chat_engine, reg
     from openai.types.chat import ChatCompletion
     from test_engine_chat import run_points
 
-    from sage_vllm_batch.sink import LEDGER, read_output
+    from sage_vllm_batch.outputs.shards import LEDGER, read_output
 
     src = tmp_path / "openai_example_batch.jsonl"
     src.write_text(VLLM_EXAMPLE)

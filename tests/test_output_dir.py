@@ -22,10 +22,12 @@ from fake_run import MODEL, WindowedFakeEngine
 
 from sage_vllm_batch.errors import ResumeError
 from sage_vllm_batch.faults import ENV as PAUSE_ENV
-from sage_vllm_batch.manifest import MANIFEST
-from sage_vllm_batch.output_lock import OutputLockedError
-from sage_vllm_batch.runner import ResolvedModel, execute, prepare_point
-from sage_vllm_batch.sink import LEDGER
+from sage_vllm_batch.outputs.files import MANIFEST
+from sage_vllm_batch.outputs.lock import OutputLockedError
+from sage_vllm_batch.outputs.shards import LEDGER
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import ResolvedModel
+from sage_vllm_batch.run.point import prepare_point
 
 FAKE_RUN = Path(__file__).with_name("fake_run.py")
 ROWS = 250
@@ -49,7 +51,7 @@ def job(corpus: Path, out: Path, *extra: str):
 
 def run_here(cfg, model: ResolvedModel = MODEL) -> WindowedFakeEngine:
     engine = WindowedFakeEngine()
-    execute([prepare_point(cfg, model=model)], engine, progress="none")
+    run_on_engine([prepare_point(cfg, model=model)], engine, progress="none")
     return engine
 
 
@@ -193,7 +195,7 @@ def test_a_run_holds_a_lease_on_its_model_until_it_lets_go(tmp_path):
     from fake_hub import make_model_dir
 
     from sage_vllm_batch import registry
-    from sage_vllm_batch.runner import hold_model
+    from sage_vllm_batch.run.model import hold_model
 
     root = tmp_path / "reg"
     src = make_model_dir(tmp_path, "src", arch="BertModel")

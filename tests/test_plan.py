@@ -12,8 +12,10 @@ from conftest import compose_job, run_cli
 from test_runner_logic import Crash, FakeEngine
 
 from sage_vllm_batch.errors import ResumeError
-from sage_vllm_batch.plan import print_plan
-from sage_vllm_batch.runner import execute, prepare_point, resolve_model
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import resolve_model
+from sage_vllm_batch.run.plan import print_plan
+from sage_vllm_batch.run.point import prepare_point
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -47,7 +49,7 @@ def plan_of(cfg):
 def _run(cfg, crash_after=None):
     point = prepare_point(cfg, name="t", model=resolve_model(cfg))
     try:
-        execute([point], FakeEngine(crash_after=crash_after), progress="none")
+        run_on_engine([point], FakeEngine(crash_after=crash_after), progress="none")
     except Crash:
         pass
 

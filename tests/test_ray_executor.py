@@ -24,8 +24,9 @@ from sage_vllm_batch.config import ExecutorConfig, validate
 from sage_vllm_batch.errors import ConfigError, EngineError
 from sage_vllm_batch.executors import make_executor
 from sage_vllm_batch.executors.ray_executor import RayExecutor, Unit, Worker, units_of
-from sage_vllm_batch.runner import prepare_point, run
-from sage_vllm_batch.sink import LEDGER, read_output
+from sage_vllm_batch.job import run
+from sage_vllm_batch.outputs.shards import LEDGER, read_output
+from sage_vllm_batch.run.point import prepare_point
 
 ray = pytest.importorskip("ray")
 
@@ -138,7 +139,7 @@ def assert_same_output(local: Path, remote: Path, *, vectors: bool) -> None:
 
 def _run_ray(ex: RayExecutor, cfg):
     point = prepare_point(cfg)
-    ex.execute([point])
+    ex.run_points([point])
     return point
 
 
@@ -162,7 +163,7 @@ def test_greedy_chat_fused_sweep_on_two_workers_equals_local(ray_local, registry
         if kind == "ray":
             ex.on_dispatch = lambda _ex, _w, unit: parts.append(len(unit.parts))
         try:
-            ex.execute(points)
+            ex.run_points(points)
         finally:
             ex.close()
     for name in sweep:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from sage_vllm_batch.requests import RequestBuilder
+from sage_vllm_batch.requests.builder import RequestBuilder
 
 
 class FakeTok:

@@ -16,8 +16,10 @@ from conftest import compose_job, read_output
 
 from sage_vllm_batch.engine import EngineResult
 from sage_vllm_batch.errors import ResumeError, SageBatchError
-from sage_vllm_batch.runner import ResolvedModel, execute, prepare_point
-from sage_vllm_batch.sink import LEDGER
+from sage_vllm_batch.outputs.shards import LEDGER
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import ResolvedModel
+from sage_vllm_batch.run.point import prepare_point
 
 MODEL = ResolvedModel(id="fake/model", revision="1", path="/nowhere")
 
@@ -84,7 +86,7 @@ def job(corpus, out, *extra):
 
 def run_once(cfg, engine):
     point = prepare_point(cfg, model=MODEL)
-    execute([point], engine, progress="none")
+    run_on_engine([point], engine, progress="none")
     return point
 
 
@@ -131,7 +133,7 @@ def test_resume_into_a_different_config_is_refused_with_what_changed(corpus, tmp
     with pytest.raises(ResumeError, match=r"data\.limit: None -> 10"):
         prepare_point(job(corpus, out, "data.limit=10"), model=MODEL)
     point = prepare_point(job(corpus, out, "data.limit=10", "output.overwrite=true"), model=MODEL)
-    execute([point], FakeEngine(), progress="none")
+    run_on_engine([point], FakeEngine(), progress="none")
     assert read_output(out).num_rows == 10
 
 
@@ -141,7 +143,7 @@ def test_complete_run_is_not_redone(corpus, tmp_path):
     again = FakeEngine()
     point = prepare_point(job(corpus, out), model=MODEL)
     assert point.state == "complete"
-    execute([point], again, progress="none")
+    run_on_engine([point], again, progress="none")
     assert again.seen == []
 
 
@@ -163,15 +165,16 @@ def test_crash_leftovers_are_removed_and_redone(corpus, tmp_path):
 class FullDisk:
     """The disk fills up while the ``nth`` file whose name contains ``target`` is written: its
     first write stores a few bytes, then it and every later write to it fail with ENOSPC. Hooks
-    the real write path: pyarrow's ``OSFile`` (shards) and ``open`` in the sink (ledger) and the
-    manifest module (``metrics.json``)."""
+    the real write path: pyarrow's ``OSFile`` (shards) and ``open`` in the sink (ledger) and in
+    ``outputs.files`` (the atomic JSON writes: ``metrics.json``)."""
 
     def __init__(self, monkeypatch, target: str, nth: int = 1) -> None:
         import builtins
 
         import pyarrow as pa
 
-        from sage_vllm_batch import manifest, sink
+        from sage_vllm_batch.outputs import files
+        from sage_vllm_batch.outputs import shards as sink
 
         self.target, self.nth, self.opened, self.failed = target, nth, 0, False
         real_open, real_osfile = builtins.open, pa.OSFile
@@ -189,7 +192,7 @@ class FullDisk:
             return wrap(path, mode, real_open(path, mode, *a, **kw))
 
         monkeypatch.setattr(pa, "OSFile", osfile)
-        for mod in (sink, manifest):
+        for mod in (sink, files):
             monkeypatch.setattr(mod, "open", open_, raising=False)
 
 
@@ -255,7 +258,7 @@ def test_sharding_splits_rows_between_machines(corpus, tmp_path):
 def test_misordered_rows_are_not_hidden_by_the_reader(corpus, tmp_path):
     import pyarrow as pa
 
-    from sage_vllm_batch import sink
+    from sage_vllm_batch.outputs import shards as sink
 
     out = tmp_path / "out"
     run_once(job(corpus, out), FakeEngine())

@@ -97,8 +97,8 @@ def server(registry_root, dirs):
 @pytest.fixture(scope="module")
 def batch(registry_root, dirs):
     """The same 32 chat prompts through batch mode (the runner), greedy."""
-    from sage_vllm_batch.runner import run
-    from sage_vllm_batch.sink import read_output
+    from sage_vllm_batch.job import run
+    from sage_vllm_batch.outputs.shards import read_output
 
     out = dirs["base"] / "batch"
     cfg = compose_job(
@@ -215,7 +215,7 @@ def _wait_job(http, job_id, timeout=180):
 
 
 def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch):
-    from sage_vllm_batch.sink import read_output
+    from sage_vllm_batch.outputs.shards import read_output
 
     overrides = ["task=chat", "data=jsonl", f"data.path={dirs['data'] / 'q.jsonl'}",
                  "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}"]  # fmt: skip
@@ -237,7 +237,7 @@ def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch)
 
 
 def test_cancelled_job_keeps_its_shards_and_resumes(http, dirs, batch):
-    from sage_vllm_batch.sink import ParquetShardSink, read_output
+    from sage_vllm_batch.outputs.shards import ParquetShardSink, read_output
 
     overrides = ["task=chat", "data=jsonl", f"data.path={dirs['data'] / 'q.jsonl'}", "output.shard_rows=4",
                  "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}"]  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from sage_vllm_batch import startup
+from sage_vllm_batch.engine import startup
 
 
 def test_importing_vllm_restores_the_gc_state():

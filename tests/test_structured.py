@@ -10,11 +10,11 @@ import pytest
 from conftest import compose_job
 
 from sage_vllm_batch.config import validate
-from sage_vllm_batch.engine_io import EngineResult, Sample, check_structured, to_vllm
+from sage_vllm_batch.config.structured import Constraint, StructuredOutputError, constraint_of, resolve_config
+from sage_vllm_batch.engine.io import EngineResult, Sample, check_structured, to_vllm
 from sage_vllm_batch.errors import ConfigError
-from sage_vllm_batch.requests import sampling_dict
-from sage_vllm_batch.sink import GenerationLayout, ParquetShardSink, output_schema
-from sage_vllm_batch.structured import Constraint, StructuredOutputError, constraint_of, resolve_config
+from sage_vllm_batch.outputs.shards import GenerationLayout, ParquetShardSink, output_schema
+from sage_vllm_batch.requests.builder import sampling_dict
 from sage_vllm_batch.sweep.summary import output_quality
 
 CHAT = ("task=chat", "model=smollm2-135m-instruct")
@@ -100,7 +100,7 @@ def test_to_vllm_gives_each_request_its_own_structured_outputs_params():
     from vllm.sampling_params import StructuredOutputsParams
 
     shared = StructuredOutputsParams(choice=["x", "y"])
-    from sage_vllm_batch.engine_io import EngineRequest
+    from sage_vllm_batch.engine.io import EngineRequest
 
     _, p1, _ = to_vllm(
         EngineRequest(key=0, prompt_token_ids=[1], sampling={"structured_outputs": shared}), "generate"
@@ -164,7 +164,8 @@ def test_n1_layout_is_unchanged_and_n3_layout_keeps_every_sample(tmp_path):
 
 def test_editing_the_schema_file_refuses_to_resume_into_mixed_rows(tmp_path):
     from sage_vllm_batch.errors import ResumeError
-    from sage_vllm_batch.runner import ResolvedModel, prepare_point
+    from sage_vllm_batch.run.model import ResolvedModel
+    from sage_vllm_batch.run.point import prepare_point
 
     model = ResolvedModel(id="fake/model", revision="1", path="/nowhere")
     schema = tmp_path / "schema.json"

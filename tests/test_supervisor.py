@@ -10,10 +10,12 @@ import os
 import pytest
 from conftest import compose_job, run_cli
 
-from sage_vllm_batch import supervisor
+from sage_vllm_batch.engine import supervisor
 from sage_vllm_batch.errors import EngineError
-from sage_vllm_batch.runner import execute, prepare_point, resolve_model
-from sage_vllm_batch.sink import read_output
+from sage_vllm_batch.outputs.shards import read_output
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import resolve_model
+from sage_vllm_batch.run.point import prepare_point
 
 pytestmark = pytest.mark.engine
 
@@ -36,7 +38,7 @@ def run_job(engine, registry_root, out, src, *extra):
         out_dir=out, registry_root=registry_root,
     )
     point = prepare_point(cfg, name="p0", model=resolve_model(cfg))
-    execute([point], engine, progress="none")
+    run_on_engine([point], engine, progress="none")
     return read_output(out), json.loads((out / "metrics.json").read_text())
 
 
@@ -100,11 +102,11 @@ def test_seeded_sampling_is_reproducible_and_fused_equals_alone(chat_engine, reg
     temps = ("0.7", "1.0")
     fused = [compose_job(*common, f"sampling.temperature={t}", out_dir=tmp_path / f"f{t}", registry_root=registry_root) for t in temps]
     points = [prepare_point(c, name=f"f{i}", model=resolve_model(c)) for i, c in enumerate(fused)]
-    execute(points, chat_engine, progress="none")
+    run_on_engine(points, chat_engine, progress="none")
     for t in temps:
         for run in ("a", "b"):
             alone = compose_job(*common, f"sampling.temperature={t}", out_dir=tmp_path / f"{run}{t}", registry_root=registry_root)
-            execute([prepare_point(alone, name="alone", model=resolve_model(alone))], chat_engine, progress="none")
+            run_on_engine([prepare_point(alone, name="alone", model=resolve_model(alone))], chat_engine, progress="none")
         a, b, f = (read_output(tmp_path / f"{x}{t}") for x in ("a", "b", "f"))
         assert a.column("error").null_count == 12
         assert a.column("text").to_pylist() == b.column("text").to_pylist() == f.column("text").to_pylist()
@@ -113,8 +115,7 @@ def test_seeded_sampling_is_reproducible_and_fused_equals_alone(chat_engine, reg
 
 def test_engine_core_process_killed_mid_run_out_of_process(registry_root, tmp_path):
     """vLLM's own process layout (engine=gpu's): SIGKILL the EngineCore process mid-run."""
-    from sage_vllm_batch.paths import WORKSPACE
-    from sage_vllm_batch.resources import resolve_path
+    from sage_vllm_batch.paths import WORKSPACE, resolve_path
 
     verses = resolve_path("pkg://bible/data/kjv.jsonl")
     with open(verses) as f:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from sage_vllm_batch.engine import IteratorFeed
-from sage_vllm_batch.engine_io import EngineRequest
-from sage_vllm_batch.supervisor import SupervisedStream
+from sage_vllm_batch.engine.io import EngineRequest
+from sage_vllm_batch.engine.supervisor import SupervisedStream
 
 
 class ScriptedVllm:

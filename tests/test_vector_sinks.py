@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sage_vllm_batch import vector_sinks
 from sage_vllm_batch.errors import ConfigError
-from sage_vllm_batch.sink import ParquetShardSink, embedding_column, output_schema
-from sage_vllm_batch.vector_sinks import search, write_vector_store
+from sage_vllm_batch.outputs import vector_stores as vector_sinks
+from sage_vllm_batch.outputs.shards import ParquetShardSink, embedding_column, output_schema
+from sage_vllm_batch.outputs.vector_stores import search, write_vector_store
 
 DIM = 8
 SHARD_ROWS = 100

@@ -72,7 +72,7 @@ class FusedLauncher(Launcher):
 
     def _prepare(self, idx: int, overrides: list[str], swept: set[str], sweep_dir: Path) -> tuple[JobReturn, Any]:
         """Compose the point's config and prepare its output dir through Hydra's ``run_job``."""
-        from sage_vllm_batch.runner import prepare_point
+        from sage_vllm_batch.run.point import prepare_point
 
         assert self.config is not None and self.hydra_context is not None
         try:

@@ -10,18 +10,19 @@ from typing import TYPE_CHECKING, Protocol
 from omegaconf import DictConfig
 
 if TYPE_CHECKING:
-    from sage_vllm_batch.runner import Point, ResolvedModel
+    from sage_vllm_batch.run.model import ResolvedModel
+    from sage_vllm_batch.run.point import Point
 
 
 class Executor(Protocol):
-    """Loads engines for a model (``start``), runs points on them (``execute``, any number of
-    times), frees them (``close``)."""
+    """Loads engines for a model (``start``), runs points on them (``run_points``, any number
+    of times), frees them (``close``)."""
 
     load_seconds: float
 
     def start(self, cfg: DictConfig, model: ResolvedModel) -> None: ...
 
-    def execute(self, points: Sequence[Point]) -> None: ...
+    def run_points(self, points: Sequence[Point]) -> None: ...
 
     def close(self, *, process_exiting: bool = False) -> None:
         """Free the engines. ``process_exiting``: the process exits next; an executor may leave

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from sage_vllm_batch.runner import execute, load_engine
+from sage_vllm_batch.run.drive import run_on_engine
+from sage_vllm_batch.run.model import load_engine
 
 if TYPE_CHECKING:
-    from sage_vllm_batch.engine import Engine
-    from sage_vllm_batch.runner import Point, ResolvedModel
+    from sage_vllm_batch.engine.engine import Engine
+    from sage_vllm_batch.run.model import ResolvedModel
+    from sage_vllm_batch.run.point import Point
 
 
 class LocalExecutor:
@@ -25,11 +27,11 @@ class LocalExecutor:
     def start(self, cfg: DictConfig, model: ResolvedModel) -> None:
         self.engine = load_engine(cfg, model)
 
-    def execute(self, points: Sequence[Point]) -> None:
+    def run_points(self, points: Sequence[Point]) -> None:
         if self.engine is None:
-            raise RuntimeError("LocalExecutor.execute before start")
+            raise RuntimeError("LocalExecutor.run_points before start")
         cfg = points[0].cfg
-        execute(points, self.engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
+        run_on_engine(points, self.engine, progress=cfg.progress, interval_s=cfg.progress_interval_s)
 
     def close(self, *, process_exiting: bool = False) -> None:
         if self.engine is not None:

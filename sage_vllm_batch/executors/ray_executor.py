@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.errors import ConfigError, EngineError
-from sage_vllm_batch.runner import drive
+from sage_vllm_batch.run.drive import drive
 
 if TYPE_CHECKING:
-    from sage_vllm_batch.runner import Point, ResolvedModel
+    from sage_vllm_batch.run.model import ResolvedModel
+    from sage_vllm_batch.run.point import Point
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +212,8 @@ class RayExecutor:
             try:
                 w.info = ray.get(ref)
             except ray.exceptions.RayError as e:
-                self._retire(w, _one_line(e), kill=True)
-                errors.append(f"worker {w.index}: {_one_line(e)}")
+                self._retire(w, ray_error_line(e), kill=True)
+                errors.append(f"worker {w.index}: {ray_error_line(e)}")
         for ref in missing:
             self._retire(refs[ref], f"not ready after {ex.start_timeout_s:.0f}s", kill=True)
         alive = [w for w in self.workers if w.alive]
@@ -273,10 +274,10 @@ class RayExecutor:
         env.update({k: str(v) for k, v in (user.pop("env_vars", None) or {}).items()})
         return {**user, "env_vars": env}
 
-    # ------------------------------------------------------------------ execute
-    def execute(self, points: Sequence[Point]) -> None:
+    # ------------------------------------------------------------------ run
+    def run_points(self, points: Sequence[Point]) -> None:
         if self._engine is None:
-            raise RuntimeError("RayExecutor.execute before start")
+            raise RuntimeError("RayExecutor.run_points before start")
         cfg = points[0].cfg
         try:
             drive(
@@ -288,7 +289,7 @@ class RayExecutor:
                 interval_s=cfg.progress_interval_s,
             )
         finally:
-            for p in points:  # the end of this run's writes, as in runner.execute
+            for p in points:  # the end of this run's writes, as in run.drive.run_on_engine
                 p.release()
 
     def _feed(self, todo: Sequence[Point]) -> None:
@@ -296,7 +297,7 @@ class RayExecutor:
         t0 = time.perf_counter()
         deaths0 = sum(not w.alive for w in self.workers)
         self.units_retried = 0
-        for w in self.workers:  # counters are per execute; units abandoned by an interrupted one never commit
+        for w in self.workers:  # counters are per run_points; units abandoned by an interrupted one never commit
             w.inflight.clear()
             w.units = w.rows = w.prompt_tokens = w.completion_tokens = 0
         try:
@@ -325,8 +326,8 @@ class RayExecutor:
                 ray.get(ref)
             except ray.exceptions.RayError as e:
                 if w.alive:
-                    self._retire(w, _one_line(e), kill=True)
-                    log.warning("Ray worker %d failed to set up: %s", w.index, _one_line(e))
+                    self._retire(w, ray_error_line(e), kill=True)
+                    log.warning("Ray worker %d failed to set up: %s", w.index, ray_error_line(e))
         if not self._alive():
             raise EngineError("executor=ray: every worker failed (see the warnings above)")
 
@@ -398,7 +399,7 @@ class RayExecutor:
             dead = isinstance(e, ray.exceptions.RayActorError)
             w.inflight[ref] = unit  # requeued with the worker's other units
             self._fail_worker(
-                w, ("died: " if dead else "failed: ") + _one_line(e), todo, retry, kill=not dead
+                w, ("died: " if dead else "failed: ") + ray_error_line(e), todo, retry, kill=not dead
             )
             return
         w.last_progress = time.perf_counter()
@@ -496,7 +497,7 @@ def _import_ray() -> Any:
     return ray
 
 
-def _one_line(e: BaseException) -> str:
+def ray_error_line(e: BaseException) -> str:
     """A Ray error in one line: its first line, and the raised exception's own message (the last
     line of the remote traceback) where Ray wrapped one."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage_vllm_batch.errors import one_line
+
 log = logging.getLogger(__name__)
-
-# Thread-count variables read by OpenMP, MKL, and tokenizers when the worker process starts.
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
 
 @dataclass
 class _Job:
@@ -58,7 +56,7 @@ class EngineWorker:
             import torch
 
             torch.set_num_threads(threads)
-        from sage_vllm_batch.runner import ResolvedModel, load_engine, resolve_model
+        from sage_vllm_batch.run.model import ResolvedModel, load_engine, resolve_model
 
         self.index = index
         job = OmegaConf.create(cfg)
@@ -93,7 +91,7 @@ class EngineWorker:
         """Register a point's config (task, data, sampling) under the id units will use."""
         from omegaconf import OmegaConf
 
-        from sage_vllm_batch.runner import request_builder
+        from sage_vllm_batch.requests.builder import request_builder
 
         self._builders[point_id] = request_builder(OmegaConf.create(cfg), self.engine)
 
@@ -149,7 +147,7 @@ class EngineWorker:
                     if j.remaining == 0:
                         j.done.set()
             except BaseException as e:  # the engine is unusable: fail every unit it holds or will get
-                self._fatal = " ".join(str(e).split())[:500] or type(e).__name__
+                self._fatal = one_line(e)
                 log.exception("worker %d: engine failed", self.index)
                 self._fail_all(active)
                 return

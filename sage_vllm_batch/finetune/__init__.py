@@ -2,7 +2,7 @@
 
 Two entry points, one validation (:func:`~sage_vllm_batch.finetune.contract.validate`):
 
-* ``task=finetune`` on the command line (``runner.run`` calls :func:`run_finetune`);
+* ``task=finetune`` on the command line (:func:`sage_vllm_batch.job.run` calls :func:`run_finetune`);
 * :func:`fine_tune` with the design's plain dict (what ``VLLMService.fine_tune`` calls)::
 
       fine_tune({"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dataset_path": "train.jsonl",
@@ -37,9 +37,9 @@ __all__ = [
     "STRATEGIES",
     "FinetunePlan",
     "FinetuneRequest",
-    "execute",
     "fine_tune",
     "run_finetune",
+    "train_and_register",
     "validate",
 ]
 
@@ -62,20 +62,20 @@ def fine_tune(request: dict[str, Any], *, registry_root: str | Path | None = Non
         ConfigError: the request is invalid (the message names the field).
         NotBuiltError: a valid request for a strategy that is not built yet.
     """
-    return execute(validate(FinetuneRequest.from_dict(request, registry_root=registry_root)))
+    return train_and_register(validate(FinetuneRequest.from_dict(request, registry_root=registry_root)))
 
 
 def run_finetune(cfg: DictConfig) -> dict[str, Any]:
     """``task=finetune``: the job config through the same validation and execution."""
-    return execute(validate(FinetuneRequest.from_job(cfg)))
+    return train_and_register(validate(FinetuneRequest.from_job(cfg)))
 
 
-def execute(plan: FinetunePlan) -> dict[str, Any]:
+def train_and_register(plan: FinetunePlan) -> dict[str, Any]:
     """Run a validated plan: train (or resume), register the result, return the metrics record."""
     from sage_vllm_batch.finetune.contract import SUCCESS
     from sage_vllm_batch.finetune.lora import ADAPTER, METRICS, train_lora
     from sage_vllm_batch.finetune.register import register_adapter
-    from sage_vllm_batch.manifest import write_json_atomic
+    from sage_vllm_batch.outputs.files import write_json_atomic
 
     strategy = plan.request.strategy
     if strategy not in BUILT_STRATEGIES:

@@ -113,7 +113,7 @@ class FinetuneRequest:
     @classmethod
     def from_job(cls, cfg: DictConfig) -> FinetuneRequest:
         """``task=finetune``: the job config's model, data, task.finetune and output groups."""
-        from sage_vllm_batch.runner import output_dir_of
+        from sage_vllm_batch.outputs.outdir import output_dir_of
 
         ft = cfg.task.finetune
         names = {
@@ -357,7 +357,7 @@ def _check_dataset(req: FinetuneRequest) -> tuple[Any, str]:
 
 
 def _manifest(req: FinetuneRequest, base_id: str, base_rev: str, source: Any) -> dict[str, Any]:
-    from sage_vllm_batch.manifest import build_manifest
+    from sage_vllm_batch.outputs.manifest import build_manifest
 
     job = {
         "strategy": req.strategy,
@@ -373,7 +373,7 @@ def _manifest(req: FinetuneRequest, base_id: str, base_rev: str, source: Any) ->
 
 def _check_output_dir(req: FinetuneRequest, manifest: dict[str, Any]) -> str:
     """``new``, ``resume`` (checkpoints of this same fine-tune are there) or ``complete``."""
-    from sage_vllm_batch.manifest import diff
+    from sage_vllm_batch.outputs.manifest import diff
 
     out, k = req.output_dir, req.key
     if out.exists() and not out.is_dir():

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sage_vllm_batch.errors import ConfigError
-from sage_vllm_batch.requests import RequestBuilder, RowError
+from sage_vllm_batch.requests.builder import RequestBuilder, RowError
 
 IGNORE = -100  # the label torch's cross-entropy skips
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from sage_vllm_batch.errors import SageBatchError
 from sage_vllm_batch.finetune.contract import PLAN_FILE, SUCCESS, FinetunePlan
-from sage_vllm_batch.manifest import write_json_atomic
+from sage_vllm_batch.outputs.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _require_peft() -> None:
         ) from e
 
 
-def prepare_output_dir(plan: FinetunePlan) -> None:
+def prepare_training_dir(plan: FinetunePlan) -> None:
     """Start over on ``overwrite`` (or in a dir without a plan); record the plan."""
     out = plan.output_dir
     if plan.state == "new":
@@ -97,7 +97,7 @@ def train_lora(plan: FinetunePlan) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     hp, out = plan.hparams, plan.output_dir
-    prepare_output_dir(plan)
+    prepare_training_dir(plan)
     torch.manual_seed(int(hp.seed))
     tok = AutoTokenizer.from_pretrained(str(plan.base_path))
     if tok.pad_token_id is None:

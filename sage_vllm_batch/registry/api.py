@@ -71,8 +71,8 @@ def list_models(root: Root = None) -> list[ModelRecord]:
     return Store(root).records()
 
 
-def get_model_path(model_id: str, revision: str | None = None, root: Root = None) -> Path:
-    """Local folder of a registered model, without any network access.
+def get_model(model_id: str, revision: str | None = None, root: Root = None) -> ModelRecord:
+    """The record of a registered model whose folder is present, without any network access.
 
     Args:
         model_id: ``org/name``.
@@ -88,7 +88,12 @@ def get_model_path(model_id: str, revision: str | None = None, root: Root = None
             f"Model {model_id!r}@{record.revision} is recorded but its folder {record.path} is missing. "
             f"{fetch_hint(model_id, record.revision)}"
         )
-    return record.path
+    return record
+
+
+def get_model_path(model_id: str, revision: str | None = None, root: Root = None) -> Path:
+    """Local folder of a registered model (:func:`get_model`'s record's path)."""
+    return get_model(model_id, revision, root).path
 
 
 def _default_revision(spec: SourceSpec, revision: str | None, store: Store, model_id: str) -> str:
@@ -153,14 +158,15 @@ def _download_locked(store: Store, model_id: str, revision: str, progress: bool)
     return store.commit(model_id, revision, staging, source=source, tags=tags)
 
 
-def ensure_model(
+def ensure_model_record(
     model_id: str,
     revision: str | None = None,
     source: str = "hub",
     allow_download: bool = True,
     root: Root = None,
-) -> Path:
-    """Return the local folder of a model, fetching it from ``source`` first if it is missing.
+) -> ModelRecord:
+    """Return the record of a model (its ``path`` is the local folder), fetching it from
+    ``source`` first if it is missing.
 
     A present model is found from the manifest and its folder alone: no network. A per-model lock
     makes concurrent jobs fetch a missing model once; the others wait and reuse it.
@@ -197,7 +203,18 @@ def ensure_model(
                 else:
                     record = _download_locked(store, model_id, rev, progress=True)
     store.touch(model_id, rev)
-    return record.path
+    return record
+
+
+def ensure_model(
+    model_id: str,
+    revision: str | None = None,
+    source: str = "hub",
+    allow_download: bool = True,
+    root: Root = None,
+) -> Path:
+    """Local folder of a model, fetched first if missing (:func:`ensure_model_record`'s path)."""
+    return ensure_model_record(model_id, revision, source, allow_download, root).path
 
 
 def model_fingerprint(model_id: str, revision: str | None = None, root: Root = None) -> dict[str, str | None]:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sage_vllm_batch.errors import DataError
+from sage_vllm_batch.paths import package_dir
 from sage_vllm_batch.registry.errors import InvalidSourceError
-from sage_vllm_batch.resources import package_dir
 
 SourceKind = Literal["hub", "package", "path", "gguf"]
 MODEL_TYPES = ("text", "embedding", "lora")

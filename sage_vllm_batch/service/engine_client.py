@@ -1,4 +1,4 @@
-"""vLLM's ``EngineClient`` protocol over an :class:`~sage_vllm_batch.engine_driver.EngineDriver`.
+"""vLLM's ``EngineClient`` protocol over an :class:`~sage_vllm_batch.engine.driver.EngineDriver`.
 
 vLLM's OpenAI server (chat templates, streaming, validation, ``/v1/*`` routes) talks to an
 ``EngineClient``, normally ``AsyncLLM``, whose engine core always runs in a child process: about
@@ -20,9 +20,9 @@ from typing import Any
 
 from vllm.engine.protocol import EngineClient
 
-from sage_vllm_batch.engine_driver import EngineDriver
-from sage_vllm_batch.engine_io import EngineRequest
-from sage_vllm_batch.supervisor import CANCELLED
+from sage_vllm_batch.engine.driver import EngineDriver
+from sage_vllm_batch.engine.io import EngineRequest
+from sage_vllm_batch.engine.supervisor import CANCELLED
 
 log = logging.getLogger(__name__)
 

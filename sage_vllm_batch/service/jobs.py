@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sage_vllm_batch.engine import engine_kwargs
+from sage_vllm_batch.engine.engine import engine_kwargs
 from sage_vllm_batch.errors import ConfigError, ResumeError, SageBatchError
 from sage_vllm_batch.service import security
 from sage_vllm_batch.service.service import EMBED, TEXT, ServiceError, VLLMService
@@ -143,7 +143,7 @@ class JobManager:
         self._check_matches(cfg, slot)
         security.check_data_path(str(cfg.data.path), self.data_roots)
         out = security.check_output_dir(str(cfg.output.dir), str(self.output_root))
-        from sage_vllm_batch.runner import prepare_point
+        from sage_vllm_batch.run.point import prepare_point
 
         try:
             point = prepare_point(cfg, name=job_id, model=slot.resolved)
@@ -194,8 +194,8 @@ class JobManager:
         return job
 
     def _compose(self, overrides: list[str], default_out: Path) -> tuple[DictConfig, str]:
-        from sage_vllm_batch.compose import compose_job
         from sage_vllm_batch.config import validate
+        from sage_vllm_batch.config.compose import compose_job
 
         def compose(kind: str) -> DictConfig:
             with _compose_lock:
@@ -249,11 +249,11 @@ class JobManager:
             raise ServiceError(f"engine: this job wants {shown}; run it in batch mode", status=409)
 
     def _run(self, job: Job, slot: Any) -> None:
-        from sage_vllm_batch.runner import execute
+        from sage_vllm_batch.run.drive import run_on_engine
 
         job.status = "running"
         try:
-            execute([job.point], _CancellableEngine(slot.driver, job.cancel), progress="none")
+            run_on_engine([job.point], _CancellableEngine(slot.driver, job.cancel), progress="none")
             job.status = "complete"
         except JobCancelled:
             job.status = "cancelled"

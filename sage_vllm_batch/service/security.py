@@ -51,7 +51,7 @@ def _real(p: str | Path) -> Path:
 def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path") -> None:
     """Every file the job could read (the path, a glob's matches, a directory's files) must resolve,
     symlinks followed, inside one of ``data_roots``."""
-    from sage_vllm_batch.resources import resolve_path
+    from sage_vllm_batch.paths import resolve_path
 
     roots = [_real(r) for r in data_roots]
     if not roots:

@@ -2,10 +2,10 @@
 
 A text model (generate runner, priority scheduling) and an optional embedding model (pooling
 runner), each an :class:`~sage_vllm_batch.engine.Engine` driven by one
-:class:`~sage_vllm_batch.engine_driver.EngineDriver`: concurrent callers are batched together by
+:class:`~sage_vllm_batch.engine.driver.EngineDriver`: concurrent callers are batched together by
 vLLM, batch jobs run on the same engines (see :mod:`.jobs`), and the HTTP server reaches the same
 drivers through :mod:`.engine_client`. Requests are built by the runner's
-:class:`~sage_vllm_batch.requests.RequestBuilder`, so prompts render exactly as in batch mode.
+:class:`~sage_vllm_batch.requests.builder.RequestBuilder`, so prompts render exactly as in batch mode.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sage_vllm_batch.engine_driver import EngineDriver
-from sage_vllm_batch.engine_io import EngineRequest, EngineResult
+from sage_vllm_batch.engine.driver import EngineDriver
+from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.errors import EngineError, SageBatchError
-from sage_vllm_batch.requests import RequestBuilder, _sampling_param_names, sampling_dict
-from sage_vllm_batch.runner import ResolvedModel, load_engine, resolve_model
+from sage_vllm_batch.requests.builder import RequestBuilder, sampling_dict, sampling_param_names
+from sage_vllm_batch.run.model import ResolvedModel, load_engine, resolve_model
 from sage_vllm_batch.service.options import load_option, model_option
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class VLLMService:
 
     def _sampling(self, options: Mapping[str, Any]) -> dict[str, Any]:
         opts = {k: v for k, v in options.items() if v is not None}
-        names = _sampling_param_names()
+        names = sampling_param_names()
         if names is not None:
             unknown = sorted(set(opts) - names)
             if unknown:
@@ -391,7 +391,7 @@ class VLLMService:
         if revision is not None:
             model_cfg.revision = revision
         old = self._slots.get(kind)
-        from sage_vllm_batch.supervisor import CPU_STEP_LOCK
+        from sage_vllm_batch.engine.supervisor import CPU_STEP_LOCK
 
         try:
             # The old engine pauses while the new one loads: the two must not compute at once.
@@ -447,9 +447,9 @@ class VLLMService:
 
 def _data(**columns: str) -> DictConfig:
     """The data section a RequestBuilder reads, for inputs that arrive as rows of one column."""
-    from sage_vllm_batch.requests import _DATA_KEYS
+    from sage_vllm_batch.requests.builder import DATA_KEYS
 
-    return OmegaConf.create({**dict.fromkeys(_DATA_KEYS), **columns})
+    return OmegaConf.create({**dict.fromkeys(DATA_KEYS), **columns})
 
 
 def _normalize_prompts(prompts: Any) -> list[str | list[dict[str, Any]]]:

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from sage_vllm_batch.errors import DataError
-from sage_vllm_batch.resources import resolve_path
+from sage_vllm_batch.paths import resolve_path
 from sage_vllm_batch.sources.base import BAD, EXTENSIONS, ROW_ID, Source, detect_format, resolve_files
 from sage_vllm_batch.sources.csv import CsvSource
 from sage_vllm_batch.sources.hf import HFSource, hf_files

@@ -11,7 +11,8 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 
 from sage_vllm_batch.executors import make_executor
-from sage_vllm_batch.runner import Point, engine_group_key, hold_model
+from sage_vllm_batch.run.model import engine_group_key, hold_model
+from sage_vllm_batch.run.point import Point
 from sage_vllm_batch.sweep.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -20,10 +21,10 @@ log = logging.getLogger(__name__)
 def _key_diff(a: str, b: str) -> str:
     from omegaconf import OmegaConf
 
-    from sage_vllm_batch.manifest import _flatten
+    from sage_vllm_batch.outputs.manifest import flatten
 
-    fa = _flatten(OmegaConf.to_container(OmegaConf.create(a)))
-    fb = _flatten(OmegaConf.to_container(OmegaConf.create(b)))
+    fa = flatten(OmegaConf.to_container(OmegaConf.create(a)))
+    fb = flatten(OmegaConf.to_container(OmegaConf.create(b)))
     keys = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     return ", ".join(f"{k}={fb.get(k)!r}" for k in keys[:4]) or "same"
 
@@ -91,7 +92,7 @@ def _run_group(gi: int, todo: list[Point], fuse: bool) -> None:
                 p.metrics.fused = fuse
             for batch in [todo] if fuse else [[p] for p in todo]:
                 try:
-                    executor.execute(batch)
+                    executor.run_points(batch)
                 except Exception as e:
                     log.error("engine group %d failed: %s", gi + 1, e)
                     for p in batch:

@@ -3,7 +3,8 @@
 Every YAML file under ``conf/<group>/`` opens with ``defaults: [base_<group>]`` so Hydra merges it
 onto the schema below: a misspelt key or a value of the wrong type fails at composition time,
 naming the key. Field names follow vLLM's ``EngineArgs`` / ``SamplingParams`` so they pass through
-unchanged. Cross-field rules live in :func:`validate`, checked once before any work starts.
+unchanged. Cross-field rules live in :mod:`sage_vllm_batch.config.validate`, checked once per job
+before any work starts.
 """
 
 from __future__ import annotations
@@ -13,9 +14,35 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from sage_vllm_batch.errors import ConfigError
+
+__all__ = [
+    "TASKS",
+    "DATA_FORMATS",
+    "OVERLONG_POLICIES",
+    "MODES",
+    "ROW_NEUTRAL_KEYS",
+    "ModelConfig",
+    "EngineConfig",
+    "StructuredOutputsConfig",
+    "SamplingConfig",
+    "TaskConfig",
+    "FinetuneConfig",
+    "FinetuneTaskConfig",
+    "DataConfig",
+    "VectorStoreConfig",
+    "OutputConfig",
+    "RegistryConfig",
+    "ExecutorConfig",
+    "ServeConfig",
+    "JobConfig",
+    "FusedLauncherConfig",
+    "run_dirname",
+    "run_dir_excluded_keys",
+    "register_configs",
+]
 
 TASKS = ("embed", "generate", "chat", "finetune")
 DATA_FORMATS = ("auto", "parquet", "jsonl", "csv", "hf", "openai_batch")
@@ -23,6 +50,19 @@ OVERLONG_POLICIES = ("error_row", "truncate")
 # run: push the dataset through the engine; plan: say what a run would do (no engine);
 # serve: keep the engine loaded behind an HTTP server.
 MODES = ("run", "plan", "serve")
+
+# Keys of the manifest's sections that change speed, memory or robustness but not the rows
+# written: the manifest ignores them (a run resumes across them) and so do run-dir names.
+ROW_NEUTRAL_KEYS = (
+    "engine.max_in_flight",
+    "engine.in_process",
+    "engine.kv_cache_memory_bytes",
+    "engine.max_restarts",
+    "engine.stall_timeout_s",
+    "data.read_batch_rows",
+)
+# Top-level keys that never change the rows (display, where things live, which executor).
+_DISPLAY_KEYS = ("job", "mode", "verbose", "progress", "progress_interval_s", "output.overwrite", "output.dir", "registry.root")
 
 
 @dataclass
@@ -334,6 +374,13 @@ def run_dirname(override_dirname: str) -> str:
     return f"{safe[:80]}-{hashlib.sha256(override_dirname.encode()).hexdigest()[:12]}"
 
 
+def run_dir_excluded_keys() -> list[str]:
+    """Overrides left out of run-dir names (``${sage_dirname_excludes:}`` in conf/config.yaml): the
+    same command with any of them writes to, and resumes in, the same directory."""
+    executor = ["executor", *(f"executor.{f.name}" for f in fields(ExecutorConfig))]
+    return [*_DISPLAY_KEYS, *ROW_NEUTRAL_KEYS, *executor]
+
+
 def example_value(value: Any, *, _parent_: Any, _node_: Any) -> Any:
     """``${sage_example:value}`` in a data option: ``value`` while ``data.path`` is the option's
     example dataset (``data.example``), else the schema's default for that key."""
@@ -365,6 +412,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sage_dirname", run_dirname)
     if not OmegaConf.has_resolver("sage_help_groups"):
         OmegaConf.register_new_resolver("sage_help_groups", help_config_groups)
+    if not OmegaConf.has_resolver("sage_dirname_excludes"):
+        OmegaConf.register_new_resolver("sage_dirname_excludes", run_dir_excluded_keys)
     if not OmegaConf.has_resolver("sage_example"):
         OmegaConf.register_new_resolver("sage_example", example_value)
     cs = ConfigStore.instance()
@@ -381,146 +430,3 @@ def register_configs() -> None:
 
 
 register_configs()
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Cross-field rules, checked once at start (types and key names are checked by the schema)."""
-    task = cfg.task.type
-    mode = cfg.get("mode", "run")
-    _check(mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "serve":  # the service takes its tasks per request; jobs are validated on submission
-        _check(0 <= cfg.serve.port <= 65535, "serve.port", f"must be in [0, 65535], got {cfg.serve.port}")
-        _check(cfg.serve.max_body_bytes >= 1024, "serve.max_body_bytes", "must be >= 1024")
-        return
-    _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
-    _check(
-        cfg.task.overlong_prompt in OVERLONG_POLICIES,
-        "task.overlong_prompt",
-        f"must be one of {', '.join(OVERLONG_POLICIES)}, got {cfg.task.overlong_prompt!r}",
-    )
-    _check(cfg.data.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}")
-    _check(cfg.data.num_shards >= 1, "data.num_shards", "must be >= 1")
-    _check(
-        0 <= cfg.data.shard_index < cfg.data.num_shards,
-        "data.shard_index",
-        f"must be in [0, data.num_shards={cfg.data.num_shards}), got {cfg.data.shard_index}",
-    )
-    _check(cfg.data.limit is None or cfg.data.limit >= 0, "data.limit", "must be >= 0")
-    _check(cfg.data.read_batch_rows >= 1, "data.read_batch_rows", "must be >= 1")
-    _check(cfg.output.shard_rows >= 1, "output.shard_rows", "must be >= 1")
-    _check(
-        str(cfg.engine.in_process).lower() in ("auto", "true", "false"),
-        "engine.in_process",
-        f"must be auto, true or false, got {cfg.engine.in_process!r}",
-    )
-    _check(cfg.engine.max_restarts >= 0, "engine.max_restarts", "must be >= 0")
-    _check(
-        cfg.engine.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)"
-    )
-    _check(cfg.engine.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
-    _check(
-        0.0 < cfg.engine.gpu_memory_utilization <= 1.0,
-        "engine.gpu_memory_utilization",
-        "must be in (0, 1]",
-    )
-    _check(cfg.model.type in ("text", "embedding"), "model.type", "must be 'text' or 'embedding'")
-    if task == "embed":
-        _check(
-            cfg.model.type == "embedding",
-            "model",
-            f"task=embed needs an embedding model; {cfg.model.id!r} is a {cfg.model.type} model "
-            "(try model=minilm-l6-v2)",
-        )
-    elif task in ("generate", "chat"):
-        _check(
-            cfg.model.type == "text",
-            "model",
-            f"task={task} needs a text-generation model; {cfg.model.id!r} is an embedding model "
-            "(try model=smollm2-135m-instruct)",
-        )
-        s = cfg.sampling
-        _check(s.temperature >= 0, "sampling.temperature", f"must be >= 0, got {s.temperature}")
-        _check(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-        _check(s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
-        _check(s.n >= 1, "sampling.n", "must be >= 1")
-        _check_sampling_limits(cfg)
-    if cfg.model.get("adapter"):
-        _check(
-            task in ("generate", "chat"),
-            "model.adapter",
-            f"a LoRA adapter applies to generate/chat jobs, not task={task} (remove model.adapter)",
-        )
-    vs = cfg.output.vector_store
-    if vs.type is not None:
-        _check(vs.type in ("lancedb", "faiss"), "output.vector_store.type", "must be lancedb, faiss or null")
-        _check(task == "embed", "output.vector_store.type", "a vector store sink needs task=embed")
-    ex = cfg.executor
-    _check(ex.type in ("local", "ray"), "executor.type", f"must be local or ray, got {ex.type!r}")
-    _check(ex.num_workers >= 1, "executor.num_workers", "must be >= 1")
-    _check(ex.cpus_per_worker >= 0, "executor.cpus_per_worker", "must be >= 0")
-    _check(ex.gpus_per_worker >= 0, "executor.gpus_per_worker", "must be >= 0")
-    _check(ex.threads_per_worker >= 0, "executor.threads_per_worker", "must be >= 0 (0: cpus_per_worker)")
-    _check(ex.max_chunk_retries >= 0, "executor.max_chunk_retries", "must be >= 0")
-    _check(ex.chunks_per_worker >= 1, "executor.chunks_per_worker", "must be >= 1")
-    _check(
-        ex.chunk_timeout_s is None or ex.chunk_timeout_s > 0,
-        "executor.chunk_timeout_s",
-        "must be > 0 or null",
-    )
-    if cfg.output.get("openai_batch"):
-        _check(
-            cfg.data.format == "openai_batch" and task in ("chat", "generate") and bool(cfg.data.id_column),
-            "output.openai_batch",
-            "the OpenAI batch output file needs data=openai_batch (custom_id as data.id_column) and "
-            "task=chat (/v1/chat/completions) or task=generate (/v1/completions)",
-        )
-    _check(
-        cfg.progress in ("auto", "bar", "json", "none"),
-        "progress",
-        "must be one of auto, bar, json, none",
-    )
-
-
-def _check_sampling_limits(cfg: DictConfig) -> None:
-    """What vLLM would refuse on every request, refused once here with the key to change."""
-    import os
-
-    s = cfg.sampling
-    max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))
-    _check(s.n <= max_n, "sampling.n", f"must be <= {max_n} (vLLM's VLLM_MAX_N_SEQUENCES), got {s.n}")
-    _check(
-        s.n == 1 or s.temperature > 0,
-        "sampling.n",
-        f"n={s.n} needs sampling.temperature > 0: greedy decoding gives one answer, and vLLM "
-        "refuses n > 1 at temperature 0",
-    )
-    # vLLM's max_logprobs (ModelConfig, default 20) bounds both; engine.extra.max_logprobs raises it.
-    max_lp = int((cfg.engine.get("extra") or {}).get("max_logprobs", 20))
-    for key in ("logprobs", "prompt_logprobs"):
-        k = s.get(key)
-        if k is None:
-            continue
-        _check(k >= 0, f"sampling.{key}", f"must be >= 0 (the top-k per token), got {k}")
-        _check(
-            max_lp == -1 or k <= max_lp,
-            f"sampling.{key}",
-            f"{k} is more than the engine returns (max_logprobs={max_lp}); lower it or set "
-            f"engine.extra.max_logprobs={k}",
-        )
-    from sage_vllm_batch.structured import StructuredOutputError, check_compiles, resolve_config
-
-    try:
-        params = resolve_config(s.get("structured_outputs"))
-        if params is not None:
-            check_compiles(params)
-    except StructuredOutputError as e:
-        raise ConfigError(f"sampling.structured_outputs: {e}") from e
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)

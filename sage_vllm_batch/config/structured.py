@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sage_vllm_batch.errors import one_line
+
 # The constraint kinds of vLLM's StructuredOutputsParams (exactly one is set).
 KINDS = ("json", "choice", "regex", "grammar", "json_object", "structural_tag")
 CONFIG_KINDS = ("json", "choice", "regex", "grammar")
@@ -114,12 +116,12 @@ def check_compiles(spec: Mapping[str, Any]) -> None:
         validate_xgrammar_grammar(SamplingParams(structured_outputs=to_params(spec)))
         return
     except (VLLMValidationError, ValueError) as e:
-        xgr_msg = _one_line(e)
+        xgr_msg = one_line(e, 400)
     try:
         validate_guidance_grammar(SamplingParams(structured_outputs=to_params(spec)), tokenizer=None)
     except (VLLMValidationError, ValueError) as e:
         raise StructuredOutputError(
-            f"the constraint does not compile: xgrammar: {xgr_msg}; guidance: {_one_line(e)}"
+            f"the constraint does not compile: xgrammar: {xgr_msg}; guidance: {one_line(e, 400)}"
         ) from e
 
 
@@ -244,7 +246,3 @@ def _regex(text: str) -> re.Pattern[str] | None:
         return re.compile(text)
     except re.error:  # a grammar backend's regex dialect Python does not read: not checked here
         return None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:400] or type(e).__name__

@@ -115,7 +115,7 @@ def to_vllm(req: EngineRequest, runner: str) -> tuple[Any, Any, dict[str, Any]]:
     else:
         sampling = dict(req.sampling or {})
         if sampling.get("structured_outputs") is not None:
-            from sage_vllm_batch.structured import to_params
+            from sage_vllm_batch.config.structured import to_params
 
             sampling["structured_outputs"] = to_params(sampling["structured_outputs"])
         params = SamplingParams(**sampling)
@@ -177,7 +177,7 @@ def _entries(position: Mapping[int, Any] | None) -> list[dict[str, Any]]:
 def check_structured(res: EngineResult, sampling: Mapping[str, Any] | None) -> EngineResult:
     """Check each sample against the request's structured-output constraint (if any): fill
     ``parsed``, or make the result an error that says which sample failed and why."""
-    from sage_vllm_batch.structured import constraint_of
+    from sage_vllm_batch.config.structured import constraint_of
 
     if res.error is not None or not res.samples:
         return res

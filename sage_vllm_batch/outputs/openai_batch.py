@@ -10,6 +10,7 @@ leaves either no file or a whole one, and ids are derived from the run, so a reb
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -17,9 +18,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from sage_vllm_batch.sink import ParquetShardSink
+from sage_vllm_batch.outputs.files import OPENAI_BATCH_OUTPUT
+from sage_vllm_batch.outputs.shards import ParquetShardSink
 
-OUTPUT_FILE = "openai_batch_output.jsonl"
+log = logging.getLogger(__name__)
+
+OUTPUT_FILE = OPENAI_BATCH_OUTPUT
 
 
 def _response_body(task: str, model: str, rid: str, created: int, row: dict[str, Any]) -> Any:
@@ -81,3 +85,12 @@ def write_openai_batch_output(out_dir: str | Path, *, task: str, model: str, cus
         os.fsync(f.fileno())
     os.replace(tmp, target)
     return target
+
+
+def write_openai_batch_file(cfg: Any, out_dir: Path) -> Path:
+    """The job's batch output file (``output.openai_batch``), from its committed shards."""
+    path = write_openai_batch_output(
+        out_dir, task=cfg.task.type, model=cfg.model.id, custom_id_column=cfg.data.id_column
+    )
+    log.info("OpenAI batch output: %s", path)
+    return path

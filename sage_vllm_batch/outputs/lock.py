@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from sage_vllm_batch.errors import SageBatchError
+from sage_vllm_batch.outputs.files import LOCK as LOCK_NAME
 
 log = logging.getLogger(__name__)
-
-LOCK_NAME = ".sage-run.lock"
-
 
 class OutputLockedError(SageBatchError):
     """Another live process is writing the same output directory."""

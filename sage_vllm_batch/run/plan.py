@@ -32,35 +32,29 @@ class Plan:
 
 
 def _model(cfg: DictConfig, plan: Plan) -> Any:
-    from sage_vllm_batch import registry
-    from sage_vllm_batch.registry.errors import ModelNotFoundError
-    from sage_vllm_batch.runner import ResolvedModel
+    """The model as the run resolves it (adapter included), without fetching anything."""
+    from sage_vllm_batch.run.model import resolve_model
 
-    m, r = cfg.model, cfg.registry
+    m = cfg.model
     try:
-        path = registry.get_model_path(m.id, m.revision, root=r.root)
-    except ModelNotFoundError:
-        path = None
+        model = resolve_model(cfg, fetch=False)
     except SageBatchError as e:
-        plan.problems.append(f"model: {e}")
+        if m.source == "hub" and not cfg.registry.allow_download and "not in the registry" in str(e):
+            plan.problems.append(
+                f"model: {m.id} is not in the registry and registry.allow_download=false; "
+                f"import it first (sage-vllm-models import/download {m.id})"
+            )
+            plan.add("model", f"{m.id} ({m.type}), NOT in the registry, download disabled")
+        else:
+            plan.problems.append(f"model: {e}")
         return None
-    if path is not None:
-        rev = next((x.revision for x in registry.list_models(root=r.root) if x.path == path), m.revision)
-        plan.add("model", f"{m.id}@{rev} ({m.type}), in the registry: {path}")
-        fp = registry.model_fingerprint(m.id, rev, root=r.root)  # as the run's manifest records it
-        return ResolvedModel(
-            id=m.id, revision=rev, path=str(path), commit=fp["commit"], content_sha256=fp["content_sha256"]
-        )
-    if m.source == "hub" and not r.allow_download:
-        plan.problems.append(
-            f"model: {m.id} is not in the registry and registry.allow_download=false; "
-            f"import it first (sage-vllm-models import/download {m.id})"
-        )
-        plan.add("model", f"{m.id} ({m.type}), NOT in the registry, download disabled")
-        return None
-    how = "downloaded from the Hugging Face Hub" if m.source == "hub" else f"imported from {m.source}"
-    plan.add("model", f"{m.id} ({m.type}), not in the registry yet: the run will have it {how} first")
-    return ResolvedModel(id=m.id, revision=m.revision, path="")
+    adapter = f", with adapter {model.adapter['id']}@{model.adapter['revision']}" if model.adapter else ""
+    if model.path:
+        plan.add("model", f"{m.id}@{model.revision} ({m.type}), in the registry: {model.path}{adapter}")
+    else:
+        how = "downloaded from the Hugging Face Hub" if m.source == "hub" else f"imported from {m.source}"
+        plan.add("model", f"{m.id} ({m.type}), not in the registry yet: the run will have it {how} first{adapter}")
+    return model
 
 
 def _input(cfg: DictConfig, plan: Plan) -> Any:
@@ -114,9 +108,9 @@ def _count_lines(files: list[str], *, header: bool) -> tuple[int, bool]:
 
 
 def _output(cfg: DictConfig, plan: Plan, model: Any, source: Any) -> None:
-    from sage_vllm_batch.manifest import output_dir_state
-    from sage_vllm_batch.runner import job_manifest, output_dir_of
-    from sage_vllm_batch.sink import ParquetShardSink
+    from sage_vllm_batch.outputs.outdir import output_dir_of, output_dir_state, refusal
+    from sage_vllm_batch.outputs.shards import ParquetShardSink
+    from sage_vllm_batch.run.point import job_manifest
 
     out = output_dir_of(cfg)
     if model is None or source is None:
@@ -135,13 +129,11 @@ def _output(cfg: DictConfig, plan: Plan, model: Any, source: Any) -> None:
         text = f"complete ({len(ledger)} shard(s), {rows} rows): nothing to do"
     elif state == "foreign":
         text = "refused: files that are not a run of ours are in the way"
-        plan.problems.append(f"output: {changes[0]}")
     else:
         text = "refused: it holds a run made under different settings"
-        plan.problems.append(
-            f"output: {out} holds a run made under different settings ({'; '.join(changes[:8])}); "
-            "use another output.dir, or output.overwrite=true to discard it"
-        )
+    why = refusal(out, state, changes)  # the run's own error for this state
+    if why:
+        plan.problems.append(f"output: {why}")
     plan.add("output", f"{out}: {text}")
 
 

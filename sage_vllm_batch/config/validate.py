@@ -1,0 +1,173 @@
+"""Cross-field rules of a job, one function per config group, checked once per job before any
+work starts (types and key names are checked by the schema, :mod:`sage_vllm_batch.config.schema`).
+
+Every error names the key to change: ``ConfigError("sampling.top_p: must be in (0, 1], got 2")``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig
+
+from sage_vllm_batch.config.schema import DATA_FORMATS, MODES, OVERLONG_POLICIES, TASKS
+from sage_vllm_batch.errors import ConfigError
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every group's rules; ``mode=serve`` checks only the server's (its jobs are validated
+    on submission, each as a job of its own)."""
+    mode = cfg.get("mode", "run")
+    _check(mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "serve":
+        validate_serve(cfg)
+        return
+    task = cfg.task.type
+    validate_task(cfg)
+    validate_data(cfg)
+    validate_engine(cfg)
+    validate_model(cfg)
+    if task in ("generate", "chat"):
+        validate_sampling(cfg)
+    validate_output(cfg)
+    validate_executor(cfg)
+    _check(cfg.progress in ("auto", "bar", "json", "none"), "progress", "must be one of auto, bar, json, none")
+
+
+def validate_serve(cfg: DictConfig) -> None:
+    _check(0 <= cfg.serve.port <= 65535, "serve.port", f"must be in [0, 65535], got {cfg.serve.port}")
+    _check(cfg.serve.max_body_bytes >= 1024, "serve.max_body_bytes", "must be >= 1024")
+
+
+def validate_task(cfg: DictConfig) -> None:
+    task = cfg.task.type
+    _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
+    _check(
+        cfg.task.overlong_prompt in OVERLONG_POLICIES,
+        "task.overlong_prompt",
+        f"must be one of {', '.join(OVERLONG_POLICIES)}, got {cfg.task.overlong_prompt!r}",
+    )
+
+
+def validate_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    _check(d.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}")
+    _check(d.num_shards >= 1, "data.num_shards", "must be >= 1")
+    _check(
+        0 <= d.shard_index < d.num_shards,
+        "data.shard_index",
+        f"must be in [0, data.num_shards={d.num_shards}), got {d.shard_index}",
+    )
+    _check(d.limit is None or d.limit >= 0, "data.limit", "must be >= 0")
+    _check(d.read_batch_rows >= 1, "data.read_batch_rows", "must be >= 1")
+
+
+def validate_engine(cfg: DictConfig) -> None:
+    e = cfg.engine
+    _check(
+        str(e.in_process).lower() in ("auto", "true", "false"),
+        "engine.in_process",
+        f"must be auto, true or false, got {e.in_process!r}",
+    )
+    _check(e.max_restarts >= 0, "engine.max_restarts", "must be >= 0")
+    _check(e.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)")
+    _check(e.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
+    _check(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
+
+
+def validate_model(cfg: DictConfig) -> None:
+    """The model fits the task (and an adapter fits a generation task)."""
+    m, task = cfg.model, cfg.task.type
+    _check(m.type in ("text", "embedding"), "model.type", "must be 'text' or 'embedding'")
+    if task == "embed":
+        _check(
+            m.type == "embedding",
+            "model",
+            f"task=embed needs an embedding model; {m.id!r} is a {m.type} model (try model=minilm-l6-v2)",
+        )
+    elif task in ("generate", "chat"):
+        _check(
+            m.type == "text",
+            "model",
+            f"task={task} needs a text-generation model; {m.id!r} is an embedding model "
+            "(try model=smollm2-135m-instruct)",
+        )
+    if m.get("adapter"):
+        _check(
+            task in ("generate", "chat"),
+            "model.adapter",
+            f"a LoRA adapter applies to generate/chat jobs, not task={task} (remove model.adapter)",
+        )
+
+
+def validate_sampling(cfg: DictConfig) -> None:
+    """What vLLM would refuse on every request, refused once here with the key to change."""
+    s = cfg.sampling
+    _check(s.temperature >= 0, "sampling.temperature", f"must be >= 0, got {s.temperature}")
+    _check(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    _check(s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+    _check(s.n >= 1, "sampling.n", "must be >= 1")
+    max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))
+    _check(s.n <= max_n, "sampling.n", f"must be <= {max_n} (vLLM's VLLM_MAX_N_SEQUENCES), got {s.n}")
+    _check(
+        s.n == 1 or s.temperature > 0,
+        "sampling.n",
+        f"n={s.n} needs sampling.temperature > 0: greedy decoding gives one answer, and vLLM "
+        "refuses n > 1 at temperature 0",
+    )
+    # vLLM's max_logprobs (ModelConfig, default 20) bounds both; engine.extra.max_logprobs raises it.
+    max_lp = int((cfg.engine.get("extra") or {}).get("max_logprobs", 20))
+    for key in ("logprobs", "prompt_logprobs"):
+        k = s.get(key)
+        if k is None:
+            continue
+        _check(k >= 0, f"sampling.{key}", f"must be >= 0 (the top-k per token), got {k}")
+        _check(
+            max_lp == -1 or k <= max_lp,
+            f"sampling.{key}",
+            f"{k} is more than the engine returns (max_logprobs={max_lp}); lower it or set "
+            f"engine.extra.max_logprobs={k}",
+        )
+    from sage_vllm_batch.config.structured import StructuredOutputError, check_compiles, resolve_config
+
+    try:
+        params = resolve_config(s.get("structured_outputs"))
+        if params is not None:
+            check_compiles(params)
+    except StructuredOutputError as e:
+        raise ConfigError(f"sampling.structured_outputs: {e}") from e
+
+
+def validate_output(cfg: DictConfig) -> None:
+    task = cfg.task.type
+    _check(cfg.output.shard_rows >= 1, "output.shard_rows", "must be >= 1")
+    vs = cfg.output.vector_store
+    if vs.type is not None:
+        _check(vs.type in ("lancedb", "faiss"), "output.vector_store.type", "must be lancedb, faiss or null")
+        _check(task == "embed", "output.vector_store.type", "a vector store sink needs task=embed")
+    if cfg.output.get("openai_batch"):
+        _check(
+            cfg.data.format == "openai_batch" and task in ("chat", "generate") and bool(cfg.data.id_column),
+            "output.openai_batch",
+            "the OpenAI batch output file needs data=openai_batch (custom_id as data.id_column) and "
+            "task=chat (/v1/chat/completions) or task=generate (/v1/completions)",
+        )
+
+
+def validate_executor(cfg: DictConfig) -> None:
+    ex = cfg.executor
+    _check(ex.type in ("local", "ray"), "executor.type", f"must be local or ray, got {ex.type!r}")
+    _check(ex.num_workers >= 1, "executor.num_workers", "must be >= 1")
+    _check(ex.cpus_per_worker >= 0, "executor.cpus_per_worker", "must be >= 0")
+    _check(ex.gpus_per_worker >= 0, "executor.gpus_per_worker", "must be >= 0")
+    _check(ex.threads_per_worker >= 0, "executor.threads_per_worker", "must be >= 0 (0: cpus_per_worker)")
+    _check(ex.max_chunk_retries >= 0, "executor.max_chunk_retries", "must be >= 0")
+    _check(ex.chunks_per_worker >= 1, "executor.chunks_per_worker", "must be >= 1")
+    _check(
+        ex.chunk_timeout_s is None or ex.chunk_timeout_s > 0, "executor.chunk_timeout_s", "must be > 0 or null"
+    )

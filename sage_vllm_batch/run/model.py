@@ -1,0 +1,184 @@
+"""The model a job runs: resolved through the registry (adapter included), held by a lease, loaded.
+
+:func:`resolve_model` is the one place that turns ``model.*`` into a :class:`ResolvedModel`: the
+run, a sweep, ``mode=plan`` (with ``fetch=False``), a Ray worker and the service all go through it,
+so they agree on the revision, the content hash and the LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sage_vllm_batch.engine.engine import Engine, engine_kwargs, lora_engine_args
+from sage_vllm_batch.engine.io import LoraSpec
+from sage_vllm_batch.errors import ConfigError, SageBatchError
+
+
+@dataclass
+class ResolvedModel:
+    id: str
+    revision: str | None
+    path: str  # "" when mode=plan found the model missing (the run would fetch it)
+    commit: str | None = None  # the Hub commit, for models fetched from the Hub
+    content_sha256: str | None = None  # over the files' recorded hashes (registry.model_fingerprint)
+    adapter: dict[str, Any] | None = None  # model.adapter: the registry entry of the LoRA adapter
+    lora: LoraSpec | None = None  # its per-request spec, put on every request
+
+    def as_dict(self) -> dict[str, Any]:
+        """What the manifest and metrics record of the model (the LoRA spec is derived from it)."""
+        d: dict[str, Any] = {
+            "id": self.id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "content_sha256": self.content_sha256,
+        }
+        if self.adapter:
+            d["adapter"] = self.adapter
+        return d
+
+    def to_wire(self) -> dict[str, Any]:
+        """Every field as plain data (for a Ray worker): ``ResolvedModel.from_wire`` rebuilds it."""
+        d = {**self.as_dict(), "path": self.path, "adapter": self.adapter}
+        d["lora"] = None if self.lora is None else {"name": self.lora.name, "int_id": self.lora.int_id, "path": self.lora.path}
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> ResolvedModel:
+        lora = d.get("lora")
+        return cls(**{**d, "lora": LoraSpec(**lora) if lora else None})
+
+
+def resolve_model(cfg: DictConfig, *, fetch: bool = True) -> ResolvedModel:
+    """Make sure the model is in the registry (importing or downloading it) and return it.
+
+    ``fetch=False`` (``mode=plan``) only looks: a model the run would fetch comes back with an
+    empty ``path`` and no content hash, and nothing is imported or downloaded.
+
+    Raises:
+        ConfigError: ``model.id`` names a LoRA adapter, or ``model.adapter`` does not fit the model.
+        ModelNotFoundError: missing and cannot be fetched (or, with ``fetch=False``, not fetchable).
+    """
+    from sage_vllm_batch import registry
+
+    m, r = cfg.model, cfg.registry
+    if fetch:
+        # Records the use too (last-used time, for the registry's LRU gc).
+        rec = registry.ensure_model_record(
+            m.id, revision=m.revision, source=m.source, allow_download=r.allow_download, root=r.root
+        )
+    else:
+        try:
+            rec = registry.get_model(m.id, m.revision, root=r.root)
+        except registry.ModelNotFoundError:
+            if m.source == "hub" and not r.allow_download:
+                raise
+            rec = None
+    if rec is not None and rec.type == "lora":
+        raise ConfigError(
+            f"model.id: {m.id!r} is a LoRA adapter; run its base model with it: "
+            f"model.id={rec.tags.get('base_model')} model.adapter={m.id}"
+        )
+    if rec is None:
+        resolved = ResolvedModel(id=m.id, revision=m.revision, path="")
+    else:
+        fp = registry.model_fingerprint(m.id, rec.revision, root=r.root)
+        resolved = ResolvedModel(
+            id=m.id, revision=rec.revision, path=str(rec.path), commit=fp["commit"], content_sha256=fp["content_sha256"]
+        )
+    if m.get("adapter"):
+        resolved.lora, resolved.adapter = resolve_adapter(m, resolved.id, resolved.revision, r.root)
+    return resolved
+
+
+def resolve_adapter(
+    model_cfg: Any, base_id: str, base_revision: str | None, root: str | None
+) -> tuple[LoraSpec, dict[str, Any]]:
+    """The ``model.adapter`` of a job: a registered ``lora`` model trained on this base.
+
+    Returns:
+        The per-request spec and the adapter's manifest entry (id, revision, rank, created_at).
+
+    Raises:
+        ConfigError: not in the registry, not an adapter, or trained on another model/revision.
+    """
+    from sage_vllm_batch import registry
+
+    adapter_id, revision = model_cfg.adapter, model_cfg.get("adapter_revision")
+    try:
+        rec = registry.get_model(adapter_id, revision, root=root)
+    except SageBatchError as e:
+        raise ConfigError(f"model.adapter: {e}") from e
+    if rec.type != "lora":
+        raise ConfigError(
+            f"model.adapter: {adapter_id!r} is a {rec.type} model, not a LoRA adapter; run it with "
+            f"model.id={adapter_id} (or name an adapter made by task=finetune)"
+        )
+    base, base_rev = rec.tags.get("base_model"), rec.tags.get("base_revision")
+    if base != base_id or (base_rev and base_revision and base_rev != base_revision):
+        raise ConfigError(
+            f"model.adapter: {adapter_id!r} was trained on {base}@{base_rev}, but this job runs "
+            f"{base_id}@{base_revision}; set model.id={base} (and model.revision={base_rev})"
+        )
+    rank = int(rec.tags.get("lora_rank") or _rank_of(rec.path))
+    spec = LoraSpec(
+        name=f"{adapter_id}@{rec.revision}",
+        # vLLM keys loaded adapters by this int: stable per id@revision, never 0 (reserved).
+        int_id=zlib.crc32(f"{adapter_id}@{rec.revision}@{rec.created_at}".encode()) % (2**31 - 1) + 1,
+        path=str(rec.path),
+    )
+    info = {"id": adapter_id, "revision": rec.revision, "rank": rank, "created_at": rec.created_at}
+    return spec, info
+
+
+def _rank_of(path: Path) -> int:
+    import json
+
+    return int(json.loads((path / "adapter_config.json").read_text()).get("r", 16))
+
+
+@contextlib.contextmanager
+def hold_model(cfg: DictConfig, *, purpose: str | None = None) -> Iterator[ResolvedModel]:
+    """Resolve the model and hold a registry lease on it (``gc``/``delete`` leave it in place)
+    until the block exits: wrap everything from resolution to ``engine.close()``."""
+    from sage_vllm_batch import registry
+
+    m = cfg.model
+    why = purpose or f"job {cfg.get('job_name', '?')}"
+    with registry.lease(m.id, m.revision, root=cfg.registry.root, purpose=why) as held:
+        model = resolve_model(cfg)
+        if model.revision:
+            held.pin(model.revision)
+        yield model
+
+
+def engine_group_key(cfg: DictConfig) -> str:
+    """Points with equal keys can share one loaded engine."""
+    return OmegaConf.to_yaml(OmegaConf.create({"model": cfg.model, "engine": cfg.engine, "registry": cfg.registry}))
+
+
+def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
+    """The job's engine for ``model`` (LoRA turned on when the model carries an adapter)."""
+    runner = "pooling" if cfg.task.type == "embed" else "generate"
+    kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
+    if model.adapter:
+        kw.update(lora_engine_args(model.adapter["rank"]))
+    from sage_vllm_batch.logs import native_output_to_log
+
+    with native_output_to_log():  # torch's C++ warnings and loading bars go to the log file
+        return Engine(
+            model.path,
+            runner=runner,
+            max_in_flight=cfg.engine.max_in_flight,
+            tokenizer=cfg.model.tokenizer,
+            in_process=cfg.engine.in_process,
+            max_restarts=cfg.engine.max_restarts,
+            stall_timeout_s=cfg.engine.stall_timeout_s,
+            **kw,
+        )

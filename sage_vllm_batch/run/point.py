@@ -1,0 +1,362 @@
+"""A *point*: one output directory's worth of work, and the request stream of its rows.
+
+A plain run has one point; a fused sweep has one per swept combination. Each point reads its
+source, builds its requests, takes the results back in any order and commits its rows in
+fixed-size chunks of input positions, the unit of exactly-once resume (see
+:mod:`sage_vllm_batch.outputs.shards`). How results reach :meth:`Point.on_result` is the
+business of :mod:`sage_vllm_batch.run.drive` and the executors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from omegaconf import DictConfig, OmegaConf
+
+from sage_vllm_batch.config.structured import resolve_config
+from sage_vllm_batch.engine.engine import Engine, resolve_in_process, vllm_version
+from sage_vllm_batch.engine.io import EngineRequest, EngineResult, check_structured
+from sage_vllm_batch.engine.memory import release_freed_memory
+from sage_vllm_batch.errors import ConfigError, SageBatchError
+from sage_vllm_batch.faults import pause_point
+from sage_vllm_batch.outputs.files import METRICS, SUCCESS, write_json_atomic
+from sage_vllm_batch.outputs.lock import OutputLock
+from sage_vllm_batch.outputs.manifest import build_manifest
+from sage_vllm_batch.outputs.openai_batch import write_openai_batch_file
+from sage_vllm_batch.outputs.outdir import open_output_dir, output_dir_of, sinks_of
+from sage_vllm_batch.outputs.shards import GenerationLayout, ParquetShardSink, embedding_column, output_schema
+from sage_vllm_batch.requests.builder import RequestBuilder, request_builder
+from sage_vllm_batch.run.metrics import RunMetrics
+from sage_vllm_batch.run.model import ResolvedModel, resolve_model
+
+log = logging.getLogger(__name__)
+
+_INTERNAL = ("__row_id", "__bad")
+# Sections of the job config that decide the rows written (the manifest hashes them).
+_OUTPUT_SECTIONS = ("model", "engine", "sampling", "task", "data")
+
+
+def passthrough_names(cfg: DictConfig) -> list[str]:
+    if cfg.output.passthrough_columns is not None:
+        names = list(cfg.output.passthrough_columns)
+    else:
+        d, t = cfg.data, cfg.task.type
+        if t == "embed":
+            names = [d.text_column]
+        elif d.prompt_template:
+            names = []
+        elif t == "generate":
+            names = [d.prompt_column]
+        else:
+            names = [d.messages_column]
+    if cfg.data.id_column and cfg.data.id_column not in names:
+        names.insert(0, cfg.data.id_column)
+    return names
+
+
+def generation_layout(cfg: DictConfig) -> GenerationLayout | None:
+    """The generation columns of a job (None for embed); a sampling column may ask per row for
+    a constraint or logprobs, so it brings their columns."""
+    if cfg.task.type == "embed":
+        return None
+    s, per_row = cfg.sampling, bool(cfg.data.sampling_column)
+    so = s.get("structured_outputs")
+    return GenerationLayout(
+        samples=int(s.n) > 1,
+        parsed=per_row or (so is not None and any(v is not None for v in so.values())),
+        logprobs=per_row or s.get("logprobs") is not None,
+        prompt_logprobs=per_row or s.get("prompt_logprobs") is not None,
+    )
+
+
+@dataclass
+class _Chunk:
+    row_ids: list[int]
+    passthrough: list[list[Any]]
+    results: list[EngineResult | None]
+    done: int = 0
+    # Each row's sampling options (shared objects unless a row has its own): results are
+    # checked against their structured-output constraint.
+    sampling: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Point:
+    """One output directory's worth of work: its config, source, sink and metrics."""
+
+    name: str
+    cfg: DictConfig
+    out_dir: Path
+    model: ResolvedModel
+    source: Any
+    state: str  # new | resume | complete
+    committed: dict[int, dict[str, Any]]
+    shard_rows: int = 1000  # output.shard_rows, kept as a plain int (read for every row)
+    metrics: RunMetrics = field(default_factory=RunMetrics)
+    error: str | None = None
+    # runtime
+    _builder: RequestBuilder | None = None
+    _sink: ParquetShardSink | None = None
+    _pt_src: list[str] = field(default_factory=list)
+    _pt_out: list[str] = field(default_factory=list)
+    _chunks: dict[int, _Chunk] = field(default_factory=dict)
+    _total_positions: int | None = None
+    _finished: bool = False
+    _on_rows: Any = None
+    _embedding_dim: int | None = None
+    _layout: GenerationLayout | None = None
+    _lock: OutputLock | None = None
+    # Chunks buffered (not yet committed) before the request stream pauses for results; None:
+    # never pause (the engine cannot, see Engine.stream).
+    _max_open_chunks: int | None = None
+
+    def release(self) -> None:
+        """Give up the output directory (the end of this run's writes)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    # -------------------------------------------------------------- setup on first batch
+    def _setup(self, engine: Engine, schema: pa.Schema) -> None:
+        present = [n for n in schema.names if n not in _INTERNAL]
+        names = passthrough_names(self.cfg)
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise ConfigError(
+                f"output.passthrough_columns / data columns: {', '.join(map(repr, missing))} not in the input "
+                f"({self.source.path_description}); its columns are {', '.join(present)}"
+            )
+        task = self.cfg.task.type
+        if task == "embed":
+            self._embedding_dim = engine.embedding_dim
+        self._layout = generation_layout(self.cfg)
+        # A pass-through column named like an output column (e.g. "text" for chat) gets a prefix.
+        reserved = set(output_schema(task, [], self._embedding_dim, self._layout).names)
+        self._pt_src = names
+        self._pt_out = [f"input_{n}" if n in reserved else n for n in names]
+        fields = [pa.field(o, schema.field(s).type) for s, o in zip(names, self._pt_out, strict=True)]
+        self._sink = ParquetShardSink(
+            self.out_dir, output_schema(task, fields, self._embedding_dim, self._layout), self.cfg.output.compression
+        )
+        self._builder = request_builder(self.cfg, engine, lora=self.model.lora)
+
+    # -------------------------------------------------------------- request stream
+    def requests(self, engine: Engine) -> Iterator[EngineRequest | None]:
+        """This point's requests, in input order, skipping chunks committed by an earlier run.
+
+        Rows that fail before reaching the engine (null, empty, too long) are recorded here and
+        never enter the engine's window. ``None`` asks the engine to pause admission until it has
+        returned results: too many chunks are open (a slow row holds one back while the others
+        fill), and buffering more would grow memory without bound.
+        """
+        for item in self.rows(engine):
+            if item is None:
+                yield None
+                continue
+            chunk, idx, row = item
+            req = self._builder.build((self, chunk, idx), row)
+            self._chunks[chunk].sampling[idx] = req.sampling
+            if req.error is not None:
+                self.on_result(chunk, idx, EngineResult(key=req.key, error=req.error))
+            else:
+                yield req
+
+    def rows(self, engine: Any) -> Iterator[tuple[int, int, dict[str, Any]] | None]:
+        """``(chunk, index in chunk, row)`` for every row still to do, in input order, with the chunk
+        bookkeeping that :meth:`on_result` completes (``None``: pause, see :meth:`requests`).
+        ``engine`` only needs ``embedding_dim`` (embed) and what :class:`RequestBuilder` keeps, so an
+        executor may pass a stand-in for remote engines."""
+        size = self.shard_rows
+        pos = 0
+        for batch in self.source.batches():
+            n = batch.num_rows
+            if self._sink is None:
+                self._setup(engine, batch.schema)
+            first, last = pos // size, (pos + n - 1) // size
+            if n and all(c in self.committed for c in range(first, last + 1)):
+                self.metrics.rows_skipped_resumed += n
+                pos += n
+                if self._on_rows:
+                    self._on_rows(n, 0)
+                continue
+            cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+            names = list(cols)
+            for i in range(n):
+                chunk = pos // size
+                if chunk in self.committed:
+                    self.metrics.rows_skipped_resumed += 1
+                    pos += 1
+                    if self._on_rows:
+                        self._on_rows(1, 0)
+                    continue
+                row = {k: cols[k][i] for k in names}
+                buf = self._chunks.get(chunk)
+                if buf is None:
+                    while self._max_open_chunks is not None and len(self._chunks) >= self._max_open_chunks:
+                        yield None
+                    buf = self._chunks[chunk] = _Chunk([], [], [])
+                buf.row_ids.append(int(row["__row_id"]))
+                buf.passthrough.append([row.get(c) for c in self._pt_src])
+                buf.results.append(None)
+                self.metrics.rows_in += 1
+                buf.sampling.append(self._builder.sampling)
+                yield chunk, len(buf.results) - 1, row
+                pos += 1
+        self._total_positions = pos
+        if self._sink is None:  # empty input (or empty shard)
+            schema = self.source.schema if hasattr(self.source, "schema") else None
+            if schema is not None:
+                self._setup(engine, schema)
+        # The last chunk may already be complete: it had fewer rows than shard_rows.
+        for chunk in list(self._chunks):
+            self._maybe_commit(chunk)
+        self._maybe_finish()
+
+    def _expected(self, chunk: int) -> int | None:
+        if self._total_positions is None:
+            return self.shard_rows
+        return min(self.shard_rows, self._total_positions - chunk * self.shard_rows)
+
+    def on_result(self, chunk: int, idx: int, res: EngineResult) -> None:
+        buf = self._chunks[chunk]
+        res = check_structured(res, buf.sampling[idx])
+        buf.results[idx] = res
+        buf.done += 1
+        self.metrics.add_result(res)
+        if self._on_rows:
+            self._on_rows(1, res.prompt_tokens + res.completion_tokens)
+        self._maybe_commit(chunk)
+        self._maybe_finish()
+
+    def _maybe_commit(self, chunk: int) -> None:
+        buf = self._chunks.get(chunk)
+        if buf is None or buf.done != self._expected(chunk) or buf.done != len(buf.results):
+            return
+        cols: dict[str, Any] = {"id": buf.row_ids}
+        for j, name in enumerate(self._pt_out):
+            cols[name] = [p[j] for p in buf.passthrough]
+        rs: list[EngineResult] = buf.results  # type: ignore[assignment]
+        if self.cfg.task.type == "embed":
+            vecs = [r.embedding if r.error is None else None for r in rs]
+            if self.cfg.task.normalize:
+                vecs = [None if v is None else v / max(float((v * v).sum()) ** 0.5, 1e-12) for v in vecs]
+            cols["embedding"] = embedding_column(vecs, self._embedding_dim)
+            cols["prompt_tokens"] = [r.prompt_tokens for r in rs]
+        else:
+            cols.update(self._layout.columns(rs))
+        cols["error"] = [r.error for r in rs]
+        try:
+            rec = self._sink.commit(chunk, cols)
+        except OSError as e:
+            raise SageBatchError(
+                f"could not write output shard {chunk} to {self.out_dir}: {e.strerror or e}. "
+                "Shards committed before this one are intact; free space or fix permissions and "
+                "rerun the same command to resume."
+            ) from e
+        self.committed[chunk] = rec
+        del self._chunks[chunk]
+        self.metrics.on_commit()
+        release_freed_memory()  # bounds RSS over long runs (see sage_vllm_batch.memory)
+
+    def _maybe_finish(self) -> None:
+        if self._finished or self._total_positions is None or self._chunks:
+            return
+        self._finished = True
+        self.finalize()
+
+    def finalize(self) -> None:
+        """All rows are committed: write the vector store (if any), metrics and ``_SUCCESS``."""
+        vs = self.cfg.output.vector_store
+        try:
+            if vs.type:
+                from sage_vllm_batch.outputs.vector_stores import write_vector_store
+
+                write_vector_store(self.out_dir, vs)
+            if self.cfg.output.get("openai_batch"):
+                write_openai_batch_file(self.cfg, self.out_dir)
+            self.metrics.finish()
+            write_json_atomic(self.out_dir / METRICS, self.metrics_record())
+            pause_point("finalize.success")
+            (self.out_dir / SUCCESS).write_text("")
+        except OSError as e:
+            self._finished = False  # not complete: no _SUCCESS
+            raise SageBatchError(
+                f"could not finish {self.out_dir}: {e.strerror or e} ({getattr(e, 'filename', None) or 'write'}). "
+                "All shards are committed; free space or fix permissions and rerun the same command "
+                "to write the rest."
+            ) from e
+        log.info("%s: %d rows written to %s", self.name, self.metrics.rows_out, self.out_dir)
+
+    def metrics_record(self) -> dict[str, Any]:
+        rec = self.metrics.to_dict()
+        rec.update(
+            {
+                "job": self.name,
+                "task": self.cfg.task.type,
+                "model": self.model.as_dict(),
+                "output_dir": str(self.out_dir),
+                "rows_total": sum(int(r["rows"]) for r in self.committed.values()),
+                "error_rows_total": sum(int(r.get("errors", 0)) for r in self.committed.values()),
+                "status": "complete" if self._finished or self.state == "complete" else "incomplete",
+            }
+        )
+        if self.error:
+            rec["error"] = self.error
+        return rec
+
+
+def job_manifest(
+    cfg: DictConfig,
+    model: ResolvedModel,
+    source: Any,
+    runtime: dict[str, Any] | None = None,
+    out_dir: Path | None = None,
+) -> dict:
+    """The manifest of a job's output: what the rows written depend on (and, recorded but not
+    compared, how the engine ran and which sinks were asked for)."""
+    job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _OUTPUT_SECTIONS}
+    job["output"] = {
+        "shard_rows": cfg.output.shard_rows,
+        "passthrough_columns": passthrough_names(cfg),
+    }
+    # The schema itself, not its file name: editing the file must not resume into mixed rows.
+    so = resolve_config(job["sampling"].get("structured_outputs"))
+    if so is not None:
+        job["sampling"]["structured_outputs"] = so
+    return build_manifest(
+        job,
+        model=model.as_dict(),
+        input_fingerprint=source.fingerprint(),
+        vllm=vllm_version(),
+        runtime=runtime,
+        sinks=sinks_of(cfg, out_dir if out_dir is not None else output_dir_of(cfg)),
+    )
+
+
+def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | None = None) -> Point:
+    """Open a job's input and make its output dir ready (under its lock). No engine needed.
+
+    ``cfg`` must be validated already (:func:`sage_vllm_batch.config.validate`): the run, a sweep
+    and the service each validate a job once, before they resolve its model.
+    """
+    from sage_vllm_batch.sources import open_source
+
+    out_dir = output_dir_of(cfg)
+    model = model or resolve_model(cfg)
+    source = open_source(cfg.data)
+    lock = OutputLock(out_dir).acquire()  # before anything in out_dir is read or written
+    try:
+        runtime = {"engine_in_process": resolve_in_process(cfg.engine.in_process)}
+        manifest = job_manifest(cfg, model, source, runtime=runtime, out_dir=out_dir)
+        opened = open_output_dir(cfg, out_dir, manifest, name=name)
+    except BaseException:
+        lock.release()
+        raise
+    return Point(
+        name=name, cfg=cfg, out_dir=out_dir, model=model, source=source, state=opened.state,
+        committed=opened.committed, shard_rows=int(cfg.output.shard_rows), _lock=lock,
+    )
