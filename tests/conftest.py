@@ -99,3 +99,29 @@ def read_output(out_dir):
         tables.append(t)
     assert tables, f"no committed shards in {out_dir}"
     return pa.concat_tables(tables)
+
+
+SMOL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+RANDOM_LORA_ID = "test/random-lora"
+
+
+@pytest.fixture(scope="session")
+def random_lora(registry_root, tmp_path_factory) -> str:
+    """A LoRA adapter of SmolLM2 with random, non-zero weights, registered as a ``lora`` model
+    (no training: it only has to change the model's answers). Returns its registry id."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sage_vllm_batch import registry
+
+    base = registry.get_model(SMOL_ID, root=registry_root)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    out = tmp_path_factory.mktemp("random-lora")
+    peft_model.save_pretrained(out)
+    tags = {"type": "lora", "base_model": SMOL_ID, "base_revision": base.revision, "lora_rank": "8"}
+    registry.import_model(RANDOM_LORA_ID, path=out, tags=tags, root=registry_root, force=True)
+    return RANDOM_LORA_ID
