@@ -72,6 +72,7 @@ class FusedLauncher(Launcher):
 
     def _prepare(self, idx: int, overrides: list[str], swept: set[str], sweep_dir: Path) -> tuple[JobReturn, Any]:
         """Compose the point's config and prepare its output dir through Hydra's ``run_job``."""
+        from sage_vllm_batch.config import validate
         from sage_vllm_batch.run.point import prepare_point
 
         assert self.config is not None and self.hydra_context is not None
@@ -93,6 +94,7 @@ class FusedLauncher(Launcher):
         def prepare(cfg: DictConfig) -> str:
             # Interpolations such as ${hydra:runtime.output_dir} only resolve inside run_job.
             OmegaConf.resolve(cfg)
+            validate(cfg)
             holder["point"] = prepare_point(cfg, name=_point_name(overrides))
             return "prepared"
 

@@ -203,14 +203,26 @@ class JobManager:
                     [*self.base.get(kind, []), "progress=none", *overrides], out_dir=default_out
                 )
 
-        kind = TEXT if self.service.has(TEXT) else EMBED
+        # The task picks the model kind, and so the base to compose with: named in the overrides,
+        # the job is composed once; a task that only a preset sets may need a second composition.
+        named = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") in ("task", "task.type")]
+        if named and named[-1] == "finetune":
+            raise ServiceError(
+                "task=finetune: fine-tuning is not a serving job; use the fine_tune call", status=400
+            )
+        if named:
+            kind = EMBED if named[-1] == "embed" else TEXT
+        else:
+            kind = TEXT if self.service.has(TEXT) else EMBED
+        if not self.service.has(kind):
+            self.service.slot(kind)  # 409 naming what to load
         try:
             cfg = compose(kind)
             want = EMBED if cfg.task.type == "embed" else TEXT
             if want != kind:
                 kind = want
                 if not self.service.has(kind):
-                    self.service.slot(kind)  # 409 naming what to load
+                    self.service.slot(kind)
                 cfg = compose(kind)
             validate(cfg)
         except ServiceError:

@@ -49,9 +49,12 @@ def _real(p: str | Path) -> Path:
 
 
 def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path") -> None:
-    """Every file the job could read (the path, a glob's matches, a directory's files) must resolve,
-    symlinks followed, inside one of ``data_roots``."""
+    """The path itself and every file a reader would open below it (resolved the way the sources
+    resolve ``data.path``: a file, a glob's matches, a directory's files), symlinks followed, must
+    lie inside one of ``data_roots``."""
+    from sage_vllm_batch.errors import DataError
     from sage_vllm_batch.paths import resolve_path
+    from sage_vllm_batch.sources.base import resolve_files, walk_files
 
     roots = [_real(r) for r in data_roots]
     if not roots:
@@ -61,16 +64,15 @@ def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path"
             status=403,
         )
     local = resolve_path(str(path))
-    candidates = [local]
-    if glob.has_magic(local):
-        candidates += glob.glob(local, recursive=True)
-    elif os.path.isdir(local):
-        for dirpath, _dirs, files in os.walk(local, followlinks=False):
-            candidates += [os.path.join(dirpath, f) for f in files]
-            candidates += [os.path.join(dirpath, d) for d in _dirs]
-    if glob.has_magic(local):
-        candidates[0] = local.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0] or "."
-    for c in candidates:
+    try:
+        files = resolve_files(local, None)
+    except DataError:  # nothing a reader would take (or a saved HF dataset): every file below
+        files = walk_files(local) if os.path.isdir(local) else []
+    # A glob is checked from its fixed leading part, so "../*" cannot escape with no matches.
+    head = local.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0] or "." if glob.has_magic(local) else local
+    # A linked directory below the path is refused too: other readers (datasets, pyarrow) follow it.
+    links = [os.path.join(d, n) for d, dirs, _ in os.walk(local) for n in dirs] if os.path.isdir(local) else []
+    for c in [head, *files, *links]:
         if not _inside(_real(c), roots):
             raise ServiceError(
                 f"{key}: {path!r} resolves outside the server's data roots ({', '.join(map(str, roots))})",
