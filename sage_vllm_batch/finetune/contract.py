@@ -265,23 +265,20 @@ def _check_base_model(req: FinetuneRequest) -> tuple[str, str, Path]:
     try:
         if req.base_source and req.base_source != "hub":
             # A packaged model (the examples) is imported on first use, as batch jobs do.
-            registry.ensure_model(
+            record = registry.ensure_model_record(
                 req.base_model,
                 revision=req.base_revision,
                 source=req.base_source,
                 allow_download=False,
                 root=req.registry_root,
             )
-        path = registry.get_model_path(req.base_model, req.base_revision, root=req.registry_root)
+        else:
+            record = registry.get_model(req.base_model, req.base_revision, root=req.registry_root)
     except SageBatchError as e:
         raise ConfigError(
             f"{key}: the base model must be in the registry. {e} (`sage-vllm-models list` shows what is there)"
         ) from e
-    record = next(
-        r
-        for r in registry.list_models(root=req.registry_root)
-        if r.model_id == req.base_model and r.path == path
-    )
+    path = record.path
     if record.type != "text":
         raise ConfigError(
             f"{key}: {req.base_model!r} is a {record.type} model; fine-tuning needs a text-generation model "

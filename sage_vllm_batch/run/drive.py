@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def _row_of(key: Any) -> str:
     try:
         point, chunk, idx = key
-        return f"{point.name}:{point._chunks[chunk].row_ids[idx]}"
+        return point.row_label(chunk, idx)
     except Exception:
         return str(key)
 
@@ -103,9 +103,8 @@ def drive(
         p.metrics.load_seconds = load_seconds
         _engine_counters(p, engine)
         p.metrics.engine_in_process = in_process
-        p._on_rows = bar.update
-        if getattr(engine, "supports_pause", False):
-            p._max_open_chunks = 2 + 2 * math.ceil(window / p.shard_rows)
+        pausing = getattr(engine, "supports_pause", False)
+        p.attach(bar.update, 2 + 2 * math.ceil(window / p.shard_rows) if pausing else None)
     with RssSampler() as rss:
         try:
             feed(todo)
@@ -114,7 +113,7 @@ def drive(
             for p in todo:
                 p.metrics.peak_rss_bytes = rss.peak_bytes
                 _engine_counters(p, engine)
-                if not p._finished:  # leave a record of how far it got
+                if not p.finished:  # leave a record of how far it got
                     p.metrics.finish()
                     try:
                         write_json_atomic(p.out_dir / METRICS, p.metrics_record())
@@ -123,7 +122,7 @@ def drive(
     for p in todo:
         p.metrics.peak_rss_bytes = rss.peak_bytes
         write_json_atomic(p.out_dir / METRICS, p.metrics_record())
-    lost = {p.name: sum(len(c.results) - c.done for c in p._chunks.values()) for p in todo if not p._finished}
+    lost = {p.name: p.rows_pending() for p in todo if not p.finished}
     if lost:
         raise EngineError(
             f"the engine stream ended without results for some rows ({lost}); committed shards are "

@@ -115,6 +115,25 @@ class Point:
     # never pause (the engine cannot, see Engine.stream).
     _max_open_chunks: int | None = None
 
+    def attach(self, on_rows: Any, max_open_chunks: int | None) -> None:
+        """Set up for a drive: ``on_rows(rows, tokens)`` is told of progress; past
+        ``max_open_chunks`` chunks buffered, :meth:`requests` pauses (None: never)."""
+        self._on_rows = on_rows
+        self._max_open_chunks = max_open_chunks
+
+    @property
+    def finished(self) -> bool:
+        """Every row committed and the run finalized (``_SUCCESS`` written)."""
+        return self._finished
+
+    def rows_pending(self) -> int:
+        """Rows read but not yet answered (what an interrupted stream left without results)."""
+        return sum(len(c.results) - c.done for c in self._chunks.values())
+
+    def row_label(self, chunk: int, idx: int) -> str:
+        """``<point>:<row id>`` of a row in flight, for error messages."""
+        return f"{self.name}:{self._chunks[chunk].row_ids[idx]}"
+
     def release(self) -> None:
         """Give up the output directory (the end of this run's writes)."""
         if self._lock is not None:
@@ -260,7 +279,7 @@ class Point:
         self.committed[chunk] = rec
         del self._chunks[chunk]
         self.metrics.on_commit()
-        release_freed_memory()  # bounds RSS over long runs (see sage_vllm_batch.memory)
+        release_freed_memory()  # bounds RSS over long runs (see sage_vllm_batch.engine.memory)
 
     def _maybe_finish(self) -> None:
         if self._finished or self._total_positions is None or self._chunks:

@@ -350,8 +350,7 @@ class VLLMService:
         opt = model_option(model_id)
         root = self.registry_cfg.root
         if opt.source != "hub":
-            registry.ensure_model(opt.id, revision=revision, source=opt.source, root=root)
-            rec = next(r for r in registry.list_models(root=root) if r.model_id == opt.id)
+            rec = registry.ensure_model_record(opt.id, revision=revision, source=opt.source, root=root)
         else:
             rec = registry.download_model(opt.id, revision=revision, root=root, progress=False)
         reloaded = None
