@@ -3,11 +3,15 @@ calls, and the SAGE kernel pipeline of the README on the same loaded service."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 
+from sage_vllm_batch import registry
+from sage_vllm_batch.registry.lease import holders
+from sage_vllm_batch.registry.store import Store
 from sage_vllm_batch.service import ServiceError, VLLMService
 
 pytestmark = pytest.mark.engine
@@ -15,6 +19,11 @@ pytestmark = pytest.mark.engine
 CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
 KV = {"extra": {"kv_cache_memory_bytes": 256 * 2**20}}  # fixed small KV cache per engine
+HOLDER = f"service pid {os.getpid()}"  # what a refused delete names (the service's lease purpose)
+
+
+def _holders(root, model_id):
+    return holders(Store(root), model_id)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +80,24 @@ def test_registry_calls_protect_the_served_model(service):
         service.fine_tune({"base_model": CHAT, "output_dir": "/tmp/x"})
 
 
+def test_the_service_leases_its_models_so_delete_is_refused(service, registry_root):
+    from typer.testing import CliRunner
+
+    from sage_vllm_batch.registry.cli import app
+
+    for model_id, kind in ((CHAT, "text"), (EMBED, "embedding")):
+        # Checked first: without a lease the delete below would take the session's models away.
+        assert f"{HOLDER} ({kind} model)" in [h.purpose for h in _holders(registry_root, model_id)]
+        with pytest.raises(registry.ModelInUseError, match=rf"{HOLDER} \({kind} model\)"):
+            registry.delete_model(model_id, root=registry_root)
+    out = CliRunner().invoke(app, ["--root", str(registry_root), "delete", CHAT, "--yes"])
+    said = " ".join(out.output.split())
+    assert out.exit_code == 1, said
+    assert "in use by" in said and f"{HOLDER} (text model)" in said, said
+    assert registry.get_model(CHAT, root=registry_root).path.is_dir()  # nothing was deleted
+    assert service.generate("Hi", max_tokens=1)[0]["error"] is None
+
+
 def test_switch_model_under_load_loses_no_request(service):
     old_driver = service.slot("text").driver
     results: list[dict] = []
@@ -99,6 +126,12 @@ def test_switch_model_under_load_loses_no_request(service):
     assert info["model_id"] == CHAT and service.slot("text").driver is not old_driver
     assert before > 0 and len(results) > before
     assert all(r["error"] is None and r["tokens_used"]["completion"] == 2 for r in results)
+    # The old engine's lease goes once it has drained: one lease on the model again, the new one's.
+    root = service.registry_cfg.root
+    deadline = time.monotonic() + 120
+    while len(_holders(root, CHAT)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [h.purpose for h in _holders(root, CHAT)] == [f"{HOLDER} (text model)"]
 
     with pytest.raises(ServiceError, match="keeps serving"):
         service.switch_model("nobody/no-such-model")
@@ -139,3 +172,4 @@ def test_sage_kernel_pipeline_returns_text_and_embeddings(service, tmp_path, mon
     for rec in _collected:
         assert rec["generated"] and rec["tokens_used"]["completion"] <= 8
         assert len(rec["embedding"]) == 384
+
