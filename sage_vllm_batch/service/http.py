@@ -111,7 +111,10 @@ async def _vllm_app(service: VLLMService, kind: str) -> Any:
     slot = service.slot(kind)
     argv = ["--model", slot.resolved.path, "--served-model-name", slot.name, "--max-log-len", "0"]
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
-    client = DriverEngineClient(lambda: service.slot(kind).driver)
+    # The slot at call time: switch_model swaps the engine (and its adapter) under the server.
+    client = DriverEngineClient(
+        lambda: service.slot(kind).driver, lora=lambda: service.slot(kind).resolved.lora
+    )
     tasks = await client.get_supported_tasks()
     app = build_app(args, tasks, client.model_config)
     await init_app_state(client, app.state, args, tasks)

@@ -262,9 +262,11 @@ class VLLMService:
 
         def build_for(i: int, item: Any) -> Callable[[_Slot], EngineRequest]:
             def build(s: _Slot) -> EngineRequest:
-                if isinstance(item, str):
-                    return RequestBuilder(task, data, sampling, s.driver).build(i, {"prompt": item})
-                return RequestBuilder(chat_task, data, sampling, s.driver).build(i, {"messages": item})
+                t, row = (
+                    (task, {"prompt": item}) if isinstance(item, str) else (chat_task, {"messages": item})
+                )
+                # model.adapter: every request of the text model carries it, as in batch mode.
+                return RequestBuilder(t, data, sampling, s.driver, lora=s.resolved.lora).build(i, row)
 
             return build
 
@@ -476,6 +478,7 @@ class VLLMService:
                 "model_id": s.name,
                 "revision": s.resolved.revision,
                 "path": s.resolved.path,
+                "adapter": s.resolved.adapter,
                 "loaded_at": s.loaded_at,
             }
             for k, s in self._slots.items()
