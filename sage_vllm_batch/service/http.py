@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -340,7 +339,3 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
             status.unregister(record)
     print(f"service on {url} stopped after {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     return 0
-
-
-def output_root_of(cfg: DictConfig) -> Path:
-    return Path(str(cfg.serve.output_root)).resolve()

@@ -461,14 +461,8 @@ class VLLMService:
         missing = [k for k in ("base_model", "dataset_path", "output_dir") if not request.get(k)]
         if missing:
             raise ServiceError(f"fine_tune: missing field(s) {', '.join(missing)}")
-        try:
-            from sage_vllm_batch.finetune import fine_tune
-        except ImportError as e:
-            raise ServiceError(
-                "fine_tune: this installation has no training step (sage_vllm_batch.finetune.fine_tune is "
-                "missing); use a sage-vllm-batch version with fine-tuning",
-                status=501,
-            ) from e
+        from sage_vllm_batch.finetune import fine_tune
+
         return fine_tune(dict(request), registry_root=self.registry_cfg.root)
 
     # ------------------------------------------------------------------ status
