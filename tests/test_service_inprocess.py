@@ -3,11 +3,18 @@ calls, and the SAGE kernel pipeline of the README on the same loaded service."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import threading
 import time
 
 import pytest
+from conftest import compose_job
 
+from sage_vllm_batch import registry
+from sage_vllm_batch.registry.lease import holders
+from sage_vllm_batch.registry.store import Store
 from sage_vllm_batch.service import ServiceError, VLLMService
 
 pytestmark = pytest.mark.engine
@@ -15,6 +22,11 @@ pytestmark = pytest.mark.engine
 CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
 KV = {"extra": {"kv_cache_memory_bytes": 256 * 2**20}}  # fixed small KV cache per engine
+HOLDER = f"service pid {os.getpid()}"  # what a refused delete names (the service's lease purpose)
+
+
+def _holders(root, model_id):
+    return holders(Store(root), model_id)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +83,24 @@ def test_registry_calls_protect_the_served_model(service):
         service.fine_tune({"base_model": CHAT, "output_dir": "/tmp/x"})
 
 
+def test_the_service_leases_its_models_so_delete_is_refused(service, registry_root):
+    from typer.testing import CliRunner
+
+    from sage_vllm_batch.registry.cli import app
+
+    for model_id, kind in ((CHAT, "text"), (EMBED, "embedding")):
+        # Checked first: without a lease the delete below would take the session's models away.
+        assert f"{HOLDER} ({kind} model)" in [h.purpose for h in _holders(registry_root, model_id)]
+        with pytest.raises(registry.ModelInUseError, match=rf"{HOLDER} \({kind} model\)"):
+            registry.delete_model(model_id, root=registry_root)
+    out = CliRunner().invoke(app, ["--root", str(registry_root), "delete", CHAT, "--yes"])
+    said = " ".join(out.output.split())
+    assert out.exit_code == 1, said
+    assert "in use by" in said and f"{HOLDER} (text model)" in said, said
+    assert registry.get_model(CHAT, root=registry_root).path.is_dir()  # nothing was deleted
+    assert service.generate("Hi", max_tokens=1)[0]["error"] is None
+
+
 def test_switch_model_under_load_loses_no_request(service):
     old_driver = service.slot("text").driver
     results: list[dict] = []
@@ -99,6 +129,12 @@ def test_switch_model_under_load_loses_no_request(service):
     assert info["model_id"] == CHAT and service.slot("text").driver is not old_driver
     assert before > 0 and len(results) > before
     assert all(r["error"] is None and r["tokens_used"]["completion"] == 2 for r in results)
+    # The old engine's lease goes once it has drained: one lease on the model again, the new one's.
+    root = service.registry_cfg.root
+    deadline = time.monotonic() + 120
+    while len(_holders(root, CHAT)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [h.purpose for h in _holders(root, CHAT)] == [f"{HOLDER} (text model)"]
 
     with pytest.raises(ServiceError, match="keeps serving"):
         service.switch_model("nobody/no-such-model")
@@ -139,3 +175,67 @@ def test_sage_kernel_pipeline_returns_text_and_embeddings(service, tmp_path, mon
     for rec in _collected:
         assert rec["generated"] and rec["tokens_used"]["completion"] <= 8
         assert len(rec["embedding"]) == 384
+
+
+ADAPTER_PROMPTS = ["What is 2 plus 2?", "Name a color.", "Say hello."]
+ADAPTER_GREEDY = {"temperature": 0.0, "max_tokens": 8}
+
+
+def test_a_served_adapter_applies_to_every_route(service, registry_root, random_lora, tmp_path):
+    """``model.adapter`` on a service: generate, process, /v1/jobs and vLLM's chat route all
+    answer with the adapter (the jobs path is the batch runner); its leases go on close."""
+    import httpx
+
+    from sage_vllm_batch.outputs.shards import read_output
+    from sage_vllm_batch.service.http import base_overrides, build_http_app
+    from sage_vllm_batch.service.jobs import JobManager
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "q.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ADAPTER_PROMPTS))
+    convs = [[{"role": "user", "content": q}] for q in ADAPTER_PROMPTS]
+    base = [o["text"] for o in service.generate(convs, **ADAPTER_GREEDY)]  # SmolLM2 without the adapter
+
+    argv = ["mode=serve", "task=chat", "model=smollm2-135m-instruct", f"model.adapter={random_lora}",
+            "+engine.extra.kv_cache_memory_bytes=268435456", f"registry.root={registry_root}"]  # fmt: skip
+    cfg = compose_job(*argv)
+    chat_leases = len(_holders(registry_root, CHAT))
+    svc = VLLMService(cfg).setup()
+    try:
+        got = [o["text"] for o in svc.generate(convs, **ADAPTER_GREEDY)]
+        assert all(got) and all(g != b for g, b in zip(got, base, strict=True)), (got, base)
+        processed = svc.process({"task": "generate", "inputs": convs, "options": ADAPTER_GREEDY})
+        assert processed["model_id"] == CHAT and [o["text"] for o in processed["outputs"]] == got
+
+        jobs = JobManager(svc, base_overrides=base_overrides(cfg, argv), data_roots=[str(data)], output_root=tmp_path)
+        job, _ = jobs.submit(["task=chat", "data=jsonl", f"data.path={data / 'q.jsonl'}",
+                              "output.passthrough_columns=[prompt]", "sampling.max_tokens=8"])  # fmt: skip
+        deadline = time.monotonic() + 300
+        while jobs.get(job["id"])["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert jobs.get(job["id"])["status"] == "complete", jobs.get(job["id"])
+        assert read_output(job["output_dir"]).column("text").to_pylist() == got
+
+        async def over_http():
+            app = await build_http_app(svc, jobs)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://svc", timeout=300) as c:
+                models = (await c.get("/v1/models")).json()
+                chats = [
+                    (await c.post("/v1/chat/completions", json={"model": CHAT, "messages": m, **ADAPTER_GREEDY})).json()
+                    for m in convs
+                ]
+            return models, chats
+
+        models, chats = asyncio.run(over_http())
+        assert [m["id"] for m in models["data"]] == [CHAT]  # clients keep asking for the served name
+        assert [c["choices"][0]["message"]["content"] for c in chats] == got, chats
+
+        assert [h.purpose for h in _holders(registry_root, random_lora)] == [f"{HOLDER} (text model's adapter)"]
+        with pytest.raises(registry.ModelInUseError, match=rf"{HOLDER} \(text model's adapter\)"):
+            registry.delete_model(random_lora, root=registry_root)
+        assert len(_holders(registry_root, CHAT)) == chat_leases + 1
+    finally:
+        svc.close()
+    assert _holders(registry_root, random_lora) == []
+    assert len(_holders(registry_root, CHAT)) == chat_leases

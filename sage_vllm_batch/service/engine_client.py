@@ -21,7 +21,7 @@ from typing import Any
 from vllm.engine.protocol import EngineClient
 
 from sage_vllm_batch.engine.driver import EngineDriver
-from sage_vllm_batch.engine.io import EngineRequest
+from sage_vllm_batch.engine.io import EngineRequest, LoraSpec
 from sage_vllm_batch.engine.supervisor import CANCELLED
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,18 @@ class _Done:
 
 class DriverEngineClient(EngineClient):
     """An ``EngineClient`` whose engine is whatever ``driver()`` returns now (so a reload of the
-    same model swaps engines under the server)."""
+    same model swaps engines under the server).
 
-    def __init__(self, driver: Callable[[], EngineDriver]) -> None:
+    ``lora()`` gives the served model's adapter (``model.adapter``), or None: vLLM's handlers pass
+    no ``lora_request`` for the served model name, and every generate request then carries it, as
+    the service's own calls and batch jobs do.
+    """
+
+    def __init__(
+        self, driver: Callable[[], EngineDriver], lora: Callable[[], LoraSpec | None] | None = None
+    ) -> None:
         self._driver = driver
+        self._lora = lora or (lambda: None)
         llm_engine = driver().engine.vllm_engine
         self.vllm_config = llm_engine.vllm_config
         self.model_config = llm_engine.model_config
@@ -72,7 +80,9 @@ class DriverEngineClient(EngineClient):
         return self._tasks
 
     # ------------------------------------------------------------------ requests
-    async def _run(self, prompt: Any, params: Any, request_id: str) -> AsyncGenerator[Any, None]:
+    async def _run(
+        self, prompt: Any, params: Any, request_id: str, lora: LoraSpec | None = None
+    ) -> AsyncGenerator[Any, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -88,7 +98,9 @@ class DriverEngineClient(EngineClient):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, _Done(fut))
 
-        req = EngineRequest(key=request_id, prompt=prompt, params=params, on_output=on_output, cancel=cancel)
+        req = EngineRequest(
+            key=request_id, prompt=prompt, params=params, on_output=on_output, cancel=cancel, lora=lora
+        )
         fut = self._driver().submit(req)
         fut.add_done_callback(on_done)
         self._live[request_id] = cancel
@@ -124,7 +136,9 @@ class DriverEngineClient(EngineClient):
     ) -> AsyncGenerator[Any, None]:
         if kwargs.get("lora_request") is not None:
             raise ValueError("LoRA adapters are not served by sage-vllm-batch's server")
-        async for out in self._run(prompt, sampling_params, request_id):
+        # None from vLLM's handlers means "the served model": with model.adapter, that is base + adapter
+        # (the engine turns it into vLLM's LoRARequest, engine.io.to_vllm).
+        async for out in self._run(prompt, sampling_params, request_id, lora=self._lora()):
             yield out
 
     async def encode(

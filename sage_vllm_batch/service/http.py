@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -111,7 +110,10 @@ async def _vllm_app(service: VLLMService, kind: str) -> Any:
     slot = service.slot(kind)
     argv = ["--model", slot.resolved.path, "--served-model-name", slot.name, "--max-log-len", "0"]
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
-    client = DriverEngineClient(lambda: service.slot(kind).driver)
+    # The slot at call time: switch_model swaps the engine (and its adapter) under the server.
+    client = DriverEngineClient(
+        lambda: service.slot(kind).driver, lora=lambda: service.slot(kind).resolved.lora
+    )
     tasks = await client.get_supported_tasks()
     app = build_app(args, tasks, client.model_config)
     await init_app_state(client, app.state, args, tasks)
@@ -337,7 +339,3 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
             status.unregister(record)
     print(f"service on {url} stopped after {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     return 0
-
-
-def output_root_of(cfg: DictConfig) -> Path:
-    return Path(str(cfg.serve.output_root)).resolve()

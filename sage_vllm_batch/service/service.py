@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,8 @@ class ServiceError(SageBatchError):
 
 @dataclass
 class _Slot:
-    """One loaded model: what was asked for, where it is, and the driver serving it."""
+    """One loaded model: what was asked for, where it is, the driver serving it, and the registry
+    leases (the model's, its adapter's) that keep ``delete``/``gc`` off it until it is retired."""
 
     kind: str
     model_cfg: DictConfig
@@ -61,10 +63,18 @@ class _Slot:
     driver: EngineDriver
     engine_cfg: DictConfig
     loaded_at: float
+    leases: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def name(self) -> str:
         return self.resolved.id
+
+    def retire(self) -> None:
+        """Drain and close the engine (requests inside it finish), then drop the leases."""
+        try:
+            self.driver.close()
+        finally:
+            self.leases.close()
 
 
 class VLLMService:
@@ -160,18 +170,45 @@ class VLLMService:
                 "registry": OmegaConf.to_container(self.registry_cfg, resolve=True),
             }
         )
-        resolved = resolve_model(cfg)
-        engine = load_engine(cfg, resolved)
+        from sage_vllm_batch import registry
+
+        # Leased before resolving (as a job's hold_model does), so no delete or gc slips in between;
+        # pinned to what was resolved, held until the slot is retired (close, switch_model).
+        leases = contextlib.ExitStack()
+        m, root, who = cfg.model, self.registry_cfg.root, f"service pid {os.getpid()} ({kind} model"
+        try:
+            held = leases.enter_context(registry.lease(m.id, m.revision, root=root, purpose=f"{who})"))
+            adapter = None
+            if m.get("adapter"):
+                why = f"{who}'s adapter)"
+                adapter = leases.enter_context(
+                    registry.lease(m.adapter, m.get("adapter_revision"), root=root, purpose=why)
+                )
+            resolved = resolve_model(cfg)
+            if resolved.revision:
+                held.pin(resolved.revision)
+            if adapter is not None and resolved.adapter:
+                adapter.pin(resolved.adapter["revision"])
+            engine = load_engine(cfg, resolved)  # LoRA on when the model has an adapter
+        except BaseException:
+            leases.close()
+            raise
         log.info("serving %s (%s) from %s", resolved.id, kind, resolved.path)
         return _Slot(
-            kind, model_cfg, resolved, EngineDriver(engine, priorities=kind == TEXT), engine_cfg, time.time()
+            kind,
+            model_cfg,
+            resolved,
+            EngineDriver(engine, priorities=kind == TEXT),
+            engine_cfg,
+            time.time(),
+            leases,
         )
 
     def close(self) -> None:
         with self._lock:
             slots, self._slots = list(self._slots.values()), {}
         for s in slots:
-            s.driver.close()
+            s.retire()
 
     def __enter__(self) -> VLLMService:
         return self.setup()
@@ -225,9 +262,11 @@ class VLLMService:
 
         def build_for(i: int, item: Any) -> Callable[[_Slot], EngineRequest]:
             def build(s: _Slot) -> EngineRequest:
-                if isinstance(item, str):
-                    return RequestBuilder(task, data, sampling, s.driver).build(i, {"prompt": item})
-                return RequestBuilder(chat_task, data, sampling, s.driver).build(i, {"messages": item})
+                t, row = (
+                    (task, {"prompt": item}) if isinstance(item, str) else (chat_task, {"messages": item})
+                )
+                # model.adapter: every request of the text model carries it, as in batch mode.
+                return RequestBuilder(t, data, sampling, s.driver, lora=s.resolved.lora).build(i, row)
 
             return build
 
@@ -403,8 +442,8 @@ class VLLMService:
             self._slots[kind] = new
             self._wanted[kind] = model_cfg
         if old is not None:
-            # close() drains: requests already inside the old engine finish there.
-            threading.Thread(target=old.driver.close, name=f"retire-{old.name}", daemon=True).start()
+            # close() drains: requests already inside the old engine finish there; its leases go after.
+            threading.Thread(target=old.retire, name=f"retire-{old.name}", daemon=True).start()
         return {
             "kind": kind,
             "model_id": new.name,
@@ -421,14 +460,8 @@ class VLLMService:
         missing = [k for k in ("base_model", "dataset_path", "output_dir") if not request.get(k)]
         if missing:
             raise ServiceError(f"fine_tune: missing field(s) {', '.join(missing)}")
-        try:
-            from sage_vllm_batch.finetune import fine_tune
-        except ImportError as e:
-            raise ServiceError(
-                "fine_tune: this installation has no training step (sage_vllm_batch.finetune.fine_tune is "
-                "missing); use a sage-vllm-batch version with fine-tuning",
-                status=501,
-            ) from e
+        from sage_vllm_batch.finetune import fine_tune
+
         return fine_tune(dict(request), registry_root=self.registry_cfg.root)
 
     # ------------------------------------------------------------------ status
@@ -438,6 +471,7 @@ class VLLMService:
                 "model_id": s.name,
                 "revision": s.resolved.revision,
                 "path": s.resolved.path,
+                "adapter": s.resolved.adapter,
                 "loaded_at": s.loaded_at,
             }
             for k, s in self._slots.items()
