@@ -231,8 +231,8 @@ def test_a_served_adapter_applies_to_every_route(service, registry_root, random_
         assert [m["id"] for m in models["data"]] == [CHAT]  # clients keep asking for the served name
         assert [c["choices"][0]["message"]["content"] for c in chats] == got, chats
 
-        assert [h.purpose for h in _holders(registry_root, random_lora)] == [f"{HOLDER} (text model's adapter)"]
-        with pytest.raises(registry.ModelInUseError, match=rf"{HOLDER} \(text model's adapter\)"):
+        assert [h.purpose for h in _holders(registry_root, random_lora)] == [f"{HOLDER} (text model), adapter"]
+        with pytest.raises(registry.ModelInUseError, match=rf"{HOLDER} \(text model\), adapter"):
             registry.delete_model(random_lora, root=registry_root)
         assert len(_holders(registry_root, CHAT)) == chat_leases + 1
     finally:

@@ -145,16 +145,26 @@ def _rank_of(path: Path) -> int:
 
 @contextlib.contextmanager
 def hold_model(cfg: DictConfig, *, purpose: str | None = None) -> Iterator[ResolvedModel]:
-    """Resolve the model and hold a registry lease on it (``gc``/``delete`` leave it in place)
-    until the block exits: wrap everything from resolution to ``engine.close()``."""
+    """Resolve the model and hold registry leases on it and on its adapter (``gc``/``delete``
+    leave them in place) until the block exits: wrap everything from resolution to
+    ``engine.close()``. Leased before resolving, so no delete slips in between; pinned to the
+    revisions resolved."""
     from sage_vllm_batch import registry
 
-    m = cfg.model
+    m, root = cfg.model, cfg.registry.root
     why = purpose or f"job {cfg.get('job_name', '?')}"
-    with registry.lease(m.id, m.revision, root=cfg.registry.root, purpose=why) as held:
+    with contextlib.ExitStack() as leases:
+        held = leases.enter_context(registry.lease(m.id, m.revision, root=root, purpose=why))
+        adapter = None
+        if m.get("adapter"):
+            adapter = leases.enter_context(
+                registry.lease(m.adapter, m.get("adapter_revision"), root=root, purpose=f"{why}, adapter")
+            )
         model = resolve_model(cfg)
         if model.revision:
             held.pin(model.revision)
+        if adapter is not None and model.adapter:
+            adapter.pin(model.adapter["revision"])
         yield model
 
 

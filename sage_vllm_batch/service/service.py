@@ -27,7 +27,7 @@ from sage_vllm_batch.engine.driver import EngineDriver
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.errors import EngineError, SageBatchError
 from sage_vllm_batch.requests.builder import RequestBuilder, sampling_dict, sampling_param_names
-from sage_vllm_batch.run.model import ResolvedModel, load_engine, resolve_model
+from sage_vllm_batch.run.model import ResolvedModel, hold_model, load_engine
 from sage_vllm_batch.service.options import load_option, model_option
 
 log = logging.getLogger(__name__)
@@ -170,25 +170,11 @@ class VLLMService:
                 "registry": OmegaConf.to_container(self.registry_cfg, resolve=True),
             }
         )
-        from sage_vllm_batch import registry
-
-        # Leased before resolving (as a job's hold_model does), so no delete or gc slips in between;
-        # pinned to what was resolved, held until the slot is retired (close, switch_model).
+        # Leased until the slot is retired (close, switch_model), not only while loading.
         leases = contextlib.ExitStack()
-        m, root, who = cfg.model, self.registry_cfg.root, f"service pid {os.getpid()} ({kind} model"
         try:
-            held = leases.enter_context(registry.lease(m.id, m.revision, root=root, purpose=f"{who})"))
-            adapter = None
-            if m.get("adapter"):
-                why = f"{who}'s adapter)"
-                adapter = leases.enter_context(
-                    registry.lease(m.adapter, m.get("adapter_revision"), root=root, purpose=why)
-                )
-            resolved = resolve_model(cfg)
-            if resolved.revision:
-                held.pin(resolved.revision)
-            if adapter is not None and resolved.adapter:
-                adapter.pin(resolved.adapter["revision"])
+            why = f"service pid {os.getpid()} ({kind} model)"
+            resolved = leases.enter_context(hold_model(cfg, purpose=why))
             engine = load_engine(cfg, resolved)  # LoRA on when the model has an adapter
         except BaseException:
             leases.close()
