@@ -1,8 +1,8 @@
 """executor=ray on a local Ray instance (2 workers, 1 CPU thread each) against executor=local.
 
-One Ray instance (2 CPUs) serves the module. The chat test runs first with its own pool; then one
-pool of two MiniLM workers serves the embed tests (the worker-kill test runs last: it leaves the
-pool with one worker). Inputs are tiny: 40 verses in
+One Ray instance (2 CPUs) serves the module. The chat tests run first, each with its own pool (the
+LoRA one with a single worker); then one pool of two MiniLM workers serves the embed tests (the
+worker-kill test runs last: it leaves the pool with one worker). Inputs are tiny: 40 verses in
 shards of 5-10 rows, 6 chat prompts of 8 tokens.
 """
 
