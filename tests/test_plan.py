@@ -4,6 +4,7 @@ test_runner_logic, since the plan only reads what the runner left)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -11,6 +12,7 @@ import pytest
 from conftest import compose_job, run_cli
 from test_runner_logic import Crash, FakeEngine
 
+from sage_vllm_batch.engine.io import Sample
 from sage_vllm_batch.errors import ResumeError
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.model import resolve_model
@@ -46,12 +48,26 @@ def plan_of(cfg):
     return code, buf.getvalue()
 
 
-def _run(cfg, crash_after=None):
+class ChatFakeEngine(FakeEngine):
+    """The fake engine for chat: renders a conversation as its text, answers "ok"."""
+
+    def render_chat(self, messages, **_kw):
+        return self.encode(" ".join(m["content"] for m in messages))
+
+    def stream(self, requests, on_step=None):
+        for res in super().stream(requests, on_step):
+            if res.error is None:
+                res = dataclasses.replace(res, embedding=None, completion_tokens=1, samples=[Sample("ok", "stop", 1)])
+            yield res
+
+
+def _run(cfg, crash_after=None, engine=FakeEngine):
     point = prepare_point(cfg, name="t", model=resolve_model(cfg))
     try:
-        run_on_engine([point], FakeEngine(crash_after=crash_after), progress="none")
+        run_on_engine([point], engine(crash_after=crash_after), progress="none")
     except Crash:
         pass
+    return point
 
 
 def test_plan_of_a_new_run(corpus, tmp_path, minilm_registry):
@@ -72,6 +88,42 @@ def test_plan_of_a_half_done_run(corpus, tmp_path, minilm_registry):
     assert code == 0
     assert "resuming: 2 shard(s) committed (100 rows), the rest will be run" in text
     assert sorted(p.name for p in out.iterdir()) == before  # the plan touched nothing
+
+
+def test_plan_of_a_half_done_adapter_run_resumes_it(corpus, tmp_path, registry_root, random_lora):
+    # The plan must resolve model.adapter as the run does: the manifest records the adapter.
+    chat = ("task=chat", "model=smollm2-135m-instruct", "data.prompt_column=text", "sampling.max_tokens=8")
+    chat = (*chat, "output.passthrough_columns=[ref]")  # no messages column to pass through
+    lora = (*chat, f"model.adapter={random_lora}")
+    out = tmp_path / "out"
+    point = _run(job(corpus, out, registry_root, *lora), crash_after=115, engine=ChatFakeEngine)
+    assert point.model.lora is not None and point.metrics.shards_committed == 2
+    before = sorted(p.name for p in out.iterdir())
+    code, text = plan_of(job(corpus, out, registry_root, *lora))
+    assert code == 0, text
+    assert "resuming: 2 shard(s) committed (100 rows), the rest will be run" in text
+    adapter = point.model.adapter
+    assert f"with adapter {random_lora}@{adapter['revision']}" in text
+    assert sorted(p.name for p in out.iterdir()) == before  # the plan touched nothing
+    # Without the adapter it is another run, refused as the run itself would refuse it.
+    code, text = plan_of(job(corpus, out, registry_root, *chat))
+    assert code == 1 and "refused" in text and "model.adapter" in text
+
+
+def test_plan_of_a_missing_adapter_names_the_adapter(corpus, tmp_path, registry_root):
+    # The base model is in the registry (downloads off): the plan must blame the adapter, not it.
+    hub = ("model=hub", "model.id=HuggingFaceTB/SmolLM2-135M-Instruct", "registry.allow_download=false")
+    cfg = job(corpus, tmp_path / "out", registry_root, "task=chat", *hub, "model.adapter=test/no-such-lora")
+    code, text = plan_of(cfg)
+    assert code == 1, text
+    assert "cannot run: model: model.adapter:" in text and "test/no-such-lora" in text
+    assert "NOT in the registry" not in text and "import it first" not in text
+    assert "model:     HuggingFaceTB/SmolLM2-135M-Instruct (text), with adapter test/no-such-lora" in text
+    # A base model the run could not fetch is still reported as such.
+    absent = ("model=hub", "model.id=org/absent", "registry.allow_download=false", "model.adapter=test/no-such-lora")
+    code, text = plan_of(job(corpus, tmp_path / "out", registry_root, "task=chat", *absent))
+    assert code == 1 and "org/absent (text), NOT in the registry, download disabled, with adapter" in text
+    assert "cannot run: model: org/absent is not in the registry and registry.allow_download=false" in text
 
 
 def test_plan_of_a_complete_run(corpus, tmp_path, minilm_registry):

@@ -1,8 +1,8 @@
 """executor=ray on a local Ray instance (2 workers, 1 CPU thread each) against executor=local.
 
-One Ray instance (2 CPUs) serves the module. The chat test runs first with its own pool; then one
-pool of two MiniLM workers serves the embed tests (the worker-kill test runs last: it leaves the
-pool with one worker). Inputs are tiny: 40 verses in
+One Ray instance (2 CPUs) serves the module. The chat tests run first, each with its own pool (the
+LoRA one with a single worker); then one pool of two MiniLM workers serves the embed tests (the
+worker-kill test runs last: it leaves the pool with one worker). Inputs are tiny: 40 verses in
 shards of 5-10 rows, 6 chat prompts of 8 tokens.
 """
 
@@ -177,6 +177,36 @@ def test_greedy_chat_fused_sweep_on_two_workers_equals_local(ray_local, registry
     )
     workers = json.loads((tmp_path / "ray" / "t8" / "metrics.json").read_text())["executor"]["workers"]
     assert len(workers) == 2 and all(w["completion_tokens"] > 0 for w in workers)
+
+
+def _texts(out: Path) -> list[str]:
+    return read_output(out).column("text").to_pylist()
+
+
+@pytest.mark.engine
+def test_a_chat_job_with_an_adapter_runs_it_on_the_workers(ray_local, registry_root, random_lora, tmp_path):
+    # The workers must load the LoRA engine and put the adapter on every request, as a local run does.
+    lora = (*CHAT, "engine.kv_cache_memory_bytes=268435456", f"model.adapter={random_lora}")
+    ray1 = ("executor=ray", "executor.num_workers=1", "executor.threads_per_worker=1")
+    local = compose_job(*lora, out_dir=tmp_path / "local", registry_root=registry_root)
+    base = compose_job(*lora, "model.adapter=null", out_dir=tmp_path / "base", registry_root=registry_root)
+    points = [prepare_point(local), prepare_point(base)]
+    assert points[0].model.lora is not None and points[1].model.lora is None
+    # One LoRA engine serves both local points: requests without the adapter get the base model's answers.
+    ex = make_executor(local)
+    ex.start(local, points[0].model)
+    try:
+        for p in points:
+            ex.run_points([p])
+    finally:
+        ex.close()
+    remote = compose_job(*lora, *ray1, out_dir=tmp_path / "ray", registry_root=registry_root)
+    metrics = run(remote)
+    assert metrics["status"] == "complete" and metrics["model"]["adapter"]["id"] == random_lora
+    assert [w["adapter"] for w in metrics["executor"]["workers"]] == [points[0].model.lora.name]
+    assert _texts(tmp_path / "local") != _texts(tmp_path / "base")  # the adapter changes the answers
+    assert _texts(tmp_path / "ray") == _texts(tmp_path / "local")  # ... and the workers applied it
+    assert_same_output(tmp_path / "local", tmp_path / "ray", vectors=False)
 
 
 @pytest.mark.engine

@@ -1,15 +1,18 @@
 """``executor=ray``: one engine per Ray worker; this process reads, hands out chunks and commits.
 
-The driver reads the input with the runner's :meth:`Point.rows` (so committed chunks are skipped
-exactly as on a local resume) and cuts it into the runner's chunks of ``output.shard_rows`` input
-positions. A *unit* is one chunk index with the rows of every point (sweep point) that still needs
-it, so a fused sweep runs all its points of a chunk on one worker. Units go to the worker with the
-fewest queued (``chunks_per_worker`` each); results come back to the driver, which hands them to
-:meth:`Point.on_result`: the same sink, ledger and manifest as ``executor=local``, hence the same
-output and the same exactly-once resume. A unit whose worker dies, hangs (``chunk_timeout_s``) or
-fails is sent to another worker, at most ``max_chunk_retries`` times; the failed worker is retired
-and the job goes on with the others. Nothing of a failed attempt was committed, so nothing is
-duplicated; if the driver itself dies, a rerun resumes from the ledger.
+Each worker gets the driver's :class:`~sage_vllm_batch.run.model.ResolvedModel` as plain data
+(``to_wire``: the LoRA adapter of ``model.adapter`` included) and loads it with
+:func:`~sage_vllm_batch.run.model.load_engine`, as a local run does. The driver reads the input
+with :meth:`Point.rows` (so committed chunks are skipped exactly as on a local resume) and cuts it
+into the point's chunks of ``output.shard_rows`` input positions. A *unit* is one chunk index with
+the rows of every point (sweep point) that still needs it, so a fused sweep runs all its points of
+a chunk on one worker. Units go to the worker with the fewest queued (``chunks_per_worker`` each);
+results come back to the driver, which hands them to :meth:`Point.on_result`: the same sink, ledger
+and manifest as ``executor=local``, hence the same output and the same exactly-once resume. A unit
+whose worker dies, hangs (``chunk_timeout_s``) or fails is sent to another worker, at most
+``max_chunk_retries`` times; the failed worker is retired and the job goes on with the others.
+Nothing of a failed attempt was committed, so nothing is duplicated; if the driver itself dies, a
+rerun resumes from the ledger.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class Worker:
             "host": self.info.get("host"),
             "pid": self.info.get("pid"),
             "threads": self.info.get("threads"),
+            "adapter": self.info.get("adapter"),  # the LoRA adapter the worker's engine applies
             "load_seconds": None if "load_seconds" not in self.info else round(self.info["load_seconds"], 3),
             "units": self.units,
             "rows": self.rows,
@@ -191,18 +195,19 @@ class RayExecutor:
 
         actor_cls = ray.remote(EngineWorker)
         job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _ENGINE_SECTIONS}
-        model_d = {"id": model.id, "revision": model.revision, "path": model.path}
+        wire = model.to_wire()  # the adapter and its per-request LoRA spec included
         self.workers = [
-            Worker(i, actor_cls.options(**opts).remote(job, model_d, threads, i))
+            Worker(i, actor_cls.options(**opts).remote(job, wire, threads, i))
             for i in range(int(ex.num_workers))
         ]
         log.info(
-            "Ray: starting %d worker(s) (%s CPU, %s GPU, %d thread(s) each), loading %s",
+            "Ray: starting %d worker(s) (%s CPU, %s GPU, %d thread(s) each), loading %s%s",
             len(self.workers),
             ex.cpus_per_worker,
             ex.gpus_per_worker,
             threads,
             model.id,
+            f" with adapter {model.lora.name}" if model.lora else "",
         )
         refs = {w.actor.info.remote(): w for w in self.workers}
         ready, missing = ray.wait(list(refs), num_returns=len(refs), timeout=float(ex.start_timeout_s))

@@ -1,11 +1,12 @@
 """The body of one Ray worker of ``executor=ray``: one loaded :class:`Engine`, fed with chunks of rows.
 
 The driver sends *units*: a chunk index with, for every sweep point that still needs that chunk,
-its rows. The worker builds the requests with the runner's :func:`request_builder` (its own
-tokenizer), runs them through :meth:`Engine.stream` and returns the results in row order; the
-driver commits. Units sent while one is running are queued and pulled into the same stream, so the
-engine's batch stays full across chunk boundaries (the driver keeps ``chunks_per_worker`` units
-queued on each worker).
+its rows. The worker builds the requests with
+:func:`~sage_vllm_batch.requests.builder.request_builder` (its own tokenizer; the job's LoRA
+adapter, if any, on every request), runs them through :meth:`Engine.stream` and returns the results
+in row order; the driver commits. Units sent while one is running are queued and pulled into the
+same stream, so the engine's batch stays full across chunk boundaries (the driver keeps
+``chunks_per_worker`` units queued on each worker).
 
 This module imports no Ray: the executor wraps :class:`EngineWorker` with ``ray.remote``.
 """
@@ -39,12 +40,15 @@ class _Job:
 
 
 class EngineWorker:
-    """One engine, loaded for the job's model with the runner's ``load_engine``.
+    """One engine, loaded for the job's model with :func:`~sage_vllm_batch.run.model.load_engine`
+    (LoRA turned on when the model carries ``model.adapter``).
 
     Args:
         cfg: The job config as a plain container (the engine and model sections decide the load).
-        model: The driver's resolved model (``id``, ``revision``, ``path``). When the path is not on
-            this node, the worker's own registry provides the model (``registry.*`` settings).
+        model: The driver's :class:`~sage_vllm_batch.run.model.ResolvedModel` as
+            :meth:`~sage_vllm_batch.run.model.ResolvedModel.to_wire` gives it (adapter and LoRA spec
+            included). When its files (the model's or the adapter's) are not on this node, the
+            worker's own registry resolves the job's model (``registry.*`` settings), adapter included.
         threads: Intra-op threads of this worker's engine.
         index: The worker's number (for logs and metrics).
     """
@@ -60,11 +64,12 @@ class EngineWorker:
 
         self.index = index
         job = OmegaConf.create(cfg)
-        resolved = ResolvedModel(**model)
-        if not Path(resolved.path).exists():
+        resolved = ResolvedModel.from_wire(model)
+        if not Path(resolved.path).exists() or (resolved.lora and not Path(resolved.lora.path).exists()):
             resolved = resolve_model(job)
         self.engine = load_engine(job, resolved)
         self.model_path = resolved.path
+        self.lora = resolved.lora  # put on every request (this node's copy of the adapter)
         self._builders: dict[int, Any] = {}
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._fatal: str | None = None
@@ -84,6 +89,7 @@ class EngineWorker:
             "max_model_len": e.max_model_len,
             "embedding_dim": e.embedding_dim if e.runner == "pooling" else None,
             "model_path": self.model_path,
+            "adapter": None if self.lora is None else self.lora.name,
             "threads": _torch_threads(),
         }
 
@@ -93,7 +99,7 @@ class EngineWorker:
 
         from sage_vllm_batch.requests.builder import request_builder
 
-        self._builders[point_id] = request_builder(OmegaConf.create(cfg), self.engine)
+        self._builders[point_id] = request_builder(OmegaConf.create(cfg), self.engine, lora=self.lora)
 
     def run_unit(self, parts: list[tuple[int, int, list[dict[str, Any]]]]) -> dict[str, Any]:
         """Results of one unit, per part in row order, plus the worker's counters for it."""

@@ -33,20 +33,25 @@ class Plan:
 
 def _model(cfg: DictConfig, plan: Plan) -> Any:
     """The model as the run resolves it (adapter included), without fetching anything."""
+    from sage_vllm_batch.registry import ModelNotFoundError
     from sage_vllm_batch.run.model import resolve_model
 
     m = cfg.model
+    named = f", with adapter {m.adapter}" if m.get("adapter") else ""
     try:
         model = resolve_model(cfg, fetch=False)
+    except ModelNotFoundError:
+        # Only the base model: resolve_model(fetch=False) raises it when the run could not fetch it
+        # (an adapter it cannot use is a ConfigError, below).
+        plan.problems.append(
+            f"model: {m.id} is not in the registry and registry.allow_download=false; "
+            f"import it first (sage-vllm-models import/download {m.id})"
+        )
+        plan.add("model", f"{m.id} ({m.type}), NOT in the registry, download disabled{named}")
+        return None
     except SageBatchError as e:
-        if m.source == "hub" and not cfg.registry.allow_download and "not in the registry" in str(e):
-            plan.problems.append(
-                f"model: {m.id} is not in the registry and registry.allow_download=false; "
-                f"import it first (sage-vllm-models import/download {m.id})"
-            )
-            plan.add("model", f"{m.id} ({m.type}), NOT in the registry, download disabled")
-        else:
-            plan.problems.append(f"model: {e}")
+        plan.problems.append(f"model: {e}")
+        plan.add("model", f"{m.id} ({m.type}){named}: cannot be resolved (see below)")
         return None
     adapter = f", with adapter {model.adapter['id']}@{model.adapter['revision']}" if model.adapter else ""
     if model.path:
