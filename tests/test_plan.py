@@ -4,15 +4,13 @@ test_runner_logic, since the plan only reads what the runner left)."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 
 import pytest
 from conftest import compose_job, run_cli
-from test_runner_logic import Crash, FakeEngine
+from test_runner_logic import ChatFakeEngine, Crash, FakeEngine
 
-from sage_vllm_batch.engine.io import Sample
 from sage_vllm_batch.errors import ResumeError
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.model import resolve_model
@@ -46,19 +44,6 @@ def plan_of(cfg):
     buf = io.StringIO()
     code = print_plan(cfg, buf)
     return code, buf.getvalue()
-
-
-class ChatFakeEngine(FakeEngine):
-    """The fake engine for chat: renders a conversation as its text, answers "ok"."""
-
-    def render_chat(self, messages, **_kw):
-        return self.encode(" ".join(m["content"] for m in messages))
-
-    def stream(self, requests, on_step=None):
-        for res in super().stream(requests, on_step):
-            if res.error is None:
-                res = dataclasses.replace(res, embedding=None, completion_tokens=1, samples=[Sample("ok", "stop", 1)])
-            yield res
 
 
 def _run(cfg, crash_after=None, engine=FakeEngine):

@@ -4,6 +4,7 @@ order, and can crash); the real engine is exercised in test_engine_*.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import compose_job, read_output
 
-from sage_vllm_batch.engine import EngineResult
+from sage_vllm_batch.engine import EngineResult, Sample
 from sage_vllm_batch.errors import ResumeError, SageBatchError
 from sage_vllm_batch.outputs.shards import LEDGER
 from sage_vllm_batch.run.drive import run_on_engine
@@ -63,6 +64,19 @@ class FakeEngine:
             ids = np.array(req.prompt_token_ids, dtype=np.float32)
             vec = np.array([ids.sum(), len(ids), ids.max(), ids.min()], dtype=np.float32)
             yield EngineResult(key=req.key, embedding=vec, prompt_tokens=len(ids), latency_s=0.01)
+
+
+class ChatFakeEngine(FakeEngine):
+    """The fake engine for chat: renders a conversation as its text, answers "ok"."""
+
+    def render_chat(self, messages, **_kw):
+        return self.encode(" ".join(m["content"] for m in messages))
+
+    def stream(self, requests, on_step=None):
+        for res in super().stream(requests, on_step):
+            if res.error is None:
+                res = dataclasses.replace(res, embedding=None, completion_tokens=1, samples=[Sample("ok", "stop", 1)])
+            yield res
 
 
 @pytest.fixture
@@ -278,3 +292,16 @@ def test_engine_loads_counts_the_engines_own_loads(corpus, tmp_path):
     run_once(job(corpus, tmp_path / "b"), Restarted())
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["engine_loads"] == 1
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["engine_loads"] == 3
+
+
+def test_a_chat_from_a_prompt_column_passes_that_column_through(tmp_path):
+    """task=chat on rows with a prompt column and no messages column: the request builder asks
+    the prompt as one user message, and the default pass-through keeps the prompt (it used to
+    demand the missing messages column)."""
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(5)))
+    cfg = compose_job("task=chat", "model=smollm2-135m-instruct", "data=jsonl", f"data.path={src}", out_dir=tmp_path / "out")
+    run_once(cfg, ChatFakeEngine())
+    table = read_output(tmp_path / "out")
+    assert table.column("prompt").to_pylist() == [f"question {i}" for i in range(5)]
+    assert table.column("text").to_pylist() == ["ok"] * 5 and table.column("error").null_count == 5

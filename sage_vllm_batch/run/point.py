@@ -41,7 +41,10 @@ _INTERNAL = ("__row_id", "__bad")
 _OUTPUT_SECTIONS = ("model", "engine", "sampling", "task", "data")
 
 
-def passthrough_names(cfg: DictConfig) -> list[str]:
+def passthrough_names(cfg: DictConfig, columns: list[str] | None = None) -> list[str]:
+    """The input columns copied to the output: ``output.passthrough_columns``, else the column
+    the prompts come from (``columns``, the input's, settle a chat's messages-or-prompt column
+    as the request builder does), and the id column."""
     if cfg.output.passthrough_columns is not None:
         names = list(cfg.output.passthrough_columns)
     else:
@@ -52,6 +55,8 @@ def passthrough_names(cfg: DictConfig) -> list[str]:
             names = []
         elif t == "generate":
             names = [d.prompt_column]
+        elif columns is not None and d.messages_column not in columns and d.prompt_column in columns:
+            names = [d.prompt_column]  # chat from a plain prompt column
         else:
             names = [d.messages_column]
     if cfg.data.id_column and cfg.data.id_column not in names:
@@ -142,7 +147,7 @@ class Point:
     # -------------------------------------------------------------- setup on first batch
     def _setup(self, engine: Engine, schema: pa.Schema) -> None:
         present = [n for n in schema.names if n not in _INTERNAL]
-        names = passthrough_names(self.cfg)
+        names = passthrough_names(self.cfg, present)
         missing = [n for n in names if n not in present]
         if missing:
             raise ConfigError(
@@ -340,7 +345,7 @@ def job_manifest(
     job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _OUTPUT_SECTIONS}
     job["output"] = {
         "shard_rows": cfg.output.shard_rows,
-        "passthrough_columns": passthrough_names(cfg),
+        "passthrough_columns": passthrough_names(cfg, _columns_of(source)),
     }
     # The schema itself, not its file name: editing the file must not resume into mixed rows.
     so = resolve_config(job["sampling"].get("structured_outputs"))
@@ -354,6 +359,11 @@ def job_manifest(
         runtime=runtime,
         sinks=sinks_of(cfg, out_dir if out_dir is not None else output_dir_of(cfg)),
     )
+
+
+def _columns_of(source: Any) -> list[str] | None:
+    schema = getattr(source, "schema", None)
+    return None if schema is None else list(schema.names)
 
 
 def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | None = None) -> Point:
