@@ -2,7 +2,7 @@
 
     python benchmarks/bench_service.py [--rows 128] [--max-tokens 32] [--clients 32]
 
-(a) batch: ``runner.run`` of a chat job over the prompts (task=chat, greedy), timed by its own
+(a) batch: ``job.run`` of a chat job over the prompts (task=chat, greedy), timed by its own
     metrics (engine load excluded);
 (b) service: ``python -m sage_vllm_batch mode=serve`` on a free loopback port, ``--clients``
     concurrent async ``openai`` clients sending the same prompts as chat completions; throughput
