@@ -59,10 +59,15 @@ def start_paused(corpus: Path, out: Path, point: str, tmp_path: Path, *extra: st
     env = {**os.environ, PAUSE_ENV: f"{point}:{marker}", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, str(FAKE_RUN), str(out), str(corpus), *extra], env=env)
     deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert proc.poll() is None, f"the run exited (rc={proc.returncode}) before reaching {point}"
-        assert time.monotonic() < deadline, f"the run never reached {point}"
-        time.sleep(0.05)
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, f"the run exited (rc={proc.returncode}) before reaching {point}"
+            assert time.monotonic() < deadline, f"the run never reached {point}"
+            time.sleep(0.05)
+    except BaseException:  # a failed wait (or the test's time limit) must not leave the run behind
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
     return proc
 
 

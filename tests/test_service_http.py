@@ -84,13 +84,17 @@ def server(registry_root, dirs):
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("READY"):
-            break
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("READY"):
+                break
+    except BaseException:  # the test's time limit while it is silent: do not leave it running
+        proc.kill()
+        raise
     if not lines or not lines[-1].startswith("READY"):
         proc.kill()
         pytest.fail(f"server did not start: {lines}\n{(dirs['base'] / 'server.log').read_text()[-3000:]}")
