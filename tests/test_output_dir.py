@@ -61,10 +61,15 @@ def start_paused(corpus: Path, out: Path, point: str, tmp_path: Path, *extra: st
     env = {**os.environ, PAUSE_ENV: f"{point}:{marker}", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, str(FAKE_RUN), str(out), str(corpus), *extra], env=env)
     deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert proc.poll() is None, f"the run exited (rc={proc.returncode}) before reaching {point}"
-        assert time.monotonic() < deadline, f"the run never reached {point}"
-        time.sleep(0.05)
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, f"the run exited (rc={proc.returncode}) before reaching {point}"
+            assert time.monotonic() < deadline, f"the run never reached {point}"
+            time.sleep(0.05)
+    except BaseException:  # a failed wait (or the test's time limit) must not leave the run behind
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
     return proc
 
 
@@ -101,9 +106,13 @@ def test_kill_mid_shard_second_writer_refused_then_lock_taken_over(corpus, tmp_p
         pq.read_metadata(half)
     assert [json.loads(x)["chunk"] for x in (out / LEDGER).read_text().splitlines()] == [0]
 
+    shard0 = (out / "part-000000.parquet").stat().st_mtime_ns
     engine = run_here(job(corpus, out))  # takes over the dead run's lock
     assert not half.exists()
     assert engine.seen == ROWS - 100 - sum(1 for i in BAD if i >= 100)  # only the uncommitted rows
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["rows_skipped_resumed"], m["rows_in"], m["rows_out"]) == (100, ROWS - 100, ROWS - 100)
+    assert (out / "part-000000.parquet").stat().st_mtime_ns == shard0  # the committed shard stays
     assert_complete_and_equal(out, clean)
 
 
@@ -120,8 +129,13 @@ def test_kill_during_finalize_then_resume_finishes_without_redoing_rows(
     out = tmp_path / "out"
     kill(start_paused(corpus, out, point, tmp_path, *extra))
     assert (out / partial).exists() and not (out / "_SUCCESS").exists()
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert len(shards) == 3
     engine = run_here(job(corpus, out, *extra))
     assert engine.seen == 0  # every shard was committed: only finalize is redone
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["rows_skipped_resumed"], m["rows_in"], m["rows_out"]) == (ROWS, 0, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == shards
     assert_complete_and_equal(out, clean)
     if extra:
         import faiss

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import time
+import socket
+import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -107,10 +110,11 @@ def test_offline_mode_fails_fast_with_the_fix(
     hub: FakeHub, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
+    asked = count_hub_lookups(monkeypatch)
     with pytest.raises(registry.HubUnavailableError) as info:
         registry.ensure_model("org/tiny", root=root)
-    assert time.monotonic() - start < 2
+    # Fails before asking: one resolve, no model_info call, no request on the wire (below).
+    assert (asked["resolve_commit"], asked["model_info"]) == (1, 0)
     message = str(info.value)
     assert "org/tiny" in message and "HF_HUB_OFFLINE" in message
     assert "sage-vllm-models download org/tiny" in message and "sage-vllm-models import org/tiny" in message
@@ -118,15 +122,84 @@ def test_offline_mode_fails_fast_with_the_fix(
     assert hub.requests == []
 
 
-def test_unreachable_hub_fails_fast(hub: FakeHub, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    point_hf_at(monkeypatch, f"http://127.0.0.1:{free_port()}")
-    start = time.monotonic()
-    with pytest.raises(
-        registry.HubUnavailableError, match="cannot be reached.*sage-vllm-models import org/tiny"
-    ):
-        registry.ensure_model("org/tiny", root=root)
-    assert time.monotonic() - start < 5
+def count_hub_lookups(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the registry's Hub lookups (``hub.resolve_commit``) and huggingface_hub's
+    ``HfApi.model_info`` calls, passing each through."""
+    from huggingface_hub import HfApi
+
+    from sage_vllm_batch.registry import hub as hub_module
+
+    calls = {"resolve_commit": 0, "model_info": 0}
+    resolve, model_info = hub_module.resolve_commit, HfApi.model_info
+
+    def counted_resolve(*args, **kwargs):
+        calls["resolve_commit"] += 1
+        return resolve(*args, **kwargs)
+
+    def counted_model_info(self, *args, **kwargs):
+        calls["model_info"] += 1
+        return model_info(self, *args, **kwargs)
+
+    monkeypatch.setattr(hub_module, "resolve_commit", counted_resolve)
+    monkeypatch.setattr(HfApi, "model_info", counted_model_info)
+    return calls
+
+
+class ResettingHub:
+    """A Hub that is down behind a live address: it accepts each TCP connection, reads the request
+    line, and resets the connection. ``requests`` lists the request lines, one per attempt."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.requests: list[str] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    self.requests.append(conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1"))
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept (close alone does not)
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("down", ["refused", "reset"])
+def test_unreachable_hub_fails_after_one_try(
+    hub: FakeHub, root: Path, monkeypatch: pytest.MonkeyPatch, down: str
+) -> None:
+    # refused: nothing listens on the port; reset: every connection is reset after its request line.
+    resetting = ResettingHub() if down == "reset" else None
+    point_hf_at(monkeypatch, resetting.url if resetting else f"http://127.0.0.1:{free_port()}")
+    asked = count_hub_lookups(monkeypatch)
+    try:
+        with pytest.raises(
+            registry.HubUnavailableError, match="cannot be reached.*sage-vllm-models import org/tiny"
+        ):
+            registry.ensure_model("org/tiny", root=root)
+    finally:
+        if resetting:
+            resetting.close()
+    # One try, no retry loop: a single model_info request, and no file was asked for.
+    assert asked == {"resolve_commit": 1, "model_info": 1}
+    if resetting:
+        tries = [r for r in resetting.requests if "/api/models/org/tiny" in r]
+        assert tries == ["GET /api/models/org/tiny/revision/main HTTP/1.1"], resetting.requests
+        assert not [r for r in resetting.requests if "/resolve/" in r or "/cdn/" in r], resetting.requests
+    assert hub.requests == []  # the working Hub was never contacted
     assert registry.list_models(root=root) == []
+    assert not (root / "models").exists() or not list((root / "models").iterdir())
 
 
 def test_present_model_never_touches_the_network(

@@ -136,6 +136,7 @@ def test_crash_then_resume_is_exactly_once_and_identical(corpus, tmp_path):
     # Only the uncommitted rows reach the engine again (minus error rows, which never do).
     assert len(second.seen) == 250 - committed_rows - sum(1 for i in (5, 77, 170) if i >= committed_rows)
     assert point.metrics.rows_skipped_resumed == committed_rows
+    assert point.metrics.rows_in == point.metrics.rows_out == 250 - committed_rows
     for name in sorted(p.name for p in clean.glob("part-*.parquet")):
         assert pq.read_table(clean / name).equals(pq.read_table(crashed / name)), name
     assert read_output(crashed).column("id").to_pylist() == list(range(250))
@@ -157,8 +158,10 @@ def test_complete_run_is_not_redone(corpus, tmp_path):
     again = FakeEngine()
     point = prepare_point(job(corpus, out), model=MODEL)
     assert point.state == "complete"
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
     run_on_engine([point], again, progress="none")
-    assert again.seen == []
+    assert again.seen == [] and point.metrics.rows_in == point.metrics.rows_out == 0
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == files
 
 
 def test_crash_leftovers_are_removed_and_redone(corpus, tmp_path):

@@ -26,6 +26,12 @@ MAX_TOKENS = 8
 # Fixed small KV caches (no share-of-free-memory check): the server's two engines and the batch
 # reference share a machine with other work.
 MEM = "+engine.extra.kv_cache_memory_bytes=268435456"
+# The server keeps at most this many of a job's rows in its engine at once (engine.max_in_flight;
+# it only paces jobs' streams, not interactive requests): a job of LONG rows then runs in waves, so
+# the cancel test can stop it part-way. The default window (4 x max_num_seqs) holds a whole small
+# job, whose rows would all finish together.
+JOB_WINDOW = 16
+LONG = [f"What is {i} plus {i}?" for i in range(160)]  # starts with QUESTIONS
 
 
 def _free_port() -> int:
@@ -41,6 +47,9 @@ def dirs(tmp_path_factory):
     data.mkdir()
     with open(data / "q.jsonl", "w") as f:
         for q in QUESTIONS:
+            f.write(json.dumps({"prompt": q}) + "\n")
+    with open(data / "long.jsonl", "w") as f:
+        for q in LONG:
             f.write(json.dumps({"prompt": q}) + "\n")
     outside = base / "outside"
     outside.mkdir()
@@ -66,7 +75,8 @@ def server(registry_root, dirs):
     }
     args = [
         sys.executable, "-m", "sage_vllm_batch", "mode=serve", "model=smollm2-135m-instruct",
-        "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM, f"serve.port={port}",
+        "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM, f"engine.max_in_flight={JOB_WINDOW}",
+        f"serve.port={port}",
         f"serve.data_roots=[{dirs['data']}]", f"serve.output_root={dirs['outputs']}",
     ]  # fmt: skip
     log = open(dirs["base"] / "server.log", "w")
@@ -74,13 +84,17 @@ def server(registry_root, dirs):
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("READY"):
-            break
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("READY"):
+                break
+    except BaseException:  # the test's time limit while it is silent: do not leave it running
+        proc.kill()
+        raise
     if not lines or not lines[-1].startswith("READY"):
         proc.kill()
         pytest.fail(f"server did not start: {lines}\n{(dirs['base'] / 'server.log').read_text()[-3000:]}")
@@ -232,27 +246,52 @@ def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch)
     assert job["id"] in [j["id"] for j in http.get("/v1/jobs").json()["data"]]
     again = http.post("/v1/jobs", json={"overrides": overrides})
     assert again.status_code == 201 and again.json()["output_dir"] == job["output_dir"]
-    assert _wait_job(http, job["id"])["status"] == "complete"
-    assert read_output(job["output_dir"]).num_rows == 32  # resumed as complete: nothing redone
+    shards = {p.name: p.stat().st_mtime_ns for p in Path(job["output_dir"]).glob("part-*.parquet")}
+    redone = _wait_job(http, job["id"])
+    assert redone["status"] == "complete" and redone["metrics"]["rows_out"] == 0  # nothing redone
+    assert {p.name: p.stat().st_mtime_ns for p in Path(job["output_dir"]).glob("part-*.parquet")} == shards
+    assert read_output(job["output_dir"]).num_rows == 32
 
 
 def test_cancelled_job_keeps_its_shards_and_resumes(http, dirs, batch):
     from sage_vllm_batch.outputs.shards import ParquetShardSink, read_output
 
-    overrides = ["task=chat", "data=jsonl", f"data.path={dirs['data'] / 'q.jsonl'}", "output.shard_rows=4",
+    # len(LONG) rows, at most JOB_WINDOW in the engine at a time: the first shard of 4 commits
+    # while most of the job is still to run.
+    overrides = ["task=chat", "data=jsonl", f"data.path={dirs['data'] / 'long.jsonl'}", "output.shard_rows=4",
                  "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}"]  # fmt: skip
-    job = http.post("/v1/jobs", json={"overrides": overrides}).json()
+    r = http.post("/v1/jobs", json={"overrides": overrides})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    out = Path(job["output_dir"])
     deadline = time.monotonic() + 120
-    while not ParquetShardSink.read_ledger(Path(job["output_dir"])) and time.monotonic() < deadline:
+    while not ParquetShardSink.read_ledger(out) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert ParquetShardSink.read_ledger(out), "no shard was committed"
     r = http.delete(f"/v1/jobs/{job['id']}")
-    assert r.status_code == 200 and r.json()["status"] in ("cancelled", "complete"), r.text
-    kept = ParquetShardSink.read_ledger(Path(job["output_dir"]))
-    assert kept, "committed shards stay"
+    assert r.status_code == 200, r.text
+    cancelled = r.json()
+    assert cancelled["status"] == "cancelled", cancelled
+    assert 4 <= cancelled["rows_done"] < len(LONG), cancelled  # stopped part-way
+    assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    kept = ParquetShardSink.read_ledger(out)
+    kept_rows = sum(rec["rows"] for rec in kept.values())
+    assert kept and kept_rows < len(LONG) and not (out / "_SUCCESS").exists(), "committed shards stay"
+    stamps = {rec["file"]: (out / rec["file"]).stat().st_mtime_ns for rec in kept.values()}
+
     again = http.post("/v1/jobs", json={"overrides": overrides})
     assert again.status_code == 201, again.text
-    assert _wait_job(http, job["id"])["status"] == "complete"
-    assert read_output(job["output_dir"]).column("text").to_pylist() == batch
+    done = _wait_job(http, job["id"])
+    assert done["status"] == "complete", done
+    # The resumed job ran only the rows the cancelled one had not committed.
+    assert done["metrics"]["rows_skipped_resumed"] == kept_rows
+    assert done["metrics"]["rows_out"] == len(LONG) - kept_rows
+    assert {f: (out / f).stat().st_mtime_ns for f in stamps} == stamps  # kept shards not rewritten
+    t = read_output(out)
+    assert t.column("id").to_pylist() == list(range(len(LONG)))
+    assert t.column("prompt").to_pylist() == LONG and t.column("error").null_count == len(LONG)
+    texts = t.column("text").to_pylist()
+    assert texts[: len(QUESTIONS)] == batch and all(texts)
 
 
 def test_job_refusals_name_the_key_and_touch_nothing(http, dirs):
@@ -294,8 +333,10 @@ def test_sigterm_exits_cleanly(server, dirs, monkeypatch):
 
     monkeypatch.setenv(status.STATE_ENV, str(dirs["state"]))
     proc = server["proc"]
-    t0 = time.monotonic()
-    status.stop(str(server["port"]), timeout=30)
+    record = dirs["state"] / f"{proc.pid}.json"
+    assert record.is_file()
+    status.stop(str(server["port"]), timeout=30)  # raises TimeoutError if it does not exit
     assert proc.wait(timeout=5) == 0
-    assert time.monotonic() - t0 < 30
+    # The server removed its own record on the way out (running() would also drop a dead one's).
+    assert not record.exists() and not list(dirs["state"].glob("*.json"))
     assert status.running() == []

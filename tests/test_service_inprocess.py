@@ -103,32 +103,49 @@ def test_the_service_leases_its_models_so_delete_is_refused(service, registry_ro
 
 def test_switch_model_under_load_loses_no_request(service):
     old_driver = service.slot("text").driver
-    results: list[dict] = []
+    callers = 6
+    results: dict[int, list[dict]] = {i: [] for i in range(callers)}
     errors: list[BaseException] = []
     stop = threading.Event()
 
     def caller(i: int) -> None:
         while not stop.is_set():
             try:
-                results.extend(service.generate([f"Count to {i}"], max_tokens=2))
+                results[i].extend(service.generate([f"Count to {i}"], max_tokens=2))
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
                 return
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    def answered() -> int:
+        return sum(len(r) for r in results.values())
+
+    threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(callers)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    before = len(results)
+    for _ in range(600):  # every caller is being served before the switch (at most 60 s)
+        if all(results.values()) or errors:
+            break
+        time.sleep(0.1)
+    before = answered()
     info = service.switch_model("smollm2-135m-instruct")  # reload: a new engine takes over
-    time.sleep(1.0)
+    after_switch = answered()
+    # Each caller has at most one request left on the old engine: past 2 x callers more answers,
+    # at least `callers` came from the new one.
+    for _ in range(600):
+        if answered() >= after_switch + 2 * callers or errors:
+            break
+        time.sleep(0.1)
     stop.set()
     for t in threads:
         t.join(timeout=120)
+    assert not [t.name for t in threads if t.is_alive()], "a caller is stuck"
     assert not errors, errors
     assert info["model_id"] == CHAT and service.slot("text").driver is not old_driver
-    assert before > 0 and len(results) > before
-    assert all(r["error"] is None and r["tokens_used"]["completion"] == 2 for r in results)
+    assert all(results.values()), {i: len(r) for i, r in results.items()}  # every caller was answered
+    assert before >= callers and answered() >= after_switch + 2 * callers
+    assert all(
+        r["error"] is None and r["tokens_used"]["completion"] == 2 for rs in results.values() for r in rs
+    )
     # The old engine's lease goes once it has drained: one lease on the model again, the new one's.
     root = service.registry_cfg.root
     deadline = time.monotonic() + 120
