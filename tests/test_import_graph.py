@@ -392,3 +392,28 @@ def test_a_self_import_and_a_longer_knot_are_reported(tmp_path):
     report = describe_circles(edges)
     assert "knot of 4 modules: q.w, q.x, q.y, q.z" in report
     assert "import circle: q.selfish -> q.selfish" in report
+
+
+def private_imports(root: Path, packages: Iterable[str] = PACKAGES) -> list[str]:
+    """``file:line name`` of every ``from <our module> import _name`` in the package: a private
+    name belongs to its module (module-internal names such as ``__version__`` are not private)."""
+    found = []
+    for name, path in discover_modules(root, packages).items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            if not node.module.startswith(tuple(packages)):
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.module}.{alias.name} (in {name})")
+    return found
+
+
+def test_no_private_names_are_imported_across_modules():
+    assert private_imports(ROOT) == []
+
+
+def test_a_private_import_is_found(tmp_path):
+    root = _write(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "_x = 1\n", "pkg/b.py": "def f():\n    from pkg.a import _x\n"})
+    assert private_imports(root, ("pkg",)) == ["pkg/b.py:2 pkg.a._x (in pkg.b)"]

@@ -252,7 +252,13 @@ def test_a_served_adapter_applies_to_every_route(service, registry_root, random_
         with pytest.raises(registry.ModelInUseError, match=rf"{HOLDER} \(text model\), adapter"):
             registry.delete_model(random_lora, root=registry_root)
         assert len(_holders(registry_root, CHAT)) == chat_leases + 1
+        # Reloading the served model (what download_model's auto-reload does) keeps its adapter.
+        assert svc.switch_model(CHAT)["model_id"] == CHAT
+        assert [o["text"] for o in svc.generate(convs, **ADAPTER_GREEDY)] == got
     finally:
         svc.close()
+    deadline = time.monotonic() + 120  # the switched-out engine drains and drops its leases
+    while _holders(registry_root, random_lora) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _holders(registry_root, random_lora) == []
     assert len(_holders(registry_root, CHAT)) == chat_leases

@@ -408,13 +408,17 @@ class VLLMService:
         self, model_id: str, revision: str | None = None, *, kind: str | None = None
     ) -> dict[str, Any]:
         """Serve another model: the new engine loads first, then takes new requests; requests in
-        flight finish on the old engine. If the new one fails to load, the old one keeps serving."""
+        flight finish on the old engine. If the new one fails to load, the old one keeps serving.
+        Reloading the served model (another revision, ``download_model``) keeps its adapter."""
         model_cfg = model_option(model_id)
         kind = kind or (EMBED if model_cfg.type == "embedding" else TEXT)
         model_cfg.type = "embedding" if kind == EMBED else "text"
         if revision is not None:
             model_cfg.revision = revision
         old = self._slots.get(kind)
+        if old is not None and old.resolved.id == model_cfg.id and old.model_cfg.get("adapter"):
+            model_cfg.adapter = old.model_cfg.adapter
+            model_cfg.adapter_revision = old.model_cfg.get("adapter_revision")
         from sage_vllm_batch.engine.supervisor import CPU_STEP_LOCK
 
         try:
