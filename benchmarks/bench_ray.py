@@ -78,6 +78,7 @@ class Variant:
         return compose(*overrides, *self.exo, out_dir=out or self.work / "probe", registry_root=self.root)
 
     def run(self, overrides: list[str]) -> dict[str, Any]:
+        from sage_vllm_batch.config import validate
         from sage_vllm_batch.run.point import prepare_point
 
         self._n += 1
@@ -86,6 +87,7 @@ class Variant:
         gc.collect()
         cpu0 = self.cpu_seconds()
         t0 = time.perf_counter()
+        validate(cfg)  # as a run does, before its point
         point = prepare_point(cfg)
         self.executor.run_points([point])
         dt = time.perf_counter() - t0

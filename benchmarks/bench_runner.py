@@ -147,6 +147,7 @@ class Bench:
 
     # ------------------------------------------------------------------ (b) the runner
     def run_b(self, n: int | None = None) -> dict[str, Any]:
+        from sage_vllm_batch.config import validate
         from sage_vllm_batch.run.drive import run_on_engine
         from sage_vllm_batch.run.point import prepare_point
 
@@ -155,6 +156,7 @@ class Bench:
         cfg = self.cfg(self.rows if n is None else n, out_dir=out)  # composing is the CLI's job: untimed
         self._fresh()
         t0 = time.perf_counter()
+        validate(cfg)  # as a run does, before its point
         point = prepare_point(cfg)
         run_on_engine([point], self.engine, progress="none")
         dt = time.perf_counter() - t0

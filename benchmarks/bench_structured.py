@@ -3,7 +3,7 @@
     python benchmarks/bench_structured.py [--rows N] [--repeats R] [--max-tokens T]
 
 One SmolLM2 engine is loaded; two variants of the ``job=label_humaneval`` preset run on it
-through the runner (``prepare_point`` + ``execute``), alternating (a, b, a, b, ...) after one
+through the runner (``prepare_point`` + ``run_on_engine``), alternating (a, b, a, b, ...) after one
 small warm-up of each:
 
   (a) free: the preset without ``sampling.structured_outputs`` (same prompts, greedy, same
@@ -74,6 +74,7 @@ class Bench:
         )
 
     def run(self, variant: str, rows: int | None = None) -> dict[str, Any]:
+        from sage_vllm_batch.config import validate
         from sage_vllm_batch.run.drive import run_on_engine
         from sage_vllm_batch.run.point import prepare_point
 
@@ -83,6 +84,7 @@ class Bench:
         gc.collect()
         self.engine.llm.reset_prefix_cache()  # neither variant reuses the other's prompts
         t0 = time.perf_counter()
+        validate(cfg)  # as a run does, before its point
         point = prepare_point(cfg)
         run_on_engine([point], self.engine, progress="none")
         dt = time.perf_counter() - t0

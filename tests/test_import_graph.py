@@ -417,3 +417,41 @@ def test_no_private_names_are_imported_across_modules():
 def test_a_private_import_is_found(tmp_path):
     root = _write(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "_x = 1\n", "pkg/b.py": "def f():\n    from pkg.a import _x\n"})
     assert private_imports(root, ("pkg",)) == ["pkg/b.py:2 pkg.a._x (in pkg.b)"]
+
+
+# The README's layout table, top to bottom: a module may import only from its own row or rows above.
+LAYERS = (
+    ("errors", "paths", "logs", "faults"),
+    ("config",),
+    ("registry", "sources"),
+    ("engine",),
+    ("requests",),
+    ("outputs",),
+    ("run",),
+    ("executors", "sweep", "finetune", "service"),
+    ("job", "__main__"),
+)
+# logs pauses the GC while it imports transformers, with the pause engine.startup owns.
+ALLOWED_UPWARD = {("sage_vllm_batch.logs", "sage_vllm_batch.engine.startup")}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "sage_vllm_batch" or len(parts) < 2:
+        return None
+    return next((i for i, names in enumerate(LAYERS) if parts[1] in names), None)
+
+
+def test_imports_follow_the_layout_table():
+    graph = import_graph(ROOT, ("sage_vllm_batch",))
+    unplaced = sorted(m for m in graph if _layer(m) is None and m != "sage_vllm_batch")
+    assert unplaced == [], f"modules outside the README's layout table: {unplaced}"
+    upward = sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        for b in targets
+        if _layer(a) is not None and _layer(b) is not None and _layer(b) > _layer(a) and (a, b) not in ALLOWED_UPWARD
+    )
+    assert upward == [], "imports against the layout (a row importing a row below it):\n" + "\n".join(upward)
+    downward = [(a, b) for a, ts in graph.items() for b in ts if (_layer(a) or 0) > (_layer(b) or 0)]
+    assert len(downward) > 50  # the table places real modules (a broken _layer would see no edges)

@@ -46,10 +46,15 @@ def _hold(root: Path, tmp_path: Path, model_id: str, revision: str | None) -> su
         [sys.executable, "-c", _HOLDER, str(root), model_id, revision or "-", str(ready)], env=ENV
     )
     deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None, "lease holder exited early"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    try:
+        while not ready.exists():
+            assert proc.poll() is None, "lease holder exited early"
+            assert time.monotonic() < deadline, "the lease holder never took its lease"
+            time.sleep(0.05)
+    except BaseException:  # a failed wait must not leave the holder running
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
     return proc
 
 

@@ -68,3 +68,22 @@ def test_output_dir_inside_the_root(tmp_path):
 def test_api_key_check():
     assert api_key_ok("Bearer k1", "k1") and api_key_ok("bearer k1", "k1")
     assert not api_key_ok("Bearer k2", "k1") and not api_key_ok(None, "k1") and not api_key_ok("k1", "k1")
+
+
+def test_a_reader_choice_cannot_open_files_outside_the_roots(tmp_path):
+    """``data.format=hf data.hf_loader=text`` reads ``.txt`` files, which a check of data files
+    alone would skip: every file the reader opens, and every entry the path names, is checked."""
+    from omegaconf import OmegaConf
+
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (root / "a.jsonl").write_text("{}\n")
+    (outside / "secret.txt").write_text("secret\n")
+    (root / "b.txt").symlink_to(outside / "secret.txt")
+    for path in (root, root / "*.txt"):
+        data = OmegaConf.create({"path": str(path), "format": "hf", "hf_loader": "text"})
+        with pytest.raises(ServiceError, match="outside the server's data roots"):
+            check_data_path(str(path), [str(root)], data=data)
+    (root / "b.txt").unlink()
+    (root / "b.txt").write_text("fine\n")
+    check_data_path(str(root), [str(root)], data=OmegaConf.create({"path": str(root), "format": "hf", "hf_loader": "text"}))

@@ -41,7 +41,7 @@ class FusedLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sage_vllm_batch.sweep._core import run_sweep
+        from sage_vllm_batch.sweep.fused import run_sweep
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None

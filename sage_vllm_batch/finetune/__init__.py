@@ -72,10 +72,9 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any]:
 
 def train_and_register(plan: FinetunePlan) -> dict[str, Any]:
     """Run a validated plan: train (or resume), register the result, return the metrics record."""
-    from sage_vllm_batch.finetune.contract import SUCCESS
-    from sage_vllm_batch.finetune.lora import ADAPTER, METRICS, train_lora
+    from sage_vllm_batch.finetune.lora import ADAPTER, train_lora
     from sage_vllm_batch.finetune.register import register_adapter
-    from sage_vllm_batch.outputs.files import write_json_atomic
+    from sage_vllm_batch.outputs.files import METRICS, SUCCESS, write_json_atomic
 
     strategy = plan.request.strategy
     if strategy not in BUILT_STRATEGIES:

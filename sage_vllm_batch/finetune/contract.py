@@ -21,11 +21,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sage_vllm_batch.config import DataConfig, FinetuneConfig
 from sage_vllm_batch.errors import ConfigError, SageBatchError
+from sage_vllm_batch.outputs.files import SUCCESS
 
 STRATEGIES = ("lora", "qlora", "full")
 BUILT_STRATEGIES = ("lora",)
 PLAN_FILE = "finetune_plan.json"
-SUCCESS = "_SUCCESS"
 
 REQUIRED = ("base_model", "dataset_path", "output_dir", "strategy")
 # Optional dict fields that describe the data (-> DataConfig) ...

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from sage_vllm_batch.errors import SageBatchError
-from sage_vllm_batch.finetune.contract import PLAN_FILE, SUCCESS, FinetunePlan
-from sage_vllm_batch.outputs.files import write_json_atomic
+from sage_vllm_batch.finetune.contract import PLAN_FILE, FinetunePlan
+from sage_vllm_batch.outputs.files import METRICS, SUCCESS, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
-METRICS = "metrics.json"
 PLOT = "loss.png"
 # A checkpoint is usable only once all of these are written (a kill can land mid-save).
 _CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from sage_vllm_batch.outputs.files import OPENAI_BATCH_OUTPUT
+from sage_vllm_batch.outputs.files import MANIFEST, OPENAI_BATCH_OUTPUT, TMP_PREFIX
 from sage_vllm_batch.outputs.shards import ParquetShardSink
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,10 @@ def write_openai_batch_output(out_dir: str | Path, *, task: str, model: str, cus
     from vllm.entrypoints.launchers.run_batch import BatchRequestOutput, BatchResponseData
 
     out = Path(out_dir)
-    manifest = out / "_manifest.json"
+    manifest = out / MANIFEST
     run_key = hashlib.sha256(manifest.read_bytes() if manifest.exists() else str(out).encode()).hexdigest()
     target = out / OUTPUT_FILE
-    tmp = out / f".tmp-{OUTPUT_FILE}"
+    tmp = out / f"{TMP_PREFIX}{OUTPUT_FILE}"
     with open(tmp, "w", encoding="utf-8") as f:
         for _, rec in sorted(ParquetShardSink.read_ledger(out).items()):
             path = out / rec["file"]

@@ -29,6 +29,7 @@ from sage_vllm_batch.outputs.files import (
     LOCK,
     MANIFEST,
     METRICS,
+    OPENAI_BATCH_OUTPUT,
     PART_GLOB,
     SUCCESS,
     TMP_PREFIX,
@@ -209,7 +210,7 @@ def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, A
 
 def _clear_run(out_dir: Path) -> None:
     """Remove a previous run of ours (the directory holds our manifest)."""
-    for name in (MANIFEST, SUCCESS, LEDGER, METRICS, CONFIG):
+    for name in (MANIFEST, SUCCESS, LEDGER, METRICS, CONFIG, OPENAI_BATCH_OUTPUT):
         (out_dir / name).unlink(missing_ok=True)
     for p in list(out_dir.glob(PART_GLOB)) + list(out_dir.glob(f"{TMP_PREFIX}*")):
         p.unlink(missing_ok=True)

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from sage_vllm_batch.errors import ConfigError, DataError
 from sage_vllm_batch.faults import pause_point
-from sage_vllm_batch.outputs.files import PART_GLOB, VECTORS, fsync_dir
+from sage_vllm_batch.outputs.files import PART_GLOB, TMP_PREFIX, VECTORS, fsync_dir
 from sage_vllm_batch.outputs.shards import ParquetShardSink
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ VECTOR_COLUMN = "vector"
 SCORE_KEY = "_score"
 # Rows per record batch read from a shard: bounds the Parquet-side memory of a build.
 BATCH_ROWS = 8192
-# Output columns that are not pass-through (see sink.output_schema for task=embed).
+# Output columns that are not pass-through (see outputs.shards.output_schema for task=embed).
 _TASK_COLUMNS = ("id", "embedding", "prompt_tokens", "error")
 _INSTALL_HINT = "pip install 'sage-vllm-batch[vector]'"
 
@@ -264,8 +264,8 @@ def _write_faiss(files: Sequence[Path], path: Path, passthrough: list[pa.Field],
         [pa.field("id", pa.int64(), nullable=False)] + [pa.field(f.name, f.type) for f in passthrough]
     )
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    tmp_ids = path / f".tmp-{FAISS_IDS}"
-    tmp_index = path / f".tmp-{FAISS_INDEX}"
+    tmp_ids = path / f"{TMP_PREFIX}{FAISS_IDS}"
+    tmp_index = path / f"{TMP_PREFIX}{FAISS_INDEX}"
     rows = 0
     with pq.ParquetWriter(str(tmp_ids), ids_schema, compression="zstd") as writer:
         for batch in _iter_valid(files, ["id", *names]):

@@ -158,6 +158,17 @@ def _download_locked(store: Store, model_id: str, revision: str, progress: bool)
     return store.commit(model_id, revision, staging, source=source, tags=tags)
 
 
+def find_model_record(
+    model_id: str, revision: str | None = None, source: str = "hub", root: Root = None
+) -> ModelRecord | None:
+    """The record :func:`ensure_model_record` would hand back, if it is present now: the same
+    revision rules, but nothing is fetched and nothing is recorded (what ``mode=plan`` asks)."""
+    validate_model_id(model_id)
+    store = Store(root)
+    rev = _default_revision(sources.parse_source(source), revision, store, model_id)
+    return _present(store, model_id, rev)
+
+
 def ensure_model_record(
     model_id: str,
     revision: str | None = None,

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any, Protocol
 
 from sage_vllm_batch.engine.io import EngineRequest, LoraSpec
+from sage_vllm_batch.errors import one_line
 
 
 class Tokenizing(Protocol):
@@ -116,7 +117,7 @@ class RequestBuilder:
                         chat_template_kwargs=self.chat_template_kwargs,
                     )
                 except Exception as e:
-                    raise RowError(f"chat template failed: {' '.join(str(e).split())[:300]}") from e
+                    raise RowError(f"chat template failed: {one_line(e, 300)}") from e
                 ids = self._fit(ids, (sampling or {}).get("max_tokens", 16), keep="tail")
         except RowError as e:
             return EngineRequest(key=key, error=str(e))
@@ -135,7 +136,7 @@ class RequestBuilder:
                 except RowError:
                     raise
                 except Exception as e:
-                    raise RowError(f"chat template failed: {' '.join(str(e).split())[:300]}") from e
+                    raise RowError(f"chat template failed: {one_line(e, 300)}") from e
                 ids = self._fit(ids, want, keep="tail")
             else:
                 ids = self._fit(self.engine.encode(self._text(row, self.data.prompt_column)), want)

@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from sage_vllm_batch.errors import one_line
+
 # Fields that are valid for vLLM but that a one-row-in, one-row-out batch cannot honour,
 # with the value that is fine.
 _UNSUPPORTED = {
@@ -95,7 +97,7 @@ class OpenAIRequests:
         try:
             req = self.model.model_validate(body)
         except (pydantic.ValidationError, ValueError) as e:
-            raise OpenAIBodyError(f"bad request: {' '.join(str(e).split())[:400]}") from e
+            raise OpenAIBodyError(f"bad request: {one_line(e, 400)}") from e
         for name, fine in _UNSUPPORTED.items():
             value = getattr(req, name, fine)
             if value not in (fine, None) and name in req.model_fields_set:
@@ -122,7 +124,7 @@ class OpenAIRequests:
             )
             return req.to_sampling_params(max_tokens, self.defaults)
         except ValueError as e:
-            raise OpenAIBodyError(f"bad sampling options: {' '.join(str(e).split())[:300]}") from e
+            raise OpenAIBodyError(f"bad sampling options: {one_line(e, 300)}") from e
 
     @staticmethod
     def chat_template_options(req: Any) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def resolve_model(cfg: DictConfig, *, fetch: bool = True) -> ResolvedModel:
         ModelNotFoundError: missing and cannot be fetched (or, with ``fetch=False``, not fetchable).
     """
     from sage_vllm_batch import registry
+    from sage_vllm_batch.registry.errors import fetch_hint
 
     m, r = cfg.model, cfg.registry
     if fetch:
@@ -74,12 +75,12 @@ def resolve_model(cfg: DictConfig, *, fetch: bool = True) -> ResolvedModel:
             m.id, revision=m.revision, source=m.source, allow_download=r.allow_download, root=r.root
         )
     else:
-        try:
-            rec = registry.get_model(m.id, m.revision, root=r.root)
-        except registry.ModelNotFoundError:
-            if m.source == "hub" and not r.allow_download:
-                raise
-            rec = None
+        rec = registry.find_model_record(m.id, m.revision, m.source, root=r.root)
+        if rec is None and m.source == "hub" and not r.allow_download:
+            raise registry.ModelNotFoundError(
+                f"Model {m.id!r} is not in the registry and downloads are disabled "
+                f"(registry.allow_download=false). {fetch_hint(m.id, m.revision)}"
+            )
     if rec is not None and rec.type == "lora":
         raise ConfigError(
             f"model.id: {m.id!r} is a LoRA adapter; run its base model with it: "

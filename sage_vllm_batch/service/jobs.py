@@ -1,7 +1,7 @@
 """Batch jobs on the service's loaded engines (``/v1/jobs``).
 
 A job is the same composed config and the same streaming runner as ``python -m sage_vllm_batch``
-(``prepare_point`` + ``execute``), run on the serving engine's driver: its requests go behind
+(``prepare_point`` + ``run_on_engine``), run on the serving engine's driver: its requests go behind
 interactive ones, its shards are committed exactly once, and resubmitting the same overrides
 resumes in the same output dir. Only the data, task, sampling and output sections are the job's
 to choose (see :mod:`.security`).
@@ -23,7 +23,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.engine.engine import engine_kwargs
-from sage_vllm_batch.errors import ConfigError, ResumeError, SageBatchError
+from sage_vllm_batch.errors import ConfigError, ResumeError, SageBatchError, one_line
+from sage_vllm_batch.outputs.files import METRICS
 from sage_vllm_batch.service import security
 from sage_vllm_batch.service.service import EMBED, TEXT, ServiceError, VLLMService
 
@@ -87,7 +88,7 @@ class Job:
                 metrics = p.metrics_record() if self.status != "running" else p.metrics.to_dict()
         if self.status == "complete" and not metrics:
             with contextlib.suppress(OSError, ValueError):
-                metrics = json.loads((self.output_dir / "metrics.json").read_text())
+                metrics = json.loads((self.output_dir / METRICS).read_text())
         return {
             "id": self.id,
             "status": self.status,
@@ -141,7 +142,7 @@ class JobManager:
         cfg, kind = self._compose(overrides, self.output_root / "jobs" / job_id)
         slot = self.service.slot(kind)
         self._check_matches(cfg, slot)
-        security.check_data_path(str(cfg.data.path), self.data_roots)
+        security.check_data_path(str(cfg.data.path), self.data_roots, data=cfg.data)
         out = security.check_output_dir(str(cfg.output.dir), str(self.output_root))
         from sage_vllm_batch.run.point import prepare_point
 
@@ -230,7 +231,7 @@ class JobManager:
         except ConfigError as e:
             raise ServiceError(str(e), status=400) from e
         except Exception as e:  # Hydra: unknown key, bad option, wrong type
-            raise ServiceError(f"overrides: {' '.join(str(e).split())[:500]}", status=400) from e
+            raise ServiceError(f"overrides: {one_line(e, 500)}", status=400) from e
         if cfg.task.type == "finetune":
             raise ServiceError(
                 "task=finetune: fine-tuning is not a serving job; use the fine_tune call", status=400
@@ -244,6 +245,14 @@ class JobManager:
             raise ServiceError(
                 f"model: this job wants {cfg.model.id}@{cfg.model.revision or 'default'}, the server serves "
                 f"{slot.resolved.id}@{slot.resolved.revision}; run it in batch mode or on a server of that model",
+                status=409,
+            )
+        want_adapter = (cfg.model.get("adapter"), cfg.model.get("adapter_revision"))
+        have_adapter = (slot.model_cfg.get("adapter"), slot.model_cfg.get("adapter_revision"))
+        if want_adapter[0] != have_adapter[0] or want_adapter[1] not in (None, have_adapter[1]):
+            raise ServiceError(
+                f"model.adapter: this job wants {want_adapter[0] or 'no adapter'}, the server applies "
+                f"{have_adapter[0] or 'none'}; run it in batch mode or on a server with that adapter",
                 status=409,
             )
 
@@ -272,5 +281,5 @@ class JobManager:
             log.info("%s cancelled; committed shards stay in %s", job.id, job.output_dir)
         except BaseException as e:  # noqa: BLE001 - recorded on the job
             job.status = "failed"
-            job.error = " ".join(str(e).split())[:1000] or type(e).__name__
+            job.error = one_line(e, 1000)
             log.error("%s failed: %s", job.id, job.error)

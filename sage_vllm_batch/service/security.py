@@ -48,13 +48,13 @@ def _real(p: str | Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(str(p))))
 
 
-def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path") -> None:
-    """The path itself and every file a reader would open below it (resolved the way the sources
-    resolve ``data.path``: a file, a glob's matches, a directory's files), symlinks followed, must
-    lie inside one of ``data_roots``."""
+def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path", data: Any = None) -> None:
+    """Everything the job could read must resolve, symlinks followed, inside one of ``data_roots``:
+    the files its reader opens (``data``, the job's data section, resolved by the sources' own
+    :func:`~sage_vllm_batch.sources.source_files`), and whatever else the path names (every match
+    of a glob, every entry below a directory), whichever reader a later setting picks."""
     from sage_vllm_batch.errors import DataError
     from sage_vllm_batch.paths import resolve_path
-    from sage_vllm_batch.sources.base import resolve_files, walk_files
 
     roots = [_real(r) for r in data_roots]
     if not roots:
@@ -64,15 +64,23 @@ def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path"
             status=403,
         )
     local = resolve_path(str(path))
-    try:
-        files = resolve_files(local, None)
-    except DataError:  # nothing a reader would take (or a saved HF dataset): every file below
-        files = walk_files(local) if os.path.isdir(local) else []
-    # A glob is checked from its fixed leading part, so "../*" cannot escape with no matches.
-    head = local.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0] or "." if glob.has_magic(local) else local
-    # A linked directory below the path is refused too: other readers (datasets, pyarrow) follow it.
-    links = [os.path.join(d, n) for d, dirs, _ in os.walk(local) for n in dirs] if os.path.isdir(local) else []
-    for c in [head, *files, *links]:
+    opened: list[str] = []
+    if data is not None:
+        from sage_vllm_batch.sources import source_files
+
+        try:
+            opened = source_files(data)[2]
+        except DataError:  # nothing to open: the job fails on its own, later
+            opened = []
+    if glob.has_magic(local):
+        # From the glob's fixed leading part, so "../*" cannot escape with no matches.
+        named = [local.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0] or ".", *glob.glob(local, recursive=True)]
+    else:
+        named = [local]
+        if os.path.isdir(local):  # a link below (file or directory) is refused: readers may follow it
+            for dirpath, dirs, files in os.walk(local):
+                named += [os.path.join(dirpath, n) for n in (*dirs, *files)]
+    for c in [*named, *opened]:
         if not _inside(_real(c), roots):
             raise ServiceError(
                 f"{key}: {path!r} resolves outside the server's data roots ({', '.join(map(str, roots))})",

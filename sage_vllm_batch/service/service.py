@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.engine.driver import EngineDriver
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
-from sage_vllm_batch.errors import EngineError, SageBatchError
+from sage_vllm_batch.errors import EngineError, SageBatchError, one_line
 from sage_vllm_batch.requests.builder import RequestBuilder, sampling_dict, sampling_param_names
 from sage_vllm_batch.run.model import ResolvedModel, hold_model, load_engine
 from sage_vllm_batch.service.options import load_option, model_option
@@ -351,7 +351,7 @@ class VLLMService:
         except ImportError:  # pragma: no cover
             pass
         except Exception as e:
-            raise ServiceError(f"options: {' '.join(str(e).split())[:300]}") from e
+            raise ServiceError(f"options: {one_line(e, 300)}") from e
         return merged
 
     # ------------------------------------------------------------------ models

@@ -21,7 +21,7 @@ from sage_vllm_batch.sources.jsonl import JsonlSource
 from sage_vllm_batch.sources.openai_batch import OpenAIBatchSource
 from sage_vllm_batch.sources.parquet import ParquetSource
 
-__all__ = ["BAD", "ROW_ID", "Source", "decode_column", "open_source"]
+__all__ = ["BAD", "ROW_ID", "Source", "decode_column", "open_source", "source_files"]
 
 READERS: dict[str, type[Source]] = {
     "parquet": ParquetSource,
@@ -42,6 +42,17 @@ def open_source(cfg: Any) -> Source:
         DataError: the path is missing, a file is empty or malformed, or a column in
             ``data.columns`` does not exist.
     """
+    path, fmt, files = source_files(cfg)
+    return READERS[fmt](cfg, path, files)
+
+
+def source_files(cfg: Any) -> tuple[str, str, list[str]]:
+    """``(local path, format, files)`` of the input ``cfg`` names: exactly the files its reader
+    opens (what the service confines to its data roots).
+
+    Raises:
+        DataError: the path is missing or holds no file of the format.
+    """
     path = resolve_path(cfg.path)
     fmt = cfg.format
     if fmt == "auto":
@@ -49,7 +60,7 @@ def open_source(cfg: Any) -> Source:
     if fmt not in READERS:
         raise DataError(f"data.format: unknown format {fmt!r}; use auto, {', '.join(READERS)}.")
     files = hf_files(path, cfg.hf_loader) if fmt == "hf" else resolve_files(path, EXTENSIONS[fmt])
-    return READERS[fmt](cfg, path, files)
+    return path, fmt, files
 
 
 def decode_column(batch: pa.RecordBatch, name: str) -> list:

@@ -1,4 +1,4 @@
-"""The work behind the fused launcher: group points by engine, run each group, summarize."""
+"""The work behind the fused launcher (hydra_plugins/sage_fused_launcher): group points by engine, run each group, summarize."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 
 from sage_vllm_batch.executors import make_executor
+from sage_vllm_batch.outputs.files import METRICS
 from sage_vllm_batch.run.model import engine_group_key, hold_model
 from sage_vllm_batch.run.point import Point
 from sage_vllm_batch.sweep.summary import write_summary
@@ -102,7 +103,7 @@ def _run_group(gi: int, todo: list[Point], fuse: bool) -> None:
 
 
 def _final_metrics(p: Point) -> dict[str, Any]:
-    path = p.out_dir / "metrics.json"
+    path = p.out_dir / METRICS
     return json.loads(path.read_text()) if path.exists() else p.metrics_record()
 
 
