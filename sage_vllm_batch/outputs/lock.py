@@ -22,6 +22,7 @@ from sage_vllm_batch.outputs.files import LOCK as LOCK_NAME
 
 log = logging.getLogger(__name__)
 
+
 class OutputLockedError(SageBatchError):
     """Another live process is writing the same output directory."""
 

@@ -23,8 +23,6 @@ from sage_vllm_batch.outputs.shards import ParquetShardSink
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILE = OPENAI_BATCH_OUTPUT
-
 
 def _response_body(task: str, model: str, rid: str, created: int, row: dict[str, Any]) -> Any:
     from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -60,8 +58,8 @@ def write_openai_batch_output(out_dir: str | Path, *, task: str, model: str, cus
     out = Path(out_dir)
     manifest = out / MANIFEST
     run_key = hashlib.sha256(manifest.read_bytes() if manifest.exists() else str(out).encode()).hexdigest()
-    target = out / OUTPUT_FILE
-    tmp = out / f"{TMP_PREFIX}{OUTPUT_FILE}"
+    target = out / OPENAI_BATCH_OUTPUT
+    tmp = out / f"{TMP_PREFIX}{OPENAI_BATCH_OUTPUT}"
     with open(tmp, "w", encoding="utf-8") as f:
         for _, rec in sorted(ParquetShardSink.read_ledger(out).items()):
             path = out / rec["file"]

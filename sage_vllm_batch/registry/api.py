@@ -158,15 +158,36 @@ def _download_locked(store: Store, model_id: str, revision: str, progress: bool)
     return store.commit(model_id, revision, staging, source=source, tags=tags)
 
 
+def _downloads_disabled(store: Store, model_id: str, rev: str, revision: str | None) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"Model {model_id!r}@{rev} is not in the registry at {store.root} and downloads are "
+        f"disabled (registry.allow_download=false). {fetch_hint(model_id, revision)}"
+    )
+
+
 def find_model_record(
-    model_id: str, revision: str | None = None, source: str = "hub", root: Root = None
+    model_id: str,
+    revision: str | None = None,
+    source: str = "hub",
+    allow_download: bool = True,
+    root: Root = None,
 ) -> ModelRecord | None:
     """The record :func:`ensure_model_record` would hand back, if it is present now: the same
-    revision rules, but nothing is fetched and nothing is recorded (what ``mode=plan`` asks)."""
+    revision rules, but nothing is fetched and nothing is recorded (what ``mode=plan`` asks).
+    None: the run would fetch it.
+
+    Raises:
+        ModelNotFoundError: missing, and the run could not fetch it (a ``hub`` source with
+            ``allow_download`` False), as :func:`ensure_model_record` would raise.
+    """
     validate_model_id(model_id)
+    spec = sources.parse_source(source)
     store = Store(root)
-    rev = _default_revision(sources.parse_source(source), revision, store, model_id)
-    return _present(store, model_id, rev)
+    rev = _default_revision(spec, revision, store, model_id)
+    record = _present(store, model_id, rev)
+    if record is None and spec.kind == "hub" and not allow_download:
+        raise _downloads_disabled(store, model_id, rev, revision)
+    return record
 
 
 def ensure_model_record(
@@ -207,10 +228,7 @@ def ensure_model_record(
                 if spec.kind != "hub":
                     record = _import_locked(store, model_id, rev, spec, None, force=True)
                 elif not allow_download:
-                    raise ModelNotFoundError(
-                        f"Model {model_id!r}@{rev} is not in the registry at {store.root} and downloads are "
-                        f"disabled (registry.allow_download=false). {fetch_hint(model_id, revision)}"
-                    )
+                    raise _downloads_disabled(store, model_id, rev, revision)
                 else:
                     record = _download_locked(store, model_id, rev, progress=True)
     store.touch(model_id, rev)

@@ -99,11 +99,11 @@ def drive(
     # Open chunks per point before its requests pause (only if the engine can pause): room for
     # the engine's window twice over, so a pause means a straggler, not a full pipeline.
     window = int(getattr(engine, "max_in_flight", 0) or 1024)
+    pausing = getattr(engine, "supports_pause", False)
     for p in todo:
         p.metrics.load_seconds = load_seconds
         _engine_counters(p, engine)
         p.metrics.engine_in_process = in_process
-        pausing = getattr(engine, "supports_pause", False)
         p.attach(bar.update, 2 + 2 * math.ceil(window / p.shard_rows) if pausing else None)
     with RssSampler() as rss:
         try:

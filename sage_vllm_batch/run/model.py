@@ -8,6 +8,7 @@ so they agree on the revision, the content hash and the LoRA adapter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,9 +46,7 @@ class ResolvedModel:
 
     def to_wire(self) -> dict[str, Any]:
         """Every field as plain data (for a Ray worker): ``ResolvedModel.from_wire`` rebuilds it."""
-        d = {**self.as_dict(), "path": self.path, "adapter": self.adapter}
-        d["lora"] = None if self.lora is None else {"name": self.lora.name, "int_id": self.lora.int_id, "path": self.lora.path}
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> ResolvedModel:
@@ -66,21 +65,11 @@ def resolve_model(cfg: DictConfig, *, fetch: bool = True) -> ResolvedModel:
         ModelNotFoundError: missing and cannot be fetched (or, with ``fetch=False``, not fetchable).
     """
     from sage_vllm_batch import registry
-    from sage_vllm_batch.registry.errors import fetch_hint
 
     m, r = cfg.model, cfg.registry
-    if fetch:
-        # Records the use too (last-used time, for the registry's LRU gc).
-        rec = registry.ensure_model_record(
-            m.id, revision=m.revision, source=m.source, allow_download=r.allow_download, root=r.root
-        )
-    else:
-        rec = registry.find_model_record(m.id, m.revision, m.source, root=r.root)
-        if rec is None and m.source == "hub" and not r.allow_download:
-            raise registry.ModelNotFoundError(
-                f"Model {m.id!r} is not in the registry and downloads are disabled "
-                f"(registry.allow_download=false). {fetch_hint(m.id, m.revision)}"
-            )
+    # ensure_model_record records the use too (last-used time, for the registry's LRU gc).
+    lookup = registry.ensure_model_record if fetch else registry.find_model_record
+    rec = lookup(m.id, revision=m.revision, source=m.source, allow_download=r.allow_download, root=r.root)
     if rec is not None and rec.type == "lora":
         raise ConfigError(
             f"model.id: {m.id!r} is a LoRA adapter; run its base model with it: "

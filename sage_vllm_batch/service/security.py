@@ -71,7 +71,7 @@ def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path"
         try:
             opened = source_files(data)[2]
         except DataError:  # nothing to open: the job fails on its own, later
-            opened = []
+            pass
     if glob.has_magic(local):
         # From the glob's fixed leading part, so "../*" cannot escape with no matches.
         named = [local.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0] or ".", *glob.glob(local, recursive=True)]

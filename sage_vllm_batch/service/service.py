@@ -171,14 +171,11 @@ class VLLMService:
             }
         )
         # Leased until the slot is retired (close, switch_model), not only while loading.
-        leases = contextlib.ExitStack()
-        try:
+        with contextlib.ExitStack() as loading:
             why = f"service pid {os.getpid()} ({kind} model)"
-            resolved = leases.enter_context(hold_model(cfg, purpose=why))
+            resolved = loading.enter_context(hold_model(cfg, purpose=why))
             engine = load_engine(cfg, resolved)  # LoRA on when the model has an adapter
-        except BaseException:
-            leases.close()
-            raise
+            leases = loading.pop_all()  # loaded: the slot holds them from now on
         log.info("serving %s (%s) from %s", resolved.id, kind, resolved.path)
         return _Slot(
             kind,
