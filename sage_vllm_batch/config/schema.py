@@ -324,6 +324,9 @@ class ServeConfig:
     max_body_bytes: int = 4_000_000
     # download_model of the served model reloads it (VLLMService.download_model).
     auto_reload: bool = True
+    # Job requests let into an engine while interactive requests are about (more: jobs finish
+    # sooner under load, interactive answers come later; idle, jobs get all but 1/8 of the seats).
+    busy_job_requests: int = 8
 
 
 @dataclass

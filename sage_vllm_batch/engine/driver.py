@@ -16,6 +16,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -58,13 +59,35 @@ class _Job:
             self.results.put(_END)
 
 
+# Interactive traffic counts as ongoing this long after its last request arrived (clients that
+# send one request after another leave short gaps).
+BUSY_HOLD_S = 1.0
+
+
 class _SharedFeed(RequestFeed):
-    def __init__(self, priorities: bool) -> None:
+    """Interactive requests first; job requests only up to a cap of requests inside the engine.
+
+    vLLM's priority scheduling orders only the waiting queue: a job whose requests fill the running
+    batch keeps an interactive request waiting for a seat, and every step is as slow as the whole
+    batch. So job requests inside the engine are held to ``busy_cap`` while interactive requests
+    are about (inside, or arrived in the last ``BUSY_HOLD_S``), and to ``idle_cap`` otherwise,
+    which leaves seats free for the first interactive requests to arrive.
+    """
+
+    def __init__(self, priorities: bool, *, idle_cap: int | None = None, busy_cap: int | None = None) -> None:
         self.priorities = priorities
         self.cond = threading.Condition()
         self.interactive: deque[EngineRequest] = deque()
         self.jobs: deque[_Job] = deque()
         self.closed = False
+        self.idle_cap, self.busy_cap = idle_cap, busy_cap
+        self.job_inside = 0  # job requests handed to the engine, result not yet delivered
+        self.interactive_inside = 0
+        self.last_interactive = float("-inf")
+
+    def job_cap(self) -> int | None:
+        busy = self.interactive_inside > 0 or time.monotonic() - self.last_interactive < BUSY_HOLD_S
+        return self.busy_cap if busy else self.idle_cap
 
     def put(self, req: EngineRequest) -> None:
         with self.cond:
@@ -84,15 +107,21 @@ class _SharedFeed(RequestFeed):
         with self.cond:
             while True:
                 if self.interactive:
+                    self.interactive_inside += 1
+                    self.last_interactive = time.monotonic()
                     return self.interactive.popleft()
-                req = self._next_job_request()
+                cap = self.job_cap()
+                capped = cap is not None and self.job_inside >= cap
+                req = None if capped else self._next_job_request()
                 if req is not None:
+                    self.job_inside += 1
                     return req
                 if self.closed:
                     raise StopIteration
                 if not block:
                     return None
-                self.cond.wait()
+                # Capped: the cap rises again once interactive traffic has been quiet a while.
+                self.cond.wait(timeout=BUSY_HOLD_S if capped else None)
 
     def _next_job_request(self) -> EngineRequest | None:
         # Round-robin over the jobs that have requests waiting.
@@ -130,11 +159,17 @@ class EngineDriver(EngineVerbs):
         engine: The loaded engine (the driver owns it from now on: :meth:`close` closes it).
         priorities: The engine was built with ``scheduling_policy=priority``: job requests get a
             lower priority than interactive ones.
+        busy_job_requests: Job requests inside the engine while interactive requests are about
+            (see :class:`_SharedFeed`); None: jobs are not held back.
     """
 
-    def __init__(self, engine: Engine, *, priorities: bool = False) -> None:
+    def __init__(self, engine: Engine, *, priorities: bool = False, busy_job_requests: int | None = None) -> None:
         self.engine = engine
-        self._feed = _SharedFeed(priorities)
+        idle_cap = None
+        if busy_job_requests is not None:
+            seats = int(engine.max_num_seqs)
+            idle_cap = max(busy_job_requests, seats - max(busy_job_requests, seats // 8))
+        self._feed = _SharedFeed(priorities, idle_cap=idle_cap, busy_cap=busy_job_requests)
         self._ids = itertools.count()
         self._error: BaseException | None = None
         self._pending: set[Future] = set()
@@ -150,6 +185,8 @@ class EngineDriver(EngineVerbs):
                 ticket: _Ticket = res.key
                 res.key = ticket.key
                 if isinstance(ticket.target, Future):
+                    with self._feed.cond:
+                        self._feed.interactive_inside -= 1
                     with self._lock:
                         self._pending.discard(ticket.target)
                     if not ticket.target.done():
@@ -157,6 +194,7 @@ class EngineDriver(EngineVerbs):
                 else:
                     job: _Job = ticket.target
                     with self._feed.cond:
+                        self._feed.job_inside -= 1
                         job.delivered += 1
                         if not job.cancelled:
                             job.results.put(res)

