@@ -127,3 +127,29 @@ def test_a_server_request_left_early_is_cancelled(chat_engine):
         assert not chat_engine.vllm_engine.has_unfinished_requests()
     finally:
         driver.close(close_engine=False)
+
+
+def test_job_requests_are_held_back_while_interactive_requests_are_about(monkeypatch):
+    """The feed's admission logic alone (no engine): jobs fill up to the idle cap, drop to the
+    busy cap while interactive requests are inside or recent, and get the idle cap back later."""
+    import sage_vllm_batch.engine.driver as drv
+
+    clock = [100.0]
+    monkeypatch.setattr(drv.time, "monotonic", lambda: clock[0])
+    feed = drv._SharedFeed(True, idle_cap=4, busy_cap=1)
+    job = drv._Job()
+    feed.add_job(job)
+    for i in range(10):
+        feed.offer(job, EngineRequest(key=("job", i), prompt_token_ids=[1]))
+    got = [feed.poll(block=False) for _ in range(6)]
+    assert [r.key for r in got[:4]] == [("job", i) for i in range(4)] and got[4:] == [None, None]
+    feed.put(EngineRequest(key="chat", prompt_token_ids=[1]))
+    assert feed.poll(block=False).key == "chat"  # interactive first, whatever the jobs hold
+    feed.job_inside = 1  # three job results came back
+    assert feed.poll(block=False) is None  # busy: the job stays at one request inside
+    feed.interactive_inside = 0  # the chat answered; still recent
+    clock[0] += drv.BUSY_HOLD_S / 2
+    assert feed.poll(block=False) is None
+    clock[0] += drv.BUSY_HOLD_S
+    assert [feed.poll(block=False).key for _ in range(3)] == [("job", 4), ("job", 5), ("job", 6)]
+    assert feed.poll(block=False) is None and feed.job_inside == 4
