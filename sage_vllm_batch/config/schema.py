@@ -324,6 +324,12 @@ class ServeConfig:
     max_body_bytes: int = 4_000_000
     # download_model of the served model reloads it (VLLMService.download_model).
     auto_reload: bool = True
+    # Jobs the records say were queued or running when the last server on this output_root
+    # stopped (or was killed) resume at start, from their ledgers; false marks them cancelled.
+    resume_jobs: bool = True
+    # Jobs running at once; later ones wait in a FIFO queue. One keeps a job from slowing another
+    # (they share the engine) and the interactive traffic less disturbed.
+    max_running_jobs: int = 1
 
 
 @dataclass
