@@ -87,7 +87,9 @@ def test_unreadable_records_are_reported_and_skipped(tmp_path):
 
 def test_one_server_per_output_root(tmp_path):
     first = JobStore(tmp_path).lock()
-    with pytest.raises(JobStoreLockedError, match=rf"in use by another server, pid {os.getpid()}.*serve.output_root"):
+    with pytest.raises(
+        JobStoreLockedError, match=rf"in use by another server, pid {os.getpid()}.*serve.output_root"
+    ):
         JobStore(tmp_path).lock()
     first.unlock()
     JobStore(tmp_path).lock().unlock()  # free again once the first lets go
@@ -106,15 +108,15 @@ def test_a_start_reads_every_record_and_resumes_nothing_it_should_not(tmp_path, 
     done = tmp_path / "jobs" / "job-done"
     done.mkdir(parents=True)
     (done / "part-000000.parquet").write_bytes(b"x")
-    (done / files.LEDGER).write_text(json.dumps({"chunk": 0, "file": "part-000000.parquet", "rows": 7}) + "\n")
+    (done / files.LEDGER).write_text(
+        json.dumps({"chunk": 0, "file": "part-000000.parquet", "rows": 7}) + "\n"
+    )
     store.save(_record("job-done", "complete", done, t=1))
     store.save(_record("job-fail", "failed", tmp_path / "f", t=2))
     store.save(_record("job-stop", "cancelled", tmp_path / "c", t=3))
     store.save(_record("job-wrong", "queued", tmp_path / "w", model="org/other", t=4))
     store.dir.joinpath("job-torn.json").write_text("{")
-    jobs = JobManager(
-        _FakeService(), base_overrides={}, data_roots=[str(tmp_path)], output_root=tmp_path
-    )
+    jobs = JobManager(_FakeService(), base_overrides={}, data_roots=[str(tmp_path)], output_root=tmp_path)
     try:
         listed = {j["id"]: j for j in jobs.list()}
         assert list(listed) == ["job-done", "job-fail", "job-stop", "job-wrong"]  # submission order
@@ -122,7 +124,11 @@ def test_a_start_reads_every_record_and_resumes_nothing_it_should_not(tmp_path, 
         assert listed["job-fail"]["status"] == "failed" and listed["job-fail"]["error"] == "boom"
         assert listed["job-stop"]["status"] == "cancelled" and listed["job-stop"]["queue_position"] is None
         wrong = listed["job-wrong"]
-        assert wrong["status"] == "failed" and "org/other@r1" in wrong["error"] and "org/embed@r1" in wrong["error"]
+        assert (
+            wrong["status"] == "failed"
+            and "org/other@r1" in wrong["error"]
+            and "org/embed@r1" in wrong["error"]
+        )
         assert json.loads(store.path("job-wrong").read_text())["status"] == "failed"  # on disk too
         assert "job-torn.json" in caplog.text
         # DELETE of a finished job: the record goes, the output stays.

@@ -367,6 +367,7 @@ class JobManager:
                 self._finish(job, "cancelled", "not resumed: the server restarted with serve.resume_jobs=false; "
                              "submit the same overrides again to resume it")  # fmt: skip
                 continue
+            was = job.status
             try:
                 self._resume(job)
             except SageBatchError as e:
@@ -375,7 +376,9 @@ class JobManager:
                 )
                 log.error("%s: %s", job.id, job.error)
                 continue
-            log.info("%s: resuming (%s) in %s", job.id, job.status, job.output_dir)
+            log.info(
+                "%s: resuming (it was %s when the last server stopped) in %s", job.id, was, job.output_dir
+            )
         self._dispatch()
 
     def _resume(self, job: Job) -> None:
