@@ -250,7 +250,14 @@ class JobManager:
             raise ServiceError(
                 "the server is shutting down; submit the job again once it is back", status=503
             )
-        cfg, kind, slot, out, point = self._prepare(overrides, job_id)
+        try:
+            cfg, kind, slot, out, point = self._prepare(overrides, job_id)
+        except ServiceError:
+            with self._lock:  # the same job posted twice at once: the first one holds its dir
+                cur = self._jobs.get(job_id)
+                if cur is not None and cur is not old and cur.status in ACTIVE:
+                    return self._info(cur), False
+            raise
         now = time.time()
         job = Job(
             job_id, overrides, out, cfg.task.type, slot.name, kind=kind,
@@ -370,7 +377,7 @@ class JobManager:
             was = job.status
             try:
                 self._resume(job)
-            except SageBatchError as e:
+            except Exception as e:  # a record the new server cannot run must not stop its start
                 self._finish(
                     job, "failed", f"could not resume after the server restarted: {one_line(e, 900)}"
                 )
@@ -396,8 +403,8 @@ class JobManager:
                 return f"{m[0]}@{m[1]}" + (f" with adapter {m[2]}" if m[2] else "")
 
             raise ServiceError(
-                f"it was submitted to a server of {name(want)}, this one serves {name(have)}; restart the "
-                "server with that model to resume it, or submit the overrides again to run it on this one",
+                f"it was submitted to a server of {name(want)}, this one serves {name(have)}; post the same "
+                "overrides to a server of that model to resume it (its committed shards stay)",
                 status=409,
             )
         overrides = security.check_overrides(job.overrides)
