@@ -343,7 +343,7 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
     try:
         asyncio.run(main())
     finally:
-        log.info("shutting down: stopping jobs (committed shards stay; they resume at the next start), draining the engines")
+        log.info("shutting down: stopping jobs (they resume at the next start), draining the engines")
         jobs.shutdown()
         service.close()
         if record is not None:
