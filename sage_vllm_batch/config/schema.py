@@ -327,6 +327,12 @@ class ServeConfig:
     # Job requests let into an engine while interactive requests are about (more: jobs finish
     # sooner under load, interactive answers come later; idle, jobs get all but 1/8 of the seats).
     busy_job_requests: int = 8
+    # Jobs the records say were queued or running when the last server on this output_root
+    # stopped (or was killed) resume at start, from their ledgers; false marks them cancelled.
+    resume_jobs: bool = True
+    # Jobs running at once; later ones wait in a FIFO queue. One keeps a job from slowing another
+    # (they share the engine) and the interactive traffic less disturbed.
+    max_running_jobs: int = 1
 
 
 @dataclass

@@ -42,6 +42,8 @@ def validate(cfg: DictConfig) -> None:
 def validate_serve(cfg: DictConfig) -> None:
     _check(0 <= cfg.serve.port <= 65535, "serve.port", f"must be in [0, 65535], got {cfg.serve.port}")
     _check(cfg.serve.max_body_bytes >= 1024, "serve.max_body_bytes", "must be >= 1024")
+    n = cfg.serve.max_running_jobs
+    _check(n >= 1, "serve.max_running_jobs", f"must be >= 1, got {n}")
 
 
 def validate_task(cfg: DictConfig) -> None:

@@ -26,6 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from omegaconf import DictConfig
 
+from sage_vllm_batch.service.job_store import JobStore
 from sage_vllm_batch.service.jobs import JobManager
 from sage_vllm_batch.service.security import api_key_ok
 from sage_vllm_batch.service.service import EMBED, TEXT, ServiceError, VLLMService
@@ -92,8 +93,9 @@ def _router() -> Any:
         return await call(request.app.state.sage_jobs.get, job_id)
 
     @router.delete("/v1/jobs/{job_id}")
-    async def cancel_job(job_id: str, request: Request) -> JSONResponse:
-        return await call(request.app.state.sage_jobs.cancel, job_id)
+    async def delete_job(job_id: str, request: Request) -> JSONResponse:
+        # A queued or running job is cancelled; a finished one's record is removed (not its output).
+        return await call(request.app.state.sage_jobs.delete, job_id)
 
     return router
 
@@ -294,14 +296,23 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
 
     s = cfg.serve
     api_key = s.api_key or os.environ.get(API_KEY_ENV) or None
-    service = VLLMService(cfg)
-    service.setup()
-    jobs = JobManager(
-        service,
-        base_overrides=base_overrides(cfg, cli_overrides),
-        data_roots=list(s.data_roots),
-        output_root=s.output_root,
-    )
+    # One server per output root, checked before the models load: a second one fails at once.
+    store = JobStore(s.output_root).lock()
+    try:
+        service = VLLMService(cfg)
+        service.setup()
+        jobs = JobManager(
+            service,
+            base_overrides=base_overrides(cfg, cli_overrides),
+            data_roots=list(s.data_roots),
+            output_root=s.output_root,
+            max_running=int(s.max_running_jobs),
+            resume=bool(s.resume_jobs),
+            store=store,
+        )
+    except BaseException:
+        store.unlock()
+        raise
     url = f"http://{s.host}:{s.port}"
     record = None
 
@@ -332,7 +343,7 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
     try:
         asyncio.run(main())
     finally:
-        log.info("shutting down: cancelling jobs (committed shards stay), draining the engines")
+        log.info("shutting down: stopping jobs (they resume at the next start), draining the engines")
         jobs.shutdown()
         service.close()
         if record is not None:
