@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
 from conftest import compose_job
 
 from sage_vllm_batch.config.validate import template_columns, validate
