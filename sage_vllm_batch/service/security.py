@@ -64,9 +64,10 @@ def allowed_summary() -> str:
     )
 
 
-def _refuse(key: str, why: str) -> ServiceError:
+def _refuse(key: str, why: str = "") -> ServiceError:
     return ServiceError(
-        f"overrides: {key!r} may not be set by a job over HTTP ({why}); a job may set only {allowed_summary()}",
+        f"overrides: {key!r} may not be set by a job over HTTP{f' ({why})' if why else ''}: the server owns its "
+        f"model, engine, registry, executor, logging, hydra and serve settings; a job may set only {allowed_summary()}",
         status=403,
     )
 
@@ -139,7 +140,7 @@ def check_overrides(overrides: Any) -> list[str]:
                     status=403,
                 )
         elif not key_allowed(key):
-            raise _refuse(key, "the server's model, engine, registry, executor, hydra and serve settings are fixed at start")
+            raise _refuse(key)
     return list(overrides)
 
 
@@ -217,7 +218,9 @@ def check_output_dir(path: str, output_root: str, key: str = "output.dir") -> Pa
     _plain_path(key, path, pkg=False)
     root = _real(output_root)
     real = _real(path)
-    if real == root or not real.is_relative_to(root):
+    if real == root:
+        raise ServiceError(f"{key}: {path!r} is the server's output root; give a directory below it", status=403)
+    if not real.is_relative_to(root):
         raise ServiceError(f"{key}: {path!r} resolves outside the server's output root {root}", status=403)
     return real
 
