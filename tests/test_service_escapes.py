@@ -132,6 +132,7 @@ def corpus(dirs, tag: str) -> list[tuple[str, list[str], str]]:
         ("data.path", ["task=embed", "data=jsonl", f"data.path={data}/../*/secret.jsonl"], "glob over .."),
         ("data.path", ["task=embed", "data=jsonl", "data.path=pkg://bible/data/kjv.jsonl"], "pkg://"),
         ("data.path", ["task=embed", "data=jsonl", f"data.path='{home}/q.jsonl'"], "~"),
+        ("data.path", ["task=embed", "data=jsonl", "data.path=pkg://antigravity.x/q.jsonl"], "pkg:// of a submodule"),
         ("data.path", ["task=embed"], "the preset's default (pkg://)"),
         ("data.hf_loader", [*embed, "data.format=hf", f"data.hf_loader={outside}"], "a local loading-script dir"),
         ("data.hf_loader", [*embed, "data.format=hf", "data.hf_loader=someone/dataset"], "a Hub dataset"),

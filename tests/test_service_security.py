@@ -256,6 +256,7 @@ def test_a_composed_job_inside_the_roots_passes(roots):
         (lambda r: ["sampling.structured_outputs.json=pkg://bible/data/kjv.jsonl"], "sampling.structured_outputs.json"),
         (lambda r: ["data.path=pkg://bible/data/kjv.jsonl"], "data.path"),
         (lambda r: ["data.path='~/q.jsonl'"], "data.path"),
+        (lambda r: ["data.path=pkg://antigravity.x/y.jsonl"], "data.path"),  # would import antigravity
         (lambda r: ["data.hf_loader=some/hub_dataset"], "data.hf_loader"),
         (lambda r: [f"data.hf_loader={r['data']}"], "data.hf_loader"),  # a local loading script dir
         (lambda r: [f"output.dir={r['out']}"], "output.dir"),  # the root itself is the server's

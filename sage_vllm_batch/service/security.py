@@ -189,6 +189,9 @@ def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path"
                     status=403,
                 )
 
+    if path.startswith("pkg://") and not path[len("pkg://") :].partition("/")[0].isidentifier():
+        # find_spec("a.b") imports package a (runs its __init__); a top-level name imports nothing.
+        raise ServiceError(f"{key}: {path!r}: a pkg:// path names a top-level package (pkg://<package>/<path>)", status=403)
     try:
         local = resolve_path(path)
     except DataError as e:
