@@ -7,6 +7,7 @@ Every error names the key to change: ``ConfigError("sampling.top_p: must be in (
 from __future__ import annotations
 
 import os
+import string
 
 from omegaconf import DictConfig
 
@@ -67,6 +68,36 @@ def validate_data(cfg: DictConfig) -> None:
     )
     _check(d.limit is None or d.limit >= 0, "data.limit", "must be >= 0")
     _check(d.read_batch_rows >= 1, "data.read_batch_rows", "must be >= 1")
+    if d.get("prompt_template") is not None:
+        template_columns(d.prompt_template)
+
+
+def template_columns(template: str, key: str = "data.prompt_template") -> list[str]:
+    """The columns a prompt template names; every field must be a plain ``{column}``.
+
+    The template is rendered with ``str.format(**row)``: an attribute or index (``{p.__class__}``,
+    ``{p[0]}``) reaches into the value's objects, a format spec or conversion calls the value's
+    ``__format__``/``__repr__`` (and fails mid-run on a list or dict column), and ``{}``/``{0}``
+    name no column. Literal braces are written ``{{`` and ``}}``.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} in {template!r:.120} (write literal braces as {{{{ and }}}})") from e
+    columns = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        plain = name and not name.isdigit() and not any(c in name for c in ".[]") and not spec and not conversion
+        _check(
+            bool(plain),
+            key,
+            f"{field} is not a plain {{column}} field: write {{column}} only (no attribute or index access, "
+            "positional field, conversion or format spec); literal braces are {{ and }}",
+        )
+        columns.append(name)
+    return columns
 
 
 def validate_engine(cfg: DictConfig) -> None:

@@ -433,8 +433,7 @@ class JobManager:
         cfg, kind = self._compose(overrides, self.output_root / "jobs" / job_id)
         slot = self.service.slot(kind)
         self._check_matches(cfg, slot)
-        security.check_data_path(str(cfg.data.path), self.data_roots, data=cfg.data)
-        out = security.check_output_dir(str(cfg.output.dir), str(self.output_root))
+        out = security.check_output_dir(str(cfg.output.dir), str(self.output_root))  # checked in _compose
         if self.store.holds(out):
             raise ServiceError(
                 f"output.dir: {out} would hold the server's job records ({self.store.dir}); "
@@ -484,6 +483,8 @@ class JobManager:
                 if not self.service.has(kind):
                     self.service.slot(kind)
                 cfg = compose(kind)
+            # Every path the job names, confined before anything opens it (validation reads the schema file).
+            security.check_job(cfg, data_roots=self.data_roots, output_root=self.output_root)
             validate(cfg)
         except ServiceError:
             raise
