@@ -244,6 +244,10 @@ class DataConfig:
     read_batch_rows: int = 1024
     split: str = "train"  # hf: which split of a DatasetDict
     hf_loader: str | None = None  # hf: a datasets builder (json, csv, parquet, text) for load_dataset
+    # openai_batch: a body whose "model" is neither model.id nor its adapter is an error row, as
+    # vLLM's server answers; true answers every body with the loaded model (files written for a
+    # hosted API name its models).
+    any_model: bool = False
 
 
 @dataclass
@@ -263,7 +267,8 @@ class OutputConfig:
     # Input columns copied to the output. None: the task's input column.
     passthrough_columns: list[str] | None = None
     overwrite: bool = False
-    # Also write openai_batch_output.jsonl, the output file of `vllm run-batch` (data=openai_batch).
+    # Also write openai_batch_output.jsonl, the output file of `vllm run-batch` (data=openai_batch;
+    # task=chat, generate or embed).
     openai_batch: bool = False
     vector_store: VectorStoreConfig = field(default_factory=VectorStoreConfig)
 

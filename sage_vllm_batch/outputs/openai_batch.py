@@ -1,8 +1,9 @@
 """The OpenAI batch output file (``output.openai_batch=true``), as ``vllm run-batch`` writes it.
 
 One line per input row, in input order: ``{"id", "custom_id", "response": {"status_code",
-"request_id", "body"}, "error"}``, the body a ``ChatCompletionResponse`` (task=chat) or a
-``CompletionResponse`` (task=generate) built with vLLM's own response models. It is built from the
+"request_id", "body"}, "error"}``, the body a ``ChatCompletionResponse`` (task=chat), a
+``CompletionResponse`` (task=generate) or an ``EmbeddingResponse`` (task=embed) built with vLLM's
+own response models. It is built from the
 committed Parquet shards once all of them are in, written to a temp file and renamed: a crash
 leaves either no file or a whole one, and ids are derived from the run, so a rebuild is identical.
 """
@@ -33,6 +34,17 @@ def _response_body(task: str, model: str, rid: str, created: int, row: dict[str,
     from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
     from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
+    if task == "embed":
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingResponse, EmbeddingResponseData
+
+        vector = [float(x) for x in row["embedding"]]
+        return EmbeddingResponse(
+            id=f"embd-{rid}",
+            created=created,
+            model=model,
+            data=[EmbeddingResponseData(index=0, embedding=vector)],
+            usage=UsageInfo(prompt_tokens=row["prompt_tokens"], total_tokens=row["prompt_tokens"]),
+        )
     usage = UsageInfo(
         prompt_tokens=row["prompt_tokens"],
         completion_tokens=row["completion_tokens"],
