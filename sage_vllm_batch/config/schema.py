@@ -329,6 +329,15 @@ class ServeConfig:
     max_body_bytes: int = 4_000_000
     # download_model of the served model reloads it (VLLMService.download_model).
     auto_reload: bool = True
+    # /v1/files uploads (OpenAI's Batch API limits): larger files get 413, longer ones 400. An
+    # upload streams to disk under <output_root>/files, so memory stays bounded either way.
+    batch_max_file_bytes: int = 200_000_000
+    batch_max_file_lines: int = 50_000
+    # Lines per committed shard of a batch's job: the unit of resume after a restart, and of the
+    # lines a cancelled batch keeps.
+    batch_shard_rows: int = 100
+    # OpenAI expires a batch unfinished after its completion_window (24h); here only when true.
+    batch_expire: bool = False
 
 
 @dataclass

@@ -63,15 +63,18 @@ def _response_body(task: str, model: str, rid: str, created: int, row: dict[str,
     return CompletionResponse(id=f"cmpl-{rid}", created=created, model=model, choices=[choice], usage=usage)
 
 
-def write_openai_batch_output(out_dir: str | Path, *, task: str, model: str, custom_id_column: str) -> Path:
-    """Write ``<out_dir>/openai_batch_output.jsonl`` from the committed shards; returns its path."""
+def write_openai_batch_output(
+    out_dir: str | Path, *, task: str, model: str, custom_id_column: str, target: str | Path | None = None
+) -> Path:
+    """Write ``<out_dir>/openai_batch_output.jsonl`` (or ``target``) from the committed shards (all
+    of them, or those in so far: a stopped run's lines); returns its path."""
     from vllm.entrypoints.launchers.run_batch import BatchRequestOutput, BatchResponseData
 
     out = Path(out_dir)
     manifest = out / MANIFEST
     run_key = hashlib.sha256(manifest.read_bytes() if manifest.exists() else str(out).encode()).hexdigest()
-    target = out / OPENAI_BATCH_OUTPUT
-    tmp = out / f"{TMP_PREFIX}{OPENAI_BATCH_OUTPUT}"
+    target = Path(target) if target is not None else out / OPENAI_BATCH_OUTPUT
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
     with open(tmp, "w", encoding="utf-8") as f:
         for _, rec in sorted(ParquetShardSink.read_ledger(out).items()):
             path = out / rec["file"]

@@ -45,7 +45,6 @@ class OpenAIBodyError(ValueError):
 def _models() -> dict[str, Any]:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
 
     return {"chat": ChatCompletionRequest, "generate": CompletionRequest, "embed": EmbeddingCompletionRequest}

@@ -131,8 +131,11 @@ class JobManager:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ API
-    def submit(self, overrides: Any) -> tuple[dict[str, Any], bool]:
-        """Start (or resume) a job; returns its info and whether it was started now."""
+    def submit(self, overrides: Any, *, internal_roots: Sequence[str] = ()) -> tuple[dict[str, Any], bool]:
+        """Start (or resume) a job; returns its info and whether it was started now.
+
+        ``internal_roots``: more directories this job may read below, for the service's own jobs
+        (a batch reads its input from the file store); never set from a request."""
         overrides = security.check_overrides(overrides)
         job_id = "job-" + hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]
         with self._lock:
@@ -142,7 +145,7 @@ class JobManager:
         cfg, kind = self._compose(overrides, self.output_root / "jobs" / job_id)
         slot = self.service.slot(kind)
         self._check_matches(cfg, slot)
-        security.check_data_path(str(cfg.data.path), self.data_roots, data=cfg.data)
+        security.check_data_path(str(cfg.data.path), [*self.data_roots, *internal_roots], data=cfg.data)
         out = security.check_output_dir(str(cfg.output.dir), str(self.output_root))
         from sage_vllm_batch.run.point import prepare_point
 
