@@ -167,3 +167,41 @@ def test_vllm_example_batch_file_answered_in_full_and_resumable(chat_engine, reg
     redone = json.loads(again[1])
     assert (redone["id"], redone["custom_id"]) == (lines[1]["id"], "request-2")  # ids derive from the run
     assert ChatCompletion.model_validate(redone["response"]["body"]).choices[0].finish_reason == "stop"
+
+
+@pytest.mark.engine
+def test_embeddings_batch_file_gives_vllms_embedding_responses(embed_engine, registry_root, tmp_path):
+    from test_engine_chat import run_points
+    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingResponse
+
+    from sage_vllm_batch.outputs.shards import read_output
+
+    src = tmp_path / "embed.jsonl"
+    src.write_text("\n".join([_embed_line("a", "a cat"), _embed_line("b", "a dog", model="NonExistModel")]) + "\n")
+    out = tmp_path / "out"
+    cfg = compose_job(*EMBED, f"data.path={src}", "output=openai_batch", out_dir=out, registry_root=registry_root)
+    run_points([cfg], embed_engine)
+    vectors = read_output(out).column("embedding").to_pylist()
+    a, b = [BatchRequestOutput.model_validate_json(x) for x in (out / "openai_batch_output.jsonl").read_text().splitlines()]
+    assert (a.custom_id, a.error, a.response.status_code) == ("a", None, 200)
+    body = EmbeddingResponse.model_validate(a.response.body.model_dump())
+    assert body.model == EMBED_MODEL and body.usage.prompt_tokens > 0
+    assert body.data[0].embedding == pytest.approx(vectors[0], abs=1e-6) and len(body.data[0].embedding) == 384
+    assert b.custom_id == "b" and b.response.status_code == 400 and "`NonExistModel` does not exist" in b.error
+
+
+@pytest.mark.engine
+def test_empty_batch_file_gives_an_empty_output_and_exit_0(registry_root, tmp_path):
+    from conftest import run_cli
+
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    out = tmp_path / "out"
+    proc = run_cli(
+        "task=chat", "model=smollm2-135m-instruct", "data=openai_batch", f"data.path={src}", "output=openai_batch",
+        f"output.dir={out}", f"registry.root={registry_root}", "engine.kv_cache_memory_bytes=268435456",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "openai_batch_output.jsonl").read_text() == "" and (out / "_SUCCESS").exists()
