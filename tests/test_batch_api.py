@@ -38,7 +38,12 @@ def _free_port() -> int:
 
 def _start(base: Path, registry_root: Path, *extra: str, name: str = "server") -> dict:
     port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAGE_VLLM_API_KEY": KEY, "SAGE_VLLM_SERVICES_DIR": str(base / "state")}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "SAGE_VLLM_API_KEY": KEY,
+        "SAGE_VLLM_SERVICES_DIR": str(base / "state"),
+    }
     args = [
         sys.executable, "-m", "sage_vllm_batch", "mode=serve", "model=smollm2-135m-instruct",
         "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM, f"engine.max_in_flight={WINDOW}",
@@ -106,7 +111,12 @@ def _chat(cid: str, question: str, model: str = CHAT, max_tokens: int = 8) -> di
 
 
 def _embed(cid: str, text: str, model: str = EMBED) -> dict:
-    return {"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"model": model, "input": text}}
+    return {
+        "custom_id": cid,
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": model, "input": text},
+    }
 
 
 def _jsonl(lines: list) -> bytes:
@@ -117,7 +127,13 @@ def _upload(client, lines: list, name: str = "batch.jsonl"):
     return client.files.create(file=(name, io.BytesIO(_jsonl(lines))), purpose="batch")
 
 
-def _wait(client, batch_id: str, until=("completed", "failed", "cancelled", "expired"), timeout: float = 600, cond=None):
+def _wait(
+    client,
+    batch_id: str,
+    until=("completed", "failed", "cancelled", "expired"),
+    timeout: float = 600,
+    cond=None,
+):
     deadline = time.monotonic() + timeout
     while True:
         b = client.batches.retrieve(batch_id)
@@ -159,7 +175,12 @@ def _comparable(line: dict) -> dict:
     body = dict(line["response"]["body"] or {})
     for k in ("id", "created"):
         body.pop(k, None)
-    return {"custom_id": line["custom_id"], "status": line["response"]["status_code"], "error": line["error"], "body": body}
+    return {
+        "custom_id": line["custom_id"],
+        "status": line["response"]["status_code"],
+        "error": line["error"],
+        "body": body,
+    }
 
 
 # ---------------------------------------------------------------------------- files
@@ -179,7 +200,10 @@ def test_files_upload_retrieve_content_list_delete(client, server):
     # Behind the key, like every /v1 route.
     with httpx.Client(base_url=server["url"]) as h:
         assert h.get("/v1/files").status_code == 401
-        assert h.post("/v1/files", files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "batch"}).status_code == 401
+        assert (
+            h.post("/v1/files", files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "batch"}).status_code
+            == 401
+        )
         assert h.get("/v1/batches").status_code == 401
 
 
@@ -231,7 +255,10 @@ def test_embeddings_batch_and_its_cli_output(client, registry_root, tmp_path):
     lines = [_embed(f"e{i}", f"verse {i}") for i in range(5)]
     lines.append(_embed("bad-model", "x", model="NonExistModel"))
     f = _upload(client, lines)
-    b = _wait(client, client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h").id)
+    b = _wait(
+        client,
+        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h").id,
+    )
     assert b.status == "completed", b.errors
     assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (6, 5, 1)
     ok, bad = _lines(client, b.output_file_id), _lines(client, b.error_file_id)
@@ -244,7 +271,9 @@ def test_embeddings_batch_and_its_cli_output(client, registry_root, tmp_path):
     for x in cli:
         want, got = _comparable(x), served[x["custom_id"]]
         if want["body"]:
-            assert got["body"]["data"][0]["embedding"] == pytest.approx(want["body"]["data"][0]["embedding"], abs=1e-5)
+            assert got["body"]["data"][0]["embedding"] == pytest.approx(
+                want["body"]["data"][0]["embedding"], abs=1e-5
+            )
             got["body"]["data"] = want["body"]["data"] = None
         assert got == want
 
@@ -252,7 +281,12 @@ def test_embeddings_batch_and_its_cli_output(client, registry_root, tmp_path):
 def test_invalid_file_fails_the_batch_naming_the_lines(client):
     lines = [_chat("a", "Hi"), "not json", _embed("b", "x"), _chat("a", "again")]
     f = _upload(client, lines)
-    b = _wait(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    b = _wait(
+        client,
+        client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id,
+    )
     assert b.status == "failed" and b.failed_at
     assert [(e.line, e.code) for e in b.errors.data] == [
         (2, "invalid_json_line"),
@@ -266,7 +300,9 @@ def test_cancelling_a_running_batch_keeps_the_lines_done(client):
     lines = [_chat(f"c{i}", f"Count from {i} to {i + 20}.", max_tokens=24) for i in range(64)]
     f = _upload(client, lines)
     b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    running = _wait(client, b.id, cond=lambda x: x.request_counts.completed >= SHARD or x.status == "completed")
+    running = _wait(
+        client, b.id, cond=lambda x: x.request_counts.completed >= SHARD or x.status == "completed"
+    )
     assert running.status == "in_progress", running.status
     assert client.batches.cancel(b.id).status == "cancelling"
     done = _wait(client, b.id, until=("cancelled",), timeout=120)
@@ -324,7 +360,9 @@ def test_kill_9_mid_batch_then_restart_completes_each_line_once(registry_root, t
         client = _client(a)
         lines = [_chat(f"k{i}", f"Count from {i} to {i + 20}.", max_tokens=24) for i in range(48)]
         f = _upload(client, lines)
-        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        b = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         ledger = tmp_path / "outputs" / "batches" / b.id / "_ledger.jsonl"
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and not (ledger.exists() and ledger.read_text().strip()):
@@ -341,7 +379,9 @@ def test_kill_9_mid_batch_then_restart_completes_each_line_once(registry_root, t
         assert b.id in [x.id for x in client.batches.list()]  # listed after the restart
         done = _wait(client, b.id, timeout=600)
         assert done.status == "completed", done.errors
-        ids = [x["custom_id"] for x in _lines(client, done.output_file_id) + _lines(client, done.error_file_id)]
+        ids = [
+            x["custom_id"] for x in _lines(client, done.output_file_id) + _lines(client, done.error_file_id)
+        ]
         assert sorted(ids) == sorted(x["custom_id"] for x in lines) and len(ids) == len(set(ids))
         assert ledger.read_text().splitlines()[0] == first  # the shard committed before the kill was kept
     finally:

@@ -34,7 +34,14 @@ class FakeJobs:
         old = self.jobs.get(job_id)
         if old and old["status"] == "running":
             return old, False
-        self.jobs[job_id] = {"id": job_id, "status": "running", "rows_done": 0, "metrics": {}, "model": "m", "o": o}
+        self.jobs[job_id] = {
+            "id": job_id,
+            "status": "running",
+            "rows_done": 0,
+            "metrics": {},
+            "model": "m",
+            "o": o,
+        }
         return self.jobs[job_id], True
 
     def get(self, job_id):
@@ -56,13 +63,17 @@ class FakeJobs:
                 for line in src:
                     cid = json.loads(line)["custom_id"]
                     err = "bad request: no" if cid in self.bad else None
-                    dst.write(json.dumps({"id": "x", "custom_id": cid, "response": None, "error": err}) + "\n")
+                    dst.write(
+                        json.dumps({"id": "x", "custom_id": cid, "response": None, "error": err}) + "\n"
+                    )
             j["status"] = "complete"
 
 
 def _manager(tmp_path, jobs, **kw):
     files = FileStore(tmp_path / "files", max_bytes=10_000, max_lines=100)
-    return BatchManager(jobs, files, root=tmp_path / "batches", serves=lambda k: True, poll_s=0.02, **kw).start()
+    return BatchManager(
+        jobs, files, root=tmp_path / "batches", serves=lambda k: True, poll_s=0.02, **kw
+    ).start()
 
 
 def _store(files, lines):
@@ -80,7 +91,10 @@ def _wait(m, batch_id, statuses, timeout=10.0):
 
 def test_validation_names_bad_lines(tmp_path):
     p = tmp_path / "f.jsonl"
-    p.write_text("\n".join([_line("a"), "{oops", "[1]", _line("b", "/v1/embeddings"), _line("a"), "", _line("c")]) + "\n")
+    p.write_text(
+        "\n".join([_line("a"), "{oops", "[1]", _line("b", "/v1/embeddings"), _line("a"), "", _line("c")])
+        + "\n"
+    )
     total, errors = validate_batch_file(p, "/v1/chat/completions")
     assert total == 6
     assert [(e["line"], e["code"]) for e in errors] == [
@@ -109,14 +123,25 @@ def test_lifecycle_counts_and_files(tmp_path):
     m = _manager(tmp_path, jobs)
     try:
         fid = _store(m.files, [_line("a"), _line("b"), _line("c")])
-        b = m.create({"input_file_id": fid, "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"k": "v"}})
+        b = m.create(
+            {
+                "input_file_id": fid,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                "metadata": {"k": "v"},
+            }
+        )
         assert b["status"] == "validating" and b["expires_at"] is None  # no expiry unless serve.batch_expire
         assert _wait(m, b["id"], ("in_progress",))["request_counts"]["total"] == 3
         jobs.finish()
         done = _wait(m, b["id"], ("completed",))
         assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
-        ok = [json.loads(x)["custom_id"] for x in b"".join(m.files.content(done["output_file_id"])).splitlines()]
-        bad = [json.loads(x)["custom_id"] for x in b"".join(m.files.content(done["error_file_id"])).splitlines()]
+        ok = [
+            json.loads(x)["custom_id"] for x in b"".join(m.files.content(done["output_file_id"])).splitlines()
+        ]
+        bad = [
+            json.loads(x)["custom_id"] for x in b"".join(m.files.content(done["error_file_id"])).splitlines()
+        ]
         assert (ok, bad) == (["a", "c"], ["b"])
         assert m.files.get(done["output_file_id"])["purpose"] == "batch_output"
         assert m.list(limit=1)["data"][0]["id"] == b["id"]
