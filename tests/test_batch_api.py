@@ -133,10 +133,14 @@ def _wait(
     until=("completed", "failed", "cancelled", "expired"),
     timeout: float = 600,
     cond=None,
+    show: bool = False,
 ):
-    deadline = time.monotonic() + timeout
+    deadline, seen = time.monotonic() + timeout, None
     while True:
         b = client.batches.retrieve(batch_id)
+        if show and (b.status, b.request_counts) != seen:
+            seen = (b.status, b.request_counts)
+            print(f"  poll: {b.status:<11} {b.request_counts}")
         if (cond(b) if cond is not None else b.status in until) or time.monotonic() > deadline:
             return b
         time.sleep(0.3)
@@ -223,11 +227,19 @@ def chat_batch(server, base):
     lines = [_chat(f"q{i}", f"What is {i} plus {i}?") for i in range(6)]
     lines.insert(3, _chat("bad-model", "Hi", model="NonExistModel"))
     f = _upload(client, lines)
+    print(f"\nupload: {f}")
     b = client.batches.create(
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"run": "test"}
     )
+    print(f"create: {b.id} {b.status} endpoint={b.endpoint} metadata={b.metadata}")
     assert b.status == "validating" and b.metadata == {"run": "test"}
-    return lines, _wait(client, b.id, timeout=400)
+    done = _wait(client, b.id, timeout=400, show=True)
+    for name, fid in (("output", done.output_file_id), ("error", done.error_file_id)):
+        for line in _lines(client, fid):
+            body = (line["response"] or {}).get("body")
+            said = body["choices"][0]["message"]["content"] if body else line["error"]
+            print(f"download ({name} file {fid}): {line['custom_id']}: {said[:70]!r}")
+    return lines, done
 
 
 def test_chat_batch_counts_output_and_error_files(chat_batch, client):
