@@ -207,3 +207,36 @@ def test_create_refuses_bad_requests(tmp_path, body, needle):
             m.create(req)
     finally:
         m.shutdown()
+
+
+def test_an_empty_file_completes_with_an_empty_output(tmp_path):
+    jobs = FakeJobs()
+    m = _manager(tmp_path, jobs)
+    try:
+        up = m.files.upload("empty.jsonl")
+        fid = up.commit()["id"]
+        b = m.create({"input_file_id": fid, "endpoint": "/v1/embeddings", "completion_window": "24h"})
+        done = _wait(m, b["id"], ("completed",))
+        assert done["request_counts"] == {"total": 0, "completed": 0, "failed": 0} and not jobs.jobs
+        assert b"".join(m.files.content(done["output_file_id"])) == b"" and done["error_file_id"] is None
+    finally:
+        m.shutdown()
+
+
+def test_expiry_only_when_asked_keeps_the_lines_done(tmp_path, monkeypatch):
+    from sage_vllm_batch.service import batches
+
+    jobs = FakeJobs()
+    m = _manager(tmp_path, jobs, expire=True)
+    try:
+        fid = _store(m.files, [_line("a")])
+        b = m.create({"input_file_id": fid, "endpoint": "/v1/chat/completions", "completion_window": "1h"})
+        assert b["expires_at"] == b["created_at"] + 3600
+        _wait(m, b["id"], ("in_progress",))
+        now = time.time()
+        monkeypatch.setattr(batches, "_now", lambda: int(now) + 7200)  # two hours later
+        done = _wait(m, b["id"], ("expired",))
+        assert done["expired_at"] == int(now) + 7200 and done["output_file_id"]
+        assert [j["status"] for j in jobs.jobs.values()] == ["cancelled"]
+    finally:
+        m.shutdown()
