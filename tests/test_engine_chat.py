@@ -120,7 +120,9 @@ def test_openai_batch_file_with_per_request_options(chat_engine, registry_root, 
     ]
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "out"
-    cfg = compose_job(*CHAT, "data=openai_batch", f"data.path={src}", out_dir=out, registry_root=registry_root)
+    cfg = compose_job(
+        *CHAT, "data=openai_batch", f"data.path={src}", "data.any_model=true", out_dir=out, registry_root=registry_root
+    )  # the bodies name model "m"
     run_points([cfg], chat_engine)
     t = read_output(out)
     assert t.column("custom_id").to_pylist() == ["req-1", "req-2", "req-3"]

@@ -244,6 +244,10 @@ class DataConfig:
     read_batch_rows: int = 1024
     split: str = "train"  # hf: which split of a DatasetDict
     hf_loader: str | None = None  # hf: a datasets builder (json, csv, parquet, text) for load_dataset
+    # openai_batch: a body whose "model" is neither model.id nor its adapter is an error row, as
+    # vLLM's server answers; true answers every body with the loaded model (files written for a
+    # hosted API name its models).
+    any_model: bool = False
 
 
 @dataclass
@@ -263,7 +267,8 @@ class OutputConfig:
     # Input columns copied to the output. None: the task's input column.
     passthrough_columns: list[str] | None = None
     overwrite: bool = False
-    # Also write openai_batch_output.jsonl, the output file of `vllm run-batch` (data=openai_batch).
+    # Also write openai_batch_output.jsonl, the output file of `vllm run-batch` (data=openai_batch;
+    # task=chat, generate or embed).
     openai_batch: bool = False
     vector_store: VectorStoreConfig = field(default_factory=VectorStoreConfig)
 
@@ -333,6 +338,15 @@ class ServeConfig:
     # Jobs running at once; later ones wait in a FIFO queue. One keeps a job from slowing another
     # (they share the engine) and the interactive traffic less disturbed.
     max_running_jobs: int = 1
+    # /v1/files uploads (OpenAI's Batch API limits): larger files get 413, longer ones 400. An
+    # upload streams to disk under <output_root>/files, so memory stays bounded either way.
+    batch_max_file_bytes: int = 200_000_000
+    batch_max_file_lines: int = 50_000
+    # Lines per committed shard of a batch's job: the unit of resume after a restart, and of the
+    # lines a cancelled batch keeps.
+    batch_shard_rows: int = 100
+    # OpenAI expires a batch unfinished after its completion_window (24h); here only when true.
+    batch_expire: bool = False
 
 
 @dataclass

@@ -185,10 +185,10 @@ def validate_output(cfg: DictConfig) -> None:
         _check(task == "embed", "output.vector_store.type", "a vector store sink needs task=embed")
     if cfg.output.get("openai_batch"):
         _check(
-            cfg.data.format == "openai_batch" and task in ("chat", "generate") and bool(cfg.data.id_column),
+            cfg.data.format == "openai_batch" and task in ("chat", "generate", "embed") and bool(cfg.data.id_column),
             "output.openai_batch",
             "the OpenAI batch output file needs data=openai_batch (custom_id as data.id_column) and "
-            "task=chat (/v1/chat/completions) or task=generate (/v1/completions)",
+            "task=chat (/v1/chat/completions), task=generate (/v1/completions) or task=embed (/v1/embeddings)",
         )
 
 

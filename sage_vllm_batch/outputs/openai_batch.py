@@ -1,8 +1,9 @@
 """The OpenAI batch output file (``output.openai_batch=true``), as ``vllm run-batch`` writes it.
 
 One line per input row, in input order: ``{"id", "custom_id", "response": {"status_code",
-"request_id", "body"}, "error"}``, the body a ``ChatCompletionResponse`` (task=chat) or a
-``CompletionResponse`` (task=generate) built with vLLM's own response models. It is built from the
+"request_id", "body"}, "error"}``, the body a ``ChatCompletionResponse`` (task=chat), a
+``CompletionResponse`` (task=generate) or an ``EmbeddingResponse`` (task=embed) built with vLLM's
+own response models. It is built from the
 committed Parquet shards once all of them are in, written to a temp file and renamed: a crash
 leaves either no file or a whole one, and ids are derived from the run, so a rebuild is identical.
 """
@@ -33,6 +34,17 @@ def _response_body(task: str, model: str, rid: str, created: int, row: dict[str,
     from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
     from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
+    if task == "embed":
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingResponse, EmbeddingResponseData
+
+        vector = [float(x) for x in row["embedding"]]
+        return EmbeddingResponse(
+            id=f"embd-{rid}",
+            created=created,
+            model=model,
+            data=[EmbeddingResponseData(index=0, embedding=vector)],
+            usage=UsageInfo(prompt_tokens=row["prompt_tokens"], total_tokens=row["prompt_tokens"]),
+        )
     usage = UsageInfo(
         prompt_tokens=row["prompt_tokens"],
         completion_tokens=row["completion_tokens"],
@@ -51,15 +63,18 @@ def _response_body(task: str, model: str, rid: str, created: int, row: dict[str,
     return CompletionResponse(id=f"cmpl-{rid}", created=created, model=model, choices=[choice], usage=usage)
 
 
-def write_openai_batch_output(out_dir: str | Path, *, task: str, model: str, custom_id_column: str) -> Path:
-    """Write ``<out_dir>/openai_batch_output.jsonl`` from the committed shards; returns its path."""
+def write_openai_batch_output(
+    out_dir: str | Path, *, task: str, model: str, custom_id_column: str, target: str | Path | None = None
+) -> Path:
+    """Write ``<out_dir>/openai_batch_output.jsonl`` (or ``target``) from the committed shards (all
+    of them, or those in so far: a stopped run's lines); returns its path."""
     from vllm.entrypoints.launchers.run_batch import BatchRequestOutput, BatchResponseData
 
     out = Path(out_dir)
     manifest = out / MANIFEST
     run_key = hashlib.sha256(manifest.read_bytes() if manifest.exists() else str(out).encode()).hexdigest()
-    target = out / OPENAI_BATCH_OUTPUT
-    tmp = out / f"{TMP_PREFIX}{OPENAI_BATCH_OUTPUT}"
+    target = Path(target) if target is not None else out / OPENAI_BATCH_OUTPUT
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
     with open(tmp, "w", encoding="utf-8") as f:
         for _, rec in sorted(ParquetShardSink.read_ledger(out).items()):
             path = out / rec["file"]

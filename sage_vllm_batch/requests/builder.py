@@ -72,10 +72,17 @@ class RequestBuilder:
         sampling: Base sampling parameters for generate/chat (already without ``None`` values).
         engine: Gives tokenization, the chat template and the context length.
         lora: A LoRA adapter every request asks for (``model.adapter``), or None.
+        model_names: OpenAI batch rows: the names a body's ``model`` may give (None: any).
     """
 
     def __init__(
-        self, task: Any, data: Any, sampling: Mapping[str, Any], engine: Tokenizing, lora: LoraSpec | None = None
+        self,
+        task: Any,
+        data: Any,
+        sampling: Mapping[str, Any],
+        engine: Tokenizing,
+        lora: LoraSpec | None = None,
+        model_names: frozenset[str] | None = None,
     ) -> None:
         self.task_type: str = task.type
         self.overlong: str = task.overlong_prompt
@@ -89,10 +96,11 @@ class RequestBuilder:
         # n > 1 in the job makes the per-sample output columns lists; only then may a row ask for n.
         self._multi_sample = int(self.sampling.get("n", 1)) > 1
         self._openai = None
-        if data.get("format") == "openai_batch" and self.task_type in ("generate", "chat"):
+        if data.get("format") == "openai_batch" and self.task_type in ("generate", "chat", "embed"):
             from sage_vllm_batch.requests.openai import OpenAIRequests
 
-            self._openai = OpenAIRequests(self.task_type, self.sampling)
+            names = None if data.get("any_model") else model_names
+            self._openai = OpenAIRequests(self.task_type, self.sampling, names)
         self.lora = lora  # a LoRA adapter applied to every request (model.adapter)
 
     def build(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
@@ -128,6 +136,9 @@ class RequestBuilder:
 
         try:
             req = self._openai.parse(row)
+            if self.task_type == "embed":
+                ids = self._fit(self.engine.encode(self._text(row, self.data.text_column)), 0)
+                return EngineRequest(key=key, prompt_token_ids=ids, lora=self.lora)
             want = self._openai.requested_max_tokens(req) or self.sampling.get("max_tokens", 16)
             if self.task_type == "chat":
                 try:
@@ -146,7 +157,11 @@ class RequestBuilder:
         # The body's response_format became vLLM structured outputs: each answer is checked too.
         so = getattr(params, "structured_outputs", None)
         return EngineRequest(
-            key=key, prompt_token_ids=ids, params=params, sampling=None if so is None else {"structured_outputs": so}
+            key=key,
+            prompt_token_ids=ids,
+            params=params,
+            sampling=None if so is None else {"structured_outputs": so},
+            lora=self.lora,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -266,8 +281,21 @@ class RequestBuilder:
         return ids[-room:] if keep == "tail" else ids[:room]
 
 
+def served_names(model_cfg: Any) -> frozenset[str]:
+    """The model names an OpenAI batch body may give: the model's id and its adapter's (what
+    vLLM's server serves under ``--served-model-name`` and ``--lora-modules``)."""
+    return frozenset(n for n in (model_cfg.get("id"), model_cfg.get("adapter")) if n)
+
+
 def request_builder(cfg: Any, engine: Any, lora: LoraSpec | None = None) -> RequestBuilder:
     """The request builder of a job's rows on ``engine`` (its tokenizer and context length)."""
     from omegaconf import OmegaConf
 
-    return RequestBuilder(cfg.task, cfg.data, sampling_dict(OmegaConf.to_container(cfg.sampling)), engine, lora=lora)
+    return RequestBuilder(
+        cfg.task,
+        cfg.data,
+        sampling_dict(OmegaConf.to_container(cfg.sampling)),
+        engine,
+        lora=lora,
+        model_names=served_names(cfg.model),
+    )

@@ -45,8 +45,14 @@ class OpenAIBodyError(ValueError):
 def _models() -> dict[str, Any]:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
 
-    return {"chat": ChatCompletionRequest, "generate": CompletionRequest}
+    return {"chat": ChatCompletionRequest, "generate": CompletionRequest, "embed": EmbeddingCompletionRequest}
+
+
+# /v1/embeddings fields that keep the vector the runner writes (float32, the model's own size and
+# pooling); any other field set in a body (dimensions, base64, truncation, ...) is an error row.
+_EMBED_FIELDS = frozenset({"model", "input", "user", "encoding_format", "priority", "request_id"})
 
 
 def _known_fields(model: Any) -> frozenset[str]:
@@ -62,15 +68,30 @@ class OpenAIRequests:
     """Parses the body of one OpenAI batch row and gives its ``SamplingParams``.
 
     Args:
-        task: ``chat`` (``/v1/chat/completions`` bodies) or ``generate`` (``/v1/completions``).
+        task: ``chat`` (``/v1/chat/completions`` bodies), ``generate`` (``/v1/completions``) or
+            ``embed`` (``/v1/embeddings``).
         defaults: The job's sampling parameters, the server defaults of vLLM's request models.
+        model_names: The names a body's ``model`` may give (the served model's); None: any.
     """
 
-    def __init__(self, task: str, defaults: Mapping[str, Any]) -> None:
+    def __init__(
+        self, task: str, defaults: Mapping[str, Any], model_names: frozenset[str] | None = None
+    ) -> None:
         self.task = task
         self.model = _models()[task]
         self.known = _known_fields(self.model)
         self.defaults = dict(defaults)
+        self.model_names = model_names
+
+    def check_model(self, row: Mapping[str, Any]) -> None:
+        """A body naming another model gets an error, as vLLM's server answers it."""
+        name = row.get("model")
+        if name is None or self.model_names is None or name in self.model_names:
+            return
+        raise OpenAIBodyError(
+            f"bad request: the model `{name}` does not exist here (served: {', '.join(sorted(self.model_names))}); "
+            "name the served model, or set data.any_model=true to answer any name with it"
+        )
 
     def parse(self, row: Mapping[str, Any]) -> Any:
         """The validated request model of a row of :class:`~sage_vllm_batch.sources.openai_batch.OpenAIBatchSource`."""
@@ -79,6 +100,9 @@ class OpenAIRequests:
         body: dict[str, Any] = json.loads(row["sampling"]) if row.get("sampling") else {}
         if row.get("model") is not None:
             body["model"] = row["model"]
+        self.check_model(row)
+        if self.task == "embed":
+            return self._parse_embed(row, body)
         if self.task == "chat":
             if row.get("messages") is None:
                 raise OpenAIBodyError(
@@ -104,6 +128,31 @@ class OpenAIRequests:
                 raise OpenAIBodyError(
                     f"bad sampling options: {name}={value!r} is not supported in batch runs (one output per row)"
                 )
+        return req
+
+    def _parse_embed(self, row: Mapping[str, Any], body: dict[str, Any]) -> Any:
+        import pydantic
+
+        if row.get("text") is None and (row.get("messages") is not None or row.get("prompt") is not None):
+            raise OpenAIBodyError(
+                f"bad request: not an embeddings request (url {row.get('url')!r}); use task=chat or task=generate"
+            )
+        body["input"] = row.get("text")
+        unknown = sorted(set(body) - self.known)
+        if unknown:
+            raise OpenAIBodyError(f"bad request: unknown option(s) {', '.join(unknown)}")
+        try:
+            req = self.model.model_validate(body)
+        except (pydantic.ValidationError, ValueError) as e:
+            raise OpenAIBodyError(f"bad request: {one_line(e, 400)}") from e
+        refused = sorted(set(req.model_fields_set) - _EMBED_FIELDS)
+        if req.encoding_format != "float":
+            refused.append(f"encoding_format={req.encoding_format!r}")
+        if refused:
+            raise OpenAIBodyError(
+                f"bad request: {', '.join(refused)} is not supported in batch runs (float vectors of the "
+                "model's own size)"
+            )
         return req
 
     def requested_max_tokens(self, req: Any) -> int | None:

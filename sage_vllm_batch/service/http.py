@@ -20,12 +20,16 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from omegaconf import DictConfig
 
+from sage_vllm_batch.service.batch_routes import FILES_PATH, batch_router
+from sage_vllm_batch.service.batches import BatchManager
+from sage_vllm_batch.service.files import FileStore
 from sage_vllm_batch.service.job_store import JobStore
 from sage_vllm_batch.service.jobs import JobManager
 from sage_vllm_batch.service.security import api_key_ok
@@ -142,6 +146,10 @@ class _Front:
                 return await _send_json(
                     send, 401, _err("invalid or missing API key: send 'Authorization: Bearer <key>'", 401)
                 )
+        if path == FILES_PATH and scope["method"] == "POST":
+            # A batch file upload (up to serve.batch_max_file_bytes) streams to disk in its route,
+            # which enforces its own limits: neither buffered here nor held to max_body_bytes.
+            return await self.main(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await _send_json(
@@ -231,12 +239,21 @@ async def _send_json(send: Any, status: int, obj: Any) -> None:
 
 
 async def build_http_app(
-    service: VLLMService, jobs: JobManager, *, api_key: str | None = None, max_body_bytes: int = 4_000_000
+    service: VLLMService,
+    jobs: JobManager,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = 4_000_000,
+    batches: BatchManager | None = None,
 ) -> Any:
-    """The ASGI app serving ``service`` (call on the event loop that will serve it)."""
+    """The ASGI app serving ``service`` (call on the event loop that will serve it); with
+    ``batches``, OpenAI's Batch API too (``/v1/files``, ``/v1/batches``)."""
     apps = {kind: await _vllm_app(service, kind) for kind in (TEXT, EMBED) if service.has(kind)}
     main = apps.get(TEXT) or apps[EMBED]
     main.include_router(_router())
+    if batches is not None:
+        main.include_router(batch_router())
+        main.state.sage_batches, main.state.sage_files = batches, batches.files
     main.state.sage_service = service
     main.state.sage_jobs = jobs
     embed = apps.get(EMBED) if TEXT in apps else None
@@ -313,6 +330,16 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
     except BaseException:
         store.unlock()
         raise
+    out_root = Path(s.output_root).resolve()
+    files = FileStore(out_root / "files", max_bytes=int(s.batch_max_file_bytes), max_lines=int(s.batch_max_file_lines))
+    batches = BatchManager(
+        jobs,
+        files,
+        root=out_root / "batches",
+        serves=service.has,
+        shard_rows=int(s.batch_shard_rows),
+        expire=bool(s.batch_expire),
+    )
     url = f"http://{s.host}:{s.port}"
     record = None
 
@@ -320,7 +347,9 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
         nonlocal record
         import uvicorn
 
-        app = await build_http_app(service, jobs, api_key=api_key, max_body_bytes=int(s.max_body_bytes))
+        app = await build_http_app(
+            service, jobs, api_key=api_key, max_body_bytes=int(s.max_body_bytes), batches=batches.start()
+        )
         config = uvicorn.Config(
             app,
             host=s.host,
@@ -344,6 +373,7 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
         asyncio.run(main())
     finally:
         log.info("shutting down: stopping jobs (they resume at the next start), draining the engines")
+        batches.shutdown()  # first: a batch must not resubmit the jobs being stopped
         jobs.shutdown()
         service.close()
         if record is not None:

@@ -90,6 +90,9 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     rows_total: int | None = None  # as last known (a record read back has no source open)
+    # More directories it may read below: the service's own jobs only (a batch reads its input
+    # file from the file store), kept so that a restart resumes it with the same rights.
+    internal_roots: list[str] = field(default_factory=list)
     point: Any = None
     ran: bool = False  # its point ran in this process: its metrics are live
     cancel: threading.Event = field(default_factory=threading.Event)  # the user's cancel only
@@ -113,6 +116,7 @@ class Job:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "rows_total": self.rows_total,
+            "internal_roots": self.internal_roots,
         }
 
     @classmethod
@@ -134,6 +138,7 @@ class Job:
             started_at=rec.get("started_at"),
             finished_at=rec.get("finished_at"),
             rows_total=rec.get("rows_total"),
+            internal_roots=[str(r) for r in rec.get("internal_roots") or []],
         )
 
     def info(self, queue_position: int | None = None) -> dict[str, Any]:
@@ -237,9 +242,13 @@ class JobManager:
         self._restore(resume)
 
     # ------------------------------------------------------------------ API
-    def submit(self, overrides: Any) -> tuple[dict[str, Any], bool]:
+    def submit(self, overrides: Any, *, internal_roots: Sequence[str] = ()) -> tuple[dict[str, Any], bool]:
         """Queue (or resume) a job; returns its info and whether it was queued now (False: the same
-        job is already queued or running)."""
+        job is already queued or running).
+
+        ``internal_roots``: more directories this job may read below, for the service's own jobs
+        (a batch reads its input from the file store); never set from a request."""
+        internal_roots = [str(r) for r in internal_roots]
         overrides = security.check_overrides(overrides)
         job_id = job_id_of(overrides)
         with self._lock:
@@ -251,7 +260,7 @@ class JobManager:
                 "the server is shutting down; submit the job again once it is back", status=503
             )
         try:
-            cfg, kind, slot, out, point = self._prepare(overrides, job_id)
+            cfg, kind, slot, out, point = self._prepare(overrides, job_id, internal_roots)
         except ServiceError:
             with self._lock:  # the same job posted twice at once: the first one holds its dir
                 cur = self._jobs.get(job_id)
@@ -263,6 +272,7 @@ class JobManager:
             job_id, overrides, out, cfg.task.type, slot.name, kind=kind,
             model_revision=slot.resolved.revision, adapter=_adapter_of(slot),
             created_at=old.created_at if old is not None else now, submitted_at=now, point=point,
+            internal_roots=internal_roots,
         )  # fmt: skip
         with self._lock:
             self._jobs[job_id] = job
@@ -408,7 +418,7 @@ class JobManager:
                 status=409,
             )
         overrides = security.check_overrides(job.overrides)
-        _, _, _, out, point = self._prepare(overrides, job.id)
+        _, _, _, out, point = self._prepare(overrides, job.id, job.internal_roots)
         if out != job.output_dir:
             point.release()
             raise ServiceError(
@@ -428,9 +438,11 @@ class JobManager:
             raise ServiceError(f"no job {job_id!r}; GET /v1/jobs lists them", status=404)
         return job
 
-    def _prepare(self, overrides: list[str], job_id: str) -> tuple[DictConfig, str, Any, Path, Any]:
+    def _prepare(
+        self, overrides: list[str], job_id: str, internal_roots: Sequence[str] = ()
+    ) -> tuple[DictConfig, str, Any, Path, Any]:
         """Compose the job on the server's base, check what it may touch, and open its output dir."""
-        cfg, kind = self._compose(overrides, self.output_root / "jobs" / job_id)
+        cfg, kind = self._compose(overrides, self.output_root / "jobs" / job_id, internal_roots)
         slot = self.service.slot(kind)
         self._check_matches(cfg, slot)
         out = security.check_output_dir(str(cfg.output.dir), str(self.output_root))  # checked in _compose
@@ -450,7 +462,9 @@ class JobManager:
             raise ServiceError(str(e), status=400) from e
         return cfg, kind, slot, out, point
 
-    def _compose(self, overrides: list[str], default_out: Path) -> tuple[DictConfig, str]:
+    def _compose(
+        self, overrides: list[str], default_out: Path, internal_roots: Sequence[str] = ()
+    ) -> tuple[DictConfig, str]:
         from sage_vllm_batch.config import validate
         from sage_vllm_batch.config.compose import compose_job
 
@@ -484,7 +498,8 @@ class JobManager:
                     self.service.slot(kind)
                 cfg = compose(kind)
             # Every path the job names, confined before anything opens it (validation reads the schema file).
-            security.check_job(cfg, data_roots=self.data_roots, output_root=self.output_root)
+            roots = [*self.data_roots, *internal_roots]
+            security.check_job(cfg, data_roots=roots, output_root=self.output_root)
             validate(cfg)
         except ServiceError:
             raise

@@ -87,7 +87,7 @@ class OpenAIBatchSource(JsonLinesReader):
     format = "openai_batch"
 
     def _open(self) -> None:
-        self._check_not_empty()
+        # An empty batch file is a batch of no requests (vllm run-batch: an empty output, exit 0).
         self._out_columns = self._select_columns(list(OUTPUT_COLUMNS))
         self.schema = self._make_schema(pa.field(c, pa.string()) for c in self._out_columns)
 
