@@ -12,6 +12,7 @@ vLLM is imported lazily so config checks and ``--help`` stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.engine.memory import release_freed_memory
 from sage_vllm_batch.engine.startup import freeze_import_heap, import_vllm
+from sage_vllm_batch.engine.stats import ModelStats
 from sage_vllm_batch.engine.supervisor import SupervisedStream, engine_children
 from sage_vllm_batch.errors import EngineError, one_line
 
@@ -149,6 +151,9 @@ class Engine(EngineVerbs):
             restarts spent isolating a poison row are budgeted separately.
         stall_timeout_s: A step that takes longer than this while requests are in flight counts
             as a dead engine (0 disables the watchdog).
+        stats: Record vLLM's ``vllm:*`` metrics into this model's registry (the service; see
+            :mod:`~sage_vllm_batch.engine.stats`), across restarts. None (batch runs): stats off,
+            as ``vllm.LLM`` has them.
         **engine_args: Passed through to ``vllm.LLM`` (names as in vLLM's ``EngineArgs``).
     """
 
@@ -166,6 +171,7 @@ class Engine(EngineVerbs):
         in_process: str | bool | None = "auto",
         max_restarts: int = 2,
         stall_timeout_s: float = 600.0,
+        stats: ModelStats | None = None,
         **engine_args: Any,
     ) -> None:
         if runner not in RUNNERS:
@@ -174,6 +180,7 @@ class Engine(EngineVerbs):
         self.runner = runner
         self.max_restarts = max_restarts
         self.stall_timeout_s = stall_timeout_s
+        self.stats = stats
         t0 = time.perf_counter()
         try:
             import_vllm()
@@ -217,10 +224,16 @@ class Engine(EngineVerbs):
             self.in_process,
             self._args,
         )
+        stats = self.stats
+        args = {**self._args, **stats.engine_args()} if stats is not None else self._args
         try:
-            return _build_llm(self.in_process, model=self.model, runner=self.runner, **self._args)
+            with stats.building() if stats is not None else contextlib.nullcontext():
+                llm = _build_llm(self.in_process, model=self.model, runner=self.runner, **args)
         except Exception as e:
             raise EngineError(_explain_load_error(self.model, e)) from e
+        if stats is not None:
+            stats.install(llm.llm_engine)
+        return llm
 
     def restart(self, reason: str) -> None:
         """Replace a dead (or hung) vLLM engine with a fresh one; every request inside is lost."""
