@@ -12,7 +12,6 @@ vLLM is imported lazily so config checks and ``--help`` stay fast.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -62,7 +61,7 @@ def resolve_in_process(setting: str | bool | None) -> bool:
     return bool(current_platform.is_cpu()) and (os.cpu_count() or 1) <= 32
 
 
-def _build_llm(in_process: bool, **kwargs: Any) -> Any:
+def _build_llm(in_process: bool, stats: ModelStats | None = None, **kwargs: Any) -> Any:
     from vllm import LLM  # imported already, with the GC paused (Engine.__init__)
     from vllm import envs as vllm_envs
 
@@ -73,7 +72,13 @@ def _build_llm(in_process: bool, **kwargs: Any) -> Any:
         if hasattr(vllm_envs, "disable_envs_cache"):
             vllm_envs.disable_envs_cache()
         try:
-            return LLM(**kwargs)
+            if stats is None:
+                return LLM(**kwargs)
+            # Under the lock: vLLM's loggers (un)register global collectors while an engine is built.
+            with stats.building():
+                llm = LLM(**{**kwargs, **stats.engine_args()})
+                stats.install(llm.llm_engine)
+            return llm
         finally:
             if before is None:
                 os.environ.pop(_MP_ENV, None)
@@ -224,16 +229,10 @@ class Engine(EngineVerbs):
             self.in_process,
             self._args,
         )
-        stats = self.stats
-        args = {**self._args, **stats.engine_args()} if stats is not None else self._args
         try:
-            with stats.building() if stats is not None else contextlib.nullcontext():
-                llm = _build_llm(self.in_process, model=self.model, runner=self.runner, **args)
+            return _build_llm(self.in_process, self.stats, model=self.model, runner=self.runner, **self._args)
         except Exception as e:
             raise EngineError(_explain_load_error(self.model, e)) from e
-        if stats is not None:
-            stats.install(llm.llm_engine)
-        return llm
 
     def restart(self, reason: str) -> None:
         """Replace a dead (or hung) vLLM engine with a fresh one; every request inside is lost."""
