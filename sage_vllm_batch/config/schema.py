@@ -319,8 +319,11 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    # /v1/* then needs "Authorization: Bearer <key>" (also read from $SAGE_VLLM_API_KEY).
+    # Every path then needs "Authorization: Bearer <key>" (also read from $SAGE_VLLM_API_KEY),
+    # except /health, /ping, /version and (see metrics_public) /metrics.
     api_key: str | None = None
+    # false: /metrics needs the key too (its model names and job counts are then not public).
+    metrics_public: bool = True
     # Jobs over HTTP may read data only below these directories (empty: HTTP jobs are refused).
     data_roots: list[str] = field(default_factory=list)
     # ... and write only below this one (relative paths: from the directory the server starts in).

@@ -23,6 +23,7 @@ from typing import Any
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.engine.memory import release_freed_memory
 from sage_vllm_batch.engine.startup import freeze_import_heap, import_vllm
+from sage_vllm_batch.engine.stats import ModelStats
 from sage_vllm_batch.engine.supervisor import FORWARD_LOCK, SupervisedStream, engine_children
 from sage_vllm_batch.errors import EngineError, one_line
 
@@ -61,7 +62,7 @@ def resolve_in_process(setting: str | bool | None) -> bool:
     return bool(current_platform.is_cpu()) and (os.cpu_count() or 1) <= 32
 
 
-def _build_llm(in_process: bool, **kwargs: Any) -> Any:
+def _build_llm(in_process: bool, stats: ModelStats | None = None, **kwargs: Any) -> Any:
     from vllm import LLM  # imported already, with the GC paused (Engine.__init__)
     from vllm import envs as vllm_envs
 
@@ -73,7 +74,13 @@ def _build_llm(in_process: bool, **kwargs: Any) -> Any:
         if hasattr(vllm_envs, "disable_envs_cache"):
             vllm_envs.disable_envs_cache()
         try:
-            return LLM(**kwargs)
+            if stats is None:
+                return LLM(**kwargs)
+            # Under the lock: vLLM's loggers (un)register global collectors while an engine is built.
+            with stats.building():
+                llm = LLM(**{**kwargs, **stats.engine_args()})
+                stats.install(llm.llm_engine)
+            return llm
         finally:
             if before is None:
                 os.environ.pop(_MP_ENV, None)
@@ -151,6 +158,9 @@ class Engine(EngineVerbs):
             restarts spent isolating a poison row are budgeted separately.
         stall_timeout_s: A step that takes longer than this while requests are in flight counts
             as a dead engine (0 disables the watchdog).
+        stats: Record vLLM's ``vllm:*`` metrics into this model's registry (the service; see
+            :mod:`~sage_vllm_batch.engine.stats`), across restarts. None (batch runs): stats off,
+            as ``vllm.LLM`` has them.
         **engine_args: Passed through to ``vllm.LLM`` (names as in vLLM's ``EngineArgs``).
     """
 
@@ -168,6 +178,7 @@ class Engine(EngineVerbs):
         in_process: str | bool | None = "auto",
         max_restarts: int = 2,
         stall_timeout_s: float = 600.0,
+        stats: ModelStats | None = None,
         **engine_args: Any,
     ) -> None:
         if runner not in RUNNERS:
@@ -176,6 +187,7 @@ class Engine(EngineVerbs):
         self.runner = runner
         self.max_restarts = max_restarts
         self.stall_timeout_s = stall_timeout_s
+        self.stats = stats
         t0 = time.perf_counter()
         try:
             import_vllm()
@@ -220,7 +232,7 @@ class Engine(EngineVerbs):
             self._args,
         )
         try:
-            return _build_llm(self.in_process, model=self.model, runner=self.runner, **self._args)
+            return _build_llm(self.in_process, self.stats, model=self.model, runner=self.runner, **self._args)
         except Exception as e:
             raise EngineError(_explain_load_error(self.model, e)) from e
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.engine.engine import Engine, engine_kwargs, lora_engine_args
 from sage_vllm_batch.engine.io import LoraSpec
+from sage_vllm_batch.engine.stats import ModelStats
 from sage_vllm_batch.errors import ConfigError, SageBatchError
 
 
@@ -163,8 +164,9 @@ def engine_group_key(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create({"model": cfg.model, "engine": cfg.engine, "registry": cfg.registry}))
 
 
-def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
-    """The job's engine for ``model`` (LoRA turned on when the model carries an adapter)."""
+def load_engine(cfg: DictConfig, model: ResolvedModel, stats: ModelStats | None = None) -> Engine:
+    """The job's engine for ``model`` (LoRA turned on when the model carries an adapter; vLLM's
+    metrics recorded into ``stats``, the service's, when given)."""
     runner = "pooling" if cfg.task.type == "embed" else "generate"
     kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
     if model.adapter:
@@ -180,5 +182,6 @@ def load_engine(cfg: DictConfig, model: ResolvedModel) -> Engine:
             in_process=cfg.engine.in_process,
             max_restarts=cfg.engine.max_restarts,
             stall_timeout_s=cfg.engine.stall_timeout_s,
+            stats=stats,
             **kw,
         )

@@ -126,26 +126,71 @@ async def _vllm_app(service: VLLMService, kind: str) -> Any:
     return app
 
 
+# Answer without the key (a load balancer's probes, a Prometheus scrape); every other path, a 404
+# included, needs it. Compared to scope["path"] exactly, the (percent-decoded) path Starlette
+# routes on: "/health/", "//health", "/HEALTH" or "/metrics/x" need the key.
+PUBLIC_PATHS = ("/health", "/ping", "/version")
+METRICS_PATH = "/metrics"
+
+
+def public_paths(metrics_public: bool = True) -> frozenset[str]:
+    """The paths answered without the API key (``serve.metrics_public`` adds ``/metrics``)."""
+    return frozenset(PUBLIC_PATHS + ((METRICS_PATH,) if metrics_public else ()))
+
+
 class _Front:
     """API key, body limit, routing by model, merged ``/v1/models``."""
 
     def __init__(
-        self, main: Any, embed: Any | None, embed_name: str | None, api_key: str | None, max_body: int
+        self,
+        main: Any,
+        embed: Any | None,
+        embed_name: str | None,
+        api_key: str | None,
+        max_body: int,
+        public: frozenset[str] = public_paths(),
     ):
         self.main, self.embed, self.embed_name = main, embed, embed_name
-        self.api_key, self.max_body = api_key, max_body
+        self.api_key, self.max_body, self.public = api_key, max_body, public
+
+    @property
+    def apps(self) -> list[Any]:
+        """The mounted FastAPI apps (the text model's, or the only one, first)."""
+        return [self.main] + ([self.embed] if self.embed is not None else [])
+
+    def set_server(self, server: Any) -> None:
+        """Give each app's state the uvicorn server, as vLLM's launcher does (``serve_http``): its
+        engine-error handler reads ``app.state.server`` (to stop a server whose engine is dead)."""
+        for app in self.apps:
+            app.state.server = server
+
+    def _authorized(self, scope: dict, headers: dict) -> bool:
+        if not self.api_key or scope["path"] in self.public:
+            return True
+        # A CORS preflight carries no credentials; vLLM's CORS middleware (Starlette's) answers
+        # it, from serve's allowed origins, without calling any route.
+        if scope.get("method") == "OPTIONS" and b"origin" in headers and b"access-control-request-method" in headers:
+            return True
+        auth = headers.get(b"authorization")
+        return api_key_ok(auth.decode("latin-1") if auth else None, self.api_key)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.main(scope, receive, send)
         path = scope["path"]
         headers = dict(scope.get("headers") or [])
-        if self.api_key and path.startswith("/v1/"):
-            auth = headers.get(b"authorization")
-            if not api_key_ok(auth.decode("latin-1") if auth else None, self.api_key):
-                return await _send_json(
-                    send, 401, _err("invalid or missing API key: send 'Authorization: Bearer <key>'", 401)
-                )
+        if not self._authorized(scope, headers):
+            if scope["type"] == "websocket":  # closed before accept: the client gets HTTP 403
+                await receive()
+                return await send({"type": "websocket.close", "code": 1008})
+            return await _send_json(
+                send,
+                401,
+                _err("invalid or missing API key: send 'Authorization: Bearer <key>'", 401),
+                [(b"www-authenticate", b"Bearer")],
+            )
+        if scope["type"] == "websocket":
+            return await self.main(scope, receive, send)
         if path == FILES_PATH and scope["method"] == "POST":
             # A batch file upload (up to serve.batch_max_file_bytes) streams to disk in its route,
             # which enforces its own limits: neither buffered here nor held to max_body_bytes.
@@ -226,13 +271,17 @@ async def _capture(app: Any, scope: dict) -> tuple[int, bytes]:
     return status, b"".join(chunks)
 
 
-async def _send_json(send: Any, status: int, obj: Any) -> None:
+async def _send_json(send: Any, status: int, obj: Any, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(obj).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -245,9 +294,14 @@ async def build_http_app(
     api_key: str | None = None,
     max_body_bytes: int = 4_000_000,
     batches: BatchManager | None = None,
+    metrics_public: bool = True,
 ) -> Any:
-    """The ASGI app serving ``service`` (call on the event loop that will serve it); with
-    ``batches``, OpenAI's Batch API too (``/v1/files``, ``/v1/batches``)."""
+    """The ASGI app serving ``service`` (call on the event loop that will serve it). With
+    ``api_key``, every path but :func:`public_paths` needs it; ``/metrics`` adds the service's
+    and its engines' metrics (:mod:`.metrics`); with ``batches``, OpenAI's Batch API too
+    (``/v1/files``, ``/v1/batches``)."""
+    from sage_vllm_batch.service import metrics
+
     apps = {kind: await _vllm_app(service, kind) for kind in (TEXT, EMBED) if service.has(kind)}
     main = apps.get(TEXT) or apps[EMBED]
     main.include_router(_router())
@@ -258,7 +312,21 @@ async def build_http_app(
     main.state.sage_jobs = jobs
     embed = apps.get(EMBED) if TEXT in apps else None
     embed_name = service.slot(EMBED).name if embed is not None else None
-    return _Front(main, embed, embed_name, api_key, max_body_bytes)
+    metrics.install(service, jobs)
+    return _Front(main, embed, embed_name, api_key, max_body_bytes, public_paths(metrics_public))
+
+
+def make_server(app: Any, host: str, port: int) -> Any:
+    """The uvicorn server that runs ``app`` (from :func:`build_http_app`), as :func:`serve` runs it;
+    the apps' state gets it, as vLLM's own launcher does."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10, lifespan="on"
+    )
+    server = _server_class()(config)
+    app.set_server(server)
+    return server
 
 
 # ---------------------------------------------------------------------------- serve
@@ -345,20 +413,15 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
 
     async def main() -> None:
         nonlocal record
-        import uvicorn
-
         app = await build_http_app(
-            service, jobs, api_key=api_key, max_body_bytes=int(s.max_body_bytes), batches=batches.start()
+            service,
+            jobs,
+            api_key=api_key,
+            max_body_bytes=int(s.max_body_bytes),
+            batches=batches.start(),
+            metrics_public=bool(s.metrics_public),
         )
-        config = uvicorn.Config(
-            app,
-            host=s.host,
-            port=int(s.port),
-            log_level="warning",
-            timeout_graceful_shutdown=10,
-            lifespan="on",
-        )
-        server = _server_class()(config)
+        server = make_server(app, s.host, int(s.port))
         task = asyncio.create_task(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.engine.driver import EngineDriver
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
+from sage_vllm_batch.engine.stats import model_stats
 from sage_vllm_batch.errors import EngineError, SageBatchError, one_line
 from sage_vllm_batch.requests.builder import RequestBuilder, sampling_dict, sampling_param_names
 from sage_vllm_batch.run.model import ResolvedModel, hold_model, load_engine
@@ -178,7 +179,8 @@ class VLLMService:
         with contextlib.ExitStack() as loading:
             why = f"service pid {os.getpid()} ({kind} model)"
             resolved = loading.enter_context(hold_model(cfg, purpose=why))
-            engine = load_engine(cfg, resolved)  # LoRA on when the model has an adapter
+            # LoRA on when the model has an adapter; vLLM's metrics on (the server's /metrics).
+            engine = load_engine(cfg, resolved, stats=model_stats(resolved.id))
             leases = loading.pop_all()  # loaded: the slot holds them from now on
         log.info("serving %s (%s) from %s", resolved.id, kind, resolved.path)
         return _Slot(
