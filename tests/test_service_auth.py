@@ -54,6 +54,11 @@ def live(registry_root, tmp_path_factory):
         data_roots=[str(data)],
         output_root=base / "outputs",
     )
+    # As serve() wires it, so the Batch API's routes are in the table that is walked.
+    from sage_vllm_batch.service.batches import BatchManager
+    from sage_vllm_batch.service.files import FileStore
+
+    batches = BatchManager(jobs, FileStore(base / "outputs" / "files", max_bytes=2**20, max_lines=1000), root=base / "outputs" / "batches", serves=service.has)
     port = _free_port()
     box: dict = {}
     started = threading.Event()
@@ -61,7 +66,7 @@ def live(registry_root, tmp_path_factory):
     def run() -> None:
         async def main() -> None:
             try:
-                box["app"] = app = await build_http_app(service, jobs, api_key=KEY)
+                box["app"] = app = await build_http_app(service, jobs, api_key=KEY, batches=batches.start())
                 box["server"] = server = make_server(app, "127.0.0.1", port)
             finally:
                 started.set()
@@ -81,12 +86,14 @@ def live(registry_root, tmp_path_factory):
     while "server" in box and not box["server"].started and time.monotonic() < deadline:
         time.sleep(0.05)
     if "server" not in box or not box["server"].started:
+        batches.shutdown()
         jobs.shutdown()
         service.close()
         pytest.fail(f"the server did not start: {box.get('error')!r}")
     yield {"url": url, "port": port, "front": box["app"], "service": service, "data": data}
     box["server"].should_exit = True
     thread.join(30)
+    batches.shutdown()
     jobs.shutdown()
     service.close()
 
@@ -168,7 +175,8 @@ def test_every_route_needs_the_key_except_the_public_list(live, capsys):
             else:
                 assert without == 401, (method, target, without)
                 assert with_key != 401, (method, target, with_key)
-    assert {"/invocations", "/tokenize", "/detokenize", "/v1/chat/completions", "/v1/embeddings", "/v1/jobs"} <= walked
+    assert {"/invocations", "/tokenize", "/detokenize", "/v1/chat/completions", "/v1/embeddings", "/v1/jobs",
+            "/v1/files", "/v1/batches"} <= walked
     assert public <= walked
 
     # Spellings that must not slip past the key, whatever they route to.
