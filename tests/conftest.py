@@ -5,7 +5,10 @@ point as a subprocess."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,55 @@ def random_lora(registry_root, tmp_path_factory) -> str:
     tags = {"type": "lora", "base_model": SMOL_ID, "base_revision": base.revision, "lora_rank": "8"}
     registry.import_model(RANDOM_LORA_ID, path=out, tags=tags, root=registry_root, force=True)
     return RANDOM_LORA_ID
+
+
+# ---------------------------------------------------------------------------- mode=serve servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_server(overrides, *, cwd: Path, log_path: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``python -m sage_vllm_batch mode=serve <overrides>`` on a free loopback port, its stderr
+    appended to ``log_path``; returns the process and its URL (not waited for: see wait_ready)."""
+    port = free_port()
+    args = [sys.executable, "-m", "sage_vllm_batch", "mode=serve", *overrides, f"serve.port={port}"]
+    with open(log_path, "a") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            args, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=subprocess.PIPE, stderr=log, text=True,
+        )  # fmt: skip
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 300, label: str = "server") -> list[str]:
+    """The server's stdout lines up to its READY line; a server that exits or stays silent past
+    ``timeout`` is killed and fails the test with its log's tail."""
+    deadline, lines = time.monotonic() + timeout, []
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("READY"):
+                break
+    except BaseException:  # the test's time limit while it is silent: do not leave it running
+        proc.kill()
+        raise
+    if not lines or not lines[-1].startswith("READY"):
+        proc.kill()
+        pytest.fail(f"{label} did not start: {lines}\n{Path(log_path).read_text()[-3000:]}")
+    return lines
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -8,16 +8,13 @@ import io
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import compose_job
+from conftest import compose_job, spawn_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.engine
 
@@ -30,55 +27,21 @@ WINDOW = 16  # engine.max_in_flight: a job's rows go through the engine in waves
 MAX_LINES = 12_000  # serve.batch_max_file_lines of the module's server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(base: Path, registry_root: Path, *extra: str, name: str = "server") -> dict:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "SAGE_VLLM_API_KEY": KEY,
-        "SAGE_VLLM_SERVICES_DIR": str(base / "state"),
-    }
-    args = [
-        sys.executable, "-m", "sage_vllm_batch", "mode=serve", "model=smollm2-135m-instruct",
-        "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM, f"engine.max_in_flight={WINDOW}",
-        f"serve.port={port}", f"serve.output_root={base / 'outputs'}", f"serve.batch_shard_rows={SHARD}", *extra,
+    env = {"SAGE_VLLM_API_KEY": KEY, "SAGE_VLLM_SERVICES_DIR": str(base / "state")}
+    overrides = [
+        "model=smollm2-135m-instruct", "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM,
+        f"engine.max_in_flight={WINDOW}", f"serve.output_root={base / 'outputs'}", f"serve.batch_shard_rows={SHARD}",
+        *extra,
     ]  # fmt: skip
-    log = open(base / f"{name}.log", "a")
-    proc = subprocess.Popen(args, cwd=base, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    deadline, lines = time.monotonic() + 300, []
-    try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("READY"):
-                break
-    except BaseException:
-        proc.kill()
-        raise
-    if not lines or not lines[-1].startswith("READY"):
-        proc.kill()
-        pytest.fail(f"server did not start: {lines}\n{(base / f'{name}.log').read_text()[-3000:]}")
-    return {"url": f"http://127.0.0.1:{port}", "proc": proc, "log": log}
+    log = base / f"{name}.log"
+    proc, url = spawn_server(overrides, cwd=base, log_path=log, env=env)
+    wait_ready(proc, log)
+    return {"url": url, "proc": proc}
 
 
 def _stop(server: dict) -> None:
-    proc = server["proc"]
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    server["log"].close()
+    stop_server(server["proc"], timeout=60)
 
 
 def _client(server: dict):

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import compose_job
+from conftest import compose_job, free_port
 
 from sage_vllm_batch.service.http import base_overrides, build_http_app, make_server, public_paths
 
@@ -29,12 +29,6 @@ OVERRIDES = [
     "+engine.extra.kv_cache_memory_bytes=268435456",  # fixed small KV caches: a shared machine
     "engine.max_restarts=5",  # the tests below crash the text engine on purpose
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +53,7 @@ def live(registry_root, tmp_path_factory):
     from sage_vllm_batch.service.files import FileStore
 
     batches = BatchManager(jobs, FileStore(base / "outputs" / "files", max_bytes=2**20, max_lines=1000), root=base / "outputs" / "batches", serves=service.has)
-    port = _free_port()
+    port = free_port()
     box: dict = {}
     started = threading.Event()
 

@@ -9,27 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import spawn_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.engine
 
 KEY = "escape-key"
 MEM = "engine.kv_cache_memory_bytes=268435456"  # small fixed KV caches: two engines on a shared machine
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _snapshot(d: Path) -> dict[str, tuple[int, int]]:
@@ -65,39 +57,16 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(registry_root, dirs):
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAGE_VLLM_API_KEY": KEY,
-           "SAGE_VLLM_SERVICES_DIR": str(dirs["base"] / "state")}  # fmt: skip
-    args = [
-        sys.executable, "-m", "sage_vllm_batch", "mode=serve", "model=smollm2-135m-instruct",
-        "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM, f"serve.port={port}",
+    env = {"SAGE_VLLM_API_KEY": KEY, "SAGE_VLLM_SERVICES_DIR": str(dirs["base"] / "state")}
+    overrides = [
+        "model=smollm2-135m-instruct", "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM,
         f"serve.data_roots=[{dirs['data']}]", f"serve.output_root={dirs['outputs']}",
     ]  # fmt: skip
-    log = open(dirs["base"] / "server.log", "w")
-    proc = subprocess.Popen(args, cwd=dirs["cwd"], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    deadline = time.monotonic() + 300
-    lines: list[str] = []
-    try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("READY"):
-                break
-    except BaseException:
-        proc.kill()
-        raise
-    if not lines or not lines[-1].startswith("READY"):
-        proc.kill()
-        pytest.fail(f"server did not start: {lines}\n{(dirs['base'] / 'server.log').read_text()[-3000:]}")
-    yield {"url": f"http://127.0.0.1:{port}", "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    log = dirs["base"] / "server.log"
+    proc, url = spawn_server(overrides, cwd=dirs["cwd"], log_path=log, env=env)
+    wait_ready(proc, log)
+    yield {"url": url, "proc": proc}
+    stop_server(proc)
 
 
 @pytest.fixture

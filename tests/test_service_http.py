@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import compose_job
+from conftest import compose_job, spawn_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.engine
 
@@ -32,12 +28,6 @@ MEM = "+engine.extra.kv_cache_memory_bytes=268435456"
 # job, whose rows would all finish together.
 JOB_WINDOW = 16
 LONG = [f"What is {i} plus {i}?" for i in range(160)]  # starts with QUESTIONS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -66,46 +56,17 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(registry_root, dirs):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "SAGE_VLLM_API_KEY": KEY,
-        "SAGE_VLLM_SERVICES_DIR": str(dirs["state"]),
-    }
-    args = [
-        sys.executable, "-m", "sage_vllm_batch", "mode=serve", "model=smollm2-135m-instruct",
-        "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM, f"engine.max_in_flight={JOB_WINDOW}",
-        f"serve.port={port}",
-        f"serve.data_roots=[{dirs['data']}]", f"serve.output_root={dirs['outputs']}",
+    env = {"SAGE_VLLM_API_KEY": KEY, "SAGE_VLLM_SERVICES_DIR": str(dirs["state"])}
+    overrides = [
+        "model=smollm2-135m-instruct", "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM,
+        f"engine.max_in_flight={JOB_WINDOW}", f"serve.data_roots=[{dirs['data']}]",
+        f"serve.output_root={dirs['outputs']}",
     ]  # fmt: skip
-    log = open(dirs["base"] / "server.log", "w")
-    proc = subprocess.Popen(args, cwd=dirs["base"], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    lines = []
-    try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("READY"):
-                break
-    except BaseException:  # the test's time limit while it is silent: do not leave it running
-        proc.kill()
-        raise
-    if not lines or not lines[-1].startswith("READY"):
-        proc.kill()
-        pytest.fail(f"server did not start: {lines}\n{(dirs['base'] / 'server.log').read_text()[-3000:]}")
-    yield {"url": url, "proc": proc, "port": port, "stdout": lines}
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    log.close()
+    log = dirs["base"] / "server.log"
+    proc, url = spawn_server(overrides, cwd=dirs["base"], log_path=log, env=env)
+    lines = wait_ready(proc, log, timeout=240)
+    yield {"url": url, "proc": proc, "port": int(url.rsplit(":", 1)[1]), "stdout": lines}
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

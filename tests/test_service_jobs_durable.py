@@ -13,28 +13,19 @@ model (the fastest to load and to run); the tests run in order and share the ser
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import spawn_server, wait_ready
 
 pytestmark = pytest.mark.engine
 
 ROWS = 40
 SHARD = 4  # 10 shards a job
 MEM = "+engine.extra.kv_cache_memory_bytes=268435456"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,41 +56,18 @@ def _overrides(w, name: str, *extra: str) -> list[str]:
 
 
 def _start(w, label: str, env_extra: dict[str, str] | None = None, *, expect_ready: bool = True):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "SAGE_VLLM_SERVICES_DIR": str(w["base"] / "state"),
-        **(env_extra or {}),
-    }
-    args = [
-        sys.executable, "-m", "sage_vllm_batch", "mode=serve", "model=minilm-l6-v2", f"registry.root={w['registry']}",
-        MEM, f"serve.port={port}", f"serve.data_roots=[{w['data']}]", f"serve.output_root={w['root']}",
-        "serve.max_running_jobs=1",
+    env = {"SAGE_VLLM_SERVICES_DIR": str(w["base"] / "state"), **(env_extra or {})}
+    overrides = [
+        "model=minilm-l6-v2", f"registry.root={w['registry']}", MEM, f"serve.data_roots=[{w['data']}]",
+        f"serve.output_root={w['root']}", "serve.max_running_jobs=1",
     ]  # fmt: skip
     log_path = w["base"] / f"server-{label}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, cwd=w["base"], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc, url = spawn_server(overrides, cwd=w["base"], log_path=log_path, env=env)
     w["procs"].append(proc)
     if not expect_ready:
         return proc, log_path
-    lines = []
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("READY"):
-                break
-    except BaseException:
-        proc.kill()
-        raise
-    if not lines or not lines[-1].startswith("READY"):
-        proc.kill()
-        pytest.fail(f"server {label} did not start: {lines}\n{log_path.read_text()[-3000:]}")
-    return proc, f"http://127.0.0.1:{port}"
+    wait_ready(proc, log_path, timeout=240, label=f"server {label}")
+    return proc, url
 
 
 def _wait(http, job_id, until, timeout=180):
