@@ -95,8 +95,6 @@ class OpenAIRequests:
 
     def parse(self, row: Mapping[str, Any]) -> Any:
         """The validated request model of a row of :class:`~sage_vllm_batch.sources.openai_batch.OpenAIBatchSource`."""
-        import pydantic
-
         body: dict[str, Any] = json.loads(row["sampling"]) if row.get("sampling") else {}
         if row.get("model") is not None:
             body["model"] = row["model"]
@@ -115,13 +113,7 @@ class OpenAIRequests:
                     f"bad request: not a completion request (url {row.get('url')!r}); use task=chat for /v1/chat/completions"
                 )
             body["prompt"] = row["prompt"]
-        unknown = sorted(set(body) - self.known)
-        if unknown:
-            raise OpenAIBodyError(f"bad sampling options: unknown option(s) {', '.join(unknown)}")
-        try:
-            req = self.model.model_validate(body)
-        except (pydantic.ValidationError, ValueError) as e:
-            raise OpenAIBodyError(f"bad request: {one_line(e, 400)}") from e
+        req = self._validated(body, "bad sampling options")
         for name, fine in _UNSUPPORTED.items():
             value = getattr(req, name, fine)
             if value not in (fine, None) and name in req.model_fields_set:
@@ -130,21 +122,25 @@ class OpenAIRequests:
                 )
         return req
 
-    def _parse_embed(self, row: Mapping[str, Any], body: dict[str, Any]) -> Any:
+    def _validated(self, body: dict[str, Any], unknown_label: str) -> Any:
+        """``body`` through vLLM's request model; an unknown key is named under ``unknown_label``."""
         import pydantic
 
+        unknown = sorted(set(body) - self.known)
+        if unknown:
+            raise OpenAIBodyError(f"{unknown_label}: unknown option(s) {', '.join(unknown)}")
+        try:
+            return self.model.model_validate(body)
+        except (pydantic.ValidationError, ValueError) as e:
+            raise OpenAIBodyError(f"bad request: {one_line(e, 400)}") from e
+
+    def _parse_embed(self, row: Mapping[str, Any], body: dict[str, Any]) -> Any:
         if row.get("text") is None and (row.get("messages") is not None or row.get("prompt") is not None):
             raise OpenAIBodyError(
                 f"bad request: not an embeddings request (url {row.get('url')!r}); use task=chat or task=generate"
             )
         body["input"] = row.get("text")
-        unknown = sorted(set(body) - self.known)
-        if unknown:
-            raise OpenAIBodyError(f"bad request: unknown option(s) {', '.join(unknown)}")
-        try:
-            req = self.model.model_validate(body)
-        except (pydantic.ValidationError, ValueError) as e:
-            raise OpenAIBodyError(f"bad request: {one_line(e, 400)}") from e
+        req = self._validated(body, "bad request")
         refused = sorted(set(req.model_fields_set) - _EMBED_FIELDS)
         if req.encoding_format != "float":
             refused.append(f"encoding_format={req.encoding_format!r}")
