@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 # Sections a worker needs to load the engine (load_engine / resolve_model) ...
 _ENGINE_SECTIONS = ("model", "engine", "registry", "task")
-# ... and to build a point's requests (request_builder).
-_POINT_SECTIONS = ("task", "data", "sampling")
+# ... and to build a point's requests (request_builder: the model's names answer OpenAI batch bodies).
+_POINT_SECTIONS = ("model", "task", "data", "sampling")
 # Driver environment passed on to the workers (offline switches, vLLM and our own settings).
 _ENV_PREFIXES = ("HF_", "VLLM_", "SAGE_", "TRANSFORMERS_")
 
