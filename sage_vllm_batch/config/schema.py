@@ -300,6 +300,12 @@ class ExecutorConfig:
     threads_per_worker: int = 0
     # ray: a chunk whose worker dies (or fails) goes to another worker at most this many times.
     max_chunk_retries: int = 2
+    # ray: replacement workers started for workers that died, hung or failed, over the whole run
+    # (0: a dead worker is only retired). A replacement loads its engine while the others go on.
+    max_worker_restarts: int = 4
+    # ray: seconds a replacement may take to be placed and load its engine; past it (the cluster has
+    # no room for it) the job goes on with fewer workers.
+    replace_timeout_s: float = 600.0
     # ray: chunks queued per worker, so its engine goes on to the next chunk without a pause.
     chunks_per_worker: int = 2
     # ray: a chunk running longer than this on a worker counts as a hung worker (killed, chunk

@@ -200,6 +200,8 @@ def validate_executor(cfg: DictConfig) -> None:
     _check(ex.gpus_per_worker >= 0, "executor.gpus_per_worker", "must be >= 0")
     _check(ex.threads_per_worker >= 0, "executor.threads_per_worker", "must be >= 0 (0: cpus_per_worker)")
     _check(ex.max_chunk_retries >= 0, "executor.max_chunk_retries", "must be >= 0")
+    _check(ex.max_worker_restarts >= 0, "executor.max_worker_restarts", "must be >= 0 (0: no replacements)")
+    _check(ex.replace_timeout_s > 0, "executor.replace_timeout_s", "must be > 0")
     _check(ex.chunks_per_worker >= 1, "executor.chunks_per_worker", "must be >= 1")
     _check(
         ex.chunk_timeout_s is None or ex.chunk_timeout_s > 0, "executor.chunk_timeout_s", "must be > 0 or null"

@@ -10,9 +10,12 @@ a chunk on one worker. Units go to the worker with the fewest queued (``chunks_p
 results come back to the driver, which hands them to :meth:`Point.on_result`: the same sink, ledger
 and manifest as ``executor=local``, hence the same output and the same exactly-once resume. A unit
 whose worker dies, hangs (``chunk_timeout_s``) or fails is sent to another worker, at most
-``max_chunk_retries`` times; the failed worker is retired and the job goes on with the others.
-Nothing of a failed attempt was committed, so nothing is duplicated; if the driver itself dies, a
-rerun resumes from the ledger.
+``max_chunk_retries`` times. The failed worker is killed and a replacement actor is started in its
+slot (at most ``max_worker_restarts`` over the run); it loads its engine while the others go on, and
+takes units once ready. A replacement not ready within ``replace_timeout_s`` (no room on the
+cluster, say) is given up: the job goes on with fewer workers. Nothing of a failed attempt was
+committed, so nothing is duplicated (a late result of a killed worker is dropped: its unit is no
+longer in flight there); if the driver itself dies, a rerun resumes from the ledger.
 """
 
 from __future__ import annotations
@@ -77,11 +80,19 @@ class Unit:
 
 @dataclass
 class Worker:
+    """One worker slot: its current actor, and the actors replacing it after a death."""
+
     index: int
     actor: Any
     info: dict[str, Any] = field(default_factory=dict)
     alive: bool = True
-    died: str | None = None
+    died: str | None = None  # the last death's reason
+    deaths: int = 0
+    replacements: int = 0  # replacement actors that became ready (since the last reset)
+    pending: Any = None  # a replacement actor being placed / loading its engine ...
+    pending_ref: Any = None  # ... and its info() call, ready once the engine is loaded
+    pending_since: float = 0.0
+    start_failed: bool = False  # never started (no room, or a load error): not replaced
     inflight: dict[Any, Unit] = field(default_factory=dict)  # ObjectRef -> unit
     last_progress: float = 0.0
     units: int = 0
@@ -93,7 +104,12 @@ class Worker:
     def record(self, span_s: float) -> dict[str, Any]:
         span = max(span_s, 1e-9)
         return {
+            "id": self.index,
             "worker": self.index,
+            "alive": self.alive,
+            "deaths": self.deaths,
+            "replacements": self.replacements,
+            "chunks": self.units,
             "host": self.info.get("host"),
             "pid": self.info.get("pid"),
             "threads": self.info.get("threads"),
@@ -161,6 +177,10 @@ class RayExecutor:
         self.workers: list[Worker] = []
         self.load_seconds = 0.0
         self.units_retried = 0
+        self.restarts_used = 0  # replacements started, over the executor's life (the run)
+        self.replacements_given_up = 0
+        self._spawn: Callable[[int], Any] | None = None
+        self._sections: list[dict[str, Any]] = []
         self._owns_ray = False
         self._engine: RemoteEngine | None = None
         self.on_dispatch: Callable[[RayExecutor, Worker, Unit], None] | None = None
@@ -196,10 +216,8 @@ class RayExecutor:
         actor_cls = ray.remote(EngineWorker)
         job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _ENGINE_SECTIONS}
         wire = model.to_wire()  # the adapter and its per-request LoRA spec included
-        self.workers = [
-            Worker(i, actor_cls.options(**opts).remote(job, wire, threads, i))
-            for i in range(int(ex.num_workers))
-        ]
+        self._spawn = lambda i: actor_cls.options(**opts).remote(job, wire, threads, i)
+        self.workers = [Worker(i, self._spawn(i)) for i in range(int(ex.num_workers))]
         log.info(
             "Ray: starting %d worker(s) (%s CPU, %s GPU, %d thread(s) each), loading %s%s",
             len(self.workers),
@@ -217,10 +235,12 @@ class RayExecutor:
             try:
                 w.info = ray.get(ref)
             except ray.exceptions.RayError as e:
-                self._retire(w, ray_error_line(e), kill=True)
+                self._retire(w, ray_error_line(e), kill=True, replace=False)
+                w.start_failed = True
                 errors.append(f"worker {w.index}: {ray_error_line(e)}")
         for ref in missing:
-            self._retire(refs[ref], f"not ready after {ex.start_timeout_s:.0f}s", kill=True)
+            self._retire(refs[ref], f"not ready after {ex.start_timeout_s:.0f}s", kill=True, replace=False)
+            refs[ref].start_failed = True
         alive = [w for w in self.workers if w.alive]
         if missing:
             errors.append(
@@ -300,27 +320,31 @@ class RayExecutor:
     def _feed(self, todo: Sequence[Point]) -> None:
         ray = _import_ray()
         t0 = time.perf_counter()
-        deaths0 = sum(not w.alive for w in self.workers)
         self.units_retried = 0
         for w in self.workers:  # counters are per run_points; units abandoned by an interrupted one never commit
             w.inflight.clear()
             w.units = w.rows = w.prompt_tokens = w.completion_tokens = 0
+            w.deaths = w.replacements = 0
         try:
-            alive = self._alive()
-            sections = [
+            self._sections = [
                 {k: OmegaConf.to_container(p.cfg[k], resolve=True) for k in _POINT_SECTIONS} for p in todo
             ]
-            calls = {w.actor.add_point.remote(i, s): w for w in alive for i, s in enumerate(sections)}
+            for w in self.workers:  # slots that died in an earlier run_points, while the budget lasts
+                if not w.alive and w.pending is None and not w.start_failed:
+                    self._replace(w)
+            alive = self._alive()
+            calls = {w.actor.add_point.remote(i, s): w for w in alive for i, s in enumerate(self._sections)}
             self._gather(ray, calls)
             self._loop(ray, todo)
         finally:
-            summary = self.summary(time.perf_counter() - t0, deaths0)
+            summary = self.summary(time.perf_counter() - t0)
             for p in todo:
                 p.metrics.executor = summary
             log.info(
-                "Ray: %d unit(s) retried, %d worker(s) died; per worker rows: %s",
+                "Ray: %d unit(s) retried, %d worker(s) died, %d replaced; per worker rows: %s",
                 summary["units_retried"],
                 summary["worker_deaths"],
+                summary["worker_replacements"],
                 ", ".join(f"{w['worker']}={w['rows']}" for w in summary["workers"]),
             )
 
@@ -331,10 +355,77 @@ class RayExecutor:
                 ray.get(ref)
             except ray.exceptions.RayError as e:
                 if w.alive:
-                    self._retire(w, ray_error_line(e), kill=True)
                     log.warning("Ray worker %d failed to set up: %s", w.index, ray_error_line(e))
-        if not self._alive():
+                    self._retire(w, ray_error_line(e), kill=True)
+        if not self._alive() and not self._starting():
             raise EngineError("executor=ray: every worker failed (see the warnings above)")
+
+    # ------------------------------------------------------------------ replacements
+    def _replace(self, w: Worker) -> None:
+        """Start a new actor in ``w``'s slot if the budget allows; it is polled in the loop."""
+        limit = int(self.ex.max_worker_restarts)
+        if self._spawn is None or self.restarts_used >= limit:
+            if limit:
+                log.warning(
+                    "Ray worker %d is not replaced: executor.max_worker_restarts=%d used up; going on "
+                    "with %d worker(s)",
+                    w.index,
+                    limit,
+                    len(self._alive()),
+                )
+            return
+        self.restarts_used += 1
+        w.pending = self._spawn(w.index)
+        w.pending_ref = w.pending.info.remote()
+        w.pending_since = time.perf_counter()
+        log.warning(
+            "Ray worker %d: starting a replacement (%d of executor.max_worker_restarts=%d)",
+            w.index,
+            self.restarts_used,
+            limit,
+        )
+
+    def _starting(self) -> list[Worker]:
+        return [w for w in self.workers if w.pending is not None]
+
+    def _poll_replacements(self, ray: Any, ready: set[Any]) -> None:
+        """Bring replacements whose engine loaded into service; give up those past the timeout."""
+        limit_s = float(self.ex.replace_timeout_s)
+        for w in self._starting():
+            if w.pending_ref in ready:
+                actor, ref = w.pending, w.pending_ref
+                w.pending = w.pending_ref = None
+                try:
+                    info = ray.get(ref)
+                    ray.get([actor.add_point.remote(i, s) for i, s in enumerate(self._sections)])
+                except ray.exceptions.RayError as e:
+                    _kill(ray, actor)
+                    log.warning("Ray worker %d: the replacement failed: %s", w.index, ray_error_line(e))
+                    self._replace(w)  # another try, within the budget
+                    continue
+                w.actor, w.info, w.alive = actor, info, True
+                w.replacements += 1
+                w.last_progress = time.perf_counter()
+                log.warning(
+                    "Ray worker %d replaced (pid %s on %s, engine loaded in %.1fs); %d worker(s) now",
+                    w.index,
+                    info["pid"],
+                    info["host"],
+                    info["load_seconds"],
+                    len(self._alive()),
+                )
+            elif time.perf_counter() - w.pending_since > limit_s:
+                _kill(ray, w.pending)
+                w.pending = w.pending_ref = None
+                self.replacements_given_up += 1
+                log.warning(
+                    "Ray worker %d: the replacement was not placed and loaded within "
+                    "executor.replace_timeout_s=%.0fs (the cluster has %s free); going on with %d worker(s)",
+                    w.index,
+                    limit_s,
+                    ray.available_resources(),
+                    len(self._alive()),
+                )
 
     def _loop(self, ray: Any, todo: Sequence[Point]) -> None:
         units = units_of(todo, self._engine)
@@ -362,17 +453,24 @@ class RayExecutor:
                     break
                 self._dispatch(w, unit)
             refs = [r for w in self.workers if w.alive for r in w.inflight]
+            starting = [w.pending_ref for w in self._starting()]
             if not refs:
-                if retry or not exhausted:
+                if not (retry or not exhausted):
+                    return
+                if not starting:
                     pending = retry[0].describe(todo) if retry else "the rest of the input"
                     raise EngineError(
-                        f"executor=ray: every worker died; {pending} is not done. Committed shards are "
+                        f"executor=ray: every worker died and none is left to replace them "
+                        f"(executor.max_worker_restarts={self.ex.max_worker_restarts}, "
+                        f"{self.restarts_used} used); {pending} is not done. Committed shards are "
                         "intact: rerun the same command to resume."
                     )
-                return
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(refs + starting, num_returns=1, timeout=1.0)
             for ref in ready:
-                self._collect(ray, ref, todo, retry)
+                if ref not in starting:
+                    self._collect(ray, ref, todo, retry)
+            if starting:
+                self._poll_replacements(ray, set(ready))
             if timeout:
                 now = time.perf_counter()
                 for w in self._alive():
@@ -446,19 +544,19 @@ class RayExecutor:
             len(self._alive()),
         )
 
-    def _retire(self, w: Worker, reason: str, *, kill: bool) -> None:
+    def _retire(self, w: Worker, reason: str, *, kill: bool, replace: bool = True) -> None:
         w.alive = False
         w.died = reason
+        w.deaths += 1
         if kill:
-            try:
-                _import_ray().kill(w.actor, no_restart=True)
-            except Exception:  # already gone
-                pass
+            _kill(_import_ray(), w.actor)
+        if replace:
+            self._replace(w)
 
     def _alive(self) -> list[Worker]:
         return [w for w in self.workers if w.alive]
 
-    def summary(self, span_s: float, deaths_before: int = 0) -> dict[str, Any]:
+    def summary(self, span_s: float) -> dict[str, Any]:
         """Per-worker and total throughput over ``span_s`` (the serving time, loads excluded)."""
         rows = sum(w.rows for w in self.workers)
         toks = sum(w.prompt_tokens + w.completion_tokens for w in self.workers)
@@ -472,7 +570,12 @@ class RayExecutor:
             "rows_per_s": round(rows / span, 3),
             "tokens_per_s": round(toks / span, 3),
             "units_retried": self.units_retried,
-            "worker_deaths": sum(not w.alive for w in self.workers) - deaths_before,
+            "worker_deaths": sum(w.deaths for w in self.workers),
+            "worker_replacements": sum(w.replacements for w in self.workers),
+            "worker_restarts_used": self.restarts_used,  # over the run: the budget's use
+            "max_worker_restarts": int(self.ex.max_worker_restarts),
+            "replacements_given_up": self.replacements_given_up,
+            "workers_alive": len(self._alive()),
             "workers": [w.record(span_s) for w in self.workers],
         }
 
@@ -486,10 +589,21 @@ class RayExecutor:
             refs = [w.actor.close.remote() for w in alive]
             ray.wait(refs, num_returns=len(refs), timeout=30)
         for w in alive:
-            self._retire(w, "closed", kill=True)  # ... then the actor goes
+            self._retire(w, "closed", kill=True, replace=False)  # ... then the actor goes
+            w.deaths -= 1  # a close is no death
+        for w in self._starting():
+            _kill(ray, w.pending)
+            w.pending = w.pending_ref = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+
+
+def _kill(ray: Any, actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass
 
 
 def _import_ray() -> Any:

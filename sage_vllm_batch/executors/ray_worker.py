@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_vllm_batch.errors import one_line
+from sage_vllm_batch.faults import RAY_ENV, chunk_faults
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class _Job:
     remaining: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
+    mid_checked: bool = False
 
 
 class EngineWorker:
@@ -105,6 +107,7 @@ class EngineWorker:
         """Results of one unit, per part in row order, plus the worker's counters for it."""
         if self._fatal:
             raise RuntimeError(f"worker {self.index}: engine failed earlier: {self._fatal}")
+        self._fault("arrive", parts)
         t0 = time.perf_counter()
         job = _Job(parts=parts, results=[[None] * len(rows) for _, _, rows in parts])
         job.remaining = sum(len(rows) for _, _, rows in parts)
@@ -116,6 +119,7 @@ class EngineWorker:
                     break
         if job.error:
             raise RuntimeError(f"worker {self.index}: {job.error}")
+        self._fault("computed", parts)
         results = [[dataclasses.replace(r, key=None) for r in rs] for rs in job.results]
         return {
             "results": results,
@@ -150,6 +154,9 @@ class EngineWorker:
                     j, pi, idx = res.key
                     j.results[pi][idx] = res
                     j.remaining -= 1
+                    if j.remaining and not j.mid_checked:
+                        j.mid_checked = True
+                        self._fault("mid", j.parts)
                     if j.remaining == 0:
                         j.done.set()
             except BaseException as e:  # the engine is unusable: fail every unit it holds or will get
@@ -171,6 +178,23 @@ class EngineWorker:
             if not j.done.is_set():
                 j.error = f"engine failed: {self._fatal}"
                 j.done.set()
+
+    def _fault(self, stage: str, parts: list[tuple[int, int, list[dict[str, Any]]]]) -> None:
+        """Test-only faults (:data:`sage_vllm_batch.faults.RAY_ENV`); a no-op unless it is set."""
+        if not os.environ.get(RAY_ENV):
+            return
+        for action, arg in chunk_faults(stage, {c for _, c, _ in parts}):
+            log.warning("worker %d: injected fault %s=%s at %s", self.index, action, arg, stage)
+            if action == "die":
+                os._exit(1)
+            elif action == "hang":
+                time.sleep(float(arg))
+            elif action == "restarts":
+                self.engine.max_restarts = int(arg)
+            elif action == "engine":
+                from sage_vllm_batch.engine.supervisor import FAULT_ENV
+
+                os.environ[FAULT_ENV] = arg  # read by the next stream's supervisor
 
     def close(self) -> None:
         self._queue.put(None)
