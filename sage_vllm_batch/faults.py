@@ -43,7 +43,7 @@ def pause_point(name: str) -> None:
 # ``<stage> <chunk> <action>[,<action>...] [always]`` with stage ``arrive`` (the unit reached the
 # worker), ``mid`` (its first result came back from the engine) or ``computed`` (all its results are
 # in, not yet returned), and actions ``die`` (os._exit), ``hang=<seconds>``, ``restarts=<n>`` (the
-# engine's max_restarts) and ``engine=<SAGE_VLLM_BATCH_FAULT spec>`` (a crash inside vLLM). A line
+# engine's max_restarts) and ``engine`` (the engine's next step raises inside vLLM). A line
 # fires once over all workers (claimed with an exclusive marker file next to it) unless ``always``.
 # The file is read at each stage, so a test can change the faults of workers already running.
 RAY_ENV = "SAGE_VLLM_BATCH_RAY_FAULTS"

@@ -1,6 +1,6 @@
 """executor=ray on a local Ray instance (2 workers, 1 CPU thread each) against executor=local.
 
-One Ray instance (2 CPUs) serves the module. The chat tests run first, each with its own pool (the
+One Ray instance (2 CPUs, conftest.ray_local) serves the session. The chat tests run first, each with its own pool (the
 LoRA one with a single worker); then one pool of two MiniLM workers serves the embed tests (the
 worker-kill test runs last: it leaves the pool with one worker). Inputs are tiny: 40 verses in
 shards of 5-10 rows, 6 chat prompts of 8 tokens.
@@ -93,13 +93,6 @@ def test_a_chunk_is_retried_on_another_worker_then_fails_naming_it():
 
 
 # ------------------------------------------------------------------ the real engine on a local Ray instance
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def embed_pool(ray_local, registry_root, tmp_path_factory):
     """Two MiniLM workers, started once for the embed tests."""

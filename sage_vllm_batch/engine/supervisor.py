@@ -480,11 +480,16 @@ class _Fault:
                 if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM"):
                     os.kill(p.pid, signal.SIGKILL)
             return
-        core = engine.vllm_engine.engine_core
-        real = core.get_output
+        break_next_step(engine, f"injected engine fault (row marked {self.marker!r})")
 
-        def broken(*a: Any, **kw: Any) -> Any:
-            core.get_output = real
-            raise RuntimeError(f"injected engine fault (row marked {self.marker!r})")
 
-        core.get_output = broken
+def break_next_step(engine: Engine, why: str) -> None:
+    """Test hook: the engine's next step raises ``why`` from inside vLLM (in-process engine core)."""
+    core = engine.vllm_engine.engine_core
+    real = core.get_output
+
+    def broken(*a: Any, **kw: Any) -> Any:
+        core.get_output = real
+        raise RuntimeError(why)
+
+    core.get_output = broken

@@ -100,6 +100,7 @@ class Worker:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     peak_rss_bytes: int = 0
+    engine_restarts: int = 0  # the supervisor's restarts of the current actor's engine (no Ray retry)
 
     def record(self, span_s: float) -> dict[str, Any]:
         span = max(span_s, 1e-9)
@@ -122,6 +123,7 @@ class Worker:
             "rows_per_s": round(self.rows / span, 3),
             "tokens_per_s": round((self.prompt_tokens + self.completion_tokens) / span, 3),
             "peak_rss_bytes": self.peak_rss_bytes or None,
+            "engine_restarts": self.engine_restarts,
             "died": self.died,
         }
 
@@ -404,6 +406,7 @@ class RayExecutor:
                     self._replace(w)  # another try, within the budget
                     continue
                 w.actor, w.info, w.alive = actor, info, True
+                w.engine_restarts = 0
                 w.replacements += 1
                 w.last_progress = time.perf_counter()
                 log.warning(
@@ -475,6 +478,9 @@ class RayExecutor:
                 now = time.perf_counter()
                 for w in self._alive():
                     if w.inflight and now - w.last_progress > float(timeout):
+                        done, _ = ray.wait(list(w.inflight), num_returns=1, timeout=0)
+                        if done:  # a result waits for the driver, which was busy (committing, say)
+                            continue
                         self._fail_worker(
                             w,
                             f"no result for {now - w.last_progress:.0f}s (executor.chunk_timeout_s={timeout})",
@@ -508,6 +514,7 @@ class RayExecutor:
         w.last_progress = time.perf_counter()
         w.units += 1
         w.peak_rss_bytes = max(w.peak_rss_bytes, out.get("rss_bytes") or 0)
+        w.engine_restarts = int(out.get("engine_restarts") or 0)
         for (pid, chunk, _rows), results in zip(unit.parts, out["results"], strict=True):
             p = todo[pid]
             for idx, res in enumerate(results):

@@ -125,6 +125,7 @@ class EngineWorker:
             "results": results,
             "seconds": time.perf_counter() - t0,
             "rss_bytes": _rss(),
+            "engine_restarts": getattr(self.engine, "restarts", 0),
         }
 
     # ------------------------------------------------------------------ engine thread
@@ -192,9 +193,9 @@ class EngineWorker:
             elif action == "restarts":
                 self.engine.max_restarts = int(arg)
             elif action == "engine":
-                from sage_vllm_batch.engine.supervisor import FAULT_ENV
+                from sage_vllm_batch.engine.supervisor import break_next_step
 
-                os.environ[FAULT_ENV] = arg  # read by the next stream's supervisor
+                break_next_step(self.engine, f"injected engine fault (chunk arrived at worker {self.index})")
 
     def close(self) -> None:
         self._queue.put(None)
