@@ -14,6 +14,16 @@ reading, chunking, the engines, committing the shards. Throughput is rows/s (and
 best run. Printed side by side: scaling R2/R1 (target >= 1.8: a 2-core machine cannot show a 2x
 wall-clock gain with more threads, but it can with 1-thread workers if Ray adds no serial cost) and
 Ray's overhead 1 - R1/L (target <= 10%). Results go to ``benchmarks/results/ray.json``.
+
+    python benchmarks/bench_ray.py --driver-ceiling [--rows N] [--output-root URI] [--s3-endpoint URL]
+
+The driver's ceiling instead: the real driver (reading, chunking, dispatching, committing) with
+workers that answer at once (no engine: canned results of the right shape), for embed rows of 384
+and 1,024 floats and for 200-token generations. Prints rows/s and MB/s dispatched (the pickled
+units), returned (the pickled results) and committed (the Parquet shards); the driver's CPU share
+says whether it was the bottleneck. ``--output-root`` (or ``--s3-endpoint``, which points
+``AWS_ENDPOINT_URL`` at an S3-compatible server and writes to ``s3://<--s3-bucket>/``) runs it
+against an object store where the build supports one. Results go to ``benchmarks/results/ray_driver_ceiling.json``.
 """
 
 from __future__ import annotations
@@ -137,6 +147,243 @@ class Variant:
         }
 
 
+# ---------------------------------------------------------------------------- driver ceiling
+GEN_TOKENS = 200
+# Canned completions: 200 words of a 2,000-word vocabulary (about 4 characters and a space a
+# token), different per row so that Parquet compresses them as it would real text.
+VOCAB_SIZE = 2000
+CEILING_CASES = {
+    "embed-384": ("embed", 384),
+    "embed-1024": ("embed", 1024),
+    "generate-200tok": ("generate", None),
+}
+
+
+class InstantWorker:
+    """A stand-in for EngineWorker (same constructor and calls) that answers at once with canned
+    results: the driver's own cost is all that is left to measure. Defined in the script (run as
+    ``__main__``) so Ray ships it by value."""
+
+    def __init__(self, cfg: dict[str, Any], model: dict[str, Any], threads: int, index: int) -> None:
+        import pickle
+
+        import numpy as np
+
+        from sage_vllm_batch.engine.io import EngineResult, Sample
+
+        self.index = index
+        self.dim = int(os.environ.get("SAGE_BENCH_EMBED_DIM", "384"))
+        self.runner = "pooling" if cfg["task"]["type"] == "embed" else "generate"
+        self.rng = np.random.default_rng(index)
+        rng = self.rng
+        self.words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 4)) for _ in range(VOCAB_SIZE)])
+        self._np, self._result, self._sample = np, EngineResult, Sample
+        self._pickle = pickle.dumps
+        self.stats_ = {"units": 0, "rows": 0, "in_bytes": 0, "out_bytes": 0}
+
+    def _results(self, n: int) -> list[Any]:
+        R = self._result
+        if self.runner == "pooling":
+            vecs = self.rng.standard_normal((n, self.dim), dtype=self._np.float32)
+            return [R(key=None, prompt_tokens=12, embedding=v) for v in vecs]
+        words = self.words[self.rng.integers(0, VOCAB_SIZE, (n, GEN_TOKENS))]
+        texts = [" ".join(w) for w in words]
+        return [
+            R(
+                key=None,
+                text=t,
+                finish_reason="length",
+                prompt_tokens=12,
+                completion_tokens=GEN_TOKENS,
+                samples=[self._sample(t, "length", GEN_TOKENS)],
+            )
+            for t in texts
+        ]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "host": "instant",
+            "load_seconds": 0.0,
+            "in_process": True,
+            "max_model_len": 2048,
+            "embedding_dim": self.dim if self.runner == "pooling" else None,
+            "model_path": None,
+            "adapter": None,
+            "threads": 1,
+        }
+
+    def add_point(self, point_id: int, cfg: dict[str, Any]) -> None:
+        pass
+
+    def run_unit(self, parts: list[tuple[int, int, list[dict[str, Any]]]]) -> dict[str, Any]:
+        out = {"results": [self._results(len(rows)) for _, _, rows in parts], "seconds": 0.0, "rss_bytes": None}
+        self.stats_["units"] += 1
+        self.stats_["rows"] += sum(len(rows) for _, _, rows in parts)
+        self.stats_["in_bytes"] += len(self._pickle(parts))  # what the driver shipped
+        self.stats_["out_bytes"] += len(self._pickle(out))  # what it gets back
+        return out
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.stats_)
+
+    def close(self) -> None:
+        pass
+
+
+def _tree_bytes(uri: str) -> int:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def _ceiling_case(name: str, args: argparse.Namespace, root: Path, out_root: str) -> dict[str, Any]:
+    from sage_vllm_batch.executors.ray_executor import RayExecutor
+    from sage_vllm_batch.run.point import prepare_point
+
+    task, dim = CEILING_CASES[name]
+    os.environ["SAGE_BENCH_EMBED_DIM"] = str(dim or 0)  # SAGE_* reaches the workers' environment
+    data = [
+        "data.path=pkg://bible/data/kjv.jsonl",
+        "data.id_column=citation",
+        f"data.limit={args.rows}",
+        f"output.shard_rows={args.shard_rows or 1000}",
+    ]
+    if task == "embed":
+        job = ["task=embed", *data]
+    else:
+        job = [
+            "task=generate",
+            "model=smollm2-135m-instruct",
+            "data.prompt_column=text",
+            f"sampling.max_tokens={GEN_TOKENS}",
+            *data,
+        ]
+    ex_over = [
+        "executor=ray",
+        f"executor.num_workers={args.workers}",
+        "executor.cpus_per_worker=0.01",
+        f"executor.chunks_per_worker={args.chunks_per_worker}",
+    ]
+    best: dict[str, Any] | None = None
+    for rep_i in range(args.repeats):
+        out = f"{out_root.rstrip('/')}/{name}-{rep_i}"
+        cfg = compose(*job, *ex_over, *args.override, out_dir=Path(out) if "://" not in out else None, registry_root=root)
+        if "://" in out:
+            from omegaconf import open_dict
+
+            with open_dict(cfg):
+                cfg.output.dir = out
+        ex = RayExecutor(cfg.executor)
+        ex.worker_cls = InstantWorker
+        point = prepare_point(cfg)
+        ex.start(cfg, point.model)
+        try:
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            ex.run_points([point])
+            dt = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
+            import ray
+
+            stats = ray.get([w.actor.stats.remote() for w in ex.workers if w.alive])
+        finally:
+            ex.close()
+        rows = point.metrics.rows_out
+        scheme_dir = Path(out.split("://")[0] + ":") if "://" in out else None
+        if scheme_dir is not None and scheme_dir.is_dir():  # a build without URI support took it for a path
+            shutil.rmtree(scheme_dir, ignore_errors=True)
+            raise RuntimeError(f"output.dir={out} was written as a local path: this build has no object-store output")
+        committed = _tree_bytes(out)
+        r = {
+            "rows": rows,
+            "seconds": round(dt, 3),
+            "rows_per_s": round(rows / dt, 1),
+            "dispatched_mb_per_s": round(sum(s["in_bytes"] for s in stats) / dt / 1e6, 2),
+            "returned_mb_per_s": round(sum(s["out_bytes"] for s in stats) / dt / 1e6, 2),
+            "committed_mb_per_s": round(committed / dt / 1e6, 2),
+            "committed_mb": round(committed / 1e6, 2),
+            "driver_cpu_share": round(cpu / dt, 2),
+        }
+        print(
+            f"   {name:16} run {rep_i + 1}/{args.repeats}: {r['rows_per_s']:>9.1f} rows/s in {dt:.2f}s",
+            flush=True,
+        )
+        if "://" not in out:
+            shutil.rmtree(out, ignore_errors=True)
+        if best is None or r["rows_per_s"] > best["rows_per_s"]:
+            best = r
+    assert best is not None
+    return best
+
+
+def driver_ceiling(args: argparse.Namespace) -> int:
+    import ray
+
+    logging.basicConfig(level=logging.WARNING)
+    info = machine_info()
+    args.rows = args.rows or 20000
+    stores: list[tuple[str, str | None]] = [("local", None)]
+    if args.output_root:
+        stores.append((args.output_root.split("://")[0] if "://" in args.output_root else "path", args.output_root))
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        stores.append(("s3", f"s3://{args.s3_bucket}/driver-ceiling"))
+    ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    work = Path(tempfile.mkdtemp(prefix="sage-bench-ceiling-"))
+    res: dict[str, dict[str, Any]] = {}
+    try:
+        with registry_root(args.registry_root, ["embed", "chat"]) as root:
+            for store, uri in stores:
+                for name in CEILING_CASES:
+                    key = f"{store}/{name}"
+                    print(f"== {key} ({args.rows} rows, {args.workers} instant worker(s)) ...", flush=True)
+                    try:
+                        res[key] = _ceiling_case(name, args, root, uri or str(work))
+                    except Exception as e:  # e.g. an object store this build cannot write yet
+                        print(f"   skipped: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                        res[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n" + "=" * 104)
+    print(f"driver ceiling: {args.rows} rows, shards of {args.shard_rows or 1000}, {args.workers} instant workers, {os.cpu_count()} cores")
+    print(
+        f"{'store/case':28} {'rows/s':>10} {'dispatched MB/s':>16} {'returned MB/s':>14} "
+        f"{'committed MB/s':>15} {'driver CPU':>11}"
+    )
+    for key, r in res.items():
+        if "error" in r:
+            print(f"{key:28} {'-':>10}  {r['error'][:60]}")
+            continue
+        print(
+            f"{key:28} {r['rows_per_s']:>10.1f} {r['dispatched_mb_per_s']:>16.2f} {r['returned_mb_per_s']:>14.2f} "
+            f"{r['committed_mb_per_s']:>15.2f} {r['driver_cpu_share']:>10.0%}"
+        )
+    print(f"load average at start: {info['loadavg_at_start']}, at end: {[round(x, 2) for x in os.getloadavg()]}")
+    print("=" * 104)
+    path = write_results(
+        "ray_driver_ceiling.json",
+        {
+            "benchmark": "ray_driver_ceiling",
+            "finished_at": now_utc(),
+            "rows": args.rows,
+            "workers": args.workers,
+            "chunks_per_worker": args.chunks_per_worker,
+            "shard_rows": args.shard_rows or 1000,
+            "cases": res,
+            "machine": info,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=("embed", "chat"), default="embed")
@@ -144,8 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-rows", type=int, default=None, help="rows per chunk (default: rows / 20)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each variant (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="threads of each engine (default 1)")
+    ap.add_argument("--driver-ceiling", action="store_true", help="the driver with instant workers (see above)")
+    ap.add_argument("--workers", type=int, default=2, help="--driver-ceiling: instant workers (default 2)")
+    ap.add_argument("--chunks-per-worker", type=int, default=2, help="--driver-ceiling: executor.chunks_per_worker")
+    ap.add_argument("--output-root", default=None, help="--driver-ceiling: also write under this URI or path")
+    ap.add_argument("--s3-endpoint", default=None, help="--driver-ceiling: also write to this S3-compatible server")
+    ap.add_argument("--s3-bucket", default="sage-bench", help="--driver-ceiling: the bucket (default sage-bench)")
     add_common_args(ap)
     args = ap.parse_args(argv)
+    if args.driver_ceiling:
+        return driver_ceiling(args)
     logging.basicConfig(level=logging.WARNING)
     rows = args.rows or (HUMANEVAL_ROWS if args.task == "chat" else 2000)
     if args.task == "chat":

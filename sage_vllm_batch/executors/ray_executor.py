@@ -185,6 +185,9 @@ class RayExecutor:
         self._sections: list[dict[str, Any]] = []
         self._owns_ray = False
         self._engine: RemoteEngine | None = None
+        # The worker actor's class (EngineWorker's constructor and methods); the driver-ceiling
+        # benchmark puts one there that answers instantly.
+        self.worker_cls: type | None = None
         self.on_dispatch: Callable[[RayExecutor, Worker, Unit], None] | None = None
         self.on_unit_done: Callable[[RayExecutor, Worker, Unit], None] | None = None
 
@@ -215,7 +218,7 @@ class RayExecutor:
             opts["resources"] = dict(ex.resources_per_worker)
         from sage_vllm_batch.executors.ray_worker import EngineWorker
 
-        actor_cls = ray.remote(EngineWorker)
+        actor_cls = ray.remote(self.worker_cls or EngineWorker)
         job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _ENGINE_SECTIONS}
         wire = model.to_wire()  # the adapter and its per-request LoRA spec included
         self._spawn = lambda i: actor_cls.options(**opts).remote(job, wire, threads, i)
