@@ -290,3 +290,43 @@ def test_a_killed_worker_loses_and_duplicates_nothing(embed_pool, registry_root,
     assert ex["worker_deaths"] == 1 and ex["units_retried"] >= 1
     assert ex["workers"][1]["died"] and ex["workers"][0]["rows"] == 40 - ex["workers"][1]["rows"]
     assert m["rows_out"] == 40 and m["status"] == "complete"
+
+
+def test_replacements_stay_within_the_budget_and_late_results_are_dropped(monkeypatch):
+    ex = RayExecutor(OmegaConf.structured(ExecutorConfig(type="ray", max_worker_restarts=1)))
+    spawned = []
+
+    class Actor:
+        def __init__(self, i):
+            self.info = SimpleNamespace(remote=lambda: f"info-{i}-{len(spawned)}")
+
+    ex._spawn = lambda i: spawned.append(i) or Actor(i)
+    monkeypatch.setattr("sage_vllm_batch.executors.ray_executor._import_ray", lambda: SimpleNamespace(kill=None))
+    ex.workers = [Worker(0, actor=None), Worker(1, actor=None)]
+    ex._retire(ex.workers[0], "died: test", kill=False)
+    ex._retire(ex.workers[1], "died: test", kill=False)
+    assert spawned == [0] and ex.restarts_used == 1  # the second death finds the budget used up
+    assert ex.workers[0].pending is not None and ex.workers[1].pending is None
+    assert [w.deaths for w in ex.workers] == [1, 1]
+    # A result arriving from an actor given up on: no worker holds its ref, so nothing is committed.
+    ex._collect(None, "late-ref", [], deque())
+    assert ex.summary(1.0)["worker_deaths"] == 2
+
+
+def test_ray_chunk_faults_fire_once_unless_always(tmp_path, monkeypatch):
+    from sage_vllm_batch.faults import RAY_ENV, chunk_faults
+
+    path = tmp_path / "faults.txt"
+    path.write_text("mid 2 die\narrive 3 hang=5,restarts=0 always\n")
+    monkeypatch.setenv(RAY_ENV, str(path))
+    assert chunk_faults("arrive", {2}) == [] and chunk_faults("mid", {1}) == []
+    assert chunk_faults("mid", {2}) == [("die", "")]
+    assert chunk_faults("mid", {2}) == []  # claimed: a replacement getting chunk 2 is spared
+    assert chunk_faults("arrive", {3}) == chunk_faults("arrive", {3}) == [("hang", "5"), ("restarts", "0")]
+
+
+def test_worker_restart_budget_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="executor.max_worker_restarts"):
+        validate(compose_job(*RAY, "executor.max_worker_restarts=-1", out_dir=tmp_path))
+    with pytest.raises(Exception, match="max_worker_restart"):
+        compose_job(*RAY, "executor.max_worker_restart=1", out_dir=tmp_path)

@@ -369,7 +369,9 @@ class RayExecutor:
     def _replace(self, w: Worker) -> None:
         """Start a new actor in ``w``'s slot if the budget allows; it is polled in the loop."""
         limit = int(self.ex.max_worker_restarts)
-        if self._spawn is None or self.restarts_used >= limit:
+        if self._spawn is None:  # not started (unit tests)
+            return
+        if self.restarts_used >= limit:
             if limit:
                 log.warning(
                     "Ray worker %d is not replaced: executor.max_worker_restarts=%d used up; going on "
