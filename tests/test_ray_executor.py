@@ -1,9 +1,10 @@
 """executor=ray on a local Ray instance (2 workers, 1 CPU thread each) against executor=local.
 
-One Ray instance (2 CPUs, conftest.ray_local) serves the session. The chat tests run first, each with its own pool (the
-LoRA one with a single worker); then one pool of two MiniLM workers serves the embed tests (the
-worker-kill test runs last: it leaves the pool with one worker). Inputs are tiny: 40 verses in
-shards of 5-10 rows, 6 chat prompts of 8 tokens.
+One Ray instance (2 CPUs, conftest.ray_local) serves the session. The chat tests run first, each
+with its own pool (the LoRA one with a single worker); then one pool of two MiniLM workers serves
+the embed tests (the worker-kill test runs last: its worker's replacement is still loading when the
+module ends). Inputs are tiny: 40 verses in shards of 5-10 rows, 6 chat prompts of 8 tokens.
+Failures inside the workers are tested in test_ray_faults.py.
 """
 
 from __future__ import annotations
