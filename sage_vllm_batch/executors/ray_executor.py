@@ -92,7 +92,7 @@ class Worker:
     pending: Any = None  # a replacement actor being placed / loading its engine ...
     pending_ref: Any = None  # ... and its info() call, ready once the engine is loaded
     pending_since: float = 0.0
-    start_failed: bool = False  # never started (no room, or a load error): not replaced
+    start_failed: bool = False  # never started or set up (no room, a load or setup error): not replaced
     inflight: dict[Any, Unit] = field(default_factory=dict)  # ObjectRef -> unit
     last_progress: float = 0.0
     units: int = 0
@@ -361,7 +361,10 @@ class RayExecutor:
             except ray.exceptions.RayError as e:
                 if w.alive:
                     log.warning("Ray worker %d failed to set up: %s", w.index, ray_error_line(e))
-                    self._retire(w, ray_error_line(e), kill=True)
+                    # A point its worker refuses would fail a replacement the same way.
+                    died = isinstance(e, ray.exceptions.RayActorError)
+                    self._retire(w, ray_error_line(e), kill=True, replace=died)
+                    w.start_failed = not died
         if not self._alive() and not self._starting():
             raise EngineError("executor=ray: every worker failed (see the warnings above)")
 
@@ -408,7 +411,10 @@ class RayExecutor:
                 except ray.exceptions.RayError as e:
                     _kill(ray, actor)
                     log.warning("Ray worker %d: the replacement failed: %s", w.index, ray_error_line(e))
-                    self._replace(w)  # another try, within the budget
+                    if isinstance(e, ray.exceptions.RayActorError):  # died (node lost, OOM): try again
+                        self._replace(w)
+                    else:  # its own error (a load or setup failure) would repeat
+                        w.start_failed = True
                     continue
                 w.actor, w.info, w.alive = actor, info, True
                 w.engine_restarts = 0
