@@ -398,9 +398,11 @@ class RayExecutor:
     def _starting(self) -> list[Worker]:
         return [w for w in self.workers if w.pending is not None]
 
-    def _poll_replacements(self, ray: Any, ready: set[Any]) -> None:
+    def _poll_replacements(self, ray: Any) -> None:
         """Bring replacements whose engine loaded into service; give up those past the timeout."""
         limit_s = float(self.ex.replace_timeout_s)
+        refs = [w.pending_ref for w in self._starting()]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
         for w in self._starting():
             if w.pending_ref in ready:
                 actor, ref = w.pending, w.pending_ref
@@ -483,8 +485,8 @@ class RayExecutor:
             for ref in ready:
                 if ref not in starting:
                     self._collect(ray, ref, todo, retry)
-            if starting:
-                self._poll_replacements(ray, set(ready))
+            if starting:  # every one that is ready, not only what this wait returned
+                self._poll_replacements(ray)
             if timeout:
                 now = time.perf_counter()
                 for w in self._alive():
