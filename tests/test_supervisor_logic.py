@@ -81,3 +81,23 @@ def test_a_row_finished_during_a_probe_is_not_run_again():
     by_key = {r.key: r for r in results}
     assert by_key["p"].error.startswith("engine crash") and by_key["a"].error is None
     assert engine.restarts == 2
+
+
+def test_an_engine_death_during_admission_keeps_the_rows_in_flight():
+    # The engine is found dead while "d" is being added, with "a" and "b" already inside: after
+    # the restart all three run again (none is dropped), and each comes back once.
+    class DiesOnAdd(ScriptedVllm):
+        adds = 0
+
+        def add_request(self, rid, prompt, params, **extra):
+            DiesOnAdd.adds += 1
+            if DiesOnAdd.adds == 3:
+                raise RuntimeError("engine core gone")
+            super().add_request(rid, prompt, params, **extra)
+
+    engine = ScriptedEngine(max_in_flight=3)
+    engine.vllm_engine = DiesOnAdd()
+    reqs = [EngineRequest(key=k, prompt_token_ids=v) for k, v in {"a": [3, 0], "b": [3, 0], "d": [1, 0], "e": [1, 0]}.items()]
+    results = list(SupervisedStream(engine, IteratorFeed(reqs)).run())
+    assert sorted(r.key for r in results) == ["a", "b", "d", "e"]
+    assert all(r.error is None for r in results) and engine.restarts == 1

@@ -59,6 +59,10 @@ ROW_NEUTRAL_KEYS = (
     "engine.kv_cache_memory_bytes",
     "engine.max_restarts",
     "engine.stall_timeout_s",
+    "engine.dedup",
+    "engine.dedup_window",
+    "engine.prefix_schedule",
+    "engine.prefix_lookahead",
     "data.read_batch_rows",
 )
 # Top-level keys that never change the rows (display, where things live, which executor).
@@ -116,6 +120,15 @@ class EngineConfig:
     # Requests kept inside the engine at once. 0 = auto (several times max_num_seqs): enough to
     # keep the scheduler's batch full across shard boundaries without holding the dataset in memory.
     max_in_flight: int = 0
+    # Exact repeats run once (identical deterministic requests: greedy, seeded, or embeddings; see
+    # the README): the others get a copy of the result. The table of pending and recent results
+    # holds at most dedup_window rows.
+    dedup: bool = True
+    dedup_window: int = 4096
+    # Send requests that share a prompt prefix next to each other (within prefix_lookahead rows)
+    # so vLLM's prefix cache computes each prefix once.
+    prefix_schedule: bool = True
+    prefix_lookahead: int = 1024
     # Anything else for vllm.LLM(...), passed through unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 

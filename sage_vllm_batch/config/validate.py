@@ -110,6 +110,8 @@ def validate_engine(cfg: DictConfig) -> None:
     _check(e.max_restarts >= 0, "engine.max_restarts", "must be >= 0")
     _check(e.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)")
     _check(e.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
+    _check(e.dedup_window >= 1, "engine.dedup_window", "must be >= 1 (turn merging off with engine.dedup=false)")
+    _check(e.prefix_lookahead >= 1, "engine.prefix_lookahead", "must be >= 1 (turn it off with engine.prefix_schedule=false)")
     _check(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
 
 

@@ -167,6 +167,8 @@ class Engine(EngineVerbs):
     # The request iterator may yield None ("nothing now, step first"): the runner pauses reading
     # its input that way while a straggler holds back a chunk's commit (bounded memory).
     supports_pause = True
+    # A request with ``answer`` set comes back as that result (exact repeats, engine/shared.py).
+    supports_answer = True
 
     def __init__(
         self,

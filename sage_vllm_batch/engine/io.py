@@ -50,6 +50,9 @@ class EngineRequest:
     # Set from any thread to give the request up (a service client went away): it is aborted in
     # the engine before its next step and comes back as an error result ("cancelled ...").
     cancel: threading.Event | None = None
+    # Already answered (an exact repeat of a finished request, engine/dedup.py): never reaches
+    # vLLM and comes back as this result in its turn, as a request with ``error`` does.
+    answer: EngineResult | None = None
 
 
 @dataclass
@@ -86,6 +89,10 @@ class EngineResult:
     samples: list[Sample] = field(default_factory=list)
     # Per prompt token (the first has none: an empty list), entries as in Sample.logprobs.
     prompt_logprobs: list[list[dict[str, Any]]] | None = None
+    # Prompt tokens vLLM found in its prefix cache (not computed again) for this request.
+    cached_tokens: int = 0
+    # A copy of the result of an identical request that ran (engine/dedup.py): no engine work.
+    deduped: bool = False
 
 
 def to_vllm(req: EngineRequest, runner: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -132,6 +139,7 @@ def from_vllm(key: Any, out: Any, runner: str, latency: float) -> EngineResult:
     prompt_tokens = len(out.prompt_token_ids or [])
     if err is not None:
         return EngineResult(key=key, error=f"engine error: {err}", prompt_tokens=prompt_tokens)
+    cached = int(getattr(out, "num_cached_tokens", 0) or 0)
     if runner == "pooling":
         data = out.outputs.data
         vec = data.float().cpu().numpy() if hasattr(data, "cpu") else np.asarray(data, dtype=np.float32)
@@ -140,6 +148,7 @@ def from_vllm(key: Any, out: Any, runner: str, latency: float) -> EngineResult:
             embedding=vec.astype(np.float32, copy=False),
             prompt_tokens=prompt_tokens,
             latency_s=latency,
+            cached_tokens=cached,
         )
     samples = [
         Sample(
@@ -161,6 +170,7 @@ def from_vllm(key: Any, out: Any, runner: str, latency: float) -> EngineResult:
         latency_s=latency,
         samples=samples,
         prompt_logprobs=None if plp is None else [_entries(pos) for pos in plp],
+        cached_tokens=cached,
     )
 
 

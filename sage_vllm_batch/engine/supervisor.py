@@ -114,7 +114,12 @@ def _is_admission_error(e: BaseException) -> bool:
     """vLLM refusing one request (bad parameters, too long) rather than the engine being dead."""
     if type(e).__name__ in ("EngineDeadError", "EngineGenerateError"):
         return False
-    return isinstance(e, ValueError | TypeError | KeyError | NotImplementedError)
+    if isinstance(e, ValueError | TypeError | KeyError | NotImplementedError):
+        return True
+    # vLLM's own request errors (VLLMValidationError: an empty prompt, too many logprobs, ...)
+    # derive from Exception, not ValueError: without this they restarted the engine. By name: a
+    # check must not import vLLM.
+    return any(c.__name__ == "VLLMClientError" and c.__module__.startswith("vllm") for c in type(e).__mro__)
 
 
 # The error of a request given up before it finished (EngineRequest.cancel, a failing callback).
@@ -158,7 +163,10 @@ class SupervisedStream:
                         yield self.ready.popleft()
                 if not self.inflight:
                     if self.probe is not None:
-                        self._probe_done()
+                        # Not done while members wait for admission (the engine died while
+                        # adding one: the probe starts empty); ending it then dropped them.
+                        if not self.probe_pending:
+                            self._probe_done()
                         continue
                     if self.exhausted:
                         return
@@ -209,6 +217,9 @@ class SupervisedStream:
                 return
             if req.error is not None:
                 self.ready.append(EngineResult(key=req.key, error=req.error))
+                continue
+            if req.answer is not None:
+                self.ready.append(req.answer)
                 continue
             if req.cancel is not None:
                 if req.cancel.is_set():

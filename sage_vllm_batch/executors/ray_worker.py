@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage_vllm_batch.engine.shared import SharedOptions, shared_stream
 from sage_vllm_batch.errors import one_line
 from sage_vllm_batch.faults import RAY_ENV, chunk_faults
 
@@ -70,6 +71,7 @@ class EngineWorker:
         if not Path(resolved.path).exists() or (resolved.lora and not Path(resolved.lora.path).exists()):
             resolved = resolve_model(job)
         self.engine = load_engine(job, resolved)
+        self._shared = SharedOptions.from_engine_cfg(job.engine)  # repeats and prefixes, per worker
         self.model_path = resolved.path
         self.lora = resolved.lora  # put on every request (this node's copy of the adapter)
         self._builders: dict[int, Any] = {}
@@ -151,7 +153,7 @@ class EngineWorker:
                 return
             active: list[_Job] = []
             try:
-                for res in self.engine.stream(self._requests(job, active)):
+                for res in shared_stream(self.engine, self._requests(job, active), self._shared):
                     j, pi, idx = res.key
                     j.results[pi][idx] = res
                     j.remaining -= 1

@@ -10,6 +10,7 @@ from typing import Any
 
 from sage_vllm_batch.engine.engine import Engine
 from sage_vllm_batch.engine.io import EngineRequest
+from sage_vllm_batch.engine.shared import SharedOptions, shared_stream
 from sage_vllm_batch.engine.supervisor import EngineDeadError
 from sage_vllm_batch.errors import EngineError
 from sage_vllm_batch.outputs.files import METRICS, write_json_atomic
@@ -50,9 +51,12 @@ def run_on_engine(points: Sequence[Point], engine: Engine, *, progress: str = "a
     """Run points that share ``engine`` as one interleaved stream of requests, then release their
     output directories."""
 
+    # Points on one engine share its engine config (engine_group_key), so the first one's holds.
+    options = SharedOptions.from_engine_cfg(points[0].cfg.engine) if points else SharedOptions()
+
     def feed(todo: Sequence[Point]) -> None:
         try:
-            for res in engine.stream(_interleave([p.requests(engine) for p in todo])):
+            for res in shared_stream(engine, _interleave([p.requests(engine) for p in todo]), options):
                 point, chunk, idx = res.key
                 point.on_result(chunk, idx, res)
         except EngineDeadError as e:
@@ -101,6 +105,7 @@ def drive(
     window = int(getattr(engine, "max_in_flight", 0) or 1024)
     pausing = getattr(engine, "supports_pause", False)
     for p in todo:
+        p.metrics.shared_work = SharedOptions.from_engine_cfg(p.cfg.engine).as_dict()
         p.metrics.load_seconds = load_seconds
         _engine_counters(p, engine)
         p.metrics.engine_in_process = in_process

@@ -75,6 +75,10 @@ class RunMetrics:
         self.fused = False
         self.wall_seconds: float | None = None
         self.peak_rss_bytes: int | None = None
+        self.dedup_rows = 0  # rows answered with the result of an identical request
+        self.engine_prompt_tokens = 0  # prompt tokens of the rows that vLLM ran
+        self.cached_prompt_tokens = 0  # of those, found in vLLM's prefix cache
+        self.shared_work: dict[str, Any] | None = None  # engine.dedup / prefix_schedule settings
         self.executor: dict[str, Any] | None = None  # executor=ray: workers, retries, throughput per worker
         self._lat: list[float] = []
         self._lat_seen = 0
@@ -87,6 +91,11 @@ class RunMetrics:
         self.rows_out += 1
         self.prompt_tokens += r.prompt_tokens
         self.completion_tokens += r.completion_tokens
+        if r.deduped:
+            self.dedup_rows += 1
+        elif r.error is None:
+            self.engine_prompt_tokens += r.prompt_tokens
+            self.cached_prompt_tokens += r.cached_tokens
         if r.error is not None:
             self.error_rows += 1
             self.errors_by_reason[r.error.split(":", 1)[0]] += 1
@@ -141,8 +150,16 @@ class RunMetrics:
             "latency_p50_s": self._pct(0.5),
             "latency_p95_s": self._pct(0.95),
             "peak_rss_bytes": self.peak_rss_bytes,
+            "dedup_rows": self.dedup_rows,
+            # Share of the prompt tokens vLLM ran that it found in its prefix cache.
+            "prefix_cache_hit_rate": (
+                round(self.cached_prompt_tokens / self.engine_prompt_tokens, 4) if self.engine_prompt_tokens else None
+            ),
+            "prefix_cache_hit_tokens": self.cached_prompt_tokens,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
         }
+        if self.shared_work is not None:
+            rec["shared_work"] = self.shared_work
         if self.executor is not None:
             rec["executor"] = self.executor
         return rec

@@ -1,0 +1,73 @@
+"""Work that rows share is computed once: :func:`shared_stream` wraps :meth:`Engine.stream` with
+exact-repeat merging (:mod:`~sage_vllm_batch.engine.dedup`) and prefix-aware ordering
+(:mod:`~sage_vllm_batch.engine.prefix_schedule`), in that order, so exact repeats never become
+prefix followers. Both change no rows: they are switched by ``engine.dedup`` and
+``engine.prefix_schedule`` and are not part of the manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sage_vllm_batch.engine.dedup import Dedup
+from sage_vllm_batch.engine.io import EngineRequest, EngineResult
+from sage_vllm_batch.engine.prefix_schedule import prefix_order
+
+__all__ = ["SharedOptions", "shared_stream"]
+
+
+@dataclass(frozen=True)
+class SharedOptions:
+    dedup: bool = True
+    dedup_window: int = 4096
+    prefix_schedule: bool = True
+    prefix_lookahead: int = 1024
+
+    @classmethod
+    def from_engine_cfg(cls, engine_cfg: Mapping[str, Any] | None) -> SharedOptions:
+        cfg = engine_cfg or {}
+        base = cls()
+        return cls(
+            dedup=bool(cfg.get("dedup", base.dedup)),
+            dedup_window=int(cfg.get("dedup_window", base.dedup_window)),
+            prefix_schedule=bool(cfg.get("prefix_schedule", base.prefix_schedule)),
+            prefix_lookahead=int(cfg.get("prefix_lookahead", base.prefix_lookahead)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dedup": self.dedup,
+            "dedup_window": self.dedup_window,
+            "prefix_schedule": self.prefix_schedule,
+            "prefix_lookahead": self.prefix_lookahead,
+        }
+
+
+def shared_stream(
+    engine: Any,
+    requests: Iterable[EngineRequest | None],
+    options: SharedOptions | None = None,
+    *,
+    on_step: Callable[[], None] | None = None,
+) -> Iterator[EngineResult]:
+    """``engine.stream(requests)`` with shared work done once; one result per request, keyed as
+    the request was. Repeats count as ``EngineResult.deduped``. An engine that cannot answer a
+    request from a given result (``supports_answer`` false: a stand-in) streams as is."""
+    opts = options or SharedOptions()
+    runner = getattr(engine, "runner", "generate")
+    if not getattr(engine, "supports_answer", False):
+        yield from engine.stream(requests, on_step=on_step)
+        return
+    dedup = Dedup(runner, opts.dedup_window) if opts.dedup else None
+    reqs: Iterable[EngineRequest | None] = requests
+    if dedup is not None:
+        reqs = dedup.requests(reqs)
+    # Pooling requests that pool every token skip vLLM's prefix cache: nothing to group for.
+    if opts.prefix_schedule and runner != "pooling":
+        reqs = prefix_order(reqs, opts.prefix_lookahead)
+    for res in engine.stream(reqs, on_step=on_step):
+        if dedup is None:
+            yield res
+        else:
+            yield from dedup.results(res)
