@@ -248,8 +248,9 @@ def test_kill_9_mid_run_then_rerun_gives_each_row_once_and_the_lease_guards(s3, 
     assert not (o / ".sage-run.lock").exists()  # released at the end
 
 
-def test_store_going_away_mid_run_is_a_clear_error_and_a_rerun_resumes(s3, clean_local):
+def test_store_going_away_mid_run_is_a_clear_error_and_a_rerun_resumes(s3, clean_local, monkeypatch):
     src, out = put_corpus(uri("in") + ".jsonl"), uri("out")
+    monkeypatch.setenv(LEASE_TTL_ENV, "2")  # the failed run could not remove its lease
 
     class CutAfter(WindowedFakeEngine):
         def stream(self, requests, on_step=None):
@@ -264,7 +265,8 @@ def test_store_going_away_mid_run_is_a_clear_error_and_a_rerun_resumes(s3, clean
     finally:
         s3.start()
     msg = str(e.value)
-    assert "\n" not in msg and f"s3://{BUCKET}" in msg and "rerun" in msg, msg
+    assert "\n" not in msg and f"s3://{BUCKET}" in msg and "unreachable" in msg and "rerun" in msg, msg
+    time.sleep(2.5)
     engine = run_fake(fake_job(src, out))
     assert engine.seen < ROWS - 2  # shard 0 was kept
     assert read_output(out).equals(clean_local)
@@ -272,12 +274,12 @@ def test_store_going_away_mid_run_is_a_clear_error_and_a_rerun_resumes(s3, clean
 
 def test_wrong_credentials_give_one_line_naming_bucket_and_variable(s3, monkeypatch):
     src = put_corpus(uri("in") + ".jsonl", rows=3)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-Secret-42")
     with pytest.raises(storage.StorageError) as e:
         prepare_point(fake_job(src, uri("out")), model=MODEL)
     msg = str(e.value)
     assert "\n" not in msg and f"s3://{BUCKET}" in msg and "AWS_SECRET_ACCESS_KEY" in msg, msg
-    assert "wrong" not in msg
+    assert "not-the-Secret-42" not in msg
 
 
 def test_second_writer_refused_by_a_live_lease_then_takes_over_an_expired_one(s3):

@@ -165,6 +165,7 @@ class LeaseLock:
         if now_holder.get("owner") != self.owner:
             raise self._refused(now_holder)
         self._stop = threading.Event()
+        self._problem = None
         self._thread = threading.Thread(target=self._beat, name="sage-lease", daemon=True)
         self._thread.start()
         return self
@@ -178,8 +179,9 @@ class LeaseLock:
         )
 
     def _beat(self) -> None:
-        assert self._stop is not None
-        while not self._stop.wait(self.ttl_s / 3):
+        stop = self._stop
+        assert stop is not None
+        while not stop.wait(self.ttl_s / 3):
             try:
                 cur = self._read()
                 if cur.get("owner") not in (None, self.owner):
