@@ -206,7 +206,14 @@ class ParquetShardSink:
             "last_id": int(ids[-1]) if len(ids) else None,
             "errors": table.num_rows - table.column("error").null_count,
         }
-        append_line(self.out_dir / LEDGER, json.dumps(rec) + "\n")
+        line = json.dumps(rec) + "\n"
+        if isinstance(self.out_dir, ObjectPath):
+            append_line(self.out_dir / LEDGER, line)  # the ledger put again whole, with the line
+            return rec
+        with open(self.out_dir / LEDGER, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
         return rec
 
 
