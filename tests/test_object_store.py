@@ -216,6 +216,9 @@ def test_jsonl_in_s3_to_s3_equals_local_and_no_secret_is_written(s3, clean_local
         text = (o / name).read_text()
         assert secret not in text and os.environ["AWS_SECRET_ACCESS_KEY"] not in text, name
     assert json.loads((o / METRICS).read_text())["output_dir"] == out
+    (o / "notes.txt").write_text("not ours")
+    assert run_fake(fake_job(src, out, "output.overwrite=true")).seen == ROWS - 2  # our files go
+    assert read_output(out).equals(clean_local) and (o / "notes.txt").read_text() == "not ours"
     # Globs and directories on the store.
     prefix = uri("many")
     put_corpus(f"{prefix}/a.jsonl", rows=120, bad=(5,))
@@ -372,3 +375,11 @@ def test_ray_two_workers_read_and_write_s3(s3, registry_root, tmp_path):
     local = tmp_path / "local"
     run(compose_job(*extra, out_dir=local, registry_root=registry_root))
     assert read_output(out).equals(read_output(local))
+
+
+def test_service_jobs_refuse_uris_without_showing_their_secrets(tmp_path):
+    from sage_vllm_batch.service.security import ServiceError, check_data_path
+
+    with pytest.raises(ServiceError, match="local paths only") as e:
+        check_data_path("s3://AK:SEKRET@b/x.jsonl", [str(tmp_path)])
+    assert e.value.status == 403 and "SEKRET" not in str(e.value)
