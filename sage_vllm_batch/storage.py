@@ -158,7 +158,7 @@ def explain(e: BaseException, uri: str, action: str = "access") -> StorageError:
     elif "NETWORK_CONNECTION" in text or "connect" in text.lower() or "timed out" in text.lower():
         msg = (
             f"{bucket}: the object store is unreachable while trying to {action} {clean(uri)} ({text[:200]}). "
-            "Committed shards are intact: when the store is back, rerun the same command to resume."
+            "Nothing committed is lost: when the store is back, rerun the same command to resume."
         )
     elif "NoSuchBucket" in text or "bucket" in text.lower() and "not found" in text.lower():
         msg = f"{bucket}: the bucket does not exist ({text[:200]}). Create it or fix the URI."

@@ -216,6 +216,10 @@ def test_jsonl_in_s3_to_s3_equals_local_and_no_secret_is_written(s3, clean_local
         text = (o / name).read_text()
         assert secret not in text and os.environ["AWS_SECRET_ACCESS_KEY"] not in text, name
     assert json.loads((o / METRICS).read_text())["output_dir"] == out
+    from sage_vllm_batch.run.plan import make_plan
+
+    plan = make_plan(fake_job(src, uri("out")))  # mode=plan reads the store too
+    assert plan.runnable and any(f"{src}, format jsonl, {ROWS} rows" in x for x in plan.lines), plan.lines
     (o / "notes.txt").write_text("not ours")
     assert run_fake(fake_job(src, out, "output.overwrite=true")).seen == ROWS - 2  # our files go
     assert read_output(out).equals(clean_local) and (o / "notes.txt").read_text() == "not ours"
