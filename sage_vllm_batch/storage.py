@@ -274,8 +274,14 @@ class ObjectPath:
 
         sel = pafs.FileSelector(self.fs_path, recursive=recursive, allow_not_found=True)
         infos = self._call("list", self.fs.get_file_info, sel)
-        n = len(self.fs_path) + 1
-        return [(i.path[n:], i) for i in infos if i.path[n:]]
+        base = self.fs_path.strip("/") + "/"  # fsspec's paths may carry a leading "/"
+        out = []
+        for i in infos:
+            p = i.path.lstrip("/")
+            rel = p[len(base) :] if p.startswith(base) else p
+            if rel:
+                out.append((rel, i))
+        return out
 
     def iterdir(self) -> Iterator[ObjectPath]:
         for rel, _ in self.walk(recursive=False):

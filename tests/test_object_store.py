@@ -200,6 +200,18 @@ def test_glob_matches_like_glob_glob():
     assert rx.match("a.parquet") and rx.match("x/y/a.parquet") and not rx.match("a.csv")
 
 
+def test_a_scheme_pyarrow_lacks_goes_through_fsspec(tmp_path):
+    # fsspec's in-memory filesystem: pyarrow.fs has no memory:// (as it has no az:// without adlfs).
+    src, out = "memory://sage/in.jsonl", "memory://sage/out"
+    storage.ObjectPath(src).write_text("".join(json.dumps({"text": f"v {i}"}) + "\n" for i in range(30)))
+    run_fake(fake_job(src, out, "output.shard_rows=10"))
+    local = tmp_path / "in.jsonl"
+    local.write_bytes(storage.ObjectPath(src).read_bytes())
+    run_fake(fake_job(str(local), str(tmp_path / "out"), "output.shard_rows=10"))
+    assert read_output(out).equals(read_output(tmp_path / "out"))
+    assert storage.list_files("memory://sage/out")[1][0].startswith("memory://sage/out/")
+
+
 # ------------------------------------------------------------------------------ on the store
 def test_jsonl_in_s3_to_s3_equals_local_and_no_secret_is_written(s3, clean_local):
     src, out = put_corpus(uri("in") + ".jsonl"), uri("out")
