@@ -30,9 +30,11 @@ def _app(cfg: DictConfig) -> float | None:
         configure(verbose=cfg.verbose, log_dir=None)
         sys.exit(job.plan(cfg))
     from sage_vllm_batch.outputs.outdir import output_dir_of
+    from sage_vllm_batch.storage import local_log_dir
 
     try:
-        configure(verbose=cfg.verbose, log_dir=output_dir_of(cfg) if cfg.task.type != "finetune" else None)
+        log_dir = local_log_dir(output_dir_of(cfg)) if cfg.task.type != "finetune" else None
+        configure(verbose=cfg.verbose, log_dir=log_dir)
     except SageBatchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

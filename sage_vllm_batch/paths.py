@@ -37,7 +37,10 @@ def package_dir(module: str) -> Path:
 
 
 def resolve_path(path: str) -> str:
-    """Return ``path`` with a leading ``pkg://module/`` replaced by the package's directory."""
+    """Return ``path`` with a leading ``pkg://module/`` replaced by the package's directory (and a
+    ``file://`` URI as a plain path; other URIs are left to :mod:`sage_vllm_batch.storage`)."""
+    if path.lower().startswith("file://"):
+        return path[len("file://") :]
     if not path.startswith(PKG_SCHEME):
         return path
     rest = path[len(PKG_SCHEME) :]

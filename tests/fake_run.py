@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
         "output.shard_rows=100",
         "engine.in_process=true",  # a known layout: resolving "auto" would import vLLM
         *overrides,
-        out_dir=Path(out),
+        out_dir=out if "://" in out else Path(out),  # an object-store URI stays a string
     )
     engine = WindowedFakeEngine()
     trace = bool(os.environ.get("FAKE_RUN_TRACEMALLOC"))

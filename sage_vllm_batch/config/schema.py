@@ -413,6 +413,9 @@ def run_dirname(override_dirname: str) -> str:
 
     if not override_dirname:
         return "default"
+    from sage_vllm_batch.storage import redact
+
+    override_dirname = redact(override_dirname)  # a URI's secrets do not name a directory
     safe = re.sub(r"[^A-Za-z0-9._,=+-]+", "_", override_dirname).strip("_")
     if len(safe) <= 100:
         return safe

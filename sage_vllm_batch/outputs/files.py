@@ -39,7 +39,13 @@ def is_ours(name: str) -> bool:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temp file, fsync and rename: readers see the old file or the new one."""
+    """Write JSON through a temp file, fsync and rename: readers see the old file or the new one
+    (on an object store: one whole-object put, which readers also see whole or not at all)."""
+    from sage_vllm_batch.storage import ObjectPath
+
+    if isinstance(path, ObjectPath):
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -50,6 +56,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    if not isinstance(path, Path):  # an object store: a put is durable when it returns
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

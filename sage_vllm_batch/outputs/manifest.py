@@ -33,7 +33,12 @@ def build_manifest(
     sinks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``job`` holds the resolved model/engine/sampling/task/data/output sections (plain dicts)."""
-    relevant = {k: v for k, v in flatten(job).items() if k not in ROW_NEUTRAL_KEYS}
+    from sage_vllm_batch.storage import redact
+
+    # A URI's secrets are neither recorded nor compared (rotating a key must not block a resume).
+    relevant = {
+        k: redact(v) if isinstance(v, str) else v for k, v in flatten(job).items() if k not in ROW_NEUTRAL_KEYS
+    }
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return {
         "config_hash": hashlib.sha256(blob.encode()).hexdigest()[:16],

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from sage_vllm_batch.outputs.files import MANIFEST, OPENAI_BATCH_OUTPUT, TMP_PREFIX
 from sage_vllm_batch.outputs.shards import ParquetShardSink
+from sage_vllm_batch.storage import ObjectPath, arrow_file, as_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,28 @@ def write_openai_batch_output(
     of them, or those in so far: a stopped run's lines); returns its path."""
     from vllm.entrypoints.launchers.run_batch import BatchRequestOutput, BatchResponseData
 
-    out = Path(out_dir)
+    out = as_dir(out_dir)
     manifest = out / MANIFEST
     run_key = hashlib.sha256(manifest.read_bytes() if manifest.exists() else str(out).encode()).hexdigest()
-    target = Path(target) if target is not None else out / OPENAI_BATCH_OUTPUT
-    tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
+    target = as_dir(target) if target is not None else out / OPENAI_BATCH_OUTPUT
+    remote = isinstance(target, ObjectPath)
+    if remote:  # built in a local temp file, then put whole
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=target.name)
+        os.close(fd)
+        tmp = Path(name)
+    else:
+        tmp = target.with_name(f"{TMP_PREFIX}{target.name}")
     with open(tmp, "w", encoding="utf-8") as f:
         for _, rec in sorted(ParquetShardSink.read_ledger(out).items()):
             path = out / rec["file"]
-            created = int(os.stat(path).st_mtime)
-            for row in pq.read_table(path).to_pylist():
+            if isinstance(path, ObjectPath):
+                created = int(path.stat()[1] // 1_000_000_000)
+            else:
+                created = int(os.stat(path).st_mtime)
+            src, fs = arrow_file(path)
+            for row in pq.read_table(src, filesystem=fs).to_pylist():
                 rid = uuid.uuid5(uuid.NAMESPACE_URL, f"{run_key}/{row['id']}").hex
                 if row["error"] is None:
                     response = BatchResponseData(
@@ -96,6 +109,12 @@ def write_openai_batch_output(
                 f.write(line.model_dump_json() + "\n")
         f.flush()
         os.fsync(f.fileno())
+    if remote:
+        try:
+            target.upload(tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
     os.replace(tmp, target)
     return target
 

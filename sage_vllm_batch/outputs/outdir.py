@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from sage_vllm_batch.outputs.files import (
 )
 from sage_vllm_batch.outputs.manifest import diff
 from sage_vllm_batch.outputs.shards import ParquetShardSink
+from sage_vllm_batch.storage import as_dir, redact, rmtree
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def output_dir_of(cfg: DictConfig) -> Path:
         raise ConfigError("output.dir: set it (it defaults to Hydra's run dir only under the CLI)") from e
     if not out:
         raise ConfigError("output.dir: must not be empty")
-    return Path(str(out))
+    return as_dir(str(out))  # a local Path, or an ObjectPath for a URI (sage_vllm_batch.storage)
 
 
 def sinks_of(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -168,7 +168,8 @@ def open_output_dir(cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], *,
     if state == "complete":
         _add_missing_vector_store(cfg, out_dir, manifest["sinks"])
     _record_sinks(out_dir, manifest["sinks"])
-    (out_dir / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # Secrets a URI may carry (user info, ?secret_key=...) are not written down.
+    (out_dir / CONFIG).write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     committed: dict[int, dict[str, Any]] = {}
     if state != "new":
         removed = ParquetShardSink.clean_uncommitted(out_dir)
@@ -195,7 +196,7 @@ def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, A
     if want is None:
         return
     have = json.loads((out_dir / MANIFEST).read_text()).get("sinks", {}).get("vector_store")
-    if have == want and Path(want["path"]).exists():
+    if have == want and as_dir(want["path"]).exists():
         return
     from sage_vllm_batch.outputs.vector_stores import write_vector_store
 
@@ -214,6 +215,4 @@ def _clear_run(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
     for p in list(out_dir.glob(PART_GLOB)) + list(out_dir.glob(f"{TMP_PREFIX}*")):
         p.unlink(missing_ok=True)
-    vec = out_dir / VECTORS
-    if vec.exists():
-        shutil.rmtree(vec)
+    rmtree(out_dir / VECTORS)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from sage_vllm_batch.faults import pause_point
 from sage_vllm_batch.outputs.files import LEDGER, PART_GLOB, TMP_PREFIX, fsync_dir, part_name
+from sage_vllm_batch.storage import ObjectPath, append_line, arrow_file, as_dir, names_in
 
 __all__ = ["LEDGER", "PART_GLOB", "GenerationLayout", "ParquetShardSink", "output_schema", "read_output"]
 
@@ -130,7 +131,7 @@ class ParquetShardSink:
     """
 
     def __init__(self, out_dir: str | Path, schema: pa.Schema, compression: str = "zstd") -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = as_dir(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.schema = schema
         self.compression = compression
@@ -139,24 +140,25 @@ class ParquetShardSink:
     @staticmethod
     def read_ledger(out_dir: str | Path) -> dict[int, dict[str, Any]]:
         """Committed chunks by index. A torn last line (crash mid-append) is ignored."""
-        path = Path(out_dir) / LEDGER
+        out = as_dir(out_dir)
+        path = out / LEDGER
         done: dict[int, dict[str, Any]] = {}
         if not path.exists():
             return done
-        with path.open("r", encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if (Path(out_dir) / rec["file"]).exists():
-                    done[int(rec["chunk"])] = rec
+        present = names_in(out)  # one listing, not one request per shard on an object store
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec["file"] in present:
+                done[int(rec["chunk"])] = rec
         return done
 
     @staticmethod
     def clean_uncommitted(out_dir: str | Path) -> list[str]:
         """Remove temp files and part files the ledger does not list; returns what was removed."""
-        out = Path(out_dir)
+        out = as_dir(out_dir)
         if not out.exists():
             return []
         committed = {rec["file"] for rec in ParquetShardSink.read_ledger(out).values()}
@@ -170,9 +172,17 @@ class ParquetShardSink:
 
     # ------------------------------------------------------------------ write
     def commit(self, chunk: int, columns: dict[str, Any]) -> dict[str, Any]:
-        """Write one chunk atomically and record it in the ledger."""
+        """Write one chunk atomically and record it in the ledger (on an object store: the shard
+        is put whole, then the ledger; a shard the ledger does not name is removed on resume)."""
         table = pa.Table.from_pydict(columns, schema=self.schema)
         name = part_name(chunk)
+        if isinstance(self.out_dir, ObjectPath):
+            buf = pa.BufferOutputStream()
+            with pq.ParquetWriter(buf, table.schema, compression=self.compression) as writer:
+                writer.write_table(table)
+            pause_point("shard.half")  # nothing is on the store yet: a put is whole or absent
+            (self.out_dir / name).write_bytes(buf.getvalue().to_pybytes())
+            return self._record(chunk, name, table, columns)
         tmp = self.out_dir / f"{TMP_PREFIX}{name}"
         with pa.OSFile(str(tmp), "wb") as f:
             # As pq.write_table does it, with a fault point before the footer (a half-written file).
@@ -183,6 +193,10 @@ class ParquetShardSink:
             os.fsync(f.fileno())
         os.replace(tmp, self.out_dir / name)
         fsync_dir(self.out_dir)
+        return self._record(chunk, name, table, columns)
+
+    def _record(self, chunk: int, name: str, table: pa.Table, columns: dict[str, Any]) -> dict[str, Any]:
+        pause_point("shard.committed")
         ids = columns["id"]
         rec = {
             "chunk": chunk,
@@ -192,16 +206,20 @@ class ParquetShardSink:
             "last_id": int(ids[-1]) if len(ids) else None,
             "errors": table.num_rows - table.column("error").null_count,
         }
+        line = json.dumps(rec) + "\n"
+        if isinstance(self.out_dir, ObjectPath):
+            append_line(self.out_dir / LEDGER, line)  # the ledger put again whole, with the line
+            return rec
         with open(self.out_dir / LEDGER, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
         return rec
 
 
 def _repair_ledger_tail(path: Path) -> None:
-    """Drop a torn final line so later appends start on a fresh line."""
-    if not path.exists():
+    """Drop a torn final line so later appends start on a fresh line (objects are never torn)."""
+    if isinstance(path, ObjectPath) or not path.exists():
         return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
@@ -225,7 +243,7 @@ def embedding_column(vectors: Sequence[np.ndarray | None], dim: int) -> pa.Fixed
 
 def committed_files(out_dir: str | Path) -> list[tuple[dict[str, Any], Path]]:
     """``(ledger record, path)`` of every committed shard, in chunk (= input) order."""
-    out = Path(out_dir)
+    out = as_dir(out_dir)
     recs = ParquetShardSink.read_ledger(out)
     return [(recs[c], out / recs[c]["file"]) for c in sorted(recs)]
 
@@ -238,4 +256,4 @@ def read_output(out_dir: str | Path) -> pa.Table:
     files = committed_files(out_dir)
     if not files:
         raise FileNotFoundError(f"no committed shards in {out_dir} (no {LEDGER} entries)")
-    return pa.concat_tables(pq.read_table(p) for _, p in files)
+    return pa.concat_tables(pq.read_table(arrow_file(p)[0], filesystem=arrow_file(p)[1]) for _, p in files)

@@ -44,6 +44,7 @@ from sage_vllm_batch.errors import ConfigError, DataError
 from sage_vllm_batch.faults import pause_point
 from sage_vllm_batch.outputs.files import PART_GLOB, TMP_PREFIX, VECTORS, fsync_dir
 from sage_vllm_batch.outputs.shards import ParquetShardSink
+from sage_vllm_batch.storage import ObjectPath, arrow_file, as_dir, rmtree
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,10 @@ def _store_type(vs: Any) -> str:
 def store_path(out_dir: str | Path, vs: Any) -> Path:
     """Where the store lives: ``vs.path`` if set, else ``<out_dir>/vectors``."""
     path = _opt(vs, "path")
-    return Path(path).expanduser() if path else Path(out_dir) / DEFAULT_DIRNAME
+    if path:
+        where = as_dir(str(path))
+        return where.expanduser() if isinstance(where, Path) else where
+    return as_dir(out_dir) / DEFAULT_DIRNAME
 
 
 def _import_lancedb():
@@ -109,7 +113,7 @@ def _import_faiss():
 
 
 # ---------------------------------------------------------------------------------------- shards
-def _shard_files(out_dir: Path) -> list[Path]:
+def _shard_files(out_dir: Any) -> list[Any]:
     """The committed shards in chunk order. The ledger is the truth; a dir without one (shards
     written by hand) falls back to every ``part-*.parquet``."""
     ledger = ParquetShardSink.read_ledger(out_dir)
@@ -120,7 +124,8 @@ def _shard_files(out_dir: Path) -> list[Path]:
 
 def _layout(files: Sequence[Path]) -> tuple[list[pa.Field], int]:
     """The pass-through fields and the embedding dim, from the first shard's schema."""
-    schema = pq.read_schema(files[0])
+    src, fs = arrow_file(files[0])
+    schema = pq.read_schema(src, filesystem=fs)
     if "embedding" not in schema.names or "id" not in schema.names:
         raise DataError(
             f"{files[0]} has no id/embedding column, so it is not the output of task=embed; "
@@ -136,7 +141,8 @@ def _layout(files: Sequence[Path]) -> tuple[list[pa.Field], int]:
 def _iter_valid(files: Sequence[Path], columns: list[str]) -> Iterator[pa.RecordBatch]:
     """Record batches of ``columns`` + ``embedding`` with error rows (null embedding) dropped."""
     for path in files:
-        pf = pq.ParquetFile(path)
+        src, fs = arrow_file(path)
+        pf = pq.ParquetFile(src, filesystem=fs)
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[*columns, "embedding"]):
             batch = batch.filter(pc.is_valid(batch.column("embedding")))
             if batch.num_rows:
@@ -172,7 +178,7 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
         DataError: The shards are not the output of task=embed.
     """
     kind = _store_type(vs)
-    out = Path(out_dir)
+    out = as_dir(out_dir)
     path = store_path(out, vs)
     if kind == "lancedb":
         table = str(_opt(vs, "table", DEFAULT_TABLE))
@@ -203,7 +209,10 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
 def _remove_store(kind: str, path: Path, table: str | None) -> None:
     """Remove a stale store (used when there is nothing to build it from)."""
     if kind == "lancedb":
-        shutil.rmtree(path / f"{table}.lance", ignore_errors=True)
+        if isinstance(path, ObjectPath):
+            rmtree(path / f"{table}.lance")
+        else:
+            shutil.rmtree(path / f"{table}.lance", ignore_errors=True)
     else:
         for name in (FAISS_INDEX, FAISS_IDS):
             (path / name).unlink(missing_ok=True)
@@ -234,7 +243,8 @@ def _write_lancedb(
             rows += batch.num_rows
             yield pa.RecordBatch.from_arrays(cols, schema=schema)
 
-    db = lancedb.connect(str(path))
+    # LanceDB writes to object stores itself (s3://, gs://, az://), credentials from the environment.
+    db = lancedb.connect(str(path), storage_options=lance_storage_options(path))
     # A reader with an explicit schema is consumed batch by batch; mode=overwrite commits a new
     # version atomically, replacing any table (complete or partial) from an earlier attempt.
     reader = pa.RecordBatchReader.from_batches(schema, batches())
@@ -247,7 +257,37 @@ def _write_lancedb(
     return rows
 
 
-def _write_faiss(files: Sequence[Path], path: Path, passthrough: list[pa.Field], dim: int) -> int:
+def lance_storage_options(path: Any) -> dict[str, str] | None:
+    """LanceDB's options for a store on S3: the endpoint of an S3-compatible store (AWS_ENDPOINT_URL),
+    plain HTTP allowed when that endpoint is http://."""
+    if not isinstance(path, ObjectPath) or not str(path).startswith("s3://"):
+        return None
+    opts: dict[str, str] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["aws_endpoint"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["allow_http"] = "true"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["aws_region"] = region
+    return opts or None
+
+
+def _write_faiss(files: Sequence[Any], path: Any, passthrough: list[pa.Field], dim: int) -> int:
+    if isinstance(path, ObjectPath):
+        # FAISS writes local files only: build the index here, then put both files whole.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="sage-faiss-") as tmp:
+            rows = _write_faiss(files, Path(tmp), passthrough, dim)
+            (path / FAISS_IDS).upload(Path(tmp) / FAISS_IDS)
+            (path / FAISS_INDEX).upload(Path(tmp) / FAISS_INDEX)
+        return rows
+    return _write_faiss_local(files, path, passthrough, dim)
+
+
+def _write_faiss_local(files: Sequence[Any], path: Path, passthrough: list[pa.Field], dim: int) -> int:
     """Write ``index.faiss`` (``IndexIDMap2(IndexFlatIP(dim))``) and ``ids.parquet``.
 
     The index scores by inner product: embeddings should be L2-normalized

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
+from sage_vllm_batch import storage
 from sage_vllm_batch.errors import SageBatchError
 
 
@@ -100,13 +101,16 @@ def _count_lines(files: list[str], *, header: bool) -> tuple[int, bool]:
 
     total, exact = 0, True
     for f in files:
-        opener = gzip.open if f.endswith(".gz") else open
-        with opener(f, "rb") as fh:
+        if storage.is_uri(f):
+            fh = storage.open_input(f, decompress=True)
+        else:
+            fh = gzip.open(f, "rb") if f.endswith(".gz") else open(f, "rb")
+        with fh:
             data = fh.read(_SAMPLE_BYTES)
             more = fh.read(1)
         lines = sum(1 for line in data.splitlines() if line.strip()) - (1 if header else 0)
         if more and not f.endswith(".gz"):
-            lines = int(lines * os.path.getsize(f) / len(data))
+            lines = int(lines * storage.stat(f)[1] / len(data))
         exact = exact and not more
         total += max(lines, 0)
     return total, exact

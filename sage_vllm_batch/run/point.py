@@ -25,7 +25,7 @@ from sage_vllm_batch.engine.memory import release_freed_memory
 from sage_vllm_batch.errors import ConfigError, SageBatchError
 from sage_vllm_batch.faults import pause_point
 from sage_vllm_batch.outputs.files import METRICS, SUCCESS, write_json_atomic
-from sage_vllm_batch.outputs.lock import OutputLock
+from sage_vllm_batch.outputs.lock import LeaseLock, OutputLock, lock_for
 from sage_vllm_batch.outputs.manifest import build_manifest
 from sage_vllm_batch.outputs.openai_batch import write_openai_batch_file
 from sage_vllm_batch.outputs.outdir import open_output_dir, output_dir_of, sinks_of
@@ -115,7 +115,7 @@ class Point:
     _on_rows: Any = None
     _embedding_dim: int | None = None
     _layout: GenerationLayout | None = None
-    _lock: OutputLock | None = None
+    _lock: OutputLock | LeaseLock | None = None
     # Chunks buffered (not yet committed) before the request stream pauses for results; None:
     # never pause (the engine cannot, see Engine.stream).
     _max_open_chunks: int | None = None
@@ -273,6 +273,8 @@ class Point:
         else:
             cols.update(self._layout.columns(rs))
         cols["error"] = [r.error for r in rs]
+        if isinstance(self._lock, LeaseLock):
+            self._lock.check()  # a lapsed lease: another run may be writing here now
         try:
             rec = self._sink.commit(chunk, cols)
         except OSError as e:
@@ -377,7 +379,7 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
     out_dir = output_dir_of(cfg)
     model = model or resolve_model(cfg)
     source = open_source(cfg.data)
-    lock = OutputLock(out_dir).acquire()  # before anything in out_dir is read or written
+    lock = lock_for(out_dir).acquire()  # before anything in out_dir is read or written
     try:
         runtime = {"engine_in_process": resolve_in_process(cfg.engine.in_process)}
         manifest = job_manifest(cfg, model, source, runtime=runtime, out_dir=out_dir)

@@ -158,6 +158,10 @@ def _plain_path(key: str, path: str, *, pkg: bool) -> None:
     not be the path opened); ``pkg://`` only where the runner resolves it (``data.path``)."""
     if path.startswith("~"):
         raise ServiceError(f"{key}: {path!r} starts with ~; give the absolute path", status=403)
+    from sage_vllm_batch.storage import is_uri, redact
+
+    if is_uri(path) or path.lower().startswith("file://"):  # roots confine local paths only
+        raise ServiceError(f"{key}: {redact(path)!r}: a job over HTTP reads and writes local paths only", status=403)
     if not pkg and path.startswith("pkg://"):
         raise ServiceError(f"{key}: {path!r}: pkg:// paths are only for data.path", status=403)
 

@@ -20,6 +20,7 @@ from sage_vllm_batch.sources.hf import HFSource, hf_files
 from sage_vllm_batch.sources.jsonl import JsonlSource
 from sage_vllm_batch.sources.openai_batch import OpenAIBatchSource
 from sage_vllm_batch.sources.parquet import ParquetSource
+from sage_vllm_batch.storage import filesystem, is_uri, redact
 
 __all__ = ["BAD", "ROW_ID", "Source", "decode_column", "open_source", "source_files"]
 
@@ -59,6 +60,13 @@ def source_files(cfg: Any) -> tuple[str, str, list[str]]:
         fmt = detect_format(path)
     if fmt not in READERS:
         raise DataError(f"data.format: unknown format {fmt!r}; use auto, {', '.join(READERS)}.")
+    if is_uri(path):
+        if fmt == "hf":
+            raise DataError(
+                f"data.path {redact(path)!r}: data.format=hf (datasets) is not read from an object store; "
+                "use Parquet, JSON lines or CSV files there, or copy the dataset to a local path."
+            )
+        filesystem(path)  # built once with the URI's options; the file list below is clean URIs
     files = hf_files(path, cfg.hf_loader) if fmt == "hf" else resolve_files(path, EXTENSIONS[fmt])
     return path, fmt, files
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from sage_vllm_batch import storage
 from sage_vllm_batch.errors import DataError
 
 ROW_ID = "__row_id"
@@ -63,8 +64,17 @@ def format_of(name: str) -> str | None:
 
 def resolve_files(path: str, exts: Sequence[str] | None) -> list[str]:
     """Sorted files ``path`` names: the file itself, the matches of a glob, or the files below a
-    directory (recursive) whose name ends with one of ``exts`` (``None``: any data file)."""
-    if _is_glob(path):
+    directory (recursive) whose name ends with one of ``exts`` (``None``: any data file). A URI
+    (``s3://...``) is listed on its store, with the same rules."""
+    if storage.is_uri(path):
+        kind, candidates = storage.list_files(path)
+        path = storage.clean(path)
+        if kind == "file":
+            return candidates
+        if kind == "missing":
+            raise DataError(f"data.path {path!r} does not exist. Check the path (a file, a directory or a glob).")
+        what = "matches no file" if kind == "glob" else "holds no data file"
+    elif _is_glob(path):
         candidates = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
         what = "matches no file"
     elif os.path.isdir(path):
@@ -96,7 +106,7 @@ def _json_array(path: str) -> bool:
     """A plain ``.json`` file holding one JSON array (not JSON lines): ``datasets`` reads it."""
     if not path.lower().endswith(".json"):
         return False
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head.startswith(b"[")
 
@@ -114,7 +124,7 @@ def detect_format(path: str) -> str:
     try:
         files = resolve_files(path, None)
     except DataError as e:
-        if not os.path.exists(path) and not _is_glob(path):
+        if not storage.exists(path) and not _is_glob(path):
             raise
         raise DataError(
             f"{e} If the files are of another form, set data.format to one of {FORMAT_CHOICES}."
@@ -130,12 +140,8 @@ def detect_format(path: str) -> str:
 
 
 def file_stats(files: Iterable[str]) -> list[list[Any]]:
-    """``[path, size, mtime_ns]`` per file, for fingerprints."""
-    out = []
-    for f in files:
-        st = os.stat(f)
-        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
-    return out
+    """``[path, size, mtime_ns]`` per file, for fingerprints (a URI: the object's size and time)."""
+    return [list(storage.stat(f)) for f in files]
 
 
 def shard_count(total: int, num_shards: int, shard_index: int) -> int:
@@ -192,7 +198,8 @@ class Source:
         self.shard_index: int = cfg.shard_index
         self.batch_rows: int = cfg.read_batch_rows
         self.columns: list[str] | None = list(cfg.columns) if cfg.columns is not None else None
-        shown = cfg.path if cfg.path == path else f"{cfg.path} ({path})"
+        configured = storage.redact(cfg.path)  # no secret of a URI in messages or the manifest
+        shown = configured if cfg.path == path or storage.clean(cfg.path) == path else f"{configured} ({path})"
         if files != [path]:
             shown += f", {len(files)} file{'s' if len(files) != 1 else ''}"
         self.path_description = shown
@@ -229,7 +236,7 @@ class Source:
         """JSON-able description of the input; it changes when the input or the selection does."""
         return {
             "format": self.format,
-            "path": self.cfg.path,
+            "path": storage.redact(self.cfg.path),
             "files": file_stats(self.files),
             "limit": self.limit,
             "num_shards": self.num_shards,

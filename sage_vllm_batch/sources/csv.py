@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from sage_vllm_batch import storage
 from sage_vllm_batch.errors import DataError
 from sage_vllm_batch.sources.base import Source, row_count_batch
 
@@ -20,7 +21,10 @@ _BLOCK_SIZE = 8 << 20
 def _header(path: str) -> list[str]:
     """The first record of a CSV file, read with the stdlib (a quoted name may hold a newline)."""
     try:
-        raw = gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+        if storage.is_uri(path):
+            raw = storage.open_input(path, decompress=True)
+        else:
+            raw = gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
         with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), None)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
@@ -54,7 +58,7 @@ class CsvSource(Source):
             )
             try:
                 with pacsv.open_csv(
-                    path,
+                    storage.open_input(path, decompress=True) if storage.is_uri(path) else path,
                     read_options=pacsv.ReadOptions(block_size=_BLOCK_SIZE),
                     convert_options=convert,
                 ) as reader:

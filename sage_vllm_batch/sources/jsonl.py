@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from sage_vllm_batch import storage
 from sage_vllm_batch.errors import DataError
 from sage_vllm_batch.sources.base import Source
 
@@ -26,6 +27,9 @@ _decode = json.JSONDecoder().decode  # json.loads minus its per-call encoding sn
 
 
 def _open_binary(path: str):
+    if storage.is_uri(path):
+        raw = storage.open_input(path)
+        return gzip.open(raw, "rb") if path.lower().endswith(".gz") else raw
     if path.lower().endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb", buffering=1 << 20)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 
 from sage_vllm_batch.errors import DataError
 from sage_vllm_batch.sources.base import Source, row_count_batch
+from sage_vllm_batch.storage import arrow_file
 
 # Read column chunks through a buffered stream instead of pre-buffering whole row groups, so
 # memory stays near one batch even when a writer put the whole file in a single row group.
@@ -23,7 +24,8 @@ class ParquetSource(Source):
         schemas = []
         for path in self.files:
             try:
-                with pq.ParquetFile(path) as pf:
+                source, fs = arrow_file(path)
+                with pq.ParquetFile(source, filesystem=fs) as pf:
                     self._metadata.append(pf.metadata)
                     schemas.append(pf.schema_arrow.remove_metadata())
             except (pa.ArrowException, OSError) as e:
@@ -57,8 +59,9 @@ class ParquetSource(Source):
         for path, metadata, present in zip(self.files, self._metadata, self._file_columns, strict=True):
             columns = [c for c in self._read_columns if c in present]
             try:
+                source, fs = arrow_file(path)
                 with pq.ParquetFile(
-                    path, metadata=metadata, buffer_size=_BUFFER_SIZE, pre_buffer=False
+                    source, metadata=metadata, buffer_size=_BUFFER_SIZE, pre_buffer=False, filesystem=fs
                 ) as pf:
                     if not columns:  # a file without any selected column: only its row count matters
                         for rg in range(pf.num_row_groups):

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra.core.utils import JobReturn, JobStatus
 
+from sage_vllm_batch.storage import arrow_file
+
 log = logging.getLogger(__name__)
 
 _METRICS = (
@@ -43,7 +45,8 @@ def output_quality(out_dir: Path) -> dict[str, Any]:
     seen: set[bytes] = set()
     samples = tokens = 0
     for f in sorted(out_dir.glob("part-*.parquet")):
-        pf = pq.ParquetFile(f)
+        src, fs = arrow_file(f)
+        pf = pq.ParquetFile(src, filesystem=fs)
         if "completion_tokens" not in pf.schema_arrow.names:  # embed: no generated text
             return {}
         for batch in pf.iter_batches(columns=["text", "completion_tokens", "error"]):
