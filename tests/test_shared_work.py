@@ -147,6 +147,16 @@ def test_prefix_order_groups_shared_prefixes_and_drains_on_pause():
     assert sorted(r.key for r in out) == sorted(r.key for r in reqs)
 
 
+def test_prefix_order_keeps_input_order_when_nothing_is_shared_but_the_preamble():
+    preamble = [9] * 16  # one whole block common to every row: cached once anyway
+    reqs = [EngineRequest(key=i, prompt_token_ids=preamble + [200 - i] * 20) for i in range(10)]
+    assert [r.key for r in prefix_order(iter(reqs), lookahead=100, block_size=16)] == list(range(10))
+    # Two rows sharing a second block beyond the preamble move together; the rest keep their places.
+    reqs[7].prompt_token_ids = list(reqs[2].prompt_token_ids[:32]) + [1]
+    out = [r.key for r in prefix_order(iter(reqs), lookahead=100, block_size=16)]
+    assert out == [0, 1, 2, 7, 3, 4, 5, 6, 8, 9]
+
+
 # ---------------------------------------------------------------------------- the real engines
 CHAT = ("task=chat", "model=smollm2-135m-instruct")
 OFF = ("engine.dedup=false", "engine.prefix_schedule=false")

@@ -65,9 +65,17 @@ def shared_stream(
         reqs = dedup.requests(reqs)
     # Pooling requests that pool every token skip vLLM's prefix cache: nothing to group for.
     if opts.prefix_schedule and runner != "pooling":
-        reqs = prefix_order(reqs, opts.prefix_lookahead)
+        reqs = prefix_order(reqs, opts.prefix_lookahead, _block_size(engine))
     for res in engine.stream(reqs, on_step=on_step):
         if dedup is None:
             yield res
         else:
             yield from dedup.results(res)
+
+
+def _block_size(engine: Any) -> int:
+    """vLLM's KV block size for this engine (prefixes are cached in whole blocks); 16 if unknown."""
+    try:
+        return int(engine.vllm_engine.vllm_config.cache_config.block_size)
+    except Exception:
+        return 16
