@@ -101,3 +101,17 @@ def test_an_engine_death_during_admission_keeps_the_rows_in_flight():
     results = list(SupervisedStream(engine, IteratorFeed(reqs)).run())
     assert sorted(r.key for r in results) == ["a", "b", "d", "e"]
     assert all(r.error is None for r in results) and engine.restarts == 1
+
+
+def test_an_answered_request_comes_back_under_the_requests_own_key():
+    # A repeat answered by dedup (EngineRequest.answer) and then re-keyed by a wrapper (the
+    # service's EngineDriver puts its own ticket on every request) comes back under the new key.
+    from dataclasses import replace
+
+    from sage_vllm_batch.engine.io import EngineResult
+
+    engine = ScriptedEngine(max_in_flight=2)
+    answered = EngineRequest(key="orig", answer=EngineResult(key="orig", text="cached"))
+    reqs = [EngineRequest(key="a", prompt_token_ids=[1, 0]), replace(answered, key=("ticket", "orig"))]
+    by_key = {r.key: r for r in SupervisedStream(engine, IteratorFeed(reqs)).run()}
+    assert set(by_key) == {"a", ("ticket", "orig")} and by_key[("ticket", "orig")].text == "cached"

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult, from_vllm, to_vllm
@@ -219,7 +219,9 @@ class SupervisedStream:
                 self.ready.append(EngineResult(key=req.key, error=req.error))
                 continue
             if req.answer is not None:
-                self.ready.append(req.answer)
+                # Under the request's own key: a wrapper (the service's EngineDriver) may have
+                # re-keyed the request after the answer was made.
+                self.ready.append(replace(req.answer, key=req.key))
                 continue
             if req.cancel is not None:
                 if req.cancel.is_set():
