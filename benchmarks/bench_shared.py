@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     if not src.exists():
         src.write_text("".join(json.dumps(r) + "\n" for r in wl["rows"]))
     out = work / f"out-{spec['variant']}"
+    shutil.rmtree(out, ignore_errors=True)  # each repeat runs the whole job, not a resume of the last
     cfg = compose(
         *wl["overrides"], "data=jsonl", f"data.path={src}", "data.limit=null", "engine.in_process=true",
         *spec["extra"], out_dir=out, registry_root=Path(spec["registry"]),

@@ -25,6 +25,7 @@ MEM = "engine.kv_cache_memory_bytes=268435456"
 SHARD = 8  # serve.batch_shard_rows: a cancel or a kill keeps whole shards of 8 lines
 WINDOW = 16  # engine.max_in_flight: a job's rows go through the engine in waves
 MAX_LINES = 12_000  # serve.batch_max_file_lines of the module's server
+SERVER_EXTRA = (f"serve.batch_max_file_lines={MAX_LINES}", "serve.max_body_bytes=200000")
 
 
 def _start(base: Path, registry_root: Path, *extra: str, name: str = "server") -> dict:
@@ -58,7 +59,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(registry_root, base):
     # A small body limit: uploads to /v1/files have their own (the 10,000-line file is over this).
-    s = _start(base, registry_root, f"serve.batch_max_file_lines={MAX_LINES}", "serve.max_body_bytes=200000")
+    s = _start(base, registry_root, *SERVER_EXTRA)
     yield s
     _stop(s)
 
@@ -339,23 +340,17 @@ def _wait_for_a_shard(ledger: Path, timeout: float = 400) -> str:
 
 # ---------------------------------------------------------------------------- restart
 @pytest.mark.timeout(1200)
-def test_kill_9_mid_batch_then_restart_completes_each_line_once(registry_root, tmp_path, server):
-    _stop(server)  # the module's server is done (this test runs last): one server's engines at a time
-    a = _start(tmp_path, registry_root, name="a")
-    try:
-        client = _client(a)
-        lines = [_chat(f"k{i}", f"Count from {i} to {i + 20}.", max_tokens=24) for i in range(48)]
-        f = _upload(client, lines)
-        b = client.batches.create(
-            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-        ledger = tmp_path / "outputs" / "batches" / b.id / "_ledger.jsonl"
-        first = _wait_for_a_shard(ledger)
-        os.kill(a["proc"].pid, signal.SIGKILL)
-        a["proc"].wait()
-    finally:
-        _stop(a)
-    b2 = _start(tmp_path, registry_root, name="b")
+def test_kill_9_mid_batch_then_restart_completes_each_line_once(registry_root, base, server):
+    # The module's server is the one killed (this test runs last), then a second starts on its state.
+    client = _client(server)
+    lines = [_chat(f"k{i}", f"Count from {i} to {i + 20}.", max_tokens=24) for i in range(48)]
+    f = _upload(client, lines)
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    ledger = base / "outputs" / "batches" / b.id / "_ledger.jsonl"
+    first = _wait_for_a_shard(ledger)
+    os.kill(server["proc"].pid, signal.SIGKILL)
+    server["proc"].wait()
+    b2 = _start(base, registry_root, *SERVER_EXTRA, name="restarted")
     try:
         client = _client(b2)
         assert b.id in [x.id for x in client.batches.list()]  # listed after the restart

@@ -35,22 +35,43 @@ def workspace(tmp_path_factory, registry_root):
     return ws, {"SAGE_LLM_MODEL_ROOT": str(registry_root)}
 
 
-def test_default_job_end_to_end(workspace):
+# The default job as a user runs it, once for the module: the end-to-end test checks it, and the
+# SIGKILL test compares its resumed run against it.
+DEFAULT_ARGS = ("data.limit=1500", "output.shard_rows=100", "engine.max_in_flight=64")
+
+
+@pytest.fixture(scope="module")
+def default_run(workspace):
     ws, env = workspace
-    r = run_cli("data.limit=120", "output.shard_rows=50", cwd=ws, env=env)
+    r = run_cli(*DEFAULT_ARGS, cwd=ws, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = ws / "outputs" / "embed" / "data.limit=120,output.shard_rows=50"
+    (out,) = [p.parent for p in (ws / "outputs" / "embed").glob("*/metrics.json") if "data.limit=1500" in p.parent.name]
+    return r, out
+
+
+def test_default_job_end_to_end(workspace, default_run):
+    ws, env = workspace
+    r, out = default_run
     m = json.loads((out / "metrics.json").read_text())
-    assert m["rows_out"] == 120 and m["error_rows"] == 0 and m["engine_loads"] == 1
+    assert m["rows_out"] == 1500 and m["error_rows"] == 0 and m["engine_loads"] == 1
     assert (out / "config.yaml").exists() and (out / ".hydra" / "config.yaml").exists()
-    assert read_output(out).num_rows == 120
+    assert read_output(out).num_rows == 1500
     # Not a terminal: progress went out as one-line JSON records.
     events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith('{"event"')]
-    assert events and events[-1]["event"] == "done" and events[-1]["rows"] == 120
+    assert events and events[-1]["event"] == "done" and events[-1]["rows"] == 1500
+    # A quiet console: nothing on stdout, our four lines on stderr; vLLM's lines go to run.log.
+    assert r.stdout == ""
+    lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith('{"event"')]
+    assert len(lines) == 4, lines  # loading, engine ready, rows written, done
+    assert all("][sage_vllm_batch" in x for x in lines), lines
+    assert "WARNING" not in r.stderr and "Warning" not in r.stderr
+    log = (out / "run.log").read_text()
+    assert "[vllm." in log and "Engine ready" in log
+    assert "Passing raw prompts to InputProcessor is deprecated" not in log
     # The same command again finds the run complete and does nothing: no row run, no file rewritten.
     before = _stamps(out)
-    assert len(before) == 3 + 4  # part-000000..2, the ledger, manifest, metrics.json, _SUCCESS
-    again = run_cli("data.limit=120", "output.shard_rows=50", cwd=ws, env=env)
+    assert len(before) == 15 + 4  # part-000000..14, the ledger, manifest, metrics.json, _SUCCESS
+    again = run_cli(*DEFAULT_ARGS, cwd=ws, env=env)
     assert again.returncode == 0 and "already complete" in again.stderr
     assert _stamps(out) == before
     assert not [line for line in again.stderr.splitlines() if line.startswith('{"event"')]
@@ -92,10 +113,10 @@ def test_malformed_input_fails_at_start_with_path(workspace):
 # Three runs of 1500 rows, each loading its engine in a fresh process: 210 s measured on the
 # shared 2-core machine under load; twice the default limit leaves room for a slower day.
 @pytest.mark.timeout(1200)
-def test_sigkill_then_resume_gives_exactly_the_uninterrupted_rows(workspace, tmp_path):
+def test_sigkill_then_resume_gives_exactly_the_uninterrupted_rows(workspace, default_run, tmp_path):
     ws, env = workspace
-    args = ["data.limit=1500", "output.shard_rows=100", "engine.max_in_flight=64"]
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = list(DEFAULT_ARGS)
+    killed, clean = tmp_path / "killed", default_run[1]  # the uninterrupted run: the default job's
     proc = subprocess.Popen(
         [sys.executable, "-m", "sage_vllm_batch", *args, f"output.dir={killed}"],
         cwd=ws, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -127,8 +148,6 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_rows(workspace, tmp
     assert m["rows_in"] == m["rows_out"] == 1500 - committed_rows
     assert _stamps(killed, list(kept)) == kept  # the committed shards were not rewritten
 
-    r = run_cli(*args, f"output.dir={clean}", cwd=ws, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_output(killed), read_output(clean)
     assert a.column("id").to_pylist() == list(range(1500))
     assert a.equals(b), "resumed output differs from the uninterrupted run"
@@ -136,53 +155,38 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_rows(workspace, tmp
         assert pq.read_table(killed / name).equals(pq.read_table(clean / name))
 
 
-def test_fused_sweep_loads_once_and_summarizes(workspace):
+SWEEP = ("-m", "task=chat", "model=smollm2-135m-instruct", "data.limit=6", "sampling.max_tokens=16",
+         "sampling.temperature=0,0.7,1.0,-1", "hydra.sweep.dir=sweep")  # fmt: skip
+
+
+def test_fused_sweep_loads_once_summarizes_and_a_bad_value_fails_only_its_point(workspace):
     ws, env = workspace
-    r = run_cli(
-        "-m", "task=chat", "model=smollm2-135m-instruct", "data.limit=6", "sampling.max_tokens=16",
-        "sampling.temperature=0,0.7,1.0", "hydra.sweep.dir=sweep", cwd=ws, env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(*SWEEP, cwd=ws, env=env)
+    assert r.returncode == 1, r.stderr[-3000:]  # one point failed
+    assert "sampling.temperature: must be >= 0" in r.stderr
     sweep = ws / "sweep"
-    points = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert len(points) == 3 and all("sampling.temperature=" in p for p in points)
+    points = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
+    assert points == [f"sampling.temperature={t}" for t in ("0", "0.7", "1.0")]
     assert r.stderr.count("Loaded the model once for 3 point(s)") == 1
     for p in points:
         m = json.loads((sweep / p / "metrics.json").read_text())
         assert m["rows_out"] == 6 and m["engine_loads"] == 1 and m["engine_shared_by_points"] == 3
-        assert (sweep / p / ".hydra" / "overrides.yaml").exists()
-    summary = pq.read_table(sweep / "summary.parquet").to_pylist()
-    assert sorted(row["sampling.temperature"] for row in summary) == ["0", "0.7", "1.0"]
-    assert all(row["status"] == "completed" for row in summary)
-    ratios = {row["sampling.temperature"]: row["distinct_output_ratio"] for row in summary}
+        assert (sweep / p / "_SUCCESS").exists() and (sweep / p / ".hydra" / "overrides.yaml").exists()
+    summary = {row["sampling.temperature"]: row for row in pq.read_table(sweep / "summary.parquet").to_pylist()}
+    assert sorted(summary) == ["-1", "0", "0.7", "1.0"]
+    assert [t for t, row in summary.items() if row["status"] != "completed"] == ["-1"]
+    assert summary["-1"]["status"] == "failed"
     for p in points:  # the ratio is what the point's output holds
         texts = read_output(sweep / p).column("text").to_pylist()
-        assert ratios[p.rsplit("=", 1)[1]] == round(len(set(texts)) / 6, 4), p
-    assert ratios["0"] == 1.0  # six different prompts, six different greedy answers
+        assert summary[p.rsplit("=", 1)[1]]["distinct_output_ratio"] == round(len(set(texts)) / 6, 4), p
+    assert summary["0"]["distinct_output_ratio"] == 1.0  # six different prompts, six different greedy answers
     assert "| sampling.temperature |" in (sweep / "summary.md").read_text()
     assert list(sweep.glob("summary_*.png"))
-    # Rerunning the sweep skips the completed points.
+    # Rerunning the sweep skips the completed points (the bad one fails again).
     before = {p: _stamps(sweep / p) for p in points}
-    again = run_cli(
-        "-m", "task=chat", "model=smollm2-135m-instruct", "data.limit=6", "sampling.max_tokens=16",
-        "sampling.temperature=0,0.7,1.0", "hydra.sweep.dir=sweep", cwd=ws, env=env,
-    )
-    assert again.returncode == 0 and again.stderr.count("already complete, skipped") == 3
+    again = run_cli(*SWEEP, cwd=ws, env=env)
+    assert again.returncode == 1 and again.stderr.count("already complete, skipped") == 3
     assert {p: _stamps(sweep / p) for p in points} == before  # nothing rewritten
-
-
-def test_sweep_with_a_bad_value_fails_that_point_and_runs_the_others(workspace):
-    ws, env = workspace
-    r = run_cli(
-        "-m", "task=chat", "model=smollm2-135m-instruct", "data.limit=3", "sampling.max_tokens=8",
-        "sampling.temperature=0,-1", "hydra.sweep.dir=badsweep", cwd=ws, env=env,
-    )
-    assert r.returncode == 1
-    assert "sampling.temperature: must be >= 0" in r.stderr
-    good = ws / "badsweep" / "sampling.temperature=0"
-    assert (good / "_SUCCESS").exists() and read_output(good).num_rows == 3
-    rows = {row["sampling.temperature"]: row for row in pq.read_table(ws / "badsweep" / "summary.parquet").to_pylist()}
-    assert rows["0"]["status"] == "completed" and rows["-1"]["status"] == "failed"
 
 
 def test_readme_quickstart_commands_are_the_ones_ci_runs():

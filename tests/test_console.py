@@ -1,37 +1,11 @@
-"""A quiet console: the runner's lines, progress and errors; libraries log to <output.dir>/run.log."""
+"""A quiet console: the runner's lines, progress and errors; libraries log to <output.dir>/run.log.
+The default job's console is checked in test_cli_jobs.test_default_job_end_to_end (one CLI run)."""
 
 from __future__ import annotations
 
-import json
 import logging
 
-import pytest
-from conftest import run_cli
-
 from sage_vllm_batch import logs
-
-
-def _console_lines(text):
-    lines = [x for x in text.splitlines() if x.strip()]
-    progress = [x for x in lines if x.startswith("{") and json.loads(x)["event"] in ("progress", "done")]
-    return [x for x in lines if x not in progress], progress
-
-
-@pytest.mark.engine
-def test_default_job_console_is_quiet(registry_root, tmp_path):
-    out = tmp_path / "out"
-    r = run_cli(f"registry.root={registry_root}", f"output.dir={out}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(r.stderr)  # shown with -s: the whole console of the default job
-    assert r.stdout == ""
-    lines, progress = _console_lines(r.stderr)
-    assert progress and json.loads(progress[-1])["rows"] == 3000
-    assert len(lines) == 4, lines  # loading, engine ready, rows written, done
-    assert all("][sage_vllm_batch" in x for x in lines), lines
-    assert "WARNING" not in r.stderr and "Warning" not in r.stderr
-    log = (out / "run.log").read_text()
-    assert "[vllm." in log and "Engine ready" in log  # vLLM's own lines are kept in the log file
-    assert "Passing raw prompts to InputProcessor is deprecated" not in log
 
 
 def test_library_logs_go_to_the_file_unless_verbose(tmp_path):

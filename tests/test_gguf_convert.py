@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -51,11 +50,11 @@ def gguf_file() -> Path:
 
 
 @pytest.fixture(scope="session")
-def converted(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2-hf")
-    logging.getLogger("sage_vllm_batch").setLevel(logging.INFO)
-    convert_gguf_to_hf(gguf_file, out)
-    return out
+def converted(gguf_file: Path, registry_root: Path) -> Path:
+    """The session registry's SmolLM2: that import is this conversion (a second one took 30 s)."""
+    from sage_vllm_batch.registry import get_model_path
+
+    return get_model_path("HuggingFaceTB/SmolLM2-135M-Instruct", root=registry_root)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import compose_job, run_cli
 
@@ -113,7 +114,7 @@ def test_seeded_sampling_is_reproducible_and_fused_equals_alone(chat_engine, reg
     assert read_output(tmp_path / "a0.7").column("text").to_pylist() != read_output(tmp_path / "a1.0").column("text").to_pylist()
 
 
-def test_engine_core_process_killed_mid_run_out_of_process(registry_root, tmp_path):
+def test_engine_core_process_killed_mid_run_out_of_process(embed_engine, registry_root, tmp_path):
     """vLLM's own process layout (engine=gpu's): SIGKILL the EngineCore process mid-run."""
     from sage_vllm_batch.paths import WORKSPACE, resolve_path
 
@@ -132,9 +133,14 @@ def test_engine_core_process_killed_mid_run_out_of_process(registry_root, tmp_pa
     m = json.loads((killed / "metrics.json").read_text())
     assert m["engine_in_process"] is False
     assert m["engine_restarts"] == 1 and m["engine_loads"] == 2 and m["requeued_rows"] >= 1
-    r = run_cli(*args, f"output.dir={clean}", cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # The uninterrupted run: the same job on the session's in-process engine (no third load).
+    point = prepare_point(compose_job(*args, out_dir=clean, registry_root=registry_root), name="clean")
+    run_on_engine([point], embed_engine, progress="none")
     a, b = read_output(killed), read_output(clean)
     assert a.column("id").to_pylist() == list(range(200)) and a.column("error").null_count == 200
-    assert a.equals(b)
+    assert a.drop_columns(["embedding"]).equals(b.drop_columns(["embedding"]))
+    # Another process may sum in another order: each row's vector agrees, not bit for bit.
+    va, vb = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in (a, b))
+    cos = (va * vb).sum(1) / (np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1))
+    assert float(cos.min()) > 0.9999, float(cos.min())
     assert os.path.isdir(WORKSPACE)

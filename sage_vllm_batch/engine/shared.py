@@ -7,9 +7,10 @@ prefix followers. Both change no rows: they are switched by ``engine.dedup`` and
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from sage_vllm_batch.config.schema import EngineConfig
 from sage_vllm_batch.engine.dedup import Dedup
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.engine.prefix_schedule import prefix_order
@@ -17,31 +18,24 @@ from sage_vllm_batch.engine.prefix_schedule import prefix_order
 __all__ = ["SharedOptions", "shared_stream"]
 
 
+_ENGINE = EngineConfig()  # the switches' defaults live in one place: the config schema
+
+
 @dataclass(frozen=True)
 class SharedOptions:
-    dedup: bool = True
-    dedup_window: int = 4096
-    prefix_schedule: bool = True
-    prefix_lookahead: int = 1024
+    dedup: bool = _ENGINE.dedup
+    dedup_window: int = _ENGINE.dedup_window
+    prefix_schedule: bool = _ENGINE.prefix_schedule
+    prefix_lookahead: int = _ENGINE.prefix_lookahead
 
     @classmethod
     def from_engine_cfg(cls, engine_cfg: Mapping[str, Any] | None) -> SharedOptions:
         cfg = engine_cfg or {}
-        base = cls()
-        return cls(
-            dedup=bool(cfg.get("dedup", base.dedup)),
-            dedup_window=int(cfg.get("dedup_window", base.dedup_window)),
-            prefix_schedule=bool(cfg.get("prefix_schedule", base.prefix_schedule)),
-            prefix_lookahead=int(cfg.get("prefix_lookahead", base.prefix_lookahead)),
-        )
+        names = [f.name for f in fields(cls)]
+        return cls(**{n: type(getattr(_ENGINE, n))(cfg.get(n, getattr(_ENGINE, n))) for n in names})
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "dedup": self.dedup,
-            "dedup_window": self.dedup_window,
-            "prefix_schedule": self.prefix_schedule,
-            "prefix_lookahead": self.prefix_lookahead,
-        }
+        return asdict(self)
 
 
 def shared_stream(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,9 @@ class ParquetShardSink:
         if not path.exists():
             return done
         present = names_in(out)  # one listing, not one request per shard on an object store
-        for line in path.read_text(encoding="utf-8").splitlines():
+        # Local: streamed line by line. On a store the ledger is one object, fetched whole.
+        lines = path.read_text(encoding="utf-8").splitlines() if isinstance(path, ObjectPath) else _lines(path)
+        for line in lines:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
@@ -257,3 +259,8 @@ def read_output(out_dir: str | Path) -> pa.Table:
     if not files:
         raise FileNotFoundError(f"no committed shards in {out_dir} (no {LEDGER} entries)")
     return pa.concat_tables(pq.read_table(arrow_file(p)[0], filesystem=arrow_file(p)[1]) for _, p in files)
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        yield from f
