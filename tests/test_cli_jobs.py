@@ -110,8 +110,8 @@ def test_malformed_input_fails_at_start_with_path(workspace):
     assert "Traceback" not in r.stderr
 
 
-# Three runs of 1500 rows, each loading its engine in a fresh process: 210 s measured on the
-# shared 2-core machine under load; twice the default limit leaves room for a slower day.
+# Two runs of 1500 rows (the killed one and its resume; the uninterrupted one is the module's
+# default run), each loading its engine in a fresh process; the limit leaves room for a slower day.
 @pytest.mark.timeout(1200)
 def test_sigkill_then_resume_gives_exactly_the_uninterrupted_rows(workspace, default_run, tmp_path):
     ws, env = workspace
