@@ -47,7 +47,12 @@ HUMANEVAL_ROWS = 164  # HumanEval.jsonl.gz has 164 prompts: the chat example's w
 def task_base(task: str) -> list[str]:
     """The job overrides of a benchmark task: the default embed job, or greedy SmolLM2 chat."""
     if task == "chat":
-        return ["task=chat", "model=smollm2-135m-instruct", "sampling.temperature=0", "sampling.max_tokens=64"]
+        return [
+            "task=chat",
+            "model=smollm2-135m-instruct",
+            "sampling.temperature=0",
+            "sampling.max_tokens=64",
+        ]
     return ["task=embed"]
 
 
@@ -68,7 +73,9 @@ def compose(*overrides: str, out_dir: Path | None = None, registry_root: Path | 
     """The real Hydra job config (conf/), composed in-process as the CLI would."""
     from sage_vllm_batch.config.compose import compose_job
 
-    return compose_job(["job_name=bench", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root)
+    return compose_job(
+        ["job_name=bench", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root
+    )
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:

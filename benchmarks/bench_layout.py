@@ -141,7 +141,9 @@ def show(name: str, recs: dict[str, dict]) -> dict:
         print(f"  {k}: {v:.2f}x")
     r = recs["runner"]
     overhead = r["wall_s"] - r["process_s"]
-    print(f"  runner overhead (whole process - processing): {overhead:.1f} s (target for 3,000 verses: <= 10 s)")
+    print(
+        f"  runner overhead (whole process - processing): {overhead:.1f} s (target for 3,000 verses: <= 10 s)"
+    )
     return {"variants": recs, "ratios": ratios, "runner_overhead_s": overhead}
 
 

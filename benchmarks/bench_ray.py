@@ -176,7 +176,9 @@ class InstantWorker:
         self.runner = "pooling" if cfg["task"]["type"] == "embed" else "generate"
         self.rng = np.random.default_rng(index)
         rng = self.rng
-        self.words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 4)) for _ in range(VOCAB_SIZE)])
+        self.words = np.array(
+            ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 4)) for _ in range(VOCAB_SIZE)]
+        )
         self._np, self._result, self._sample = np, EngineResult, Sample
         self._pickle = pickle.dumps
         self.stats_ = {"units": 0, "rows": 0, "in_bytes": 0, "out_bytes": 0}
@@ -218,7 +220,11 @@ class InstantWorker:
         pass
 
     def run_unit(self, parts: list[tuple[int, int, list[dict[str, Any]]]]) -> dict[str, Any]:
-        out = {"results": [self._results(len(rows)) for _, _, rows in parts], "seconds": 0.0, "rss_bytes": None}
+        out = {
+            "results": [self._results(len(rows)) for _, _, rows in parts],
+            "seconds": 0.0,
+            "rss_bytes": None,
+        }
         self.stats_["units"] += 1
         self.stats_["rows"] += sum(len(rows) for _, _, rows in parts)
         self.stats_["in_bytes"] += len(self._pickle(parts))  # what the driver shipped
@@ -271,7 +277,13 @@ def _ceiling_case(name: str, args: argparse.Namespace, root: Path, out_root: str
     best: dict[str, Any] | None = None
     for rep_i in range(args.repeats):
         out = f"{out_root.rstrip('/')}/{name}-{rep_i}"
-        cfg = compose(*job, *ex_over, *args.override, out_dir=Path(out) if "://" not in out else None, registry_root=root)
+        cfg = compose(
+            *job,
+            *ex_over,
+            *args.override,
+            out_dir=Path(out) if "://" not in out else None,
+            registry_root=root,
+        )
         if "://" in out:
             from omegaconf import open_dict
 
@@ -295,7 +307,9 @@ def _ceiling_case(name: str, args: argparse.Namespace, root: Path, out_root: str
         scheme_dir = Path(out.split("://")[0] + ":") if "://" in out else None
         if scheme_dir is not None and scheme_dir.is_dir():  # a build without URI support took it for a path
             shutil.rmtree(scheme_dir, ignore_errors=True)
-            raise RuntimeError(f"output.dir={out} was written as a local path: this build has no object-store output")
+            raise RuntimeError(
+                f"output.dir={out} was written as a local path: this build has no object-store output"
+            )
         committed = _tree_bytes(out)
         r = {
             "rows": rows,
@@ -327,14 +341,21 @@ def driver_ceiling(args: argparse.Namespace) -> int:
     args.rows = args.rows or 20000
     stores: list[tuple[str, str | None]] = [("local", None)]
     if args.output_root:
-        stores.append((args.output_root.split("://")[0] if "://" in args.output_root else "path", args.output_root))
+        stores.append(
+            (args.output_root.split("://")[0] if "://" in args.output_root else "path", args.output_root)
+        )
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         stores.append(("s3", f"s3://{args.s3_bucket}/driver-ceiling"))
-    ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=max(2, os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     work = Path(tempfile.mkdtemp(prefix="sage-bench-ceiling-"))
     res: dict[str, dict[str, Any]] = {}
     try:
@@ -352,7 +373,9 @@ def driver_ceiling(args: argparse.Namespace) -> int:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     print("\n" + "=" * 104)
-    print(f"driver ceiling: {args.rows} rows, shards of {args.shard_rows or 1000}, {args.workers} instant workers, {os.cpu_count()} cores")
+    print(
+        f"driver ceiling: {args.rows} rows, shards of {args.shard_rows or 1000}, {args.workers} instant workers, {os.cpu_count()} cores"
+    )
     print(
         f"{'store/case':28} {'rows/s':>10} {'dispatched MB/s':>16} {'returned MB/s':>14} "
         f"{'committed MB/s':>15} {'driver CPU':>11}"
@@ -365,7 +388,9 @@ def driver_ceiling(args: argparse.Namespace) -> int:
             f"{key:28} {r['rows_per_s']:>10.1f} {r['dispatched_mb_per_s']:>16.2f} {r['returned_mb_per_s']:>14.2f} "
             f"{r['committed_mb_per_s']:>15.2f} {r['driver_cpu_share']:>10.0%}"
         )
-    print(f"load average at start: {info['loadavg_at_start']}, at end: {[round(x, 2) for x in os.getloadavg()]}")
+    print(
+        f"load average at start: {info['loadavg_at_start']}, at end: {[round(x, 2) for x in os.getloadavg()]}"
+    )
     print("=" * 104)
     path = write_results(
         "ray_driver_ceiling.json",
@@ -391,12 +416,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-rows", type=int, default=None, help="rows per chunk (default: rows / 20)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each variant (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="threads of each engine (default 1)")
-    ap.add_argument("--driver-ceiling", action="store_true", help="the driver with instant workers (see above)")
+    ap.add_argument(
+        "--driver-ceiling", action="store_true", help="the driver with instant workers (see above)"
+    )
     ap.add_argument("--workers", type=int, default=2, help="--driver-ceiling: instant workers (default 2)")
-    ap.add_argument("--chunks-per-worker", type=int, default=2, help="--driver-ceiling: executor.chunks_per_worker")
+    ap.add_argument(
+        "--chunks-per-worker", type=int, default=2, help="--driver-ceiling: executor.chunks_per_worker"
+    )
     ap.add_argument("--output-root", default=None, help="--driver-ceiling: also write under this URI or path")
-    ap.add_argument("--s3-endpoint", default=None, help="--driver-ceiling: also write to this S3-compatible server")
-    ap.add_argument("--s3-bucket", default="sage-bench", help="--driver-ceiling: the bucket (default sage-bench)")
+    ap.add_argument(
+        "--s3-endpoint", default=None, help="--driver-ceiling: also write to this S3-compatible server"
+    )
+    ap.add_argument(
+        "--s3-bucket", default="sage-bench", help="--driver-ceiling: the bucket (default sage-bench)"
+    )
     add_common_args(ap)
     args = ap.parse_args(argv)
     if args.driver_ceiling:

@@ -95,7 +95,12 @@ def workload(name: str, quick: bool) -> dict[str, Any]:
         seqs = 8 if quick else 32
         return {
             "rows": [{"q": t} for t in texts],
-            "overrides": [*CHAT, "sampling.max_tokens=64", "sampling.min_tokens=64", f"engine.max_num_seqs={seqs}"],
+            "overrides": [
+                *CHAT,
+                "sampling.max_tokens=64",
+                "sampling.min_tokens=64",
+                f"engine.max_num_seqs={seqs}",
+            ],
         }
     if name == "docs":
         docs_n, qs_n, seqs = (20, 4, 8) if quick else (40, 5, 16)
@@ -115,7 +120,10 @@ def workload(name: str, quick: bool) -> dict[str, Any]:
         return {
             "rows": rows,
             "overrides": [
-                *CHAT, "sampling.max_tokens=16", f"engine.max_num_seqs={seqs}", "engine.max_model_len=2048",
+                *CHAT,
+                "sampling.max_tokens=16",
+                f"engine.max_num_seqs={seqs}",
+                "engine.max_model_len=2048",
                 f"engine.kv_cache_memory_bytes={kv_tokens * KV_TOKEN_BYTES}",
             ],  # fmt: skip
         }
@@ -186,7 +194,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             run_on_engine([point], engine, progress="none")
             rec["seconds"], rec["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             m = json.loads((out / "metrics.json").read_text())
-            rec.update(hit_rate=m["prefix_cache_hit_rate"], dedup_rows=m["dedup_rows"], error_rows=m["error_rows"])
+            rec.update(
+                hit_rate=m["prefix_cache_hit_rate"], dedup_rows=m["dedup_rows"], error_rows=m["error_rows"]
+            )
     finally:
         engine.close()
     return rec
@@ -212,7 +222,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller workloads (about a third of the time)")
     ap.add_argument("--only", choices=list(TARGETS), action="append", default=None)
-    ap.add_argument("--repeats", type=int, default=1, help="runs of each variant, alternating; the best counts")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="runs of each variant, alternating; the best counts"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     add_common_args(ap)
     a = ap.parse_args()
@@ -222,7 +234,10 @@ def main() -> None:
     names = a.only or list(TARGETS)
     tasks = sorted({"embed" if n == "embed" else "chat" for n in names})
     results: dict[str, Any] = {}
-    with registry_root(a.registry_root, tasks) as root, tempfile.TemporaryDirectory(prefix="bench-shared-") as tmp:
+    with (
+        registry_root(a.registry_root, tasks) as root,
+        tempfile.TemporaryDirectory(prefix="bench-shared-") as tmp,
+    ):
         for name in names:
             work = Path(tmp) / name
             work.mkdir()
@@ -231,7 +246,10 @@ def main() -> None:
                 spec = {"workload": name, "variant": variant, "quick": a.quick, "work": str(work),
                         "registry": str(root), "extra": a.override}  # fmt: skip
                 p = subprocess.run(
-                    [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, timeout=3600
+                    [sys.executable, __file__, "--child", json.dumps(spec)],
+                    capture_output=True,
+                    text=True,
+                    timeout=3600,
                 )
                 lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
                 if p.returncode != 0 or not lines:
@@ -258,7 +276,9 @@ def main() -> None:
             f"{_pct(p.get('hit_rate')):>9s} {_pct(b.get('hit_rate')):>10s} {b.get('dedup_rows', 0):6d}  "
             f"{r['agreement']} [{ok}]"
         )
-    path = write_results("shared.json", {"at": now_utc(), "quick": a.quick, "machine": machine_info(), "results": results})
+    path = write_results(
+        "shared.json", {"at": now_utc(), "quick": a.quick, "machine": machine_info(), "results": results}
+    )
     print(f"\nwritten {path}")
 
 

@@ -65,7 +65,10 @@ def redact(text: str) -> str:
             netloc = "***@" + netloc.rpartition("@")[2]
         query = parts.query
         if query:
-            pairs = [(k, "***" if _SECRET_KEY.search(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+            pairs = [
+                (k, "***" if _SECRET_KEY.search(k) else v)
+                for k, v in parse_qsl(query, keep_blank_values=True)
+            ]
             query = urlencode(pairs, safe="*:/")
         out = f"{parts.scheme}://{netloc}{parts.path}"
         return out + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
@@ -333,9 +336,7 @@ class ObjectPath:
         """Put a local file as this object."""
         import pyarrow.fs as pafs
 
-        self._call(
-            "write", pafs.copy_files, str(local), self.fs_path, pafs.LocalFileSystem(), self.fs
-        )
+        self._call("write", pafs.copy_files, str(local), self.fs_path, pafs.LocalFileSystem(), self.fs)
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:
@@ -464,9 +465,7 @@ def list_files(path: str) -> tuple[str, list[str]]:
         pattern = uri[len(base) + 1 :]
         root = _with_options(path, base)
         rx = _glob_regex(pattern)
-        return "glob", sorted(
-            f"{base}/{rel}" for rel, info in root.walk() if info.is_file and rx.match(rel)
-        )
+        return "glob", sorted(f"{base}/{rel}" for rel, info in root.walk() if info.is_file and rx.match(rel))
     root = ObjectPath(path)
     import pyarrow.fs as pafs
 

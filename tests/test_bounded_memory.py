@@ -46,8 +46,10 @@ def _peaks_kb(tmp_path: Path, n: int) -> tuple[int, int]:
 
 def test_100k_consecutive_bad_rows_keep_peak_rss_flat(tmp_path):
     (rss_s, py_s), (rss_l, py_l) = _peaks_kb(tmp_path, 10_000), _peaks_kb(tmp_path, 100_000)
-    print(f"peak RSS: 10k bad rows {rss_s / 1024:.1f} MiB, 100k {rss_l / 1024:.1f} MiB; "
-          f"Python heap peak: {py_s / 1024:.1f} MiB, {py_l / 1024:.1f} MiB")
+    print(
+        f"peak RSS: 10k bad rows {rss_s / 1024:.1f} MiB, 100k {rss_l / 1024:.1f} MiB; "
+        f"Python heap peak: {py_s / 1024:.1f} MiB, {py_l / 1024:.1f} MiB"
+    )
     # The Python heap's peak is flat (~2.4 MiB); RSS moves by allocator noise only (+5 to +41 MiB
     # seen on a busy machine). Before bad rows bypassed the engine's window they all waited in its
     # ready list (and their chunks in the runner): +45 MiB of RSS, most of it Python objects.

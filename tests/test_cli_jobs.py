@@ -45,7 +45,11 @@ def default_run(workspace):
     ws, env = workspace
     r = run_cli(*DEFAULT_ARGS, cwd=ws, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    (out,) = [p.parent for p in (ws / "outputs" / "embed").glob("*/metrics.json") if "data.limit=1500" in p.parent.name]
+    (out,) = [
+        p.parent
+        for p in (ws / "outputs" / "embed").glob("*/metrics.json")
+        if "data.limit=1500" in p.parent.name
+    ]
     return r, out
 
 
@@ -97,7 +101,9 @@ def test_missing_model_offline_fails_naming_the_fix_and_records_nothing(workspac
     assert not [p for p in (registry_root / ".tmp").rglob("*") if "missing-model" in str(p)]
     assert not list((registry_root / ".leases").glob("nobody--missing-model/*"))
     new = set((ws / "outputs").rglob("*")) - outputs if (ws / "outputs").exists() else set()
-    assert not [p for p in new if p.name in (LEDGER, "metrics.json", "_SUCCESS") or p.suffix == ".parquet"], new
+    assert not [p for p in new if p.name in (LEDGER, "metrics.json", "_SUCCESS") or p.suffix == ".parquet"], (
+        new
+    )
 
 
 def test_malformed_input_fails_at_start_with_path(workspace):
@@ -119,7 +125,11 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_rows(workspace, def
     killed, clean = tmp_path / "killed", default_run[1]  # the uninterrupted run: the default job's
     proc = subprocess.Popen(
         [sys.executable, "-m", "sage_vllm_batch", *args, f"output.dir={killed}"],
-        cwd=ws, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=ws,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 600
@@ -172,7 +182,9 @@ def test_fused_sweep_loads_once_summarizes_and_a_bad_value_fails_only_its_point(
         m = json.loads((sweep / p / "metrics.json").read_text())
         assert m["rows_out"] == 6 and m["engine_loads"] == 1 and m["engine_shared_by_points"] == 3
         assert (sweep / p / "_SUCCESS").exists() and (sweep / p / ".hydra" / "overrides.yaml").exists()
-    summary = {row["sampling.temperature"]: row for row in pq.read_table(sweep / "summary.parquet").to_pylist()}
+    summary = {
+        row["sampling.temperature"]: row for row in pq.read_table(sweep / "summary.parquet").to_pylist()
+    }
     assert sorted(summary) == ["-1", "0", "0.7", "1.0"]
     assert [t for t, row in summary.items() if row["status"] != "completed"] == ["-1"]
     assert summary["-1"]["status"] == "failed"

@@ -62,7 +62,11 @@ def test_embed_with_a_text_model_is_refused_naming_the_fix(tmp_path):
 
 @pytest.mark.parametrize(
     "override,key",
-    [("sampling.top_p=0", "sampling.top_p"), ("data.shard_index=3", "data.shard_index"), ("task.overlong_prompt=cut", "task.overlong_prompt")],
+    [
+        ("sampling.top_p=0", "sampling.top_p"),
+        ("data.shard_index=3", "data.shard_index"),
+        ("task.overlong_prompt=cut", "task.overlong_prompt"),
+    ],
 )
 def test_cross_field_rules_name_the_key(override, key, tmp_path):
     cfg = compose_job("task=chat", "model=smollm2-135m-instruct", override, out_dir=tmp_path)
@@ -71,12 +75,18 @@ def test_cross_field_rules_name_the_key(override, key, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "sage_vllm_batch", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "sage_vllm_batch", *args], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 @pytest.mark.parametrize(
     "override,needle",
-    [("data.limt=5", "Key 'limt' not in 'DataConfig'"), ("sampling.temperature=hot", "sampling.temperature"), ("task=nope", "task")],
+    [
+        ("data.limt=5", "Key 'limt' not in 'DataConfig'"),
+        ("sampling.temperature=hot", "sampling.temperature"),
+        ("task=nope", "task"),
+    ],
 )
 def test_cli_rejects_bad_keys_and_types_in_one_paragraph(override, needle):
     r = _cli(override, "--cfg", "job")
@@ -112,7 +122,9 @@ def test_sweep_points_share_an_engine_unless_model_or_engine_differ(tmp_path):
 
     base = ("task=chat", "model=smollm2-135m-instruct")
     a = engine_group_key(compose_job(*base, "sampling.temperature=0", out_dir=tmp_path))
-    b = engine_group_key(compose_job(*base, "sampling.temperature=1.0", "sampling.top_p=0.9", out_dir=tmp_path))
+    b = engine_group_key(
+        compose_job(*base, "sampling.temperature=1.0", "sampling.top_p=0.9", out_dir=tmp_path)
+    )
     c = engine_group_key(compose_job(*base, "engine.max_num_seqs=8", out_dir=tmp_path))
     d = engine_group_key(compose_job("task=chat", "model=hub", "model.id=org/other", out_dir=tmp_path))
     assert a == b

@@ -25,7 +25,8 @@ def run_points(cfgs, engine):
 
 def test_chat_answers_and_stops(chat_engine):
     (res,) = chat_engine.chat(
-        [[{"role": "user", "content": "What is the capital of France?"}]], {"temperature": 0.0, "max_tokens": 32}
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        {"temperature": 0.0, "max_tokens": 32},
     )
     assert res.error is None and "Paris" in res.text
     assert res.finish_reason == "stop" and 0 < res.completion_tokens < 32
@@ -33,7 +34,14 @@ def test_chat_answers_and_stops(chat_engine):
 
 def test_chat_job_writes_text_finish_reason_and_token_counts(chat_engine, registry_root, tmp_path):
     out = tmp_path / "out"
-    cfg = compose_job(*CHAT, "data.limit=6", "sampling.max_tokens=24", "output.shard_rows=4", out_dir=out, registry_root=registry_root)
+    cfg = compose_job(
+        *CHAT,
+        "data.limit=6",
+        "sampling.max_tokens=24",
+        "output.shard_rows=4",
+        out_dir=out,
+        registry_root=registry_root,
+    )
     (point,) = run_points([cfg], chat_engine)
     t = read_output(out)
     assert t.num_rows == 6
@@ -61,14 +69,22 @@ def test_generate_task_messages_column_sampling_column_and_bad_rows(chat_engine,
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
     cfg = compose_job(
-        *CHAT, "data=jsonl", f"data.path={src}", "data.sampling_column=opts", "sampling.max_tokens=16",
-        out_dir=out, registry_root=registry_root,
+        *CHAT,
+        "data=jsonl",
+        f"data.path={src}",
+        "data.sampling_column=opts",
+        "sampling.max_tokens=16",
+        out_dir=out,
+        registry_root=registry_root,
     )
     run_points([cfg], chat_engine)
     t = read_output(out)
     err = t.column("error").to_pylist()
     assert err[0] is None and err[1] is None
-    assert t.column("completion_tokens").to_pylist()[1] == 3 and t.column("finish_reason").to_pylist()[1] == "length"
+    assert (
+        t.column("completion_tokens").to_pylist()[1] == 3
+        and t.column("finish_reason").to_pylist()[1] == "length"
+    )
     assert "unknown option(s) temprature" in err[2]
     assert err[3].startswith("null input")
     assert err[4].startswith("prompt too long")
@@ -77,8 +93,12 @@ def test_generate_task_messages_column_sampling_column_and_bad_rows(chat_engine,
 def test_generate_prompt_column(chat_engine, registry_root, tmp_path):
     out = tmp_path / "out"
     cfg = compose_job(
-        "task=generate", "model=smollm2-135m-instruct", "data.limit=3", "sampling.max_tokens=16",
-        out_dir=out, registry_root=registry_root,
+        "task=generate",
+        "model=smollm2-135m-instruct",
+        "data.limit=3",
+        "sampling.max_tokens=16",
+        out_dir=out,
+        registry_root=registry_root,
     )
     run_points([cfg], chat_engine)
     t = read_output(out)
@@ -94,12 +114,22 @@ def test_fused_points_equal_points_run_alone(chat_engine, registry_root, tmp_pat
     """Sampling parameters are per request: interleaving points on one engine changes nothing."""
     temps = ("0.0", "0.7", "1.0")
     common = (*CHAT, "data.limit=5", "sampling.max_tokens=16", "sampling.seed=1")
-    fused = [compose_job(*common, f"sampling.temperature={t}", out_dir=tmp_path / f"f{t}", registry_root=registry_root) for t in temps]
+    fused = [
+        compose_job(
+            *common, f"sampling.temperature={t}", out_dir=tmp_path / f"f{t}", registry_root=registry_root
+        )
+        for t in temps
+    ]
     run_points(fused, chat_engine)
     for t in temps:
-        alone = compose_job(*common, f"sampling.temperature={t}", out_dir=tmp_path / f"a{t}", registry_root=registry_root)
+        alone = compose_job(
+            *common, f"sampling.temperature={t}", out_dir=tmp_path / f"a{t}", registry_root=registry_root
+        )
         run_points([alone], chat_engine)
-        assert read_output(tmp_path / f"f{t}").column("text").to_pylist() == read_output(tmp_path / f"a{t}").column("text").to_pylist()
+        assert (
+            read_output(tmp_path / f"f{t}").column("text").to_pylist()
+            == read_output(tmp_path / f"a{t}").column("text").to_pylist()
+        )
     greedy = read_output(tmp_path / "f0.0").column("text").to_pylist()
     hot = read_output(tmp_path / "f1.0").column("text").to_pylist()
     assert greedy != hot  # the sampling parameters really reached their own requests
@@ -109,19 +139,48 @@ def test_openai_batch_file_with_per_request_options(chat_engine, registry_root, 
     """The request format `vllm run-batch` reads; body fields become per-row sampling options."""
     src = tmp_path / "batch.jsonl"
     lines = [
-        {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "m", "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
-                  "max_tokens": 5}},
-        {"custom_id": "req-2", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "m", "messages": [{"role": "user", "content": "Explain photosynthesis in detail."}],
-                  "max_tokens": 2, "temperature": 0}},
-        {"custom_id": "req-3", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "best_of_all": 3}},
+        {
+            "custom_id": "req-1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "m",
+                "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                "max_tokens": 5,
+            },
+        },
+        {
+            "custom_id": "req-2",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "m",
+                "messages": [{"role": "user", "content": "Explain photosynthesis in detail."}],
+                "max_tokens": 2,
+                "temperature": 0,
+            },
+        },
+        {
+            "custom_id": "req-3",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "m",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 4,
+                "best_of_all": 3,
+            },
+        },
     ]
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "out"
     cfg = compose_job(
-        *CHAT, "data=openai_batch", f"data.path={src}", "data.any_model=true", out_dir=out, registry_root=registry_root
+        *CHAT,
+        "data=openai_batch",
+        f"data.path={src}",
+        "data.any_model=true",
+        out_dir=out,
+        registry_root=registry_root,
     )  # the bodies name model "m"
     run_points([cfg], chat_engine)
     t = read_output(out)

@@ -26,15 +26,25 @@ def test_concurrent_callers_and_a_job_on_one_engine(chat_engine, registry_root, 
 
     out = tmp_path / "job"
     cfg = compose_job(
-        "task=chat", "model=smollm2-135m-instruct", "data.limit=6", "sampling.max_tokens=12",
-        out_dir=out, registry_root=registry_root,
+        "task=chat",
+        "model=smollm2-135m-instruct",
+        "data.limit=6",
+        "sampling.max_tokens=12",
+        out_dir=out,
+        registry_root=registry_root,
     )
     alone = tmp_path / "alone"
     cfg_alone = compose_job(
-        "task=chat", "model=smollm2-135m-instruct", "data.limit=6", "sampling.max_tokens=12",
-        out_dir=alone, registry_root=registry_root,
+        "task=chat",
+        "model=smollm2-135m-instruct",
+        "data.limit=6",
+        "sampling.max_tokens=12",
+        out_dir=alone,
+        registry_root=registry_root,
     )
-    run_on_engine([prepare_point(cfg_alone, name="alone", model=resolve_model(cfg_alone))], chat_engine, progress="none")
+    run_on_engine(
+        [prepare_point(cfg_alone, name="alone", model=resolve_model(cfg_alone))], chat_engine, progress="none"
+    )
 
     driver = EngineDriver(chat_engine)
     try:
@@ -43,7 +53,9 @@ def test_concurrent_callers_and_a_job_on_one_engine(chat_engine, registry_root, 
 
         def caller(i):
             try:
-                fut = driver.submit(EngineRequest(key=i, prompt_token_ids=driver.render_chat(convs[i]), sampling=GREEDY))
+                fut = driver.submit(
+                    EngineRequest(key=i, prompt_token_ids=driver.render_chat(convs[i]), sampling=GREEDY)
+                )
                 res = fut.result(timeout=300)
                 assert res.key == i
                 got[i] = res.text
@@ -52,7 +64,9 @@ def test_concurrent_callers_and_a_job_on_one_engine(chat_engine, registry_root, 
 
         threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(convs))]
         job = threading.Thread(
-            target=lambda: run_on_engine([prepare_point(cfg, name="job", model=resolve_model(cfg))], driver, progress="none")
+            target=lambda: run_on_engine(
+                [prepare_point(cfg, name="job", model=resolve_model(cfg))], driver, progress="none"
+            )
         )
         job.start()
         for t in threads:
@@ -82,7 +96,11 @@ def test_a_cancelled_request_is_aborted_in_the_engine(chat_engine):
             seen.append(len(out.outputs[0].token_ids))
             cancel.set()
 
-        fut = driver.submit(EngineRequest(key="long", prompt_token_ids=prompt, sampling=LONG, on_output=on_output, cancel=cancel))
+        fut = driver.submit(
+            EngineRequest(
+                key="long", prompt_token_ids=prompt, sampling=LONG, on_output=on_output, cancel=cancel
+            )
+        )
         res = fut.result(timeout=300)
         assert res.error is not None and res.error.startswith("cancelled")
         assert max(seen) < 100  # stopped within a few steps, not after 1,500 tokens
@@ -90,7 +108,9 @@ def test_a_cancelled_request_is_aborted_in_the_engine(chat_engine):
         # A request cancelled before it reached the engine never runs; the engine keeps serving.
         gone = threading.Event()
         gone.set()
-        res = driver.submit(EngineRequest(key="x", prompt_token_ids=prompt, sampling=LONG, cancel=gone)).result(timeout=60)
+        res = driver.submit(
+            EngineRequest(key="x", prompt_token_ids=prompt, sampling=LONG, cancel=gone)
+        ).result(timeout=60)
         assert res.error.startswith("cancelled")
         (ok,) = driver.chat([[{"role": "user", "content": "Say hi."}]], GREEDY)
         assert ok.error is None and ok.text
@@ -111,7 +131,9 @@ def test_a_server_request_left_early_is_cancelled(chat_engine):
     driver.submit = lambda req: futures.append(submit(req)) or futures[-1]
     try:
         client = DriverEngineClient(lambda: driver)
-        prompt = {"prompt_token_ids": driver.render_chat([{"role": "user", "content": "Tell me a long story."}])}
+        prompt = {
+            "prompt_token_ids": driver.render_chat([{"role": "user", "content": "Tell me a long story."}])
+        }
 
         async def leave_after_first_output():
             gen = client.generate(prompt, SamplingParams(**LONG), "req-1")

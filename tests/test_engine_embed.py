@@ -43,7 +43,15 @@ def test_default_job_writes_parquet_metrics_and_config(embed_engine, registry_ro
     assert t.column("text").to_pylist()[0].startswith("In the beginning God created")
     assert t.column("error").null_count == 250
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("rows_in", "rows_out", "error_rows", "load_seconds", "wall_seconds", "rows_per_s", "prompt_tokens"):
+    for key in (
+        "rows_in",
+        "rows_out",
+        "error_rows",
+        "load_seconds",
+        "wall_seconds",
+        "rows_per_s",
+        "prompt_tokens",
+    ):
         assert key in m
     assert m["rows_out"] == 250 and m["prompt_tokens"] > 250 and m["peak_rss_bytes"] > 0
     assert m["model"]["id"] == "sentence-transformers/all-MiniLM-L6-v2" and m["model"]["revision"] == "0.1.0"
@@ -61,7 +69,14 @@ def test_default_job_writes_parquet_metrics_and_config(embed_engine, registry_ro
 
 def test_bad_rows_become_error_rows_and_the_job_completes(embed_engine, registry_root, tmp_path):
     src = tmp_path / "bad.jsonl"
-    rows = [{"text": "fine"}, {"text": None}, {"text": ""}, {"text": 42}, {"text": "word " * 400}, {"text": "also fine"}]
+    rows = [
+        {"text": "fine"},
+        {"text": None},
+        {"text": ""},
+        {"text": 42},
+        {"text": "word " * 400},
+        {"text": "also fine"},
+    ]
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
     cfg = compose_job("data=jsonl", f"data.path={src}", out_dir=out, registry_root=registry_root)
@@ -80,8 +95,12 @@ def test_truncate_policy_and_normalize(embed_engine, registry_root, tmp_path):
     src.write_text(json.dumps({"text": "word " * 400}) + "\n" + json.dumps({"text": "short"}) + "\n")
     out = tmp_path / "out"
     cfg = compose_job(
-        "data=jsonl", f"data.path={src}", "task.overlong_prompt=truncate", "task.normalize=true",
-        out_dir=out, registry_root=registry_root,
+        "data=jsonl",
+        f"data.path={src}",
+        "task.overlong_prompt=truncate",
+        "task.normalize=true",
+        out_dir=out,
+        registry_root=registry_root,
     )
     run_point(cfg, embed_engine)
     t = read_output(out)
@@ -97,11 +116,19 @@ def test_parquet_directory_source_with_passthrough(embed_engine, registry_root, 
     d = tmp_path / "corpus"
     d.mkdir()
     for k in range(3):
-        pq.write_table(pa.table({"body": [f"doc {k}-{i}" for i in range(30)], "lang": ["en"] * 30}), d / f"s{k}.parquet")
+        pq.write_table(
+            pa.table({"body": [f"doc {k}-{i}" for i in range(30)], "lang": ["en"] * 30}), d / f"s{k}.parquet"
+        )
     out = tmp_path / "out"
     cfg = compose_job(
-        "data=parquet", f"data.path={d}", "data.text_column=body", "data.id_column=null",
-        "output.passthrough_columns=[body,lang]", "output.shard_rows=32", out_dir=out, registry_root=registry_root,
+        "data=parquet",
+        f"data.path={d}",
+        "data.text_column=body",
+        "data.id_column=null",
+        "output.passthrough_columns=[body,lang]",
+        "output.shard_rows=32",
+        out_dir=out,
+        registry_root=registry_root,
     )
     run_point(cfg, embed_engine)
     t = read_output(out)

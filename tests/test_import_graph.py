@@ -406,7 +406,9 @@ def private_imports(root: Path, packages: Iterable[str] = PACKAGES) -> list[str]
                 continue
             for alias in node.names:
                 if alias.name.startswith("_") and not alias.name.startswith("__"):
-                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.module}.{alias.name} (in {name})")
+                    found.append(
+                        f"{path.relative_to(root)}:{node.lineno} {node.module}.{alias.name} (in {name})"
+                    )
     return found
 
 
@@ -415,7 +417,10 @@ def test_no_private_names_are_imported_across_modules():
 
 
 def test_a_private_import_is_found(tmp_path):
-    root = _write(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "_x = 1\n", "pkg/b.py": "def f():\n    from pkg.a import _x\n"})
+    root = _write(
+        tmp_path,
+        {"pkg/__init__.py": "", "pkg/a.py": "_x = 1\n", "pkg/b.py": "def f():\n    from pkg.a import _x\n"},
+    )
     assert private_imports(root, ("pkg",)) == ["pkg/b.py:2 pkg.a._x (in pkg.b)"]
 
 
@@ -450,7 +455,10 @@ def test_imports_follow_the_layout_table():
         f"{a} -> {b}"
         for a, targets in graph.items()
         for b in targets
-        if _layer(a) is not None and _layer(b) is not None and _layer(b) > _layer(a) and (a, b) not in ALLOWED_UPWARD
+        if _layer(a) is not None
+        and _layer(b) is not None
+        and _layer(b) > _layer(a)
+        and (a, b) not in ALLOWED_UPWARD
     )
     assert upward == [], "imports against the layout (a row importing a row below it):\n" + "\n".join(upward)
     downward = [(a, b) for a, ts in graph.items() for b in ts if (_layer(a) or 0) > (_layer(b) or 0)]

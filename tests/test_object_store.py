@@ -95,7 +95,10 @@ def s3(tmp_path_factory):
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}  # the 3 IAM calls below, then auth
     with log.open("w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=f, stderr=f, env=env
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=f,
+            stderr=f,
+            env=env,
         )
     try:
         deadline = time.monotonic() + 60
@@ -107,20 +110,33 @@ def s3(tmp_path_factory):
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
         iam = boto3.client(
-            "iam", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-            aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap",
+            "iam",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
         )
         iam.create_user(UserName="sage")
         key = iam.create_access_key(UserName="sage")["AccessKey"]
         iam.put_user_policy(
-            UserName="sage", PolicyName="all",
+            UserName="sage",
+            PolicyName="all",
             PolicyDocument=json.dumps(
                 {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
             ),
         )
         relay = Relay(port)
         relay.start()
-        saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")}
+        saved = {
+            k: os.environ.get(k)
+            for k in (
+                "AWS_ENDPOINT_URL",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION",
+                "AWS_EC2_METADATA_DISABLED",
+            )
+        }
         os.environ.update(
             AWS_ENDPOINT_URL=f"http://127.0.0.1:{relay.port}",
             AWS_ACCESS_KEY_ID=key["AccessKeyId"],
@@ -131,8 +147,12 @@ def s3(tmp_path_factory):
         import pyarrow.fs as pafs
 
         pafs.S3FileSystem(
-            endpoint_override=f"127.0.0.1:{relay.port}", scheme="http", access_key=key["AccessKeyId"],
-            secret_key=key["SecretAccessKey"], region="us-east-1", allow_bucket_creation=True,
+            endpoint_override=f"127.0.0.1:{relay.port}",
+            scheme="http",
+            access_key=key["AccessKeyId"],
+            secret_key=key["SecretAccessKey"],
+            region="us-east-1",
+            allow_bucket_creation=True,
         ).create_dir(BUCKET)
         yield relay
     finally:
@@ -161,8 +181,13 @@ def put_corpus(s3_uri: str, rows: int = ROWS, bad: tuple[int, ...] = (5, 170)) -
 
 def fake_job(src: str, out: str, *extra: str):
     return compose_job(
-        "data=jsonl", f"data.path={src}", "data.limit=null", "output.shard_rows=100",
-        "engine.in_process=true", *extra, out_dir=out,
+        "data=jsonl",
+        f"data.path={src}",
+        "data.limit=null",
+        "output.shard_rows=100",
+        "engine.in_process=true",
+        *extra,
+        out_dir=out,
     )
 
 
@@ -177,7 +202,9 @@ def clean_local(tmp_path_factory, s3):
     """The stand-in run on local files: what every object-store run must equal."""
     d = tmp_path_factory.mktemp("local")
     src = d / "in.jsonl"
-    src.write_text("".join(json.dumps({"text": None if i in (5, 170) else f"verse {i}"}) + "\n" for i in range(ROWS)))
+    src.write_text(
+        "".join(json.dumps({"text": None if i in (5, 170) else f"verse {i}"}) + "\n" for i in range(ROWS))
+    )
     out = d / "out"
     run_fake(fake_job(str(src), str(out)))
     return read_output(out)
@@ -197,10 +224,16 @@ def test_redact_hides_uri_secrets_and_keeps_the_rest():
     ("text", "kind"),
     [
         # the failure CI met: the relay's port (…:40321) once read as an HTTP 403
-        ("When uploading part for key 'o/part-000001.parquet' in bucket 'sage-test': AWS Error NETWORK_CONNECTION "
-         "during UploadPart operation: curlCode: 7, Couldn't connect to server (http://127.0.0.1:40321)", "unreachable"),
-        ("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 56, Failure when receiving data from "
-         "the peer, endpoint 127.0.0.1:54030", "unreachable"),
+        (
+            "When uploading part for key 'o/part-000001.parquet' in bucket 'sage-test': AWS Error NETWORK_CONNECTION "
+            "during UploadPart operation: curlCode: 7, Couldn't connect to server (http://127.0.0.1:40321)",
+            "unreachable",
+        ),
+        (
+            "AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 56, Failure when receiving data from "
+            "the peer, endpoint 127.0.0.1:54030",
+            "unreachable",
+        ),
         ("Connection refused (127.0.0.1:4403)", "unreachable"),
         ("Operation timed out after 30000 milliseconds", "unreachable"),
         ("AWS Error ACCESS_DENIED during HeadObject operation: No response body.", "access denied"),
@@ -242,7 +275,9 @@ def test_jsonl_in_s3_to_s3_equals_local_and_no_secret_is_written(s3, clean_local
     from urllib.parse import quote
 
     key, secret = os.environ["AWS_ACCESS_KEY_ID"], quote(os.environ["AWS_SECRET_ACCESS_KEY"], safe="")
-    src_opts = src.replace("s3://", f"s3://{key}:{secret}@") + f"?endpoint_override=127.0.0.1:{s3.port}&scheme=http"
+    src_opts = (
+        src.replace("s3://", f"s3://{key}:{secret}@") + f"?endpoint_override=127.0.0.1:{s3.port}&scheme=http"
+    )
     run_fake(fake_job(f"'{src_opts}'", out))  # options hold = and &: quoted for Hydra
     o = storage.ObjectPath(out)
     assert (o / "_SUCCESS").exists()
@@ -270,7 +305,9 @@ def test_jsonl_in_s3_to_s3_equals_local_and_no_secret_is_written(s3, clean_local
         assert t.num_rows == 250 and t.column("id").to_pylist() == list(range(250))
 
 
-def test_kill_9_mid_run_then_rerun_gives_each_row_once_and_the_lease_guards(s3, clean_local, tmp_path, monkeypatch):
+def test_kill_9_mid_run_then_rerun_gives_each_row_once_and_the_lease_guards(
+    s3, clean_local, tmp_path, monkeypatch
+):
     src, out = put_corpus(uri("in") + ".jsonl"), uri("out")
     monkeypatch.setenv(LEASE_TTL_ENV, "3")
     # Shard 1 is on the store, not yet in the ledger, when the run is killed.
@@ -382,8 +419,13 @@ def test_real_engine_s3_to_s3_equals_local(s3, task, request, registry_root, tmp
         extra = ("task=embed", "output.shard_rows=10")
     else:
         rows = [{"prompt": f"Name a color number {i}."} for i in range(4)]
-        extra = ("task=chat", "model=smollm2-135m-instruct", "output.shard_rows=2",
-                 "sampling.temperature=0", "sampling.max_tokens=8")
+        extra = (
+            "task=chat",
+            "model=smollm2-135m-instruct",
+            "output.shard_rows=2",
+            "sampling.temperature=0",
+            "sampling.max_tokens=8",
+        )
     text = "".join(json.dumps(r) + "\n" for r in rows)
     local_src = tmp_path / "in.jsonl"
     local_src.write_text(text)
@@ -391,8 +433,14 @@ def test_real_engine_s3_to_s3_equals_local(s3, task, request, registry_root, tmp
     storage.ObjectPath(src).write_text(text)
     tables = []
     for path, out in ((str(local_src), str(tmp_path / "out")), (src, uri("out"))):
-        cfg = compose_job(*extra, "data=jsonl", f"data.path={path}", "data.limit=null",
-                          out_dir=out, registry_root=registry_root)
+        cfg = compose_job(
+            *extra,
+            "data=jsonl",
+            f"data.path={path}",
+            "data.limit=null",
+            out_dir=out,
+            registry_root=registry_root,
+        )
         run_on_engine([prepare_point(cfg, model=resolve_model(cfg))], engine, progress="none")
         tables.append(read_output(out))
     assert tables[0].num_rows == len(rows)
@@ -406,11 +454,25 @@ def test_ray_two_workers_read_and_write_s3(s3, registry_root, tmp_path):
     from sage_vllm_batch.job import run
 
     src = put_corpus(uri("in") + ".jsonl", rows=20, bad=(4,))
-    extra = ("task=embed", "data=jsonl", f"data.path={src}", "data.limit=null", "output.shard_rows=5",
-             "engine.kv_cache_memory_bytes=268435456")
+    extra = (
+        "task=embed",
+        "data=jsonl",
+        f"data.path={src}",
+        "data.limit=null",
+        "output.shard_rows=5",
+        "engine.kv_cache_memory_bytes=268435456",
+    )
     out = uri("out")
-    run(compose_job(*extra, "executor=ray", "executor.num_workers=2", "executor.threads_per_worker=1",
-                    out_dir=out, registry_root=registry_root))
+    run(
+        compose_job(
+            *extra,
+            "executor=ray",
+            "executor.num_workers=2",
+            "executor.threads_per_worker=1",
+            out_dir=out,
+            registry_root=registry_root,
+        )
+    )
     local = tmp_path / "local"
     run(compose_job(*extra, out_dir=local, registry_root=registry_root))
     assert read_output(out).equals(read_output(local))

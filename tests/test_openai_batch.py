@@ -36,7 +36,12 @@ def _chat_line(cid, model=CHAT_MODEL, **body):
 
 def _embed_line(cid, text, model=EMBED_MODEL, **body):
     return json.dumps(
-        {"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"model": model, "input": text, **body}}
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": model, "input": text, **body},
+        }
     )
 
 
@@ -178,17 +183,28 @@ def test_embeddings_batch_file_gives_vllms_embedding_responses(embed_engine, reg
     from sage_vllm_batch.outputs.shards import read_output
 
     src = tmp_path / "embed.jsonl"
-    src.write_text("\n".join([_embed_line("a", "a cat"), _embed_line("b", "a dog", model="NonExistModel")]) + "\n")
+    src.write_text(
+        "\n".join([_embed_line("a", "a cat"), _embed_line("b", "a dog", model="NonExistModel")]) + "\n"
+    )
     out = tmp_path / "out"
-    cfg = compose_job(*EMBED, f"data.path={src}", "output=openai_batch", out_dir=out, registry_root=registry_root)
+    cfg = compose_job(
+        *EMBED, f"data.path={src}", "output=openai_batch", out_dir=out, registry_root=registry_root
+    )
     run_points([cfg], embed_engine)
     vectors = read_output(out).column("embedding").to_pylist()
-    a, b = [BatchRequestOutput.model_validate_json(x) for x in (out / "openai_batch_output.jsonl").read_text().splitlines()]
+    a, b = [
+        BatchRequestOutput.model_validate_json(x)
+        for x in (out / "openai_batch_output.jsonl").read_text().splitlines()
+    ]
     assert (a.custom_id, a.error, a.response.status_code) == ("a", None, 200)
     body = EmbeddingResponse.model_validate(a.response.body.model_dump())
     assert body.model == EMBED_MODEL and body.usage.prompt_tokens > 0
-    assert body.data[0].embedding == pytest.approx(vectors[0], abs=1e-6) and len(body.data[0].embedding) == 384
-    assert b.custom_id == "b" and b.response.status_code == 400 and "`NonExistModel` does not exist" in b.error
+    assert (
+        body.data[0].embedding == pytest.approx(vectors[0], abs=1e-6) and len(body.data[0].embedding) == 384
+    )
+    assert (
+        b.custom_id == "b" and b.response.status_code == 400 and "`NonExistModel` does not exist" in b.error
+    )
 
 
 @pytest.mark.engine

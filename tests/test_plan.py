@@ -105,7 +105,12 @@ def test_plan_of_a_missing_adapter_names_the_adapter(corpus, tmp_path, registry_
     assert "NOT in the registry" not in text and "import it first" not in text
     assert "model:     HuggingFaceTB/SmolLM2-135M-Instruct (text), with adapter test/no-such-lora" in text
     # A base model the run could not fetch is still reported as such.
-    absent = ("model=hub", "model.id=org/absent", "registry.allow_download=false", "model.adapter=test/no-such-lora")
+    absent = (
+        "model=hub",
+        "model.id=org/absent",
+        "registry.allow_download=false",
+        "model.adapter=test/no-such-lora",
+    )
     code, text = plan_of(job(corpus, tmp_path / "out", registry_root, "task=chat", *absent))
     assert code == 1 and "org/absent (text), NOT in the registry, download disabled, with adapter" in text
     assert "cannot run: model: org/absent is not in the registry and registry.allow_download=false" in text

@@ -118,7 +118,9 @@ def test_a_worker_dying_after_computing_before_the_commit(pool, faults, local_ou
     assert ex["worker_deaths"] == 1 and ex["worker_replacements"] == 1 and ex["units_retried"] == 1
 
 
-def test_a_hung_worker_is_killed_and_its_late_result_dropped(pool, faults, local_out, registry_root, tmp_path):
+def test_a_hung_worker_is_killed_and_its_late_result_dropped(
+    pool, faults, local_out, registry_root, tmp_path
+):
     set_faults(faults, "arrive 2 hang=120")  # alive, but silent far past chunk_timeout_s
     pool.ex.chunk_timeout_s = 5
     try:

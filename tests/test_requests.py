@@ -23,7 +23,9 @@ class FakeTok:
 
 
 def builder(task="embed", overlong="error_row", **data):
-    t = OmegaConf.create({"type": task, "overlong_prompt": overlong, "add_generation_prompt": True, "chat_template_kwargs": {}})
+    t = OmegaConf.create(
+        {"type": task, "overlong_prompt": overlong, "add_generation_prompt": True, "chat_template_kwargs": {}}
+    )
     d = OmegaConf.create(
         {
             "text_column": "text",
@@ -90,19 +92,24 @@ def test_chat_from_json_string_and_system_prompt():
     b = builder("chat", system_prompt="be brief")
     ok = b.build(0, {"messages": '[{"role": "user", "content": "hi"}]'})
     assert ok.error is None
-    assert ok.prompt_token_ids == FakeTok().render_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert ok.prompt_token_ids == FakeTok().render_chat(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
 
 
 def test_chat_long_prompt_truncation_keeps_the_tail():
     b = builder("chat", overlong="truncate")
     msgs = [{"role": "user", "content": "z" * 60}]
     full = FakeTok().render_chat(msgs)
-    assert b.build(0, {"messages": msgs}).prompt_token_ids == full[-(FakeTok.max_model_len - 4):]
+    assert b.build(0, {"messages": msgs}).prompt_token_ids == full[-(FakeTok.max_model_len - 4) :]
 
 
 def test_per_row_sampling_overrides_and_errors():
     b = builder("generate", sampling_column="s")
-    assert b.build(0, {"prompt": "a", "s": '{"temperature": 0.5}'}).sampling == {"temperature": 0.5, "max_tokens": 4}
+    assert b.build(0, {"prompt": "a", "s": '{"temperature": 0.5}'}).sampling == {
+        "temperature": 0.5,
+        "max_tokens": 4,
+    }
     assert b.build(0, {"prompt": "a", "s": None}).sampling == {"temperature": 0.0, "max_tokens": 4}
     assert "unknown option(s) temprature" in b.build(0, {"prompt": "a", "s": {"temprature": 1}}).error
     assert b.build(0, {"prompt": "a", "s": "[1]"}).error.startswith("bad sampling options")
@@ -116,10 +123,23 @@ def test_per_row_sampling_overrides_and_errors():
 
 
 def test_per_row_n_with_a_multi_sample_job():
-    t = OmegaConf.create({"type": "generate", "overlong_prompt": "error_row", "add_generation_prompt": True, "chat_template_kwargs": {}})
+    t = OmegaConf.create(
+        {
+            "type": "generate",
+            "overlong_prompt": "error_row",
+            "add_generation_prompt": True,
+            "chat_template_kwargs": {},
+        }
+    )
     d = OmegaConf.create(
-        {"text_column": "text", "prompt_column": "prompt", "messages_column": "messages", "prompt_template": None,
-         "system_prompt": None, "sampling_column": "s"}
+        {
+            "text_column": "text",
+            "prompt_column": "prompt",
+            "messages_column": "messages",
+            "prompt_template": None,
+            "system_prompt": None,
+            "sampling_column": "s",
+        }
     )
     b = RequestBuilder(t, d, {"temperature": 1.0, "max_tokens": 4, "n": 3}, FakeTok())
     assert b.build(0, {"prompt": "a", "s": {"n": 5}}).sampling["n"] == 5

@@ -75,7 +75,9 @@ class ChatFakeEngine(FakeEngine):
     def stream(self, requests, on_step=None):
         for res in super().stream(requests, on_step):
             if res.error is None:
-                res = dataclasses.replace(res, embedding=None, completion_tokens=1, samples=[Sample("ok", "stop", 1)])
+                res = dataclasses.replace(
+                    res, embedding=None, completion_tokens=1, samples=[Sample("ok", "stop", 1)]
+                )
             yield res
 
 
@@ -94,8 +96,15 @@ def corpus(tmp_path):
 
 
 def job(corpus, out, *extra):
-    return compose_job("data=jsonl", f"data.path={corpus}", "data.limit=null", "data.id_column=ref",
-                       "output.shard_rows=100", *extra, out_dir=out)
+    return compose_job(
+        "data=jsonl",
+        f"data.path={corpus}",
+        "data.limit=null",
+        "data.id_column=ref",
+        "output.shard_rows=100",
+        *extra,
+        out_dir=out,
+    )
 
 
 def run_once(cfg, engine):
@@ -258,7 +267,9 @@ def test_disk_full_stops_cleanly_and_the_rerun_completes(corpus, tmp_path, monke
         assert not (out / LEDGER).read_bytes().endswith(b"\n")  # a torn line
     run_once(job(corpus, out), FakeEngine())
     assert (out / "_SUCCESS").exists() and read_output(out).equals(read_output(clean))
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".sage-run.lock") == []
+    assert (
+        sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".sage-run.lock") == []
+    )
     lines = (out / LEDGER).read_text().splitlines()
     assert sorted(json.loads(x)["chunk"] for x in lines) == [0, 1, 2]
 
@@ -303,7 +314,9 @@ def test_a_chat_from_a_prompt_column_passes_that_column_through(tmp_path):
     demand the missing messages column)."""
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(5)))
-    cfg = compose_job("task=chat", "model=smollm2-135m-instruct", "data=jsonl", f"data.path={src}", out_dir=tmp_path / "out")
+    cfg = compose_job(
+        "task=chat", "model=smollm2-135m-instruct", "data=jsonl", f"data.path={src}", out_dir=tmp_path / "out"
+    )
     run_once(cfg, ChatFakeEngine())
     table = read_output(tmp_path / "out")
     assert table.column("prompt").to_pylist() == [f"question {i}" for i in range(5)]

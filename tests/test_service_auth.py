@@ -52,7 +52,12 @@ def live(registry_root, tmp_path_factory):
     from sage_vllm_batch.service.batches import BatchManager
     from sage_vllm_batch.service.files import FileStore
 
-    batches = BatchManager(jobs, FileStore(base / "outputs" / "files", max_bytes=2**20, max_lines=1000), root=base / "outputs" / "batches", serves=service.has)
+    batches = BatchManager(
+        jobs,
+        FileStore(base / "outputs" / "files", max_bytes=2**20, max_lines=1000),
+        root=base / "outputs" / "batches",
+        serves=service.has,
+    )
     port = free_port()
     box: dict = {}
     started = threading.Event()
@@ -98,7 +103,9 @@ def http(live):
         yield c
 
 
-def _raw(port: int, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b"") -> int:
+def _raw(
+    port: int, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b""
+) -> int:
     """One HTTP/1.1 request with the request target exactly as given (no client normalises it):
     its status."""
     return _raw_response(port, method, target, headers, body)[0]
@@ -152,7 +159,11 @@ def test_every_route_needs_the_key_except_the_public_list(live, capsys):
         for path, method, kind in _routes(app):
             target = _fill(path)
             # A body that no route can act on (no job, no generation), sent to this app's model.
-            body = b'{"model": "%s", "not_a_field": {}}' % model.encode() if method in ("POST", "PUT", "PATCH") else b""
+            body = (
+                b'{"model": "%s", "not_a_field": {}}' % model.encode()
+                if method in ("POST", "PUT", "PATCH")
+                else b""
+            )
             if kind == "ws":
                 without = _raw(port, "GET", target, {"Upgrade": "websocket", "Connection": "Upgrade",
                                                       "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
@@ -169,8 +180,16 @@ def test_every_route_needs_the_key_except_the_public_list(live, capsys):
             else:
                 assert without == 401, (method, target, without)
                 assert with_key != 401, (method, target, with_key)
-    assert {"/invocations", "/tokenize", "/detokenize", "/v1/chat/completions", "/v1/embeddings", "/v1/jobs",
-            "/v1/files", "/v1/batches"} <= walked
+    assert {
+        "/invocations",
+        "/tokenize",
+        "/detokenize",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/jobs",
+        "/v1/files",
+        "/v1/batches",
+    } <= walked
     assert public <= walked
 
     # Spellings that must not slip past the key, whatever they route to.
@@ -182,7 +201,9 @@ def test_every_route_needs_the_key_except_the_public_list(live, capsys):
         ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/pooling"),
     ]  # fmt: skip
     for method, target in tricks:
-        body = b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}' if method == "POST" else b""
+        body = (
+            b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}' if method == "POST" else b""
+        )
         code = _raw(port, method, target, body=body)
         table.append((target, method, code, None))
         assert code == 401, (method, target, code)
@@ -271,7 +292,9 @@ def _traffic(http, n: int = 3) -> tuple[int, int, int]:
 def test_metrics_has_vllms_families_per_model_and_ours_and_they_survive_a_restart(live, http, capsys):
     before = _scrape(http)
     prompt, completion, embedded = _traffic(http)
-    job = http.post("/v1/jobs", json={"overrides": ["task=embed", "data=jsonl", f"data.path={live['data'] / 't.jsonl'}"]})
+    job = http.post(
+        "/v1/jobs", json={"overrides": ["task=embed", "data=jsonl", f"data.path={live['data'] / 't.jsonl'}"]}
+    )
     assert job.status_code == 201, job.text
     deadline = time.monotonic() + 300
     while http.get(f"/v1/jobs/{job.json()['id']}").json()["status"] in ("queued", "running"):
@@ -295,12 +318,19 @@ def test_metrics_has_vllms_families_per_model_and_ours_and_they_survive_a_restar
     # An engine restart: vLLM's counters go on from where they were.
     restarts = _get(after, "sage_engine_restarts_total", model_name=CHAT)
     _break_next_step(live["service"])
-    r = http.post("/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    r = http.post(
+        "/v1/chat/completions",
+        json={"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 500, r.text
     prompt2, completion2, _ = _traffic(http, 2)
     again = _scrape(http)
     assert _get(again, "sage_engine_restarts_total", model_name=CHAT) == restarts + 1
-    assert _get(again, "vllm:prompt_tokens_total", model_name=CHAT) - _get(after, "vllm:prompt_tokens_total", model_name=CHAT) == prompt2
+    assert (
+        _get(again, "vllm:prompt_tokens_total", model_name=CHAT)
+        - _get(after, "vllm:prompt_tokens_total", model_name=CHAT)
+        == prompt2
+    )
     assert _get(again, "vllm:generation_tokens_total", model_name=CHAT) - _get(after, "vllm:generation_tokens_total", model_name=CHAT) == completion2  # fmt: skip
 
     with capsys.disabled():

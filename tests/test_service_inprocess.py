@@ -224,7 +224,9 @@ def test_a_served_adapter_applies_to_every_route(service, registry_root, random_
         processed = svc.process({"task": "generate", "inputs": convs, "options": ADAPTER_GREEDY})
         assert processed["model_id"] == CHAT and [o["text"] for o in processed["outputs"]] == got
 
-        jobs = JobManager(svc, base_overrides=base_overrides(cfg, argv), data_roots=[str(data)], output_root=tmp_path)
+        jobs = JobManager(
+            svc, base_overrides=base_overrides(cfg, argv), data_roots=[str(data)], output_root=tmp_path
+        )
         job, _ = jobs.submit(["task=chat", "data=jsonl", f"data.path={data / 'q.jsonl'}",
                               "output.passthrough_columns=[prompt]", "sampling.max_tokens=8"])  # fmt: skip
         deadline = time.monotonic() + 300
@@ -239,7 +241,11 @@ def test_a_served_adapter_applies_to_every_route(service, registry_root, random_
             async with httpx.AsyncClient(transport=transport, base_url="http://svc", timeout=300) as c:
                 models = (await c.get("/v1/models")).json()
                 chats = [
-                    (await c.post("/v1/chat/completions", json={"model": CHAT, "messages": m, **ADAPTER_GREEDY})).json()
+                    (
+                        await c.post(
+                            "/v1/chat/completions", json={"model": CHAT, "messages": m, **ADAPTER_GREEDY}
+                        )
+                    ).json()
                     for m in convs
                 ]
             return models, chats
@@ -248,7 +254,9 @@ def test_a_served_adapter_applies_to_every_route(service, registry_root, random_
         assert [m["id"] for m in models["data"]] == [CHAT]  # clients keep asking for the served name
         assert [c["choices"][0]["message"]["content"] for c in chats] == got, chats
 
-        assert [h.purpose for h in _holders(registry_root, random_lora)] == [f"{HOLDER} (text model), adapter"]
+        assert [h.purpose for h in _holders(registry_root, random_lora)] == [
+            f"{HOLDER} (text model), adapter"
+        ]
         with pytest.raises(registry.ModelInUseError, match=rf"{HOLDER} \(text model\), adapter"):
             registry.delete_model(random_lora, root=registry_root)
         assert len(_holders(registry_root, CHAT)) == chat_leases + 1

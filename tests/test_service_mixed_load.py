@@ -39,7 +39,10 @@ def test_jobs_and_live_callers_on_both_engines_at_once(registry_root, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "news.jsonl").write_text(
-        "".join(json.dumps({"text": f"Report {i}: the river rose by {i} centimetres overnight."}) + "\n" for i in range(200))
+        "".join(
+            json.dumps({"text": f"Report {i}: the river rose by {i} centimetres overnight."}) + "\n"
+            for i in range(200)
+        )
     )
     (data / "q.jsonl").write_text(
         "".join(json.dumps({"prompt": f"Give one word for the number {i}."}) + "\n" for i in range(20))
@@ -61,7 +64,9 @@ def test_jobs_and_live_callers_on_both_engines_at_once(registry_root, tmp_path):
         while not stop.is_set():
             try:
                 if kind == "chat":
-                    (out,) = service.generate([[{"role": "user", "content": f"Say hi to {i}."}]], max_tokens=8)
+                    (out,) = service.generate(
+                        [[{"role": "user", "content": f"Say hi to {i}."}]], max_tokens=8
+                    )
                     assert out["error"] is None, out["error"]
                 else:
                     assert service.embed([f"caller {i} text"])["dim"] == 384
@@ -69,7 +74,9 @@ def test_jobs_and_live_callers_on_both_engines_at_once(registry_root, tmp_path):
             except Exception as e:  # noqa: BLE001 - every failure is reported
                 failures.append(f"{kind}: {e}")
 
-    threads = [threading.Thread(target=caller, args=(k, i), daemon=True) for i, k in enumerate(["chat", "embed"] * 2)]
+    threads = [
+        threading.Thread(target=caller, args=(k, i), daemon=True) for i, k in enumerate(["chat", "embed"] * 2)
+    ]
     try:
         for t in threads:
             t.start()
@@ -97,7 +104,9 @@ def test_jobs_and_live_callers_on_both_engines_at_once(registry_root, tmp_path):
     run(compose_job(*chat_job, *cli, out_dir=c_ref))
     got, want = read_output(e_done["output_dir"]), read_output(e_ref)
     assert got.column("id").to_pylist() == want.column("id").to_pylist() == list(range(200))
-    diff = np.abs(np.array(got.column("embedding").to_pylist()) - np.array(want.column("embedding").to_pylist()))
+    diff = np.abs(
+        np.array(got.column("embedding").to_pylist()) - np.array(want.column("embedding").to_pylist())
+    )
     assert float(diff.max()) < 1e-4
     got, want = read_output(c_done["output_dir"]), read_output(c_ref)
     assert got.column("text").to_pylist() == want.column("text").to_pylist()

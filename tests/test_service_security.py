@@ -142,20 +142,39 @@ def test_job_overrides_shape():
 
 
 @pytest.mark.parametrize(
-    "template", ["{prompt.__class__}", "{prompt[0]}", "{0}", "{}", "x {prompt!r}", "{prompt:>10}", "{p:{q.__class__}}", "{p", "}"]
+    "template",
+    [
+        "{prompt.__class__}",
+        "{prompt[0]}",
+        "{0}",
+        "{}",
+        "x {prompt!r}",
+        "{prompt:>10}",
+        "{p:{q.__class__}}",
+        "{p",
+        "}",
+    ],
 )
 def test_prompt_templates_use_plain_column_fields_only(template):
     with pytest.raises(ConfigError, match="data.prompt_template"):
         template_columns(template)
     # Every entry point validates it: a batch run fails before any work starts, naming the key.
-    cfg = compose_job("task=generate", "model=smollm2-135m-instruct", "data=jsonl", "data.path=/x.jsonl", f"data.prompt_template='{template}'")
+    cfg = compose_job(
+        "task=generate",
+        "model=smollm2-135m-instruct",
+        "data=jsonl",
+        "data.path=/x.jsonl",
+        f"data.prompt_template='{template}'",
+    )
     with pytest.raises(ConfigError, match="data.prompt_template"):
         validate(cfg)
 
 
 def test_plain_template_fields_pass():
     assert template_columns("Q: {question}\n{{literal}} {a b}") == ["question", "a b"]
-    validate(compose_job("task=chat", "model=smollm2-135m-instruct", "data=example_chat"))  # the packaged example's template
+    validate(
+        compose_job("task=chat", "model=smollm2-135m-instruct", "data=example_chat")
+    )  # the packaged example's template
 
 
 def test_data_paths_must_stay_inside_the_roots(tmp_path):
@@ -211,7 +230,11 @@ def test_a_reader_choice_cannot_open_files_outside_the_roots(tmp_path):
             check_data_path(str(path), [str(root)], data=data)
     (root / "b.txt").unlink()
     (root / "b.txt").write_text("fine\n")
-    check_data_path(str(root), [str(root)], data=OmegaConf.create({"path": str(root), "format": "hf", "hf_loader": "text"}))
+    check_data_path(
+        str(root),
+        [str(root)],
+        data=OmegaConf.create({"path": str(root), "format": "hf", "hf_loader": "text"}),
+    )
 
 
 @pytest.fixture
@@ -241,7 +264,7 @@ def _check(roots, cfg):
 def test_a_composed_job_inside_the_roots_passes(roots):
     assert _check(roots, _job(roots)) == (roots["out"] / "jobs" / "j1").resolve()
     _check(roots, _job(roots, f"sampling.structured_outputs.json={roots['data'] / 'schema.json'}"))
-    _check(roots, _job(roots, "sampling.structured_outputs.json='{\"type\": \"object\"}'"))
+    _check(roots, _job(roots, 'sampling.structured_outputs.json=\'{"type": "object"}\''))
     _check(roots, _job(roots, "output=lancedb", task="embed"))
     _check(roots, _job(roots, "+task.chat_template_kwargs.enable_thinking=false"))
 
@@ -249,11 +272,23 @@ def test_a_composed_job_inside_the_roots_passes(roots):
 @pytest.mark.parametrize(
     "make, key",
     [
-        (lambda r: [f"sampling.structured_outputs.json={r['outside'] / 'schema.json'}"], "sampling.structured_outputs.json"),
-        (lambda r: [f"sampling.structured_outputs.json={r['data'] / 'schema_link.json'}"], "sampling.structured_outputs.json"),
-        (lambda r: [f"sampling.structured_outputs.json={r['data']}/../outside/schema.json"], "sampling.structured_outputs.json"),
+        (
+            lambda r: [f"sampling.structured_outputs.json={r['outside'] / 'schema.json'}"],
+            "sampling.structured_outputs.json",
+        ),
+        (
+            lambda r: [f"sampling.structured_outputs.json={r['data'] / 'schema_link.json'}"],
+            "sampling.structured_outputs.json",
+        ),
+        (
+            lambda r: [f"sampling.structured_outputs.json={r['data']}/../outside/schema.json"],
+            "sampling.structured_outputs.json",
+        ),
         (lambda r: ["sampling.structured_outputs.json='~/schema.json'"], "sampling.structured_outputs.json"),
-        (lambda r: ["sampling.structured_outputs.json=pkg://bible/data/kjv.jsonl"], "sampling.structured_outputs.json"),
+        (
+            lambda r: ["sampling.structured_outputs.json=pkg://bible/data/kjv.jsonl"],
+            "sampling.structured_outputs.json",
+        ),
         (lambda r: ["data.path=pkg://bible/data/kjv.jsonl"], "data.path"),
         (lambda r: ["data.path='~/q.jsonl'"], "data.path"),
         (lambda r: ["data.path=pkg://antigravity.x/y.jsonl"], "data.path"),  # would import antigravity
@@ -263,10 +298,19 @@ def test_a_composed_job_inside_the_roots_passes(roots):
         (lambda r: [f"output.dir={r['out'] / 'link' / 'x'}"], "output.dir"),
         (lambda r: ["output.dir='~/x'"], "output.dir"),
         (lambda r: ["output.dir=pkg://bible/x"], "output.dir"),
-        (lambda r: ["output=lancedb", f"output.vector_store.path={r['outside']}"], "output.vector_store.path"),
-        (lambda r: ["output=faiss", f"output.vector_store.path={r['out'] / 'link'}"], "output.vector_store.path"),
+        (
+            lambda r: ["output=lancedb", f"output.vector_store.path={r['outside']}"],
+            "output.vector_store.path",
+        ),
+        (
+            lambda r: ["output=faiss", f"output.vector_store.path={r['out'] / 'link'}"],
+            "output.vector_store.path",
+        ),
         (lambda r: ["output=lancedb", "output.vector_store.path='~/v'"], "output.vector_store.path"),
-        (lambda r: ["output=lancedb", "output.vector_store.table=../../../outside/t"], "output.vector_store.table"),
+        (
+            lambda r: ["output=lancedb", "output.vector_store.table=../../../outside/t"],
+            "output.vector_store.table",
+        ),
         (lambda r: ["output=lancedb", "output.vector_store.table=a/b"], "output.vector_store.table"),
         (lambda r: ["+task.chat_template_kwargs.chat_template=x"], "task.chat_template_kwargs"),
         (lambda r: ["+task.chat_template_kwargs.tools=[]"], "task.chat_template_kwargs"),

@@ -74,9 +74,14 @@ class AnsweringEngine:
 
 def test_signature_merges_only_deterministic_identical_requests():
     def sig(**kw):
-        return signature(EngineRequest(key=0, prompt_token_ids=kw.pop("ids", [1, 2, 3]), **kw), kw.pop("runner", "generate"))
+        return signature(
+            EngineRequest(key=0, prompt_token_ids=kw.pop("ids", [1, 2, 3]), **kw),
+            kw.pop("runner", "generate"),
+        )
 
-    assert sig(sampling=GREEDY) == sig(sampling=dict(reversed(list(GREEDY.items()))))  # key order is not content
+    assert sig(sampling=GREEDY) == sig(
+        sampling=dict(reversed(list(GREEDY.items())))
+    )  # key order is not content
     assert sig(sampling=GREEDY) != sig(sampling={**GREEDY, "max_tokens": 5})
     assert sig(sampling=GREEDY) != sig(ids=[1, 2, 4], sampling=GREEDY)
     assert sig(sampling={"temperature": 0.8}) is None  # sampled, no seed: independent samples
@@ -94,7 +99,9 @@ def test_dedup_table_stays_bounded_on_a_long_stream_of_repeats():
     engine = AnsweringEngine(window=8, check=lambda: peaks.append(dedup.size))
     peaks: list[int] = []
     rng = random.Random(1)
-    prompts = [[rng.randrange(2) + 1, i % 3] if i % 3 else [1000 + i] for i in range(20_000)]  # 6 hot, 1/3 unique
+    prompts = [
+        [rng.randrange(2) + 1, i % 3] if i % 3 else [1000 + i] for i in range(20_000)
+    ]  # 6 hot, 1/3 unique
     reqs = (EngineRequest(key=("row", i), prompt_token_ids=p, sampling=GREEDY) for i, p in enumerate(prompts))
     out = {}
     for res in engine.stream(dedup.requests(reqs)):
@@ -138,7 +145,11 @@ def test_prefix_order_groups_shared_prefixes_and_drains_on_pause():
     preamble = [9] * 8
     docs = {d: [100 + d] * 20 for d in range(4)}
     # question-major: q0 of every document, then q1 ...
-    reqs = [EngineRequest(key=(q, d), prompt_token_ids=preamble + docs[d] + [q]) for q in range(3) for d in range(4)]
+    reqs = [
+        EngineRequest(key=(q, d), prompt_token_ids=preamble + docs[d] + [q])
+        for q in range(3)
+        for d in range(4)
+    ]
     out = list(prefix_order(iter(reqs), lookahead=100))
     assert [k.key[1] for k in out] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # each document's rows together
     # A pause from the caller sends what is buffered first; nothing is held across it.
@@ -187,7 +198,9 @@ def _run(engine, registry_root, tmp_path, name, task_args, rows, *extra):
         ("generate", ("task=generate", "model=smollm2-135m-instruct", "data.prompt_column=q")),
     ],
 )
-def test_generation_output_equal_with_features_on_and_off(chat_engine, registry_root, tmp_path, kind, task_args):
+def test_generation_output_equal_with_features_on_and_off(
+    chat_engine, registry_root, tmp_path, kind, task_args
+):
     rows = _rows(24, 6)
     on, m_on = _run(chat_engine, registry_root, tmp_path, f"{kind}-on", task_args, rows)
     off, m_off = _run(chat_engine, registry_root, tmp_path, f"{kind}-off", task_args, rows, *OFF)
@@ -213,10 +226,26 @@ def test_repeats_merge_only_when_deterministic(chat_engine, registry_root, tmp_p
     task = (*CHAT, "data.prompt_column=q")
     rows = _rows(12, 3)
     _, unseeded = _run(
-        chat_engine, registry_root, tmp_path, "hot", task, rows, "sampling.temperature=1.0", "sampling.seed=null"
+        chat_engine,
+        registry_root,
+        tmp_path,
+        "hot",
+        task,
+        rows,
+        "sampling.temperature=1.0",
+        "sampling.seed=null",
     )
     assert unseeded["dedup_rows"] == 0  # independent samples stay independent
-    seeded_t, seeded = _run(chat_engine, registry_root, tmp_path, "seeded", task, rows, "sampling.temperature=1.0", "sampling.seed=5")
+    seeded_t, seeded = _run(
+        chat_engine,
+        registry_root,
+        tmp_path,
+        "seeded",
+        task,
+        rows,
+        "sampling.temperature=1.0",
+        "sampling.seed=5",
+    )
     assert seeded["dedup_rows"] == 9
     _, greedy = _run(chat_engine, registry_root, tmp_path, "greedy", task, rows)
     assert greedy["dedup_rows"] == 9
@@ -228,7 +257,10 @@ def test_repeats_merge_only_when_deterministic(chat_engine, registry_root, tmp_p
 def test_vllm_rejecting_a_request_is_an_error_row_not_an_engine_death(chat_engine):
     restarts = chat_engine.restarts
     good = EngineRequest(key=1, prompt_token_ids=chat_engine.encode("Hello"), sampling=GREEDY)
-    results = {r.key: r for r in chat_engine.stream([EngineRequest(key=0, prompt_token_ids=[], sampling=GREEDY), good])}
+    results = {
+        r.key: r
+        for r in chat_engine.stream([EngineRequest(key=0, prompt_token_ids=[], sampling=GREEDY), good])
+    }
     assert results[0].error.startswith("rejected by vLLM") and "empty" in results[0].error
     assert results[1].error is None and results[1].text
     assert chat_engine.restarts == restarts
@@ -265,7 +297,9 @@ def test_kill_mid_run_with_merged_rows_then_rerun_gives_each_row_once(embed_engi
         **os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
         PAUSE_ENV: f"shard.half#4:{marker}",  # three shards committed, the fourth half written
     }  # fmt: skip
-    proc = subprocess.Popen([sys.executable, str(script), *args, f"output.dir={out}"], env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args, f"output.dir={out}"], env=env, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():

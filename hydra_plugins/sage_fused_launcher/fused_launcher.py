@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 
 class FusedLauncher(Launcher):
-    def __init__(self, summary: bool = True, plot_metric: str = "completion_tokens_per_s", fuse: bool = True) -> None:
+    def __init__(
+        self, summary: bool = True, plot_metric: str = "completion_tokens_per_s", fuse: bool = True
+    ) -> None:
         self.summary = summary
         self.plot_metric = plot_metric
         self.fuse = fuse
@@ -70,7 +72,9 @@ class FusedLauncher(Launcher):
         )
         return [ret for ret, _ in prepared]
 
-    def _prepare(self, idx: int, overrides: list[str], swept: set[str], sweep_dir: Path) -> tuple[JobReturn, Any]:
+    def _prepare(
+        self, idx: int, overrides: list[str], swept: set[str], sweep_dir: Path
+    ) -> tuple[JobReturn, Any]:
         """Compose the point's config and prepare its output dir through Hydra's ``run_job``."""
         from sage_vllm_batch.config import validate
         from sage_vllm_batch.run.point import prepare_point

@@ -66,7 +66,16 @@ ROW_NEUTRAL_KEYS = (
     "data.read_batch_rows",
 )
 # Top-level keys that never change the rows (display, where things live, which executor).
-_DISPLAY_KEYS = ("job", "mode", "verbose", "progress", "progress_interval_s", "output.overwrite", "output.dir", "registry.root")
+_DISPLAY_KEYS = (
+    "job",
+    "mode",
+    "verbose",
+    "progress",
+    "progress_interval_s",
+    "output.overwrite",
+    "output.dir",
+    "registry.root",
+)
 
 
 @dataclass

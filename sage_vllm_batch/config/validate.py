@@ -37,7 +37,9 @@ def validate(cfg: DictConfig) -> None:
         validate_sampling(cfg)
     validate_output(cfg)
     validate_executor(cfg)
-    _check(cfg.progress in ("auto", "bar", "json", "none"), "progress", "must be one of auto, bar, json, none")
+    _check(
+        cfg.progress in ("auto", "bar", "json", "none"), "progress", "must be one of auto, bar, json, none"
+    )
 
 
 def validate_serve(cfg: DictConfig) -> None:
@@ -89,7 +91,9 @@ def template_columns(template: str, key: str = "data.prompt_template") -> list[s
         if name is None:
             continue
         field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        plain = name and not name.isdigit() and not any(c in name for c in ".[]") and not spec and not conversion
+        plain = (
+            name and not name.isdigit() and not any(c in name for c in ".[]") and not spec and not conversion
+        )
         _check(
             bool(plain),
             key,
@@ -110,8 +114,14 @@ def validate_engine(cfg: DictConfig) -> None:
     _check(e.max_restarts >= 0, "engine.max_restarts", "must be >= 0")
     _check(e.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)")
     _check(e.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")
-    _check(e.dedup_window >= 1, "engine.dedup_window", "must be >= 1 (turn merging off with engine.dedup=false)")
-    _check(e.prefix_lookahead >= 1, "engine.prefix_lookahead", "must be >= 1 (turn it off with engine.prefix_schedule=false)")
+    _check(
+        e.dedup_window >= 1, "engine.dedup_window", "must be >= 1 (turn merging off with engine.dedup=false)"
+    )
+    _check(
+        e.prefix_lookahead >= 1,
+        "engine.prefix_lookahead",
+        "must be >= 1 (turn it off with engine.prefix_schedule=false)",
+    )
     _check(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
 
 
@@ -187,7 +197,9 @@ def validate_output(cfg: DictConfig) -> None:
         _check(task == "embed", "output.vector_store.type", "a vector store sink needs task=embed")
     if cfg.output.get("openai_batch"):
         _check(
-            cfg.data.format == "openai_batch" and task in ("chat", "generate", "embed") and bool(cfg.data.id_column),
+            cfg.data.format == "openai_batch"
+            and task in ("chat", "generate", "embed")
+            and bool(cfg.data.id_column),
             "output.openai_batch",
             "the OpenAI batch output file needs data=openai_batch (custom_id as data.id_column) and "
             "task=chat (/v1/chat/completions), task=generate (/v1/completions) or task=embed (/v1/embeddings)",
@@ -206,5 +218,7 @@ def validate_executor(cfg: DictConfig) -> None:
     _check(ex.replace_timeout_s > 0, "executor.replace_timeout_s", "must be > 0")
     _check(ex.chunks_per_worker >= 1, "executor.chunks_per_worker", "must be >= 1")
     _check(
-        ex.chunk_timeout_s is None or ex.chunk_timeout_s > 0, "executor.chunk_timeout_s", "must be > 0 or null"
+        ex.chunk_timeout_s is None or ex.chunk_timeout_s > 0,
+        "executor.chunk_timeout_s",
+        "must be > 0 or null",
     )

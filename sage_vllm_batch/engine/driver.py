@@ -163,7 +163,9 @@ class EngineDriver(EngineVerbs):
             (see :class:`_SharedFeed`); None: jobs are not held back.
     """
 
-    def __init__(self, engine: Engine, *, priorities: bool = False, busy_job_requests: int | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, priorities: bool = False, busy_job_requests: int | None = None
+    ) -> None:
         self.engine = engine
         idle_cap = None
         if busy_job_requests is not None:

@@ -27,7 +27,15 @@ from sage_vllm_batch.engine.stats import ModelStats
 from sage_vllm_batch.engine.supervisor import FORWARD_LOCK, SupervisedStream, engine_children
 from sage_vllm_batch.errors import EngineError, one_line
 
-__all__ = ["Engine", "EngineVerbs", "IteratorFeed", "RequestFeed", "engine_kwargs", "lora_engine_args", "vllm_version"]
+__all__ = [
+    "Engine",
+    "EngineVerbs",
+    "IteratorFeed",
+    "RequestFeed",
+    "engine_kwargs",
+    "lora_engine_args",
+    "vllm_version",
+]
 
 log = logging.getLogger(__name__)
 

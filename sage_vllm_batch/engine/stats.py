@@ -134,6 +134,8 @@ def collect_families(stats: Iterable[ModelStats]) -> list[Any]:
             if have is None:
                 from prometheus_client.core import Metric
 
-                have = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                have = merged[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
             have.samples.extend(family.samples)
     return list(merged.values())

@@ -42,6 +42,7 @@ def engine_children() -> list[Any]:
     except Exception:  # pragma: no cover
         return []
 
+
 # vLLM's forward context is one module global per process (``_forward_context`` in
 # vllm/forward_context.py, set around every forward pass), so two engines whose model runs in this
 # process must never compute at once: not a text and an embedding engine stepping on two threads
@@ -234,7 +235,9 @@ class SupervisedStream:
                 eng.vllm_engine.add_request(rid, prompt, params, **extra)
             except Exception as e:
                 if _is_admission_error(e):
-                    self.ready.append(EngineResult(key=req.key, error=f"rejected by vLLM: {one_line(e, 300)}"))
+                    self.ready.append(
+                        EngineResult(key=req.key, error=f"rejected by vLLM: {one_line(e, 300)}")
+                    )
                     continue
                 self.inflight[rid] = _Slot(req, time.perf_counter())  # replayed with the others
                 self._on_death(e)
@@ -250,12 +253,18 @@ class SupervisedStream:
             slot.req.on_output(out)
             return True
         except Exception as e:
-            log.warning("request %s: its output callback failed (%s); the request is given up", slot.req.key, e)
+            log.warning(
+                "request %s: its output callback failed (%s); the request is given up", slot.req.key, e
+            )
             del self.inflight[rid]
             if not out.finished:
                 with contextlib.suppress(Exception):
                     self.engine.vllm_engine.abort_request([rid])
-            self.ready.append(EngineResult(key=slot.req.key, error=f"{CANCELLED}the output callback failed: {one_line(e, 300)}"))
+            self.ready.append(
+                EngineResult(
+                    key=slot.req.key, error=f"{CANCELLED}the output callback failed: {one_line(e, 300)}"
+                )
+            )
             return False
 
     def _drop_cancelled(self) -> None:

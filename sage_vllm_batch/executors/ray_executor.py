@@ -326,7 +326,9 @@ class RayExecutor:
         ray = _import_ray()
         t0 = time.perf_counter()
         self.units_retried = 0
-        for w in self.workers:  # counters are per run_points; units abandoned by an interrupted one never commit
+        for (
+            w
+        ) in self.workers:  # counters are per run_points; units abandoned by an interrupted one never commit
             w.inflight.clear()
             w.units = w.rows = w.prompt_tokens = w.completion_tokens = 0
             w.deaths = w.replacements = 0

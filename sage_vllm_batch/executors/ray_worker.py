@@ -30,6 +30,7 @@ from sage_vllm_batch.faults import RAY_ENV, chunk_faults
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class _Job:
     """One unit inside a worker: its parts' rows and the results as they come back."""

@@ -37,7 +37,9 @@ def build_manifest(
 
     # A URI's secrets are neither recorded nor compared (rotating a key must not block a resume).
     relevant = {
-        k: redact(v) if isinstance(v, str) else v for k, v in flatten(job).items() if k not in ROW_NEUTRAL_KEYS
+        k: redact(v) if isinstance(v, str) else v
+        for k, v in flatten(job).items()
+        if k not in ROW_NEUTRAL_KEYS
     }
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return {

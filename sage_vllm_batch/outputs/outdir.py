@@ -144,7 +144,9 @@ class OpenedOutput:
     committed: dict[int, dict[str, Any]]
 
 
-def open_output_dir(cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], *, name: str = "job") -> OpenedOutput:
+def open_output_dir(
+    cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], *, name: str = "job"
+) -> OpenedOutput:
     """Make ``out_dir`` ready for this run (the caller holds its lock).
 
     Clears an old run of ours on ``output.overwrite``, writes the manifest and ``config.yaml``,
@@ -174,7 +176,9 @@ def open_output_dir(cfg: DictConfig, out_dir: Path, manifest: dict[str, Any], *,
     if state != "new":
         removed = ParquetShardSink.clean_uncommitted(out_dir)
         if removed:
-            log.warning("%s: removed %d uncommitted file(s) left by a crash: %s", name, len(removed), removed[:5])
+            log.warning(
+                "%s: removed %d uncommitted file(s) left by a crash: %s", name, len(removed), removed[:5]
+            )
         committed = ParquetShardSink.read_ledger(out_dir)
     if state == "resume":
         log.info("%s: resuming in %s, %d shard(s) already committed", name, out_dir, len(committed))

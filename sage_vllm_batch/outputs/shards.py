@@ -147,7 +147,9 @@ class ParquetShardSink:
             return done
         present = names_in(out)  # one listing, not one request per shard on an object store
         # Local: streamed line by line. On a store the ledger is one object, fetched whole.
-        lines = path.read_text(encoding="utf-8").splitlines() if isinstance(path, ObjectPath) else _lines(path)
+        lines = (
+            path.read_text(encoding="utf-8").splitlines() if isinstance(path, ObjectPath) else _lines(path)
+        )
         for line in lines:
             try:
                 rec = json.loads(line)

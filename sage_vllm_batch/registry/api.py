@@ -258,7 +258,9 @@ def model_fingerprint(model_id: str, revision: str | None = None, root: Root = N
     with store.model_lock(model_id), store.edit() as data:
         entry = data["models"].get(model_id, {}).get(record.revision)
         if entry is None:  # removed since we looked
-            raise ModelNotFoundError(f"Model {model_id!r}@{record.revision} left the registry at {store.root}.")
+            raise ModelNotFoundError(
+                f"Model {model_id!r}@{record.revision} left the registry at {store.root}."
+            )
         digest = entry.get("content_sha256")
         if digest is None:
             files = entry.get("files") or hash_files(record.path)

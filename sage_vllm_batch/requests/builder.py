@@ -25,7 +25,11 @@ class Tokenizing(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def render_chat(
-        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, chat_template_kwargs: Any = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Any = None,
     ) -> list[int]: ...
 
 
@@ -37,7 +41,9 @@ def sampling_dict(sampling_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """
     from sage_vllm_batch.config.structured import resolve_config
 
-    out = {k: (list(v) if isinstance(v, list | tuple) else v) for k, v in sampling_cfg.items() if v is not None}
+    out = {
+        k: (list(v) if isinstance(v, list | tuple) else v) for k, v in sampling_cfg.items() if v is not None
+    }
     if "structured_outputs" in out:
         so = resolve_config(out.pop("structured_outputs"))
         if so is not None:
@@ -56,7 +62,14 @@ def sampling_param_names() -> frozenset[str] | None:
         return frozenset(getattr(SamplingParams, "__struct_fields__", ())) or None
 
 
-DATA_KEYS = ("text_column", "prompt_column", "messages_column", "prompt_template", "system_prompt", "sampling_column")
+DATA_KEYS = (
+    "text_column",
+    "prompt_column",
+    "messages_column",
+    "prompt_template",
+    "system_prompt",
+    "sampling_column",
+)
 
 
 class RowError(ValueError):
@@ -114,7 +127,11 @@ class RequestBuilder:
             if self.task_type == "embed":
                 ids = self._fit(self.engine.encode(self._text(row, self.data.text_column)), 0)
             elif self.task_type == "generate":
-                prompt = self._template(row) if self.data.prompt_template else self._text(row, self.data.prompt_column)
+                prompt = (
+                    self._template(row)
+                    if self.data.prompt_template
+                    else self._text(row, self.data.prompt_column)
+                )
                 ids = self._fit(self.engine.encode(prompt), (sampling or {}).get("max_tokens", 16))
             else:
                 messages = self._messages(row)
@@ -182,7 +199,9 @@ class RequestBuilder:
         try:
             text = self.data.prompt_template.format(**row)
         except KeyError as e:
-            raise RowError(f"template error: prompt_template names column {e.args[0]!r}, which this row lacks") from e
+            raise RowError(
+                f"template error: prompt_template names column {e.args[0]!r}, which this row lacks"
+            ) from e
         except (IndexError, ValueError) as e:
             raise RowError(f"template error: {e}") from e
         if not text.strip():
@@ -219,12 +238,20 @@ class RequestBuilder:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
-                raise RowError(f"bad messages: column {self.data.messages_column!r} is not JSON ({e.msg})") from e
+                raise RowError(
+                    f"bad messages: column {self.data.messages_column!r} is not JSON ({e.msg})"
+                ) from e
         if not isinstance(value, list) or not value:
             raise RowError("bad messages: expected a non-empty list of {role, content} objects")
         for i, m in enumerate(value):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise RowError(f"bad messages: message {i} must be an object with string 'role' and 'content'")
+            if (
+                not isinstance(m, Mapping)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
+                raise RowError(
+                    f"bad messages: message {i} must be an object with string 'role' and 'content'"
+                )
         messages = [dict(m) for m in value]
         if self.data.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.data.system_prompt})
@@ -243,7 +270,9 @@ class RequestBuilder:
             except json.JSONDecodeError as e:
                 raise RowError(f"bad sampling options: column {col!r} is not a JSON object ({e.msg})") from e
         if not isinstance(value, Mapping):
-            raise RowError(f"bad sampling options: column {col!r} must hold an object, got {type(value).__name__}")
+            raise RowError(
+                f"bad sampling options: column {col!r} must hold an object, got {type(value).__name__}"
+            )
         value = {k: v for k, v in value.items() if v is not None}
         if self._sampling_names is not None:
             unknown = sorted(set(value) - self._sampling_names)

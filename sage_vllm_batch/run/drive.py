@@ -47,7 +47,9 @@ def _interleave(gens: Sequence[Iterator[EngineRequest | None]]) -> Iterator[Engi
                 active.remove(g)
 
 
-def run_on_engine(points: Sequence[Point], engine: Engine, *, progress: str = "auto", interval_s: float = 10.0) -> None:
+def run_on_engine(
+    points: Sequence[Point], engine: Engine, *, progress: str = "auto", interval_s: float = 10.0
+) -> None:
     """Run points that share ``engine`` as one interleaved stream of requests, then release their
     output directories."""
 
@@ -133,5 +135,3 @@ def drive(
             f"the engine stream ended without results for some rows ({lost}); committed shards are "
             "intact: rerun the same command to redo the rest"
         )
-
-

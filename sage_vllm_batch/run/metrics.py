@@ -153,7 +153,9 @@ class RunMetrics:
             "dedup_rows": self.dedup_rows,
             # Share of the prompt tokens vLLM ran that it found in its prefix cache.
             "prefix_cache_hit_rate": (
-                round(self.cached_prompt_tokens / self.engine_prompt_tokens, 4) if self.engine_prompt_tokens else None
+                round(self.cached_prompt_tokens / self.engine_prompt_tokens, 4)
+                if self.engine_prompt_tokens
+                else None
             ),
             "prefix_cache_hit_tokens": self.cached_prompt_tokens,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),

@@ -81,7 +81,11 @@ def resolve_model(cfg: DictConfig, *, fetch: bool = True) -> ResolvedModel:
     else:
         fp = registry.model_fingerprint(m.id, rec.revision, root=r.root)
         resolved = ResolvedModel(
-            id=m.id, revision=rec.revision, path=str(rec.path), commit=fp["commit"], content_sha256=fp["content_sha256"]
+            id=m.id,
+            revision=rec.revision,
+            path=str(rec.path),
+            commit=fp["commit"],
+            content_sha256=fp["content_sha256"],
         )
     if m.get("adapter"):
         resolved.lora, resolved.adapter = resolve_adapter(m, resolved.id, resolved.revision, r.root)
@@ -161,14 +165,18 @@ def hold_model(cfg: DictConfig, *, purpose: str | None = None) -> Iterator[Resol
 
 def engine_group_key(cfg: DictConfig) -> str:
     """Points with equal keys can share one loaded engine."""
-    return OmegaConf.to_yaml(OmegaConf.create({"model": cfg.model, "engine": cfg.engine, "registry": cfg.registry}))
+    return OmegaConf.to_yaml(
+        OmegaConf.create({"model": cfg.model, "engine": cfg.engine, "registry": cfg.registry})
+    )
 
 
 def load_engine(cfg: DictConfig, model: ResolvedModel, stats: ModelStats | None = None) -> Engine:
     """The job's engine for ``model`` (LoRA turned on when the model carries an adapter; vLLM's
     metrics recorded into ``stats``, the service's, when given)."""
     runner = "pooling" if cfg.task.type == "embed" else "generate"
-    kw = engine_kwargs(OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True))
+    kw = engine_kwargs(
+        OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True)
+    )
     if model.adapter:
         kw.update(lora_engine_args(model.adapter["rank"]))
     from sage_vllm_batch.logs import native_output_to_log

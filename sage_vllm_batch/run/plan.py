@@ -59,7 +59,9 @@ def _model(cfg: DictConfig, plan: Plan) -> Any:
         plan.add("model", f"{m.id}@{model.revision} ({m.type}), in the registry: {model.path}{adapter}")
     else:
         how = "downloaded from the Hugging Face Hub" if m.source == "hub" else f"imported from {m.source}"
-        plan.add("model", f"{m.id} ({m.type}), not in the registry yet: the run will have it {how} first{adapter}")
+        plan.add(
+            "model", f"{m.id} ({m.type}), not in the registry yet: the run will have it {how} first{adapter}"
+        )
     return model
 
 

@@ -165,7 +165,9 @@ class Point:
         self._pt_out = [f"input_{n}" if n in reserved else n for n in names]
         fields = [pa.field(o, schema.field(s).type) for s, o in zip(names, self._pt_out, strict=True)]
         self._sink = ParquetShardSink(
-            self.out_dir, output_schema(task, fields, self._embedding_dim, self._layout), self.cfg.output.compression
+            self.out_dir,
+            output_schema(task, fields, self._embedding_dim, self._layout),
+            self.cfg.output.compression,
         )
         self._builder = request_builder(self.cfg, engine, lora=self.model.lora)
 
@@ -391,6 +393,13 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
         lock.release()
         raise
     return Point(
-        name=name, cfg=cfg, out_dir=out_dir, model=model, source=source, state=opened.state,
-        committed=opened.committed, shard_rows=int(cfg.output.shard_rows), _lock=lock,
+        name=name,
+        cfg=cfg,
+        out_dir=out_dir,
+        model=model,
+        source=source,
+        state=opened.state,
+        committed=opened.committed,
+        shard_rows=int(cfg.output.shard_rows),
+        _lock=lock,
     )

@@ -19,7 +19,9 @@ class Progress:
         desc: A label (the job or sweep point).
     """
 
-    def __init__(self, total: int | None, *, mode: str = "auto", interval_s: float = 10.0, desc: str = "rows") -> None:
+    def __init__(
+        self, total: int | None, *, mode: str = "auto", interval_s: float = 10.0, desc: str = "rows"
+    ) -> None:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "json"
         self.mode = mode

@@ -169,7 +169,11 @@ class _Front:
             return True
         # A CORS preflight carries no credentials; vLLM's CORS middleware (Starlette's) answers
         # it, from serve's allowed origins, without calling any route.
-        if scope.get("method") == "OPTIONS" and b"origin" in headers and b"access-control-request-method" in headers:
+        if (
+            scope.get("method") == "OPTIONS"
+            and b"origin" in headers
+            and b"access-control-request-method" in headers
+        ):
             return True
         auth = headers.get(b"authorization")
         return api_key_ok(auth.decode("latin-1") if auth else None, self.api_key)
@@ -399,7 +403,9 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
         store.unlock()
         raise
     out_root = Path(s.output_root).resolve()
-    files = FileStore(out_root / "files", max_bytes=int(s.batch_max_file_bytes), max_lines=int(s.batch_max_file_lines))
+    files = FileStore(
+        out_root / "files", max_bytes=int(s.batch_max_file_bytes), max_lines=int(s.batch_max_file_lines)
+    )
     batches = BatchManager(
         jobs,
         files,

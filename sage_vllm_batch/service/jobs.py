@@ -22,13 +22,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sage_vllm_batch.engine.cancellable import CancellableEngine, JobCancelled
 from sage_vllm_batch.engine.engine import engine_kwargs
 from sage_vllm_batch.errors import ConfigError, ResumeError, SageBatchError, one_line
 from sage_vllm_batch.outputs.files import METRICS
@@ -42,35 +43,6 @@ log = logging.getLogger(__name__)
 _compose_lock = threading.Lock()  # Hydra's global state: one composition at a time
 ACTIVE = ("queued", "running")
 FINISHED = ("complete", "failed", "cancelled")
-
-
-class JobCancelled(Exception):
-    pass
-
-
-class _CancellableEngine:
-    """The driver as the runner sees it, with a stop switch (a cancel, or the server stopping)
-    checked between rows."""
-
-    def __init__(self, driver: Any, stopped: Callable[[], bool]) -> None:
-        self._driver = driver
-        self._stopped = stopped
-
-    def stream(self, requests: Iterable[Any], *, on_step: Any = None) -> Iterator[Any]:
-        def feed() -> Iterator[Any]:
-            for r in requests:
-                if self._stopped():
-                    raise JobCancelled()
-                yield r
-
-        with contextlib.closing(self._driver.stream(feed(), on_step=on_step)) as results:
-            for res in results:
-                yield res
-                if self._stopped():
-                    raise JobCancelled()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._driver, name)
 
 
 @dataclass
@@ -554,7 +526,7 @@ class JobManager:
                 raise ServiceError(
                     f"the server switched its {job.kind} model to {slot.name} before this job ran"
                 )
-            engine = _CancellableEngine(slot.driver, lambda: job.cancel.is_set() or self._stopping.is_set())
+            engine = CancellableEngine(slot.driver, lambda: job.cancel.is_set() or self._stopping.is_set())
             run_on_engine([job.point], engine, progress="none")
         except JobCancelled:
             # A user's cancel is final; a shutdown only interrupts: queued again, resumed at next start.

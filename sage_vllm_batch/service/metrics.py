@@ -54,12 +54,16 @@ class ServiceCollector:
         for state in (*JOB_STATES, *sorted(set(states) - set(JOB_STATES))):
             by_state.add_metric([state], states.get(state, 0))
         yield by_state
-        rows = CounterMetricFamily("sage_job_rows_done", "Rows done by the server's jobs (resumed rows included).")
+        rows = CounterMetricFamily(
+            "sage_job_rows_done", "Rows done by the server's jobs (resumed rows included)."
+        )
         rows.add_metric([], sum(int(j.get("rows_done") or 0) for j in jobs))
         yield rows
 
         restarts = CounterMetricFamily(
-            "sage_engine_restarts", "Engine deaths survived (engine restarts), per loaded engine.", labels=["model_name"]
+            "sage_engine_restarts",
+            "Engine deaths survived (engine restarts), per loaded engine.",
+            labels=["model_name"],
         )
         requeued = CounterMetricFamily(
             "sage_engine_requeued_rows", "Requests run again after an engine restart.", labels=["model_name"]

@@ -112,7 +112,9 @@ def check_overrides(overrides: Any) -> list[str]:
         try:
             ov = parser.parse_override(o)
         except HydraException as e:
-            raise ServiceError(f"overrides: {o!r} is not a key=value override ({one_line(e, 300)})", status=400) from e
+            raise ServiceError(
+                f"overrides: {o!r} is not a key=value override ({one_line(e, 300)})", status=400
+            ) from e
         key = ov.key_or_group
         if ov.package is not None:
             raise _refuse(key, f"{key}@{ov.package}: a job may not move config packages")
@@ -133,7 +135,11 @@ def check_overrides(overrides: Any) -> list[str]:
         if key in ("task", "output", *ANY_OPTION):
             choices = {"task": TASKS, "output": OUTPUTS}.get(key) or group_options(key)
             if value not in choices or str(value).startswith("base_"):
-                hint = " (fine-tuning is not a serving job: use the fine_tune call)" if value == "finetune" else ""
+                hint = (
+                    " (fine-tuning is not a serving job: use the fine_tune call)"
+                    if value == "finetune"
+                    else ""
+                )
                 raise ServiceError(
                     f"overrides: {key}={value!r} is not a choice a job may make; choose one of "
                     f"{', '.join(c for c in choices if not c.startswith('base_'))}{hint}",
@@ -161,7 +167,9 @@ def _plain_path(key: str, path: str, *, pkg: bool) -> None:
     from sage_vllm_batch.storage import is_uri, redact
 
     if is_uri(path) or path.lower().startswith("file://"):  # roots confine local paths only
-        raise ServiceError(f"{key}: {redact(path)!r}: a job over HTTP reads and writes local paths only", status=403)
+        raise ServiceError(
+            f"{key}: {redact(path)!r}: a job over HTTP reads and writes local paths only", status=403
+        )
     if not pkg and path.startswith("pkg://"):
         raise ServiceError(f"{key}: {path!r}: pkg:// paths are only for data.path", status=403)
 
@@ -195,7 +203,9 @@ def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path"
 
     if path.startswith("pkg://") and not path[len("pkg://") :].partition("/")[0].isidentifier():
         # find_spec("a.b") imports package a (runs its __init__); a top-level name imports nothing.
-        raise ServiceError(f"{key}: {path!r}: a pkg:// path names a top-level package (pkg://<package>/<path>)", status=403)
+        raise ServiceError(
+            f"{key}: {path!r}: a pkg:// path names a top-level package (pkg://<package>/<path>)", status=403
+        )
     try:
         local = resolve_path(path)
     except DataError as e:
@@ -226,7 +236,9 @@ def check_output_dir(path: str, output_root: str, key: str = "output.dir") -> Pa
     root = _real(output_root)
     real = _real(path)
     if real == root:
-        raise ServiceError(f"{key}: {path!r} is the server's output root; give a directory below it", status=403)
+        raise ServiceError(
+            f"{key}: {path!r} is the server's output root; give a directory below it", status=403
+        )
     if not real.is_relative_to(root):
         raise ServiceError(f"{key}: {path!r} resolves outside the server's output root {root}", status=403)
     return real
@@ -296,7 +308,8 @@ def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -
         if vs.type == "lancedb":
             if not _TABLE_NAME.fullmatch(table) or ".." in table:
                 raise ServiceError(
-                    f"output.vector_store.table: {table!r} must be a plain name (letters, digits, _ . -)", status=403
+                    f"output.vector_store.table: {table!r} must be a plain name (letters, digits, _ . -)",
+                    status=403,
                 )
             check_output_dir(str(store / f"{table}.lance"), str(output_root), key="output.vector_store.table")
     kwargs = cfg.task.get("chat_template_kwargs") or {}

@@ -72,7 +72,9 @@ def resolve_files(path: str, exts: Sequence[str] | None) -> list[str]:
         if kind == "file":
             return candidates
         if kind == "missing":
-            raise DataError(f"data.path {path!r} does not exist. Check the path (a file, a directory or a glob).")
+            raise DataError(
+                f"data.path {path!r} does not exist. Check the path (a file, a directory or a glob)."
+            )
         what = "matches no file" if kind == "glob" else "holds no data file"
     elif _is_glob(path):
         candidates = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
@@ -199,7 +201,9 @@ class Source:
         self.batch_rows: int = cfg.read_batch_rows
         self.columns: list[str] | None = list(cfg.columns) if cfg.columns is not None else None
         configured = storage.redact(cfg.path)  # no secret of a URI in messages or the manifest
-        shown = configured if cfg.path == path or storage.clean(cfg.path) == path else f"{configured} ({path})"
+        shown = (
+            configured if cfg.path == path or storage.clean(cfg.path) == path else f"{configured} ({path})"
+        )
         if files != [path]:
             shown += f", {len(files)} file{'s' if len(files) != 1 else ''}"
         self.path_description = shown

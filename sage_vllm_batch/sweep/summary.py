@@ -87,7 +87,9 @@ def collect(prepared: Sequence[tuple[JobReturn, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_summary(sweep_dir: Path, prepared: Sequence[tuple[JobReturn, Any]], plot_metric: str = "completion_tokens_per_s") -> list[dict[str, Any]]:
+def write_summary(
+    sweep_dir: Path, prepared: Sequence[tuple[JobReturn, Any]], plot_metric: str = "completion_tokens_per_s"
+) -> list[dict[str, Any]]:
     rows = collect(prepared)
     if not rows:
         return rows
