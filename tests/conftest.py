@@ -5,10 +5,6 @@ point as a subprocess."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,17 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-
-def compose_job(*overrides: str, out_dir: Path | None = None, registry_root: Path | None = None):
-    """Compose the real Hydra config (conf/), as the CLI would, with test overrides."""
-    from sage_vllm_batch.config.compose import compose_job as compose
-
-    return compose(
-        ["job_name=test", "progress=none", *overrides], out_dir=out_dir, registry_root=registry_root
-    )
+from helpers import ROOT, compose_job  # noqa: F401  (fixtures below use them)
 
 
 @pytest.fixture(scope="session")
@@ -75,46 +61,6 @@ def chat_engine(registry_root, tmp_path_factory):
     engine.close()
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900):
-    """Run ``python -m sage_vllm_batch`` as a user would, in ``cwd``."""
-    import subprocess
-
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "sage_vllm_batch", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def read_output(out_dir):
-    """Every committed row, shard by shard in ledger order (sink.read_output), checking what a
-    sorted read would hide: ids ascend within each shard and match the ledger's record of it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from sage_vllm_batch.outputs.shards import committed_files
-
-    tables = []
-    for rec, path in committed_files(out_dir):
-        t = pq.read_table(path)
-        ids = t.column("id").to_pylist()
-        assert all(a < b for a, b in zip(ids, ids[1:], strict=False)), (
-            f"{path.name}: ids out of order: {ids[:20]}"
-        )
-        assert (len(ids), ids[0] if ids else None, ids[-1] if ids else None) == (
-            rec["rows"],
-            rec["first_id"],
-            rec["last_id"],
-        ), f"{path.name} does not match its ledger record {rec}"
-        tables.append(t)
-    assert tables, f"no committed shards in {out_dir}"
-    return pa.concat_tables(tables)
-
-
 SMOL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RANDOM_LORA_ID = "test/random-lora"
 
@@ -139,62 +85,6 @@ def random_lora(registry_root, tmp_path_factory) -> str:
     tags = {"type": "lora", "base_model": SMOL_ID, "base_revision": base.revision, "lora_rank": "8"}
     registry.import_model(RANDOM_LORA_ID, path=out, tags=tags, root=registry_root, force=True)
     return RANDOM_LORA_ID
-
-
-# ---------------------------------------------------------------------------- mode=serve servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_server(
-    overrides, *, cwd: Path, log_path: Path, env: dict | None = None
-) -> tuple[subprocess.Popen, str]:
-    """``python -m sage_vllm_batch mode=serve <overrides>`` on a free loopback port, its stderr
-    appended to ``log_path``; returns the process and its URL (not waited for: see wait_ready)."""
-    port = free_port()
-    args = [sys.executable, "-m", "sage_vllm_batch", "mode=serve", *overrides, f"serve.port={port}"]
-    with open(log_path, "a") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            args, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            stdout=subprocess.PIPE, stderr=log, text=True,
-        )  # fmt: skip
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(
-    proc: subprocess.Popen, log_path: Path, timeout: float = 300, label: str = "server"
-) -> list[str]:
-    """The server's stdout lines up to its READY line; a server that exits or stays silent past
-    ``timeout`` is killed and fails the test with its log's tail."""
-    deadline, lines = time.monotonic() + timeout, []
-    try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("READY"):
-                break
-    except BaseException:  # the test's time limit while it is silent: do not leave it running
-        proc.kill()
-        raise
-    if not lines or not lines[-1].startswith("READY"):
-        proc.kill()
-        pytest.fail(f"{label} did not start: {lines}\n{Path(log_path).read_text()[-3000:]}")
-    return lines
-
-
-def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM, then SIGKILL if it is still there after ``timeout``."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -287,13 +287,6 @@ def tiny_model_files(seed: int = 0, weights_size: int = 300_000) -> dict[str, by
     }
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 with nothing listening (for 'Hub unreachable' tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TINY_MAIN = "a" * 40
 TINY_V1 = "b" * 40
 

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import compose_job  # noqa: E402
+from helpers import compose_job  # noqa: E402
 
 from sage_vllm_batch.engine import EngineResult  # noqa: E402
 from sage_vllm_batch.run.drive import run_on_engine  # noqa: E402

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import compose_job, read_output
 from fake_run import MODEL
+from helpers import compose_job, read_output
 
 from sage_vllm_batch.engine import EngineResult
 from sage_vllm_batch.run.drive import run_on_engine

@@ -12,7 +12,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, read_output, run_cli
+from helpers import ROOT, read_output, run_cli
 
 from sage_vllm_batch.outputs.files import MANIFEST
 from sage_vllm_batch.outputs.shards import LEDGER, ParquetShardSink

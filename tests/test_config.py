@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, compose_job
+from helpers import ROOT, compose_job
 from omegaconf import OmegaConf
 
 from sage_vllm_batch.config import run_dirname, validate

@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 from test_requests import FakeTok
 from test_sources import write_dataset, write_jsonl
 
@@ -144,7 +144,7 @@ def test_data_equals_a_path_says_what_to_type(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     r = subprocess.run(
         [sys.executable, "-m", "sage_vllm_batch", "task=embed", "data=corpus/"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose_job, read_output
+from helpers import compose_job, read_output
 
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.model import resolve_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 
 from sage_vllm_batch.engine.driver import EngineDriver
 from sage_vllm_batch.engine.io import EngineRequest

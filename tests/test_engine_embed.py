@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import compose_job, read_output
+from helpers import compose_job, read_output
 
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.model import resolve_model

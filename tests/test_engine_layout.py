@@ -53,7 +53,7 @@ import gc, json, sys
 from pathlib import Path
 import psutil
 sys.path.insert(0, sys.argv[3])
-from conftest import compose_job
+from helpers import compose_job
 from sage_vllm_batch.run.model import load_engine, resolve_model
 
 cfg = compose_job("task=embed", out_dir=Path(sys.argv[1]), registry_root=Path(sys.argv[2]))

@@ -8,7 +8,7 @@ import math
 
 import jsonschema
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 from omegaconf import OmegaConf
 
 from sage_vllm_batch.engine.io import EngineRequest, check_structured

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_job, run_cli
+from helpers import compose_job, run_cli
 
 from sage_vllm_batch.errors import ConfigError, NotBuiltError
 from sage_vllm_batch.finetune import FinetuneRequest, fine_tune, validate

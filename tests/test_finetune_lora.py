@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 
 from sage_vllm_batch import registry
 from sage_vllm_batch.finetune import fine_tune

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import compose_job, free_port
 from fake_run import MODEL, WindowedFakeEngine
+from helpers import compose_job, free_port
 from test_output_dir import kill, start_paused
 
 from sage_vllm_batch import storage

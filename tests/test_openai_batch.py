@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 from test_requests import FakeTok
 
 from sage_vllm_batch.requests.builder import request_builder
@@ -209,7 +209,7 @@ def test_embeddings_batch_file_gives_vllms_embedding_responses(embed_engine, reg
 
 @pytest.mark.engine
 def test_empty_batch_file_gives_an_empty_output_and_exit_0(registry_root, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     src = tmp_path / "empty.jsonl"
     src.write_text("")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_job, read_output
 from fake_run import MODEL, WindowedFakeEngine
+from helpers import compose_job, read_output
 
 from sage_vllm_batch.errors import ResumeError
 from sage_vllm_batch.faults import ENV as PAUSE_ENV

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 
-from conftest import ROOT
+from helpers import ROOT
 
 from sage_vllm_batch.engine import vllm_version
 

@@ -8,7 +8,7 @@ import io
 import json
 
 import pytest
-from conftest import compose_job, run_cli
+from helpers import compose_job, run_cli
 from test_runner_logic import ChatFakeEngine, Crash, FakeEngine
 
 from sage_vllm_batch.errors import ResumeError

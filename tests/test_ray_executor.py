@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 from omegaconf import OmegaConf
 
 from sage_vllm_batch.config import ExecutorConfig, validate

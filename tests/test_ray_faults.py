@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 from test_ray_executor import SMALL, _ledger, assert_same_output
 
 from sage_vllm_batch.errors import EngineError

@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from fake_hub import TINY_MAIN, TINY_V1, FakeHub, free_port, point_hf_at, start_tiny_hub, tiny_model_files
+from fake_hub import TINY_MAIN, TINY_V1, FakeHub, point_hf_at, start_tiny_hub, tiny_model_files
+from helpers import free_port
 
 from sage_vllm_batch import registry
 from sage_vllm_batch.registry import store

@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import compose_job, read_output
+from helpers import compose_job, read_output
 
 from sage_vllm_batch.engine import EngineResult, Sample
 from sage_vllm_batch.errors import ResumeError, SageBatchError

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from conftest import compose_job, free_port
+from helpers import compose_job, free_port
 
 from sage_vllm_batch.service.http import base_overrides, build_http_app, make_server, public_paths
 

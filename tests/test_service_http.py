@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import compose_job, spawn_server, stop_server, wait_ready
+from helpers import compose_job, spawn_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.engine
 

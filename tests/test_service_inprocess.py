@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 
 from sage_vllm_batch import registry
 from sage_vllm_batch.registry.lease import holders

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import spawn_server, wait_ready
+from helpers import spawn_server, wait_ready
 
 pytestmark = pytest.mark.engine
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import compose_job, read_output
+from helpers import compose_job, read_output
 
 pytestmark = pytest.mark.engine
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 
 from sage_vllm_batch.config.validate import template_columns, validate
 from sage_vllm_batch.errors import ConfigError

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_job, read_output
+from helpers import compose_job, read_output
 
 from sage_vllm_batch.engine.dedup import Dedup, signature
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult, Sample
@@ -269,7 +269,7 @@ def test_vllm_rejecting_a_request_is_an_error_row_not_an_engine_death(chat_engin
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from conftest import compose_job
+from helpers import compose_job
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.model import load_engine, resolve_model
 from sage_vllm_batch.run.point import prepare_point

@@ -7,7 +7,7 @@ import json
 
 import pyarrow as pa
 import pytest
-from conftest import compose_job
+from helpers import compose_job
 
 from sage_vllm_batch.config import validate
 from sage_vllm_batch.config.structured import Constraint, StructuredOutputError, constraint_of, resolve_config

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import compose_job, run_cli
+from helpers import compose_job, run_cli
 
 from sage_vllm_batch.engine import supervisor
 from sage_vllm_batch.errors import EngineError
