@@ -29,7 +29,10 @@ MEANINGS = {
     "progress_interval_s": "seconds between two progress lines when progress is JSON lines",
     "job_name": "names the output dirs: `outputs/<job_name>/...` (the config sets it to the task)",
     "model.id": "the model's id (Hugging Face style, `org/name`), its name in the registry",
-    "model.revision": "a branch, tag or commit; null: the registry's default for the source",
+    "model.revision": (
+        "a branch, tag or commit; null: `main` for the Hub (or the revision the registry holds), "
+        "the package's version for a package, `local` for a path or GGUF file"
+    ),
     "model.source": "where the registry gets the model when it is missing (see above)",
     "model.dtype": "the model's own dtype, over `engine.dtype`",
     "model.tokenizer": "another tokenizer than the model's",
@@ -79,6 +82,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         return markdown
     if MARKER not in markdown:
         raise ValueError(f"{PAGE} lost its marker line {MARKER!r}: the generated tables go there")
+    # A note for readers of the raw file (on GitHub) that the built page does not need.
+    markdown = re.sub(r"<!-- github-only -->.*?<!-- /github-only -->\n?", "", markdown, flags=re.S)
     return markdown.replace(MARKER, render_reference())
 
 
