@@ -27,6 +27,9 @@ PAGE = "config-reference.md"
 # Keys named after vLLM's get a pointer to vLLM's own documentation instead (VLLM_NAMES).
 MEANINGS = {
     "progress_interval_s": "seconds between two progress lines when progress is JSON lines",
+    "mode": "run: push the dataset through the engine; plan: say what a run would do; serve: an HTTP server",
+    "task.finetune.strategy": "lora trains; qlora and full are validated, then refused (not built yet, exit 3)",
+    "output.vector_store.type": "also build a vector store from the embeddings (`output=lancedb` / `faiss` set it)",
     "job_name": "names the output dirs: `outputs/<job_name>/...` (the config sets it to the task)",
     "model.id": "the model's id (Hugging Face style, `org/name`), its name in the registry",
     "model.revision": (
@@ -58,6 +61,7 @@ MEANINGS = {
     "output.overwrite": "start over in a directory holding another run (only our files are removed)",
     "output.vector_store.table": "the LanceDB table's name",
     "registry.allow_download": "false: a model missing from the registry is an error, never a download",
+    "executor.type": "where the engines run: local (one engine in this process) or ray (one per Ray worker)",
     "executor.cpus_per_worker": "ray: CPUs each worker reserves",
     "executor.gpus_per_worker": "ray: GPUs each worker reserves",
     "serve.host": "the address to listen on",
