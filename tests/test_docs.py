@@ -97,8 +97,8 @@ def exit_codes_in_code(package: Path = PACKAGE) -> set[int]:
 
     - integer literals passed to ``sys.exit``, ``os._exit``, ``typer.Exit``, ``SystemExit``;
     - ``exit_code = N`` (the CLI's status of an error class);
-    - members of an ``IntEnum`` whose class name holds "Exit", and module constants named
-      ``EXIT_*`` (where the codes are defined once, e.g. in ``job.py``).
+    - members of an ``IntEnum`` whose class name holds "Exit" (``OK = 0`` or ``OK = 0, "meaning"``),
+      and module constants named ``EXIT_*``: where the codes are defined once.
     A status computed at run time (``sys.exit(job.plan(cfg))``: 0 or 1) is not seen here; 0 is
     always a code of ours.
     """
@@ -121,7 +121,12 @@ def exit_codes_in_code(package: Path = PACKAGE) -> set[int]:
                 bases = {b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases}
                 if bases & {"IntEnum", "Enum"}:
                     for stmt in node.body:
-                        if isinstance(stmt, ast.Assign) and (code := _int(stmt.value)) is not None:
+                        if not isinstance(stmt, ast.Assign):
+                            continue
+                        value = stmt.value  # a member may be (code, meaning)
+                        if isinstance(value, ast.Tuple) and value.elts:
+                            value = value.elts[0]
+                        if (code := _int(value)) is not None:
                             found.add(code)
     return found
 
