@@ -126,7 +126,7 @@ def render_reference() -> str:
         parts.append(f"## {heading}\n")
         doc = inspect.getdoc(cls)
         if doc and not doc.startswith(f"{cls.__name__}("):  # dataclasses invent a signature docstring
-            parts.append(_md(doc) + "\n")
+            parts.append(_text(doc) + "\n")
         parts.append(_table(prefix, cls))
     return "\n".join(parts)
 
@@ -294,9 +294,14 @@ def _md(text: str) -> str:
     return text.replace("``", "`")
 
 
-def _cell(text: str) -> str:
-    """One table cell: no pipes, and ``<placeholders>`` outside code spans kept as text, not HTML."""
-    parts = _md(text).replace(" | ", " / ").replace("|", "/").split("`")
+def _text(text: str) -> str:
+    """Markdown from a docstring or comment: ``<placeholders>`` outside code spans stay text."""
+    parts = _md(text).split("`")
     for i in range(0, len(parts), 2):  # even pieces are outside code spans
         parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
     return "`".join(parts)
+
+
+def _cell(text: str) -> str:
+    """One table cell: no pipes."""
+    return _text(text.replace(" | ", " / ").replace("|", "/"))
