@@ -424,7 +424,7 @@ def test_a_private_import_is_found(tmp_path):
     assert private_imports(root, ("pkg",)) == ["pkg/b.py:2 pkg.a._x (in pkg.b)"]
 
 
-# The README's layout table, top to bottom: a module may import only from its own row or rows above.
+# The layout table of docs/architecture.md (tests/test_docs.py keeps the two in step), top to bottom: a module may import only from its own row or rows above.
 LAYERS = (
     ("errors", "paths", "storage", "logs", "faults"),
     ("config",),
@@ -450,7 +450,7 @@ def _layer(module: str) -> int | None:
 def test_imports_follow_the_layout_table():
     graph = import_graph(ROOT, ("sage_vllm_batch",))
     unplaced = sorted(m for m in graph if _layer(m) is None and m != "sage_vllm_batch")
-    assert unplaced == [], f"modules outside the README's layout table: {unplaced}"
+    assert unplaced == [], f"modules outside the layout table (docs/architecture.md): {unplaced}"
     upward = sorted(
         f"{a} -> {b}"
         for a, targets in graph.items()

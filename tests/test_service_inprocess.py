@@ -1,5 +1,5 @@
 """``VLLMService`` in-process: the design's contract, hot model switch under load, registry
-calls, and the SAGE kernel pipeline of the README on the same loaded service."""
+calls, and the SAGE kernel pipeline of docs/service.md on the same loaded service."""
 
 from __future__ import annotations
 
