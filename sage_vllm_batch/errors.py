@@ -1,12 +1,41 @@
-"""Typed errors. Each message says what went wrong and what to run or change to fix it."""
+"""Typed errors, and the exit codes of ``python -m sage_vllm_batch``. Each error message says what
+went wrong and what to run or change to fix it."""
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Every status ``python -m sage_vllm_batch`` exits with, each with its meaning (the README's
+    "Exit codes" table lists these). Code that ends the CLI exits with a member, never a literal."""
+
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str) -> ExitCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    OK = 0, "done, or already complete; mode=plan: the job can run; mode=serve: stopped by SIGINT/SIGTERM"
+    ERROR = (
+        1,
+        (
+            "a bad config, input or model, or a run or sweep point that failed (one paragraph saying what "
+            "to change; Hydra's own key/type errors too); mode=plan: the job cannot run"
+        ),
+    )
+    USAGE = 2, "a malformed command line (data=<path> where data.path=<path> is meant, an unknown flag)"
+    NOT_BUILT = 3, "a valid request for something not built yet (task.finetune.strategy=qlora or full)"
+    ENGINE_STALLED = 75, "an in-process engine stalled (engine.stall_timeout_s); rerun to resume"
+    INTERRUPTED = 130, "stopped by Ctrl-C; committed shards are intact, rerun to resume"
 
 
 class SageBatchError(Exception):
     """Base class: a user-facing error, printed as one paragraph without a traceback."""
 
-    exit_code = 1  # the CLI's exit status (README: "Exit codes")
+    exit_code: ExitCode = ExitCode.ERROR  # the CLI's exit status
 
 
 class ConfigError(SageBatchError):
@@ -28,7 +57,7 @@ class EngineError(SageBatchError):
 class NotBuiltError(SageBatchError):
     """A valid request for something not built yet (e.g. fine-tune strategy ``qlora``/``full``)."""
 
-    exit_code = 3
+    exit_code = ExitCode.NOT_BUILT
 
 
 def one_line(e: BaseException, limit: int = 500) -> str:

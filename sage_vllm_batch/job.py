@@ -1,21 +1,86 @@
-"""``run(cfg)``: one job, end to end, whatever it is: a plan, a service, a fine-tune or a batch
-run on an executor. The CLI (:mod:`sage_vllm_batch.__main__`) is a thin shell around it."""
+"""One job, end to end, whatever it is: a plan, a service, a fine-tune or a batch run on an executor.
+
+:func:`main` is the CLI's whole job for one composed config: it dispatches on ``mode`` and turns
+the outcome into an :class:`~sage_vllm_batch.errors.ExitCode`. :func:`run` is its importable core
+for batch runs and fine-tunes (it returns the metrics). The CLI (:mod:`sage_vllm_batch.__main__`)
+is a thin Hydra shell around :func:`main`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from sage_vllm_batch.config import validate
+from sage_vllm_batch.errors import ExitCode, SageBatchError
 from sage_vllm_batch.outputs.files import METRICS, OPENAI_BATCH_OUTPUT, SUCCESS
 from sage_vllm_batch.outputs.openai_batch import write_openai_batch_file
+from sage_vllm_batch.outputs.outdir import output_dir_of
 from sage_vllm_batch.run.model import hold_model
 from sage_vllm_batch.run.point import prepare_point
+from sage_vllm_batch.storage import local_log_dir
 
 log = logging.getLogger(__name__)
+
+
+def main(cfg: DictConfig, *, overrides: Sequence[str] = (), process_exiting: bool = False) -> ExitCode:
+    """Run the job ``cfg`` describes, by its ``mode``, and return the CLI's exit code.
+
+    ``mode=plan`` prints what a run would do (:func:`plan`); ``mode=serve`` serves the models until
+    stopped (:func:`serve`; ``overrides``, the command line's, are the base of the jobs it runs);
+    ``mode=run`` (the default) runs a batch job, or a fine-tune for ``task=finetune`` (:func:`run`).
+    A user error (:class:`~sage_vllm_batch.errors.SageBatchError`) is printed as one paragraph on
+    stderr, without a traceback, and becomes its ``exit_code``. ``process_exiting``: see :func:`run`.
+    """
+    from sage_vllm_batch.logs import configure
+
+    mode = cfg.get("mode", "run")
+    try:
+        if mode == "plan":
+            configure(verbose=cfg.verbose, log_dir=None)
+            return plan(cfg)
+        configure(verbose=cfg.verbose, log_dir=_log_dir(cfg))
+        if mode == "serve":
+            return serve(cfg, overrides)
+        metrics = run(cfg, process_exiting=process_exiting)  # validate() refuses an unknown mode
+    except SageBatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    _report(metrics)
+    return ExitCode.OK
+
+
+def _log_dir(cfg: DictConfig) -> Path | None:
+    """Where ``run.log`` goes: beside the output (a local directory for an object store); a
+    fine-tune's output is a registry entry, so its log stays on the console."""
+    if cfg.task.type == "finetune":
+        return None
+    return local_log_dir(output_dir_of(cfg))
+
+
+def _report(metrics: dict[str, Any]) -> None:
+    if metrics.get("task") == "finetune":
+        log.info(
+            "done: %s registered (%s) -> %s",
+            metrics.get("output_model"),
+            metrics.get("strategy"),
+            metrics.get("output_dir"),
+        )
+        return
+    log.info(
+        "done: %s rows (%s errors) in %.1fs, %.1f rows/s -> %s",
+        metrics.get("rows_out"),
+        metrics.get("error_rows"),
+        metrics.get("wall_seconds") or 0.0,
+        metrics.get("rows_per_s") or 0.0,
+        metrics.get("output_dir"),
+    )
 
 
 def run(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
@@ -49,16 +114,16 @@ def run(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
             point.release()
 
 
-def plan(cfg: DictConfig) -> int:
-    """``mode=plan``: print what a run would do; the exit code (0 runnable, 1 not)."""
+def plan(cfg: DictConfig) -> ExitCode:
+    """``mode=plan``: print what a run would do; ``OK`` when it can run, ``ERROR`` when not."""
     from sage_vllm_batch.run.plan import print_plan
 
-    return print_plan(cfg)
+    return ExitCode(print_plan(cfg))
 
 
-def serve(cfg: DictConfig, overrides: list[str]) -> int:
+def serve(cfg: DictConfig, overrides: Sequence[str]) -> ExitCode:
     """``mode=serve``: the loaded models over HTTP until stopped; the exit code."""
     from sage_vllm_batch.service.http import serve as serve_http
 
     validate(cfg)
-    return serve_http(cfg, overrides)
+    return ExitCode(serve_http(cfg, list(overrides)))

@@ -250,9 +250,11 @@ def test_explain_tells_unreachable_from_denied(text, kind):
 
 
 def test_glob_matches_like_glob_glob():
-    rx = storage._glob_regex("dir/*.jsonl")
+    from sage_vllm_batch.storage.object_path import glob_regex
+
+    rx = glob_regex("dir/*.jsonl")
     assert rx.match("dir/a.jsonl") and not rx.match("dir/sub/a.jsonl")
-    rx = storage._glob_regex("**/*.parquet")
+    rx = glob_regex("**/*.parquet")
     assert rx.match("a.parquet") and rx.match("x/y/a.parquet") and not rx.match("a.csv")
 
 

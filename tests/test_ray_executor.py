@@ -305,9 +305,7 @@ def test_replacements_stay_within_the_budget_and_late_results_are_dropped(monkey
             self.info = SimpleNamespace(remote=lambda: f"info-{i}-{len(spawned)}")
 
     ex._spawn = lambda i: spawned.append(i) or Actor(i)
-    monkeypatch.setattr(
-        "sage_vllm_batch.executors.ray_executor._import_ray", lambda: SimpleNamespace(kill=None)
-    )
+    monkeypatch.setattr("sage_vllm_batch.executors.ray_pool.import_ray", lambda: SimpleNamespace(kill=None))
     ex.workers = [Worker(0, actor=None), Worker(1, actor=None)]
     ex._retire(ex.workers[0], "died: test", kill=False)
     ex._retire(ex.workers[1], "died: test", kill=False)

@@ -1,6 +1,6 @@
 """Engine death never hangs a run and never loses a row: the supervisor restarts the real engine,
 replays the rows in flight, isolates a row that crashes it, and gives up naming the rows. Faults
-are injected inside vLLM through the test hook ``SAGE_VLLM_BATCH_FAULT`` (see supervisor.py)."""
+are injected inside vLLM through the test hook ``SAGE_VLLM_BATCH_FAULT`` (see faults.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import pytest
 from helpers import compose_job, run_cli
 
-from sage_vllm_batch.engine import supervisor
+from sage_vllm_batch import faults
 from sage_vllm_batch.errors import EngineError
 from sage_vllm_batch.outputs.shards import read_output
 from sage_vllm_batch.run.drive import run_on_engine
@@ -54,11 +54,11 @@ def run_job(engine, registry_root, out, src, *extra):
 @pytest.fixture
 def fault(monkeypatch):
     def set_fault(spec):
-        monkeypatch.setenv(supervisor.FAULT_ENV, spec)
-        supervisor._Fault.fired_once = False
+        monkeypatch.setenv(faults.FAULT_ENV, spec)
+        faults.EngineFault.fired_once = False
 
     yield set_fault
-    supervisor._Fault.fired_once = False
+    faults.EngineFault.fired_once = False
 
 
 def test_exception_inside_vllm_is_survived_with_identical_output(
@@ -161,7 +161,7 @@ def test_engine_core_process_killed_mid_run_out_of_process(embed_engine, registr
         "engine.in_process=false",
         f"output.dir={killed}",
         cwd=tmp_path,
-        env={**env, supervisor.FAULT_ENV: f"kill-once:{marker}"},
+        env={**env, faults.FAULT_ENV: f"kill-once:{marker}"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((killed / "metrics.json").read_text())

@@ -25,7 +25,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult, from_vllm, to_vllm
-from sage_vllm_batch.errors import EngineError, one_line
+from sage_vllm_batch.errors import EngineError, ExitCode, one_line
+from sage_vllm_batch.faults import EngineFault
+from sage_vllm_batch.faults import break_next_step as break_next_step  # executors.ray_worker's import
 
 if TYPE_CHECKING:
     from sage_vllm_batch.engine.engine import Engine, RequestFeed
@@ -91,11 +93,6 @@ class TurnLock:
 
 FORWARD_LOCK = TurnLock()
 
-# Test-only fault injection: "<mode>:<marker>" where mode is raise | raise-once | kill | kill-once.
-# A request whose prompt contains <marker> makes vLLM's next step fail from inside (raise: the
-# in-process engine core raises; kill: the engine core process is SIGKILLed).
-FAULT_ENV = "SAGE_VLLM_BATCH_FAULT"
-
 
 class EngineDeadError(EngineError):
     """The engine died more often than ``max_restarts`` allows. ``keys``: requests in flight."""
@@ -147,7 +144,7 @@ class SupervisedStream:
         self.crashes = 0  # outside probes, counted against max_restarts
         self._lost_rids: list[str] = []
         self._cancellable = False  # a request with a cancel event was admitted: check each step
-        self._fault = _Fault.from_env()
+        self._fault = EngineFault.from_env(children=engine_children)
         self._watch = _Watchdog(engine) if engine.stall_timeout_s and engine.stall_timeout_s > 0 else None
 
     # ------------------------------------------------------------------ loop
@@ -452,7 +449,7 @@ class _Watchdog:
                     file=sys.stderr,
                     flush=True,
                 )
-                os._exit(75)
+                os._exit(ExitCode.ENGINE_STALLED)
 
     def _core(self) -> Any:
         try:
@@ -470,48 +467,3 @@ class _Watchdog:
         q = getattr(self._core(), "outputs_queue", None)
         if q is not None:
             q.put_nowait(RuntimeError(why))
-
-
-class _Fault:
-    """Test hook (``SAGE_VLLM_BATCH_FAULT``): a crash inside vLLM when a marked row is admitted."""
-
-    fired_once = False
-
-    def __init__(self, mode: str, marker: str) -> None:
-        self.mode, self.marker = mode, marker
-
-    @classmethod
-    def from_env(cls) -> _Fault | None:
-        spec = os.environ.get(FAULT_ENV)
-        if not spec or ":" not in spec:
-            return None
-        mode, marker = spec.split(":", 1)
-        return cls(mode, marker)
-
-    def on_admit(self, engine: Engine, req: EngineRequest) -> None:
-        if self.mode.endswith("-once") and _Fault.fired_once:
-            return
-        ids = req.prompt_token_ids or []
-        if self.marker.lower() not in engine.tokenizer.decode(ids).lower():
-            return
-        _Fault.fired_once = True
-        if self.mode.startswith("kill"):
-            import signal
-
-            for p in engine_children():
-                if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM"):
-                    os.kill(p.pid, signal.SIGKILL)
-            return
-        break_next_step(engine, f"injected engine fault (row marked {self.marker!r})")
-
-
-def break_next_step(engine: Engine, why: str) -> None:
-    """Test hook: the engine's next step raises ``why`` from inside vLLM (in-process engine core)."""
-    core = engine.vllm_engine.engine_core
-    real = core.get_output
-
-    def broken(*a: Any, **kw: Any) -> Any:
-        core.get_output = real
-        raise RuntimeError(why)
-
-    core.get_output = broken

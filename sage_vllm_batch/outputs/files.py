@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sage_vllm_batch.fsutil import fsync_dir as fsync_dir  # the output modules' durable renames
+
 MANIFEST = "_manifest.json"  # what the rows depend on (outputs.manifest)
 SUCCESS = "_SUCCESS"  # every row committed and every sink written
 LEDGER = "_ledger.jsonl"  # the committed shards (outputs.shards): the truth on resume
@@ -53,13 +55,3 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    if not isinstance(path, Path):  # an object store: a put is durable when it returns
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,11 +9,9 @@ On an object store (no flock) the same file is a lease with a heartbeat: :class:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_vllm_batch.errors import SageBatchError
+from sage_vllm_batch.fsutil import HolderLock, LockHeldError, describe_holder, holder_record
 from sage_vllm_batch.outputs.files import LOCK as LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -30,80 +29,46 @@ class OutputLockedError(SageBatchError):
     """Another live process is writing the same output directory."""
 
 
-def _holder() -> dict[str, Any]:
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def _describe(info: dict[str, Any]) -> str:
-    if not info:
-        return "another process"
-    return f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')})"
-
-
 class OutputLock:
     """Exclusive, crash-safe ownership of ``out_dir`` (re-acquiring after :meth:`release` is fine)."""
 
     def __init__(self, out_dir: str | Path) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / LOCK_NAME
-        self._fd: int | None = None
+        self._lock = HolderLock(self.path)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lock.held
 
     def acquire(self) -> OutputLock:
         """Take the lock at once or raise :class:`OutputLockedError` naming the holder."""
-        if self._fd is not None:
+        if self._lock.held:
             return self
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's record stays
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info = _read(fd)
-            os.close(fd)
+            old = self._lock.acquire()
+        except LockHeldError as e:
             raise OutputLockedError(
-                f"{self.out_dir} is being written by {_describe(info)}. Wait for that run to finish "
-                "(or stop it), or choose another output.dir."
+                f"{self.out_dir} is being written by {describe_holder(e.holder)}. Wait for that run to "
+                "finish (or stop it), or choose another output.dir."
             ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        old = _read(fd)
         if old and old.get("pid") != os.getpid():
             log.warning(
                 "%s: taking over the lock left by %s, which is no longer running",
                 self.out_dir,
-                _describe(old),
+                describe_holder(old),
             )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
-        self._fd = fd
         return self
 
     def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # drops the flock; the record stays (it is ignored once unlocked)
+        self._lock.release()
 
     def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
-
-
-def _read(fd: int) -> dict[str, Any]:
-    try:
-        data = os.pread(fd, 4096, 0)
-        return json.loads(data) if data.strip() else {}
-    except (OSError, ValueError):
-        return {}
 
 
 # ---------------------------------------------------------------------------- object stores
@@ -147,7 +112,7 @@ class LeaseLock:
 
     def _put(self) -> None:
         now = time.time()
-        rec = {**_holder(), "owner": self.owner, "expires": now + self.ttl_s, "ttl_s": self.ttl_s}
+        rec = {**holder_record(), "owner": self.owner, "expires": now + self.ttl_s, "ttl_s": self.ttl_s}
         self.path.write_bytes((json.dumps(rec) + "\n").encode())
         self._renewed = now
 
@@ -158,7 +123,7 @@ class LeaseLock:
         if old and old.get("owner") != self.owner and float(old.get("expires", 0)) > time.time():
             raise self._refused(old)
         if old:
-            log.warning("%s: taking over the expired lease of %s", self.out_dir, _describe(old))
+            log.warning("%s: taking over the expired lease of %s", self.out_dir, describe_holder(old))
         self._put()
         time.sleep(min(1.0, self.ttl_s / 10))  # a rival's put in the same moment shows now
         now_holder = self._read()
@@ -173,7 +138,7 @@ class LeaseLock:
     def _refused(self, info: dict[str, Any]) -> OutputLockedError:
         left = max(0.0, float(info.get("expires", 0)) - time.time())
         return OutputLockedError(
-            f"{self.out_dir} is being written by {_describe(info)} (its lease {self.path.name} expires in "
+            f"{self.out_dir} is being written by {describe_holder(info)} (its lease {self.path.name} expires in "
             f"{left:.0f}s unless renewed). Wait for that run to finish (or stop it; its lease is taken "
             "over once expired), or choose another output.dir."
         )
@@ -185,7 +150,7 @@ class LeaseLock:
             try:
                 cur = self._read()
                 if cur.get("owner") not in (None, self.owner):
-                    self._problem = f"the lease was taken over by {_describe(cur)}"
+                    self._problem = f"the lease was taken over by {describe_holder(cur)}"
                     return
                 self._put()
             except Exception as e:  # the store is away: check() stops the run once the lease lapses

@@ -30,6 +30,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from sage_vllm_batch.fsutil import fsync_dir
 from sage_vllm_batch.registry.errors import InvalidModelIdError, ManifestError
 
 ENV_ROOT = "SAGE_LLM_MODEL_ROOT"
@@ -118,16 +119,6 @@ def hash_files(folder: Path) -> dict[str, dict[str, Any]]:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
         out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": digest}
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once its directory entry is flushed.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -228,7 +219,7 @@ class Store:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     @contextlib.contextmanager
     def edit(self) -> Iterator[dict[str, Any]]:
@@ -354,7 +345,7 @@ class Store:
             if dest.exists():  # an older copy, or an orphan left by a crash before its manifest write
                 trash = self._to_trash(dest, model_id, revision)
             os.rename(staged, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             data["models"].setdefault(model_id, {})[revision] = {
                 "path": rel,
                 "source": source,

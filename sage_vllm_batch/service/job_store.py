@@ -12,17 +12,15 @@ server on the same root fails at start instead of running the same jobs twice.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 from sage_vllm_batch.errors import SageBatchError
+from sage_vllm_batch.fsutil import HolderLock, LockHeldError, describe_holder
 from sage_vllm_batch.outputs.files import fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -47,51 +45,30 @@ class JobStore:
     def __init__(self, output_root: str | Path) -> None:
         self.root = Path(os.path.realpath(output_root))
         self.dir = self.root / RECORDS_DIR
-        self._fd: int | None = None
+        self._lock = HolderLock(self.dir / SERVER_LOCK)
 
     # ------------------------------------------------------------------ the server's lock
     @property
     def locked(self) -> bool:
-        return self._fd is not None
+        return self._lock.held
 
     def lock(self) -> JobStore:
         """Take the root for this server, or raise naming the server that has it."""
-        if self._fd is not None:
+        if self._lock.held:
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            who = (
-                f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
-                if holder
-                else "another process"
-            )
+            self._lock.acquire()
+        except LockHeldError as e:
             raise JobStoreLockedError(
-                f"serve.output_root {self.root} is in use by another server, {who}: one server per "
-                "output root (its jobs would run twice). Stop that server, or start this one with "
-                "another serve.output_root"
+                f"serve.output_root {self.root} is in use by another server, {describe_holder(e.holder)}: "
+                "one server per output root (its jobs would run twice). Stop that server, or start this "
+                "one with another serve.output_root"
             ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self._fd = fd
         return self
 
     def unlock(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        self._lock.release()
 
     # ------------------------------------------------------------------ records
     def path(self, job_id: str) -> Path:
@@ -147,11 +124,3 @@ def _check_record(rec: Any, stem: str) -> None:
     for key in ("output_dir", "task", "model", "kind"):
         if not isinstance(rec.get(key), str):
             raise ValueError(f"{key}: missing")
-
-
-def _read_holder(fd: int) -> dict[str, Any]:
-    try:
-        data = os.pread(fd, 4096, 0)
-        return json.loads(data) if data.strip() else {}
-    except (OSError, ValueError):
-        return {}
