@@ -7,8 +7,8 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Every status ``python -m sage_vllm_batch`` exits with, each with its meaning (docs/exit-codes.md
-    "Exit codes" table lists these). Code that ends the CLI exits with a member, never a literal."""
+    """Every status ``python -m sage_vllm_batch`` exits with, each with its meaning (the table in
+    docs/exit-codes.md lists these). Code that ends the CLI exits with a member, never a literal."""
 
     meaning: str
 
