@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from sage_vllm_batch.service.batches import BatchManager, validate_batch_file
+from sage_vllm_batch.service.errors import NotFound, ServiceError
 from sage_vllm_batch.service.files import FileStore
-from sage_vllm_batch.service.service import ServiceError
 
 
 def _line(cid, url="/v1/chat/completions"):
@@ -46,7 +46,7 @@ class FakeJobs:
 
     def get(self, job_id):
         if job_id not in self.jobs:
-            raise ServiceError("no job", status=404)
+            raise NotFound("no job")
         return self.jobs[job_id]
 
     def cancel(self, job_id):
@@ -224,7 +224,7 @@ def test_an_empty_file_completes_with_an_empty_output(tmp_path):
 
 
 def test_expiry_only_when_asked_keeps_the_lines_done(tmp_path, monkeypatch):
-    from sage_vllm_batch.service import batches
+    from sage_vllm_batch.service.batches import serving as batches
 
     jobs = FakeJobs()
     m = _manager(tmp_path, jobs, expire=True)

@@ -278,7 +278,7 @@ def test_job_refusals_name_the_key_and_touch_nothing(http, dirs):
 def test_status_cli_lists_the_service(server, dirs, monkeypatch):
     from typer.testing import CliRunner
 
-    from sage_vllm_batch.service import status
+    from sage_vllm_batch.service import cli as status
 
     monkeypatch.setenv(status.STATE_ENV, str(dirs["state"]))
     (rec,) = status.running()
@@ -290,7 +290,7 @@ def test_status_cli_lists_the_service(server, dirs, monkeypatch):
 
 def test_sigterm_exits_cleanly(server, dirs, monkeypatch):
     """Last test of the module: stop the server the way `sage-vllm-services stop` does."""
-    from sage_vllm_batch.service import status
+    from sage_vllm_batch.service import cli as status
 
     monkeypatch.setenv(status.STATE_ENV, str(dirs["state"]))
     proc = server["proc"]

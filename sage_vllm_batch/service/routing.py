@@ -1,0 +1,74 @@
+"""What the families' routers share: a route class whose validation errors (query and path
+parameters) answer with the service's 400 envelope instead of FastAPI's 422, the error responses
+and JSON request bodies as ``/openapi.json`` documents them, and running a handler off the event
+loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from sage_vllm_batch.service.bodies import describe
+from sage_vllm_batch.service.errors import HTTP_STATUS, BadRequest
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The envelope of every refusal (:func:`~.errors.error_body`)."""
+
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in sorted(set(HTTP_STATUS.values()))
+}
+
+
+class ServiceRoute(APIRoute):
+    """A route of ours: FastAPI's parameter validation errors become a :class:`BadRequest`."""
+
+    def get_route_handler(self) -> Callable[..., Any]:
+        handler = super().get_route_handler()
+
+        async def route(request: Any) -> Any:
+            try:
+                return await handler(request)
+            except RequestValidationError as e:
+                raise BadRequest(describe(list(e.errors()), None, "")) from None
+
+        return route
+
+
+def family_router() -> APIRouter:
+    return APIRouter(route_class=ServiceRoute)
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` documenting ``model`` as the JSON request body of a route that reads its
+    body itself (with :func:`~.bodies.parse_json`)."""
+    schema = model.model_json_schema()
+    assert "$defs" not in schema, f"{model.__name__}: nested models need components"
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def call(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the thread pool: handlers block (engines, disk, locks)."""
+    return await run_in_threadpool(fn, *args)
+
+
+def answer(result: Any, status: int = 200) -> JSONResponse:
+    """A handler's result (a model or plain JSON data) as the response body."""
+    body = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    return JSONResponse(body, status_code=status)
