@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from sage_vllm_batch.service.batches import BatchManager, validate_batch_file
 from sage_vllm_batch.service.errors import NotFound, ServiceError
@@ -82,11 +83,8 @@ def _store(files, lines):
     return up.commit()["id"]
 
 
-def _wait(m, batch_id, statuses, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while (b := m.get(batch_id))["status"] not in statuses and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return b
+def _wait(m, batch_id, statuses):
+    return wait_until(lambda: m.get(batch_id), lambda b: b["status"] in statuses, timeout=10, interval=0.02)
 
 
 def test_validation_names_bad_lines(tmp_path):
@@ -162,9 +160,7 @@ def test_a_restart_resubmits_unfinished_batches(tmp_path):
     jobs.jobs.clear()  # the server died: its jobs with it
     m2 = _manager(tmp_path, jobs)  # a new server on the same output root
     try:
-        deadline = time.monotonic() + 10
-        while not jobs.jobs and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: jobs.jobs, bool, timeout=10, interval=0.02, what="the resubmitted job")
         assert len(set(jobs.submits)) == 1 and len(jobs.submits) == 2  # the same job, again
         jobs.finish()
         assert _wait(m2, b["id"], ("completed",))["request_counts"]["completed"] == 2
