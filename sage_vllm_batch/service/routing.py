@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from sage_vllm_batch.service.bodies import describe
-from sage_vllm_batch.service.errors import HTTP_STATUS, BadRequest
+from sage_vllm_batch.service.errors import HTTP_STATUS, BadRequest, ServiceError, error_body, http_status
 
 
 class ErrorDetail(BaseModel):
@@ -36,8 +36,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def error_response(error: ServiceError) -> JSONResponse:
+    """The one place a :class:`~.errors.ServiceError` becomes an HTTP answer: the error envelope,
+    with the status of :data:`~.errors.HTTP_STATUS`."""
+    status = http_status(error)
+    return JSONResponse(error_body(str(error), status), status_code=status)
+
+
 class ServiceRoute(APIRoute):
-    """A route of ours: FastAPI's parameter validation errors become a :class:`BadRequest`."""
+    """A route of ours. Its exception handler: a :class:`~.errors.ServiceError` raised by the route
+    (its body, its handler) answers :func:`error_response`; FastAPI's parameter validation errors
+    are a :class:`BadRequest` (400, not FastAPI's 422). Scoped to our routes: vLLM's routes on the
+    same app keep vLLM's handlers."""
 
     def get_route_handler(self) -> Callable[..., Any]:
         handler = super().get_route_handler()
@@ -46,7 +56,9 @@ class ServiceRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as e:
-                raise BadRequest(describe(list(e.errors()), None, "")) from None
+                return error_response(BadRequest(describe(list(e.errors()), None, "")))
+            except ServiceError as e:
+                return error_response(e)
 
         return route
 

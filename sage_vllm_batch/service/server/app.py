@@ -1,18 +1,14 @@
 """The server's app: vLLM's own OpenAI app over each loaded model (``build_app`` +
 ``init_app_state`` over a :class:`~..engine_client.DriverEngineClient`), our families' routers on
-the main one (the text model's, or the only one), the one exception handler that turns the
-service's errors into HTTP answers, and the :class:`~.front.Front` before them all."""
+the main one (the text model's, or the only one; their errors answer through
+:func:`~..routing.error_response`), and the :class:`~.front.Front` before them all."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-
 from sage_vllm_batch.service.batches import api_router as batches_router
 from sage_vllm_batch.service.batches.serving import BatchManager
-from sage_vllm_batch.service.errors import ServiceError, error_body, http_status
 from sage_vllm_batch.service.files import api_router as files_router
 from sage_vllm_batch.service.files.serving import FileServing
 from sage_vllm_batch.service.jobs import api_router as jobs_router
@@ -21,18 +17,6 @@ from sage_vllm_batch.service.process import api_router as process_router
 from sage_vllm_batch.service.server.front import Front, public_paths
 from sage_vllm_batch.service.service import VLLMService
 from sage_vllm_batch.service.slots import EMBED, TEXT
-
-
-def install_error_handler(app: FastAPI) -> None:
-    """The one place a :class:`~..errors.ServiceError` becomes an HTTP answer (the error envelope,
-    the status of :data:`~..errors.HTTP_STATUS`)."""
-
-    async def handle(request: Request, error: Exception) -> JSONResponse:
-        assert isinstance(error, ServiceError)
-        status = http_status(error)
-        return JSONResponse(error_body(str(error), status), status_code=status)
-
-    app.add_exception_handler(ServiceError, handle)
 
 
 async def _vllm_app(service: VLLMService, kind: str) -> Any:
@@ -73,7 +57,6 @@ async def build_http_app(
 
     apps = {kind: await _vllm_app(service, kind) for kind in (TEXT, EMBED) if service.has(kind)}
     main = apps.get(TEXT) or apps[EMBED]
-    install_error_handler(main)
     process_router.attach_router(main)
     jobs_router.attach_router(main)
     main.state.sage_service = service
