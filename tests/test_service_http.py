@@ -210,11 +210,16 @@ def test_openapi_documents_our_bodies_behind_the_key(server, http):
     ]:
         op = paths[path][method]
         assert op["responses"]["200"]["content"]["application/json"]["schema"], (path, method)
-        assert "ErrorResponse" in json.dumps(op["responses"]["400"]), (path, method)
+        assert "ServiceErrorResponse" in json.dumps(op["responses"]["400"]), (path, method)
     schemas = spec["components"]["schemas"]
-    assert {"JobInfo", "Batch", "FileObject", "GenerateResponse", "EmbedResponse", "ErrorResponse"} <= set(
-        schemas
-    )
+    assert {
+        "JobInfo",
+        "Batch",
+        "FileObject",
+        "GenerateResponse",
+        "EmbedResponse",
+        "ServiceErrorResponse",
+    } <= set(schemas)
     # A parameter that fails FastAPI's validation answers our 400, not FastAPI's 422.
     r = http.get("/v1/batches", params={"limit": "many"})
     assert (

@@ -25,14 +25,14 @@ class ErrorDetail(BaseModel):
     code: int
 
 
-class ErrorResponse(BaseModel):
+class ServiceErrorResponse(BaseModel):
     """The envelope of every refusal (:func:`~.errors.error_body`)."""
 
     error: ErrorDetail
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in sorted(set(HTTP_STATUS.values()))
+    code: {"model": ServiceErrorResponse} for code in sorted(set(HTTP_STATUS.values()))
 }
 
 
