@@ -191,7 +191,7 @@ def test_cancel_keeps_what_is_done_and_refuses_deleting_the_input(tmp_path):
         ({"completion_window": "soon"}, "completion_window"),
         ({"metadata": {"k": 1}}, "metadata"),
         ({"input_file_id": "file-nope"}, "no file"),
-        ({"extra": 1}, "unknown field"),
+        ({"extra": 1}, "unknown key"),
     ],
 )
 def test_create_refuses_bad_requests(tmp_path, body, needle):

@@ -79,7 +79,7 @@ def describe(errors: list[Any], model: type[BaseModel] | None, root: str) -> str
         else:
             lines.append(f"{where}: {err.get('msg')} (got {_short(err.get('input'))})")
     if unknown:
-        lines.insert(0, f"{root}: unknown field(s) {', '.join(unknown)}; allowed: {fields}")
+        lines.insert(0, f"{root}: unknown key(s) {', '.join(unknown)}; allowed: {fields}")
     return "; ".join(lines)
 
 
