@@ -36,7 +36,9 @@ def _app(cfg: DictConfig) -> None:
 
 def _data_option_error(argv: list[str]) -> str | None:
     """``data=corpus.parquet`` names a file where Hydra wants an option: say what to type."""
-    options = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+    from sage_vllm_batch.config.options import group_options
+
+    options = group_options("data")
     for arg in argv:
         key, eq, value = arg.partition("=")
         if eq and key.lstrip("+~") == "data" and value not in options:

@@ -119,3 +119,31 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------- waiting on jobs
+FINISHED_JOB = ("complete", "failed", "cancelled")
+
+
+def wait_until(poll, done, *, timeout: float, interval: float = 0.2, what: str = "it"):
+    """``poll()`` until ``done(its result)``; the last result, or an AssertionError past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = poll()
+        if done(last):
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: gave up waiting after {timeout:.0f} s, last seen {last}")
+        time.sleep(interval)
+
+
+def wait_job(get, job_id: str, *, until=None, timeout: float = 180, interval: float = 0.2) -> dict:
+    """A job's info (``get(job_id)``: a JobManager's ``get``, or a GET of ``/v1/jobs/{id}``) once
+    it has finished, or once ``until(info)``."""
+    done = until or (lambda j: j["status"] in FINISHED_JOB)
+    return wait_until(lambda: get(job_id), done, timeout=timeout, interval=interval, what=f"job {job_id}")
+
+
+def http_jobs(http):
+    """``get`` for :func:`wait_job` over an httpx client of a server."""
+    return lambda job_id: http.get(f"/v1/jobs/{job_id}").json()

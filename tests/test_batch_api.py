@@ -9,12 +9,11 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import compose_job, spawn_server, stop_server, wait_ready
+from helpers import compose_job, spawn_server, stop_server, wait_ready, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -99,15 +98,17 @@ def _wait(
     cond=None,
     show: bool = False,
 ):
-    deadline, seen = time.monotonic() + timeout, None
-    while True:
+    seen = [None]
+
+    def poll():
         b = client.batches.retrieve(batch_id)
-        if show and (b.status, b.request_counts) != seen:
-            seen = (b.status, b.request_counts)
+        if show and (b.status, b.request_counts) != seen[0]:
+            seen[0] = (b.status, b.request_counts)
             print(f"  poll: {b.status:<11} {b.request_counts}")
-        if (cond(b) if cond is not None else b.status in until) or time.monotonic() > deadline:
-            return b
-        time.sleep(0.3)
+        return b
+
+    done = cond or (lambda b: b.status in until)
+    return wait_until(poll, done, timeout=timeout, interval=0.3, what=f"batch {batch_id}")
 
 
 def _lines(client, file_id: str | None) -> list[dict]:
@@ -330,12 +331,14 @@ def test_cancelling_a_running_batch_keeps_the_lines_done(client, base):
 
 def _wait_for_a_shard(ledger: Path, timeout: float = 400) -> str:
     """The first committed shard's ledger line of a batch's job, once there is one."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ledger.exists() and (text := ledger.read_text().strip()):
-            return text.splitlines()[0]
-        time.sleep(0.1)
-    pytest.fail(f"no shard committed in {ledger.parent} within {timeout} s")
+    text = wait_until(
+        lambda: ledger.read_text().strip() if ledger.exists() else "",
+        bool,
+        timeout=timeout,
+        interval=0.1,
+        what=f"a committed shard in {ledger.parent}",
+    )
+    return text.splitlines()[0]
 
 
 # ---------------------------------------------------------------------------- restart

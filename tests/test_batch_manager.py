@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from sage_vllm_batch.service.batches import BatchManager, validate_batch_file
+from sage_vllm_batch.service.errors import NotFound, ServiceError
 from sage_vllm_batch.service.files import FileStore
-from sage_vllm_batch.service.service import ServiceError
 
 
 def _line(cid, url="/v1/chat/completions"):
@@ -46,7 +47,7 @@ class FakeJobs:
 
     def get(self, job_id):
         if job_id not in self.jobs:
-            raise ServiceError("no job", status=404)
+            raise NotFound("no job")
         return self.jobs[job_id]
 
     def cancel(self, job_id):
@@ -82,11 +83,8 @@ def _store(files, lines):
     return up.commit()["id"]
 
 
-def _wait(m, batch_id, statuses, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while (b := m.get(batch_id))["status"] not in statuses and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return b
+def _wait(m, batch_id, statuses):
+    return wait_until(lambda: m.get(batch_id), lambda b: b["status"] in statuses, timeout=10, interval=0.02)
 
 
 def test_validation_names_bad_lines(tmp_path):
@@ -162,9 +160,7 @@ def test_a_restart_resubmits_unfinished_batches(tmp_path):
     jobs.jobs.clear()  # the server died: its jobs with it
     m2 = _manager(tmp_path, jobs)  # a new server on the same output root
     try:
-        deadline = time.monotonic() + 10
-        while not jobs.jobs and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: jobs.jobs, bool, timeout=10, interval=0.02, what="the resubmitted job")
         assert len(set(jobs.submits)) == 1 and len(jobs.submits) == 2  # the same job, again
         jobs.finish()
         assert _wait(m2, b["id"], ("completed",))["request_counts"]["completed"] == 2
@@ -195,7 +191,7 @@ def test_cancel_keeps_what_is_done_and_refuses_deleting_the_input(tmp_path):
         ({"completion_window": "soon"}, "completion_window"),
         ({"metadata": {"k": 1}}, "metadata"),
         ({"input_file_id": "file-nope"}, "no file"),
-        ({"extra": 1}, "unknown field"),
+        ({"extra": 1}, "unknown key"),
     ],
 )
 def test_create_refuses_bad_requests(tmp_path, body, needle):
@@ -224,7 +220,7 @@ def test_an_empty_file_completes_with_an_empty_output(tmp_path):
 
 
 def test_expiry_only_when_asked_keeps_the_lines_done(tmp_path, monkeypatch):
-    from sage_vllm_batch.service import batches
+    from sage_vllm_batch.service.batches import serving as batches
 
     jobs = FakeJobs()
     m = _manager(tmp_path, jobs, expire=True)

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from helpers import compose_job, free_port
+from helpers import compose_job, free_port, http_jobs, wait_job
 
 from sage_vllm_batch.service.http import base_overrides, build_http_app, make_server, public_paths
 
@@ -296,10 +296,7 @@ def test_metrics_has_vllms_families_per_model_and_ours_and_they_survive_a_restar
         "/v1/jobs", json={"overrides": ["task=embed", "data=jsonl", f"data.path={live['data'] / 't.jsonl'}"]}
     )
     assert job.status_code == 201, job.text
-    deadline = time.monotonic() + 300
-    while http.get(f"/v1/jobs/{job.json()['id']}").json()["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, "the job did not finish"
-        time.sleep(0.3)
+    wait_job(http_jobs(http), job.json()["id"], timeout=300, interval=0.3)
     after = _scrape(http)
 
     grew = lambda name, **kw: _get(after, name, **kw) - _get(before, name, **kw)  # noqa: E731

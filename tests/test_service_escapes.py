@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import spawn_server, stop_server, wait_ready
+from helpers import http_jobs, spawn_server, stop_server, wait_job, wait_ready
 
 pytestmark = pytest.mark.engine
 
@@ -73,16 +72,6 @@ def server(registry_root, dirs):
 def http(server):
     with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
         yield c
-
-
-def _wait(http, job_id, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        j = http.get(f"/v1/jobs/{job_id}").json()
-        if j["status"] not in ("queued", "running"):
-            return j
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish: {j}")
 
 
 def corpus(dirs, tag: str) -> list[tuple[str, list[str], str]]:
@@ -179,6 +168,6 @@ def test_jobs_inside_the_roots_run(http, dirs):
     for overrides, where in ((chat, out / "chat"), (embed, out / "vectors")):
         r = http.post("/v1/jobs", json={"overrides": overrides})
         assert r.status_code == 201, r.text
-        done = _wait(http, r.json()["id"])
+        done = wait_job(http_jobs(http), r.json()["id"], timeout=240)
         assert done["status"] == "complete" and done["rows_done"] == 3, done
         assert where.is_dir() and any(where.iterdir())

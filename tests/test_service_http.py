@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import compose_job, spawn_server, stop_server, wait_ready
+from helpers import compose_job, http_jobs, spawn_server, stop_server, wait_job, wait_ready, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -134,29 +133,98 @@ def test_32_concurrent_clients_match_batch_mode(client, batch):
     assert got == batch
 
 
-def test_bad_requests_are_4xx_and_the_server_keeps_serving(http, client):
-    cases = [
-        ("post", "/v1/chat/completions", {"content": b"{not json"}),
-        ("post", "/v1/chat/completions", {"json": {"model": CHAT, "messages": "not a list"}}),
-        ("post", "/v1/chat/completions", {"json": {"model": CHAT, "messages": [], "max_tokens": "many"}}),
-        ("post", "/v1/chat/completions", {"json": {"model": "no/such-model", "messages": [{"role": "user", "content": "x"}]}}),
-        ("post", "/v1/completions", {"json": {"model": CHAT, "prompt": "word " * 5000, "max_tokens": 4}}),
-        ("post", "/v1/embeddings", {"json": {"model": EMBED, "input": 12}}),
-        ("post", "/v1/completions", {"content": b"x" * 5_000_000}),
-        ("post", "/v1/process", {"content": b"[1, 2"}),
-        ("post", "/v1/process", {"json": {"task": "translate", "inputs": "x"}}),
-        ("post", "/v1/process", {"json": {"task": "generate"}}),
-        ("post", "/v1/process", {"json": {"task": "generate", "inputs": [3]}}),
-        ("post", "/v1/process", {"json": {"task": "generate", "inputs": "x", "options": {"tempo": 1}}}),
-        ("get", "/v1/jobs/job-nope", {}),
-    ]  # fmt: skip
-    for method, path, kw in cases:
-        r = getattr(http, method)(path, **kw)
-        assert 400 <= r.status_code < 500, (path, kw, r.status_code, r.text[:300])
-        assert r.json()["error"]["message"]
-    r = http.post("/v1/process", json={"task": "generate", "inputs": "x", "options": {"tempo": 1}})
-    assert "tempo" in r.json()["error"]["message"]
+# Malformed requests, each with the status it answers (vLLM's routes answer with vLLM's envelope,
+# the front and our routes with ours). The server keeps serving after each.
+BAD_REQUESTS = [
+    ("post", "/v1/chat/completions", {"content": b"{not json"}, 400),
+    ("post", "/v1/chat/completions", {"json": {"model": CHAT, "messages": "not a list"}}, 400),
+    ("post", "/v1/chat/completions", {"json": {"model": CHAT, "messages": [], "max_tokens": "many"}}, 400),
+    ("post", "/v1/chat/completions", {"json": {"model": "no/such-model", "messages": [{"role": "user", "content": "x"}]}}, 404),
+    ("post", "/v1/completions", {"json": {"model": CHAT, "prompt": "word " * 5000, "max_tokens": 4}}, 400),
+    ("post", "/v1/embeddings", {"json": {"model": EMBED, "input": 12}}, 400),
+    ("post", "/v1/completions", {"content": b"x" * 5_000_000}, 413),
+    ("post", "/v1/process", {"content": b"[1, 2"}, 400),
+    ("post", "/v1/process", {"json": {"task": "translate", "inputs": "x"}}, 400),
+    ("post", "/v1/process", {"json": {"task": "generate"}}, 400),
+    ("post", "/v1/process", {"json": {"task": "generate", "inputs": [3]}}, 400),
+    ("post", "/v1/process", {"json": {"task": "generate", "inputs": "x", "options": {"tempo": 1}}}, 400),
+    ("get", "/v1/jobs/job-nope", {}, 404),
+]  # fmt: skip
+OURS = ("/v1/process", "/v1/jobs")
+
+
+@pytest.mark.parametrize(
+    "method, path, kw, status",
+    BAD_REQUESTS,
+    ids=[f"{i}-{m}{p}-{s}" for i, (m, p, _, s) in enumerate(BAD_REQUESTS)],
+)
+def test_bad_request_answers_its_status_and_the_server_keeps_serving(http, client, method, path, kw, status):
+    r = getattr(http, method)(path, **kw)
+    assert r.status_code == status, (path, kw, r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert err["message"]
+    if path.startswith(OURS) or status == 413:  # the front's and our routes' envelope
+        assert r.json() == {
+            "error": {"message": err["message"], "type": "invalid_request_error", "code": status}
+        }
+    if "tempo" in str(kw):
+        assert "tempo" in err["message"]
     assert client.completions.create(model=CHAT, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+@pytest.mark.parametrize("path", ["/v1/process", "/v1/jobs", "/v1/batches", "/v1/chat/completions"])
+def test_a_body_nested_past_the_bound_is_a_400_not_a_500(http, path):
+    """A hostile client's 50,000 nested brackets (Python's JSON decoder would recurse past the
+    interpreter's limit): a 400 naming the bound, and the server goes on."""
+    from sage_vllm_batch.service.bodies import MAX_JSON_DEPTH
+
+    hostile = b'{"model": "x", "inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    r = http.post(path, content=hostile, headers={"content-type": "application/json"})
+    assert r.status_code == 400, (path, r.status_code, r.text[:300])
+    if path != "/v1/chat/completions":  # our routes say why (vLLM's says it its own way)
+        assert f"deeper than {MAX_JSON_DEPTH}" in r.json()["error"]["message"]
+    deep_ok = {"task": "embed", "inputs": "x", "options": {"normalize": True}}
+    assert http.post("/v1/process", json=deep_ok).status_code == 200
+
+
+def test_openapi_documents_our_bodies_behind_the_key(server, http):
+    assert httpx.get(server["url"] + "/openapi.json").status_code == 401
+    spec = http.get("/openapi.json").json()
+    paths = spec["paths"]
+    body = paths["/v1/process"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"task", "inputs", "options", "model"} and "task" in body["required"]
+    assert (
+        "overrides"
+        in paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    )
+    assert (
+        "input_file_id"
+        in paths["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    )
+    assert "multipart/form-data" in paths["/v1/files"]["post"]["requestBody"]["content"]
+    for path, method in [
+        ("/v1/process", "post"),
+        ("/v1/jobs/{job_id}", "get"),
+        ("/v1/batches", "get"),
+        ("/v1/files", "get"),
+    ]:
+        op = paths[path][method]
+        assert op["responses"]["200"]["content"]["application/json"]["schema"], (path, method)
+        assert "ServiceErrorResponse" in json.dumps(op["responses"]["400"]), (path, method)
+    schemas = spec["components"]["schemas"]
+    assert {
+        "JobInfo",
+        "Batch",
+        "FileObject",
+        "GenerateResponse",
+        "EmbedResponse",
+        "ServiceErrorResponse",
+    } <= set(schemas)
+    # A parameter that fails FastAPI's validation answers our 400, not FastAPI's 422.
+    r = http.get("/v1/batches", params={"limit": "many"})
+    assert (
+        r.status_code == 400 and r.json()["error"]["code"] == 400 and "limit" in r.json()["error"]["message"]
+    )
 
 
 def test_api_key_is_enforced(server):
@@ -179,16 +247,6 @@ def test_process_route_generate_and_embed(http):
     assert abs(sum(x * x for x in body["vectors"][0]) - 1.0) < 1e-3
 
 
-def _wait_job(http, job_id, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        j = http.get(f"/v1/jobs/{job_id}").json()
-        if j["status"] not in ("queued", "running"):
-            return j
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish: {j}")
-
-
 def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch):
     from sage_vllm_batch.outputs.shards import read_output
 
@@ -199,7 +257,7 @@ def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch)
     job = r.json()
     assert job["status"] in ("queued", "running", "complete")
     assert Path(job["output_dir"]).is_relative_to(dirs["outputs"])
-    done = _wait_job(http, job["id"])
+    done = wait_job(http_jobs(http), job["id"])
     assert done["status"] == "complete", done
     assert done["rows_done"] == done["rows_total"] == 32
     assert done["metrics"]["rows_out"] == 32
@@ -208,7 +266,7 @@ def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch)
     again = http.post("/v1/jobs", json={"overrides": overrides})
     assert again.status_code == 201 and again.json()["output_dir"] == job["output_dir"]
     shards = {p.name: p.stat().st_mtime_ns for p in Path(job["output_dir"]).glob("part-*.parquet")}
-    redone = _wait_job(http, job["id"])
+    redone = wait_job(http_jobs(http), job["id"])
     assert redone["status"] == "complete" and redone["metrics"]["rows_out"] == 0  # nothing redone
     assert {p.name: p.stat().st_mtime_ns for p in Path(job["output_dir"]).glob("part-*.parquet")} == shards
     assert read_output(job["output_dir"]).num_rows == 32
@@ -225,10 +283,7 @@ def test_cancelled_job_keeps_its_shards_and_resumes(http, dirs, batch):
     assert r.status_code == 201, r.text
     job = r.json()
     out = Path(job["output_dir"])
-    deadline = time.monotonic() + 120
-    while not ParquetShardSink.read_ledger(out) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ParquetShardSink.read_ledger(out), "no shard was committed"
+    wait_until(lambda: ParquetShardSink.read_ledger(out), bool, timeout=120, interval=0.05, what="a shard")
     r = http.delete(f"/v1/jobs/{job['id']}")
     assert r.status_code == 200, r.text
     cancelled = r.json()
@@ -242,7 +297,7 @@ def test_cancelled_job_keeps_its_shards_and_resumes(http, dirs, batch):
 
     again = http.post("/v1/jobs", json={"overrides": overrides})
     assert again.status_code == 201, again.text
-    done = _wait_job(http, job["id"])
+    done = wait_job(http_jobs(http), job["id"])
     assert done["status"] == "complete", done
     # The resumed job ran only the rows the cancelled one had not committed.
     assert done["metrics"]["rows_skipped_resumed"] == kept_rows
@@ -278,7 +333,7 @@ def test_job_refusals_name_the_key_and_touch_nothing(http, dirs):
 def test_status_cli_lists_the_service(server, dirs, monkeypatch):
     from typer.testing import CliRunner
 
-    from sage_vllm_batch.service import status
+    from sage_vllm_batch.service import cli as status
 
     monkeypatch.setenv(status.STATE_ENV, str(dirs["state"]))
     (rec,) = status.running()
@@ -290,7 +345,7 @@ def test_status_cli_lists_the_service(server, dirs, monkeypatch):
 
 def test_sigterm_exits_cleanly(server, dirs, monkeypatch):
     """Last test of the module: stop the server the way `sage-vllm-services stop` does."""
-    from sage_vllm_batch.service import status
+    from sage_vllm_batch.service import cli as status
 
     monkeypatch.setenv(status.STATE_ENV, str(dirs["state"]))
     proc = server["proc"]

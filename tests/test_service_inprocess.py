@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import compose_job
+from helpers import compose_job, wait_job
 
 from sage_vllm_batch import registry
 from sage_vllm_batch.registry.lease import holders
@@ -229,10 +229,8 @@ def test_a_served_adapter_applies_to_every_route(service, registry_root, random_
         )
         job, _ = jobs.submit(["task=chat", "data=jsonl", f"data.path={data / 'q.jsonl'}",
                               "output.passthrough_columns=[prompt]", "sampling.max_tokens=8"])  # fmt: skip
-        deadline = time.monotonic() + 300
-        while jobs.get(job["id"])["status"] in ("queued", "running") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert jobs.get(job["id"])["status"] == "complete", jobs.get(job["id"])
+        done = wait_job(jobs.get, job["id"], timeout=300)
+        assert done["status"] == "complete", done
         assert read_output(job["output_dir"]).column("text").to_pylist() == got
 
         async def over_http():

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import spawn_server, wait_ready
+from helpers import http_jobs, spawn_server, wait_job, wait_ready, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -70,17 +69,6 @@ def _start(w, label: str, env_extra: dict[str, str] | None = None, *, expect_rea
     return proc, url
 
 
-def _wait(http, job_id, until, timeout=180):
-    deadline = time.monotonic() + timeout
-    j = None
-    while time.monotonic() < deadline:
-        j = http.get(f"/v1/jobs/{job_id}").json()
-        if until(j):
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"{job_id}: gave up waiting, last seen {j}")
-
-
 def _ledger_chunks(out: Path) -> list[int]:
     return [
         json.loads(line)["chunk"] for line in (out / "_ledger.jsonl").read_text().splitlines() if line.strip()
@@ -102,16 +90,14 @@ def test_queue_then_kill_9_mid_job(world):
         r = http.post("/v1/jobs", json={"overrides": _overrides(w, "a", "output.passthrough_columns=[nope]")})
         assert r.status_code == 201, r.text
         w["failed"] = r.json()["id"]
-        failed = _wait(http, w["failed"], lambda j: j["status"] not in ("queued", "running"))
+        failed = wait_job(http_jobs(http), w["failed"], interval=0.1)
         assert failed["status"] == "failed" and "nope" in failed["error"], failed
 
         r = http.post("/v1/jobs", json={"overrides": _overrides(w, "a")})
         assert r.status_code == 201, r.text
         w["j1"], w["j1_out"] = r.json()["id"], Path(r.json()["output_dir"])
-        deadline = time.monotonic() + 120
-        while not marker.exists() and time.monotonic() < deadline:  # J1 is inside its third shard
-            time.sleep(0.05)
-        assert marker.exists(), "J1 never reached its third shard"
+        # J1 is inside its third shard
+        wait_until(marker.exists, bool, timeout=120, interval=0.05, what="J1's third shard")
 
         j2 = http.post("/v1/jobs", json={"overrides": _overrides(w, "b")})
         j3 = http.post("/v1/jobs", json={"overrides": _overrides(w, "c")})
@@ -153,7 +139,7 @@ def test_after_kill_9_the_job_is_listed_and_completes_by_itself(world):
         assert listed[w["j1"]]["status"] in ("running", "complete"), listed[w["j1"]]
         if listed[w["j1"]]["status"] == "running":
             assert (listed[w["j2"]]["status"], listed[w["j2"]]["queue_position"]) == ("queued", 1)
-        done = _wait(http, w["j1"], lambda j: j["status"] not in ("queued", "running"))
+        done = wait_job(http_jobs(http), w["j1"], interval=0.1)
         assert done["status"] == "complete", done
         assert done["rows_done"] == done["rows_total"] == ROWS
         assert (
@@ -174,7 +160,11 @@ def test_sigterm_with_a_job_running_exits_0_and_the_job_resumes(world):
     proc = w.get("b")
     assert proc is not None and proc.poll() is None, "needs the previous test's server"
     with httpx.Client(base_url=w["b_url"], timeout=60) as http:  # J2 runs and has committed a shard
-        j2 = _wait(http, w["j2"], lambda j: j["status"] != "queued" and (j["rows_done"] or 0) >= SHARD)
+        j2 = wait_job(
+            http_jobs(http),
+            w["j2"],
+            until=lambda j: j["status"] != "queued" and (j["rows_done"] or 0) >= SHARD,
+        )
     assert j2["status"] == "running", j2
     assert _record(w, w["j2"])["status"] == "running"
     proc.send_signal(signal.SIGTERM)
@@ -191,7 +181,7 @@ def test_sigterm_with_a_job_running_exits_0_and_the_job_resumes(world):
     proc, url = _start(w, "c")
     w["c"], w["c_url"] = proc, url
     with httpx.Client(base_url=url, timeout=60) as http:
-        done = _wait(http, w["j2"], lambda j: j["status"] not in ("queued", "running"))
+        done = wait_job(http_jobs(http), w["j2"], interval=0.1)
     assert done["status"] == "complete", done
     assert done["metrics"]["rows_skipped_resumed"] == w["j2_kept"] * SHARD
     assert read_output(w["j2_out"]).column("id").to_pylist() == list(range(ROWS))

@@ -7,26 +7,15 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
-from helpers import compose_job, read_output
+from helpers import compose_job, read_output, wait_job
 
 pytestmark = pytest.mark.engine
 
 KV = "engine.kv_cache_memory_bytes=268435456"
 MAX_TOKENS = 12
-
-
-def _wait(jobs, job_id, timeout=600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = jobs.get(job_id)
-        if info["status"] not in ("queued", "running"):
-            return info
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {info}")
 
 
 @pytest.mark.timeout(1200)
@@ -82,7 +71,10 @@ def test_jobs_and_live_callers_on_both_engines_at_once(registry_root, tmp_path):
             t.start()
         e_info, _ = jobs.submit(embed_job)
         c_info, _ = jobs.submit(chat_job)
-        e_done, c_done = _wait(jobs, e_info["id"]), _wait(jobs, c_info["id"])
+        e_done, c_done = (
+            wait_job(jobs.get, e_info["id"], timeout=600),
+            wait_job(jobs.get, c_info["id"], timeout=600),
+        )
         stop.set()
         for t in threads:
             t.join(timeout=120)

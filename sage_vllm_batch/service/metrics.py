@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from sage_vllm_batch.engine.stats import collect_families
-from sage_vllm_batch.service.jobs import JobManager
-from sage_vllm_batch.service.service import EMBED, TEXT, VLLMService
+from sage_vllm_batch.service.jobs.serving import JobManager
+from sage_vllm_batch.service.service import VLLMService
+from sage_vllm_batch.service.slots import EMBED, TEXT
 
 JOB_STATES = ("queued", "running", "complete", "failed", "cancelled")
 

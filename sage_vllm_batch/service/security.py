@@ -18,8 +18,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sage_vllm_batch.config.options import group_options
 from sage_vllm_batch.errors import one_line
-from sage_vllm_batch.service.service import ServiceError
+from sage_vllm_batch.service.errors import BadRequest, Forbidden, ServiceError
+
+__all__ = [
+    "ServiceError",
+    "api_key_ok",
+    "check_data_path",
+    "check_job",
+    "check_output_dir",
+    "check_overrides",
+]
 
 # Option choices a job may make, per config group. task: finetune trains (VLLMService.fine_tune),
 # it is not a run on the served engine. output: every sink there is; listed by name so that a
@@ -64,23 +74,15 @@ def allowed_summary() -> str:
     )
 
 
-def _refuse(key: str, why: str = "") -> ServiceError:
-    return ServiceError(
+def _refuse(key: str, why: str = "") -> Forbidden:
+    return Forbidden(
         f"overrides: {key!r} may not be set by a job over HTTP{f' ({why})' if why else ''}: the server owns its "
-        f"model, engine, registry, executor, logging, hydra and serve settings; a job may set only {allowed_summary()}",
-        status=403,
+        f"model, engine, registry, executor, logging, hydra and serve settings; a job may set only {allowed_summary()}"
     )
 
 
 def key_allowed(key: str) -> bool:
     return any(key == k or (k.endswith(".*") and (key == k[:-2] or key.startswith(k[:-1]))) for k in JOB_KEYS)
-
-
-@functools.cache
-def group_options(group: str) -> tuple[str, ...]:
-    from sage_vllm_batch.paths import CONF_DIR
-
-    return tuple(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
 
 
 def _has_interpolation(value: Any) -> bool:
@@ -106,31 +108,27 @@ def check_overrides(overrides: Any) -> list[str]:
     from hydra.errors import HydraException
 
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ServiceError('overrides: expected a list of strings like "data.path=/data/x.jsonl"', status=400)
+        raise BadRequest('overrides: expected a list of strings like "data.path=/data/x.jsonl"')
     parser = OverridesParser.create()
     for o in overrides:
         try:
             ov = parser.parse_override(o)
         except HydraException as e:
-            raise ServiceError(
-                f"overrides: {o!r} is not a key=value override ({one_line(e, 300)})", status=400
-            ) from e
+            raise BadRequest(f"overrides: {o!r} is not a key=value override ({one_line(e, 300)})") from e
         key = ov.key_or_group
         if ov.package is not None:
             raise _refuse(key, f"{key}@{ov.package}: a job may not move config packages")
         if ov.type == OverrideType.DEL:
             raise _refuse(key, f"~{key}: a job may not delete config keys")
         if ov.is_sweep_override():
-            raise ServiceError(
-                f"overrides: {o!r} is a sweep; a job is one run (post one job per value, or sweep in batch mode with -m)",
-                status=400,
+            raise BadRequest(
+                f"overrides: {o!r} is a sweep; a job is one run (post one job per value, or sweep in batch mode with -m)"
             )
         value = ov.value()
         if _has_interpolation(value):
-            raise ServiceError(
+            raise Forbidden(
                 f"overrides: {key}: interpolations (${{...}}) are not allowed in a job's values: they are "
-                "resolved on the server and can read its environment and files; give the value itself",
-                status=403,
+                "resolved on the server and can read its environment and files; give the value itself"
             )
         if key in ("task", "output", *ANY_OPTION):
             choices = {"task": TASKS, "output": OUTPUTS}.get(key) or group_options(key)
@@ -140,10 +138,9 @@ def check_overrides(overrides: Any) -> list[str]:
                     if value == "finetune"
                     else ""
                 )
-                raise ServiceError(
+                raise Forbidden(
                     f"overrides: {key}={value!r} is not a choice a job may make; choose one of "
-                    f"{', '.join(c for c in choices if not c.startswith('base_'))}{hint}",
-                    status=403,
+                    f"{', '.join(c for c in choices if not c.startswith('base_'))}{hint}"
                 )
         elif not key_allowed(key):
             raise _refuse(key)
@@ -163,15 +160,13 @@ def _plain_path(key: str, path: str, *, pkg: bool) -> None:
     """``~`` is refused (the readers and writers do not all expand it, so the path checked would
     not be the path opened); ``pkg://`` only where the runner resolves it (``data.path``)."""
     if path.startswith("~"):
-        raise ServiceError(f"{key}: {path!r} starts with ~; give the absolute path", status=403)
+        raise Forbidden(f"{key}: {path!r} starts with ~; give the absolute path")
     from sage_vllm_batch.storage import is_uri, redact
 
     if is_uri(path) or path.lower().startswith("file://"):  # roots confine local paths only
-        raise ServiceError(
-            f"{key}: {redact(path)!r}: a job over HTTP reads and writes local paths only", status=403
-        )
+        raise Forbidden(f"{key}: {redact(path)!r}: a job over HTTP reads and writes local paths only")
     if not pkg and path.startswith("pkg://"):
-        raise ServiceError(f"{key}: {path!r}: pkg:// paths are only for data.path", status=403)
+        raise Forbidden(f"{key}: {path!r}: pkg:// paths are only for data.path")
 
 
 def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path", data: Any = None) -> None:
@@ -185,10 +180,9 @@ def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path"
 
     roots = [_real(r) for r in data_roots]
     if not roots:
-        raise ServiceError(
+        raise Forbidden(
             "jobs over HTTP are disabled: the server has no data roots. Start it with "
-            "serve.data_roots='[/dir/with/data]' to allow jobs that read below those directories",
-            status=403,
+            "serve.data_roots='[/dir/with/data]' to allow jobs that read below those directories"
         )
     path = str(path)
     _plain_path(key, path, pkg=True)
@@ -196,20 +190,17 @@ def check_data_path(path: str, data_roots: Iterable[str], key: str = "data.path"
     def confine(candidates: Iterable[str]) -> None:
         for c in candidates:
             if not _inside(_real(c), roots):
-                raise ServiceError(
-                    f"{key}: {path!r} resolves outside the server's data roots ({', '.join(map(str, roots))})",
-                    status=403,
+                raise Forbidden(
+                    f"{key}: {path!r} resolves outside the server's data roots ({', '.join(map(str, roots))})"
                 )
 
     if path.startswith("pkg://") and not path[len("pkg://") :].partition("/")[0].isidentifier():
         # find_spec("a.b") imports package a (runs its __init__); a top-level name imports nothing.
-        raise ServiceError(
-            f"{key}: {path!r}: a pkg:// path names a top-level package (pkg://<package>/<path>)", status=403
-        )
+        raise Forbidden(f"{key}: {path!r}: a pkg:// path names a top-level package (pkg://<package>/<path>)")
     try:
         local = resolve_path(path)
     except DataError as e:
-        raise ServiceError(f"{key}: {e}", status=400) from e
+        raise BadRequest(f"{key}: {e}") from e
     if glob.has_magic(local):
         # From the glob's fixed leading part, so "../*" cannot escape with no matches.
         confine([local.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0] or "."])
@@ -236,11 +227,9 @@ def check_output_dir(path: str, output_root: str, key: str = "output.dir") -> Pa
     root = _real(output_root)
     real = _real(path)
     if real == root:
-        raise ServiceError(
-            f"{key}: {path!r} is the server's output root; give a directory below it", status=403
-        )
+        raise Forbidden(f"{key}: {path!r} is the server's output root; give a directory below it")
     if not real.is_relative_to(root):
-        raise ServiceError(f"{key}: {path!r} resolves outside the server's output root {root}", status=403)
+        raise Forbidden(f"{key}: {path!r} resolves outside the server's output root {root}")
     return real
 
 
@@ -279,9 +268,8 @@ def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -
     check_data_path(str(cfg.data.path), roots, data=cfg.data)
     loader = cfg.data.get("hf_loader")
     if loader is not None and loader not in HF_LOADERS:
-        raise ServiceError(
-            f"data.hf_loader: {loader!r} is not a packaged datasets builder; a job may use {', '.join(HF_LOADERS)}",
-            status=403,
+        raise Forbidden(
+            f"data.hf_loader: {loader!r} is not a packaged datasets builder; a job may use {', '.join(HF_LOADERS)}"
         )
     schema = schema_file(cfg)
     if schema is not None:
@@ -290,10 +278,9 @@ def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -
         real = _real(schema)
         allowed = [_real(r) for r in roots]
         if not _inside(real, allowed):
-            raise ServiceError(
+            raise Forbidden(
                 f"{key}: the schema file {schema!r} resolves outside the server's data roots "
-                f"({', '.join(map(str, allowed))}); give the schema inline or put it below a data root",
-                status=403,
+                f"({', '.join(map(str, allowed))}); give the schema inline or put it below a data root"
             )
     out = check_output_dir(str(cfg.output.dir), str(output_root))
     vs = cfg.output.get("vector_store")
@@ -307,18 +294,16 @@ def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -
         table = str(vs.get("table") or "")
         if vs.type == "lancedb":
             if not _TABLE_NAME.fullmatch(table) or ".." in table:
-                raise ServiceError(
-                    f"output.vector_store.table: {table!r} must be a plain name (letters, digits, _ . -)",
-                    status=403,
+                raise Forbidden(
+                    f"output.vector_store.table: {table!r} must be a plain name (letters, digits, _ . -)"
                 )
             check_output_dir(str(store / f"{table}.lance"), str(output_root), key="output.vector_store.table")
     kwargs = cfg.task.get("chat_template_kwargs") or {}
     bad = sorted(set(kwargs) & _tokenizer_arguments()) if kwargs else []
     if bad:
-        raise ServiceError(
+        raise Forbidden(
             f"task.chat_template_kwargs: {', '.join(bad)} are the tokenizer's arguments, not template "
-            "variables; a job may pass only the chat template's own variables",
-            status=403,
+            "variables; a job may pass only the chat template's own variables"
         )
     return out
 

@@ -10,74 +10,26 @@ drivers through :mod:`.engine_client`. Requests are built by the runner's
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sage_vllm_batch.engine.driver import EngineDriver
+from sage_vllm_batch.config.options import model_option
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
-from sage_vllm_batch.engine.stats import model_stats
 from sage_vllm_batch.errors import EngineError, SageBatchError, one_line
-from sage_vllm_batch.requests.builder import RequestBuilder, sampling_dict, sampling_param_names
-from sage_vllm_batch.run.model import ResolvedModel, hold_model, load_engine
-from sage_vllm_batch.service.options import load_option, model_option
+from sage_vllm_batch.requests.builder import RequestBuilder, sampling_param_names
+from sage_vllm_batch.service.errors import BadRequest, Conflict, ServiceError, Unavailable
+from sage_vllm_batch.service.process.protocol import ProcessRequest
+from sage_vllm_batch.service.process.serving import ProcessServing
+from sage_vllm_batch.service.settings import settings_of
+from sage_vllm_batch.service.slots import EMBED, TEXT, Slot, load_slot
 
-log = logging.getLogger(__name__)
-
-TEXT, EMBED = "text", "embedding"
-BUSY_JOB_REQUESTS = 8  # serve.busy_job_requests: see EngineDriver
-_PLAIN_KEYS = (
-    "model_id",
-    "embedding_model_id",
-    "engine",
-    "sampling",
-    "auto_reload",
-    "busy_job_requests",
-    "registry_root",
-    "revision",
-)
-
-
-class ServiceError(SageBatchError):
-    """A request the service refuses; ``status`` is the HTTP status the server answers with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class _Slot:
-    """One loaded model: what was asked for, where it is, the driver serving it, and the registry
-    leases (the model's, its adapter's) that keep ``delete``/``gc`` off it until it is retired."""
-
-    kind: str
-    model_cfg: DictConfig
-    resolved: ResolvedModel
-    driver: EngineDriver
-    engine_cfg: DictConfig
-    loaded_at: float
-    leases: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-
-    @property
-    def name(self) -> str:
-        return self.resolved.id
-
-    def retire(self) -> None:
-        """Drain and close the engine (requests inside it finish), then drop the leases."""
-        try:
-            self.driver.close()
-        finally:
-            self.leases.close()
+__all__ = ["EMBED", "TEXT", "ServiceError", "VLLMService"]
 
 
 class VLLMService:
@@ -93,65 +45,18 @@ class VLLMService:
 
     def __init__(self, config: DictConfig | Mapping[str, Any]) -> None:
         self._lock = threading.RLock()
-        self._slots: dict[str, _Slot] = {}
-        if isinstance(config, DictConfig):
-            self._from_job(config)
-        elif isinstance(config, Mapping):
-            self._from_plain(dict(config))
-        else:
-            raise ServiceError(
-                f"VLLMService config: expected a job config or a dict, got {type(config).__name__}"
-            )
-        if self._wanted[TEXT] is None and self._wanted[EMBED] is None:
-            raise ServiceError("VLLMService: no model to serve (give model_id and/or embedding_model_id)")
-
-    # ------------------------------------------------------------------ config
-    def _from_job(self, cfg: DictConfig) -> None:
-        text = cfg.model if cfg.model.type == "text" else None
-        emb = cfg.model if cfg.model.type == "embedding" else None
-        if cfg.get("embedding_model"):
-            if emb is not None:
-                raise ServiceError(
-                    f"embedding_model={cfg.embedding_model}: model={cfg.model.id} is already an embedding "
-                    "model; serve a text model with model=<text option> next to it"
-                )
-            emb = model_option(cfg.embedding_model)
-            if emb.type != "embedding":
-                raise ServiceError(f"embedding_model={cfg.embedding_model}: {emb.id} is a {emb.type} model")
-        self._wanted = {TEXT: text, EMBED: emb}
-        self.engine_cfg: DictConfig = cfg.engine
-        self.sampling: dict[str, Any] = sampling_dict(OmegaConf.to_container(cfg.sampling, resolve=True))
-        self.registry_cfg: DictConfig = cfg.registry
-        self.overlong = str(cfg.task.get("overlong_prompt", "error_row"))
-        serve = cfg.get("serve")
-        self.auto_reload = bool(serve.auto_reload) if serve is not None else True
-        self.busy_job_requests = int(serve.busy_job_requests) if serve is not None else BUSY_JOB_REQUESTS
-
-    def _from_plain(self, d: dict[str, Any]) -> None:
-        unknown = sorted(set(d) - set(_PLAIN_KEYS))
-        if unknown:
-            raise ServiceError(
-                f"VLLMService config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_PLAIN_KEYS)}"
-            )
-        text = model_option(d["model_id"], type="text") if d.get("model_id") else None
-        if text is not None and d.get("revision"):
-            text.revision = d["revision"]
-        emb = model_option(d["embedding_model_id"], type="embedding") if d.get("embedding_model_id") else None
-        if emb is not None:
-            emb.type = "embedding"
-        self._wanted = {TEXT: text, EMBED: emb}
-        try:
-            self.engine_cfg = OmegaConf.merge(load_option("engine", "cpu"), d.get("engine") or {})
-            sampling = OmegaConf.merge(load_option("sampling", "default"), d.get("sampling") or {})
-        except SageBatchError:
-            raise
-        except Exception as e:
-            raise ServiceError(f"VLLMService config: {e}") from e
-        self.sampling = sampling_dict(OmegaConf.to_container(sampling, resolve=True))
-        self.registry_cfg = OmegaConf.create({"root": d.get("registry_root"), "allow_download": True})
-        self.overlong = "error_row"
-        self.auto_reload = bool(d.get("auto_reload", True))
-        self.busy_job_requests = int(d.get("busy_job_requests", BUSY_JOB_REQUESTS))
+        self._slots: dict[str, Slot] = {}
+        s = settings_of(config)
+        self._wanted = s.wanted
+        self.engine_cfg: DictConfig = s.engine_cfg
+        self.sampling: dict[str, Any] = s.sampling
+        self.registry_cfg: DictConfig = s.registry_cfg
+        self.overlong, self.auto_reload, self.busy_job_requests = (
+            s.overlong,
+            s.auto_reload,
+            s.busy_job_requests,
+        )
+        self.processing = ProcessServing(self)  # /v1/process's handler, and process()'s
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self) -> VLLMService:
@@ -162,35 +67,13 @@ class VLLMService:
                 self._slots[kind] = self._load(kind, self._wanted[kind])
         return self
 
-    def _load(self, kind: str, model_cfg: DictConfig) -> _Slot:
-        engine_cfg = OmegaConf.create(OmegaConf.to_container(self.engine_cfg, resolve=True))
-        if kind == TEXT:
-            # Interactive requests go ahead of batch-job requests inside vLLM's scheduler.
-            engine_cfg.extra["scheduling_policy"] = "priority"
-        cfg = OmegaConf.create(
-            {
-                "task": {"type": "chat" if kind == TEXT else "embed"},
-                "model": OmegaConf.to_container(model_cfg, resolve=True),
-                "engine": OmegaConf.to_container(engine_cfg),
-                "registry": OmegaConf.to_container(self.registry_cfg, resolve=True),
-            }
-        )
-        # Leased until the slot is retired (close, switch_model), not only while loading.
-        with contextlib.ExitStack() as loading:
-            why = f"service pid {os.getpid()} ({kind} model)"
-            resolved = loading.enter_context(hold_model(cfg, purpose=why))
-            # LoRA on when the model has an adapter; vLLM's metrics on (the server's /metrics).
-            engine = load_engine(cfg, resolved, stats=model_stats(resolved.id))
-            leases = loading.pop_all()  # loaded: the slot holds them from now on
-        log.info("serving %s (%s) from %s", resolved.id, kind, resolved.path)
-        return _Slot(
+    def _load(self, kind: str, model_cfg: DictConfig) -> Slot:
+        return load_slot(
             kind,
             model_cfg,
-            resolved,
-            EngineDriver(engine, priorities=kind == TEXT, busy_job_requests=self.busy_job_requests),
-            engine_cfg,
-            time.time(),
-            leases,
+            engine_cfg=self.engine_cfg,
+            registry_cfg=self.registry_cfg,
+            busy_job_requests=self.busy_job_requests,
         )
 
     def close(self) -> None:
@@ -206,14 +89,14 @@ class VLLMService:
         self.close()
 
     # ------------------------------------------------------------------ slots
-    def slot(self, kind: str) -> _Slot:
+    def slot(self, kind: str) -> Slot:
         s = self._slots.get(kind)
         if s is None:
             if not self._slots and any(self._wanted.values()):
-                raise ServiceError("the service is not set up: call setup() first", status=503)
+                raise Unavailable("the service is not set up: call setup() first")
             what = "text-generation" if kind == TEXT else "embedding"
             hint = "model=<text option>" if kind == TEXT else "embedding_model=<option> (e.g. minilm-l6-v2)"
-            raise ServiceError(f"no {what} model is loaded; start the service with {hint}", status=409)
+            raise Conflict(f"no {what} model is loaded; start the service with {hint}")
         return s
 
     def has(self, kind: str) -> bool:
@@ -223,7 +106,7 @@ class VLLMService:
     def model_names(self) -> dict[str, str]:
         return {k: s.name for k, s in self._slots.items()}
 
-    def _submit(self, kind: str, build: Callable[[_Slot], EngineRequest]) -> Future:
+    def _submit(self, kind: str, build: Callable[[Slot], EngineRequest]) -> Future:
         """Submit on the current engine; a swap between building and submitting retries on the new one."""
         while True:
             s = self.slot(kind)
@@ -249,8 +132,8 @@ class VLLMService:
         chat_task = OmegaConf.create({"type": "chat", "overlong_prompt": self.overlong})
         data = _data(prompt_column="prompt", messages_column="messages")
 
-        def build_for(i: int, item: Any) -> Callable[[_Slot], EngineRequest]:
-            def build(s: _Slot) -> EngineRequest:
+        def build_for(i: int, item: Any) -> Callable[[Slot], EngineRequest]:
+            def build(s: Slot) -> EngineRequest:
                 t, row = (
                     (task, {"prompt": item}) if isinstance(item, str) else (chat_task, {"messages": item})
                 )
@@ -271,11 +154,11 @@ class VLLMService:
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-            raise ServiceError("embed: inputs must be a string or a list of strings")
+            raise BadRequest("embed: inputs must be a string or a list of strings")
         task = OmegaConf.create({"type": "embed", "overlong_prompt": self.overlong})
         data = _data(text_column="text")
 
-        def build_for(i: int, text: str) -> Callable[[_Slot], EngineRequest]:
+        def build_for(i: int, text: str) -> Callable[[Slot], EngineRequest]:
             return lambda s: RequestBuilder(task, data, {}, s.driver).build(i, {"text": text})
 
         slot = self.slot(EMBED)
@@ -284,7 +167,7 @@ class VLLMService:
         for i, f in enumerate(futs):
             res: EngineResult = f.result()
             if res.error is not None:
-                raise ServiceError(f"embed: input {i}: {res.error}", status=400)
+                raise BadRequest(f"embed: input {i}: {res.error}")
             v = res.embedding.astype(np.float32)
             if normalize:
                 v = v / max(float(np.linalg.norm(v)), 1e-12)
@@ -293,49 +176,9 @@ class VLLMService:
         return {"vectors": vectors, "dim": dim, "model_id": slot.name}
 
     def process(self, payload: Any) -> dict[str, Any]:
-        """``{"task": "generate" | "embed", "inputs": ..., "options": {...}}`` -> the verb's result."""
-        if not isinstance(payload, Mapping):
-            raise ServiceError(
-                f"payload: expected an object with task, inputs, options; got {type(payload).__name__}"
-            )
-        unknown = sorted(set(payload) - {"task", "inputs", "options", "model"})
-        if unknown:
-            raise ServiceError(
-                f"payload: unknown key(s) {', '.join(map(repr, unknown))}; allowed: task, inputs, options"
-            )
-        task = payload.get("task")
-        if task not in ("generate", "embed"):
-            raise ServiceError(f"payload.task: must be 'generate' or 'embed', got {task!r}")
-        if "inputs" not in payload:
-            raise ServiceError("payload.inputs: missing (a string, a list of strings, or chat messages)")
-        options = payload.get("options") or {}
-        if not isinstance(options, Mapping):
-            raise ServiceError(f"payload.options: expected an object, got {type(options).__name__}")
-        model = payload.get("model")
-        if task == "generate":
-            self._check_model(TEXT, model)
-            return {
-                "task": task,
-                "model_id": self.slot(TEXT).name,
-                "outputs": self.generate(payload["inputs"], **options),
-            }
-        self._check_model(EMBED, model)
-        opts = dict(options)
-        normalize = opts.pop("normalize", True)
-        if opts:
-            raise ServiceError(
-                f"payload.options: embed takes only 'normalize', got {', '.join(sorted(opts))}"
-            )
-        if not isinstance(normalize, bool):
-            raise ServiceError("payload.options.normalize: must be true or false")
-        return {"task": task, **self.embed(payload["inputs"], normalize=normalize)}
-
-    def _check_model(self, kind: str, model: Any) -> None:
-        if model is not None and model != self.slot(kind).name:
-            raise ServiceError(
-                f"payload.model: {model!r} is not served for this task; served: {self.model_names}",
-                status=404,
-            )
+        """``{"task": "generate" | "embed", "inputs": ..., "options": {...}}`` -> the verb's result
+        (what ``POST /v1/process`` answers: the same handler)."""
+        return self.processing.process(ProcessRequest.of(payload)).model_dump()
 
     def _sampling(self, options: Mapping[str, Any]) -> dict[str, Any]:
         opts = {k: v for k, v in options.items() if v is not None}
@@ -343,9 +186,9 @@ class VLLMService:
         if names is not None:
             unknown = sorted(set(opts) - names)
             if unknown:
-                raise ServiceError(f"options: unknown sampling option(s) {', '.join(unknown)}")
+                raise BadRequest(f"options: unknown sampling option(s) {', '.join(unknown)}")
         if opts.get("n", 1) != 1:
-            raise ServiceError("options.n: must be 1 (one output per input)")
+            raise BadRequest("options.n: must be 1 (one output per input)")
         merged = {**self.sampling, **opts}
         try:
             from vllm import SamplingParams
@@ -354,7 +197,7 @@ class VLLMService:
         except ImportError:  # pragma: no cover
             pass
         except Exception as e:
-            raise ServiceError(f"options: {one_line(e, 300)}") from e
+            raise BadRequest(f"options: {one_line(e, 300)}") from e
         return merged
 
     # ------------------------------------------------------------------ models
@@ -397,10 +240,9 @@ class VLLMService:
 
         for kind, s in self._slots.items():
             if s.resolved.id == model_id and revision in (None, s.resolved.revision):
-                raise ServiceError(
+                raise Conflict(
                     f"delete_model: {model_id} is being served as the {kind} model; switch_model to another "
-                    "model first",
-                    status=409,
+                    "model first"
                 )
         return [
             r.to_dict() | {"files": None}
@@ -431,7 +273,7 @@ class VLLMService:
                 new = self._load(kind, model_cfg)
         except SageBatchError as e:
             still = f"; {old.name} keeps serving" if old else ""
-            raise ServiceError(f"switch_model({model_id!r}) failed{still}: {e}", status=409) from e
+            raise Conflict(f"switch_model({model_id!r}) failed{still}: {e}") from e
         with self._lock:
             self._slots[kind] = new
             self._wanted[kind] = model_cfg
@@ -448,12 +290,12 @@ class VLLMService:
     def fine_tune(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """The design's fine-tune call (``base_model``, ``dataset_path``, ``output_dir``, ``strategy``)."""
         if not isinstance(request, Mapping):
-            raise ServiceError(
+            raise BadRequest(
                 "fine_tune: expected an object with base_model, dataset_path, output_dir, strategy"
             )
         missing = [k for k in ("base_model", "dataset_path", "output_dir") if not request.get(k)]
         if missing:
-            raise ServiceError(f"fine_tune: missing field(s) {', '.join(missing)}")
+            raise BadRequest(f"fine_tune: missing field(s) {', '.join(missing)}")
         from sage_vllm_batch.finetune import fine_tune
 
         return fine_tune(dict(request), registry_root=self.registry_cfg.root)
@@ -488,7 +330,7 @@ def _normalize_prompts(prompts: Any) -> list[str | list[dict[str, Any]]]:
     if isinstance(prompts, Sequence) and prompts and all(is_message(m) for m in prompts):
         return [list(prompts)]
     if not isinstance(prompts, Sequence) or isinstance(prompts, bytes) or not prompts:
-        raise ServiceError(
+        raise BadRequest(
             "inputs: expected a string, a non-empty list of strings, chat messages, or conversations"
         )
     out: list[str | list[dict[str, Any]]] = []
@@ -498,7 +340,7 @@ def _normalize_prompts(prompts: Any) -> list[str | list[dict[str, Any]]]:
         elif isinstance(p, Sequence) and p and all(is_message(m) for m in p):
             out.append(list(p))
         else:
-            raise ServiceError(f"inputs[{i}]: expected a string or a list of {{role, content}} messages")
+            raise BadRequest(f"inputs[{i}]: expected a string or a list of {{role, content}} messages")
     return out
 
 

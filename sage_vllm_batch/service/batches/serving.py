@@ -19,106 +19,33 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sage_vllm_batch.errors import one_line
 from sage_vllm_batch.outputs.files import OPENAI_BATCH_OUTPUT, write_json_atomic
 from sage_vllm_batch.outputs.openai_batch import write_openai_batch_output
-from sage_vllm_batch.service.files import FileStore
-from sage_vllm_batch.service.jobs import JobManager
-from sage_vllm_batch.service.service import EMBED, TEXT, ServiceError
+from sage_vllm_batch.service.batches.input_file import validate_batch_file
+from sage_vllm_batch.service.batches.protocol import ENDPOINTS, CreateBatchRequest
+from sage_vllm_batch.service.errors import BadRequest, Conflict, NotFound, ServiceError
+from sage_vllm_batch.service.files.store import FileStore
+from sage_vllm_batch.service.slots import EMBED
+
+if TYPE_CHECKING:
+    from sage_vllm_batch.service.jobs.serving import JobManager
 
 log = logging.getLogger(__name__)
 
-# endpoint -> (task, model kind)
-ENDPOINTS = {
-    "/v1/chat/completions": ("chat", TEXT),
-    "/v1/completions": ("generate", TEXT),
-    "/v1/embeddings": ("embed", EMBED),
-}
 FINAL = ("completed", "failed", "expired", "cancelled")
-_MAX_ERRORS = 100  # validation errors reported per batch (the first ones)
 _PARTIAL = "partial_output.jsonl"
 
 
 def _now() -> int:
     return int(time.time())
-
-
-def _window_seconds(window: Any) -> int:
-    m = re.fullmatch(r"(\d+)h", window) if isinstance(window, str) else None
-    if m is None or int(m.group(1)) < 1:
-        raise ServiceError(f"completion_window: expected hours like '24h', got {window!r}", status=400)
-    return int(m.group(1)) * 3600
-
-
-def _check_metadata(metadata: Any) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    ok = (
-        isinstance(metadata, dict)
-        and len(metadata) <= 16
-        and all(
-            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
-            for k, v in metadata.items()
-        )
-    )
-    if not ok:
-        raise ServiceError(
-            "metadata: at most 16 string pairs, keys up to 64 and values up to 512 characters", status=400
-        )
-    return dict(metadata)
-
-
-def validate_batch_file(path: Path, endpoint: str) -> tuple[int, list[dict[str, Any]]]:
-    """OpenAI's checks of a batch input file: (requests, errors naming their 1-based lines)."""
-    errors: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    total = 0
-
-    def error(code: str, line: int, message: str, param: str | None = None) -> None:
-        if len(errors) < _MAX_ERRORS:
-            errors.append({"code": code, "line": line, "message": message, "param": param})
-
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            total += 1
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:
-                error("invalid_json_line", lineno, f"line {lineno} is not valid JSON ({one_line(e, 120)})")
-                continue
-            if not isinstance(obj, dict):
-                error("invalid_json_line", lineno, f"line {lineno} is not a JSON object")
-                continue
-            if obj.get("url") != endpoint:
-                error(
-                    "mismatched_url",
-                    lineno,
-                    f"line {lineno}: url {obj.get('url')!r} differs from the batch's endpoint {endpoint!r}",
-                    "url",
-                )
-            cid = obj.get("custom_id")
-            if not isinstance(cid, str):
-                error("missing_custom_id", lineno, f"line {lineno}: custom_id must be a string", "custom_id")
-            elif cid in seen:
-                error(
-                    "duplicate_custom_id",
-                    lineno,
-                    f"line {lineno}: custom_id {cid!r} appears earlier",
-                    "custom_id",
-                )
-            else:
-                seen.add(cid)
-    return total, errors
 
 
 class BatchManager:
@@ -178,39 +105,21 @@ class BatchManager:
             self._thread.join(timeout=timeout)
 
     # ------------------------------------------------------------------ API
-    def create(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise ServiceError(
-                "body: expected {input_file_id, endpoint, completion_window, metadata}", status=400
-            )
-        unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})
-        if unknown:
-            raise ServiceError(f"body: unknown field(s) {', '.join(unknown)}", status=400)
-        endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
-            raise ServiceError(
-                f"endpoint: {endpoint!r} is not supported; use one of {', '.join(ENDPOINTS)}", status=400
-            )
+    def create(self, request: CreateBatchRequest | dict[str, Any]) -> dict[str, Any]:
+        """A new batch (``validating``); its file is checked and its job submitted by the loop."""
+        request = CreateBatchRequest.of(request)
+        endpoint, file_id = request.endpoint, request.input_file_id
         task, kind = ENDPOINTS[endpoint]
         if not self.serves(kind):
             what = (
                 "an embedding model (start it with embedding_model=...)" if kind == EMBED else "a text model"
             )
-            raise ServiceError(
-                f"endpoint: {endpoint} needs {what}; this server does not serve one", status=400
-            )
-        window = _window_seconds(body.get("completion_window", "24h"))
-        metadata = _check_metadata(body.get("metadata"))
-        file_id = body.get("input_file_id")
-        if not isinstance(file_id, str):
-            raise ServiceError(
-                "input_file_id: expected the id of a file uploaded with purpose='batch'", status=400
-            )
+            raise BadRequest(f"endpoint: {endpoint} needs {what}; this server does not serve one")
+        window = request.window_seconds()
         meta = self.files.get(file_id)
         if meta["purpose"] != "batch":
-            raise ServiceError(
-                f"input_file_id: {file_id} has purpose {meta['purpose']!r}, not 'batch'", status=400
-            )
+            raise BadRequest(f"input_file_id: {file_id} has purpose {meta['purpose']!r}, not 'batch'")
+        metadata = request.metadata
         batch_id = "batch_" + uuid.uuid4().hex[:24]
         created = _now()
         batch = {
@@ -219,7 +128,7 @@ class BatchManager:
             "endpoint": endpoint,
             "errors": None,
             "input_file_id": file_id,
-            "completion_window": body.get("completion_window", "24h"),
+            "completion_window": request.completion_window,
             "status": "validating",
             "output_file_id": None,
             "error_file_id": None,
@@ -261,9 +170,9 @@ class BatchManager:
         try:
             limit = int(limit)
         except (TypeError, ValueError):
-            raise ServiceError(f"limit: expected an integer 1..100, got {limit!r}", status=400) from None
+            raise BadRequest(f"limit: expected an integer 1..100, got {limit!r}") from None
         if not 1 <= limit <= 100:
-            raise ServiceError(f"limit: expected an integer 1..100, got {limit}", status=400)
+            raise BadRequest(f"limit: expected an integer 1..100, got {limit}")
         with self._lock:
             batches = sorted(
                 (dict(r["batch"]) for r in self._records.values()),
@@ -273,7 +182,7 @@ class BatchManager:
         if after is not None:
             ids = [b["id"] for b in batches]
             if after not in ids:
-                raise ServiceError(f"after: no batch {after!r}", status=400)
+                raise BadRequest(f"after: no batch {after!r}")
             batches = batches[ids.index(after) + 1 :]
         page = batches[:limit]
         return {
@@ -289,8 +198,8 @@ class BatchManager:
             rec = self._record(batch_id)
             b = rec["batch"]
             if b["status"] in FINAL:
-                raise ServiceError(
-                    f"batch {batch_id} is {b['status']}; only an unfinished batch can be cancelled", 409
+                raise Conflict(
+                    f"batch {batch_id} is {b['status']}; only an unfinished batch can be cancelled"
                 )
             if b["status"] != "cancelling":
                 b["status"], b["cancelling_at"] = "cancelling", _now()
@@ -481,7 +390,7 @@ class BatchManager:
         with self._lock:
             rec = self._records.get(batch_id)
         if rec is None:
-            raise ServiceError(f"no batch {batch_id!r}; GET /v1/batches lists them", status=404)
+            raise NotFound(f"no batch {batch_id!r}; GET /v1/batches lists them")
         return rec
 
     def _save(self, rec: dict[str, Any]) -> None:

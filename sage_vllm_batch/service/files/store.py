@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sage_vllm_batch.outputs.files import write_json_atomic
-from sage_vllm_batch.service.service import ServiceError
+from sage_vllm_batch.service.errors import BadRequest, NotFound, TooLarge
 
 _TMP = ".upload-"
 
@@ -27,7 +27,7 @@ _TMP = ".upload-"
 class Upload:
     """One file being written into the store: ``write`` chunks, then ``commit`` (or ``abort``).
 
-    Raises :class:`ServiceError` (413 for bytes, 400 for lines) naming the limit's config key as soon
+    Raises :class:`~..errors.TooLarge` (bytes) or :class:`~..errors.BadRequest` (lines) naming the limit's config key as soon
     as a chunk passes it; what was written is removed.
     """
 
@@ -46,17 +46,15 @@ class Upload:
         self.bytes += len(chunk)
         if self.bytes > self.store.max_bytes:
             self.abort()
-            raise ServiceError(
-                f"file: over {self.store.max_bytes} bytes (serve.batch_max_file_bytes); split the batch file",
-                status=413,
+            raise TooLarge(
+                f"file: over {self.store.max_bytes} bytes (serve.batch_max_file_bytes); split the batch file"
             )
         self.lines += chunk.count(b"\n")  # a last line without its newline counts too
         self._open_line = not chunk.endswith(b"\n")
         if self.lines + self._open_line > self.store.max_lines:
             self.abort()
-            raise ServiceError(
-                f"file: over {self.store.max_lines} lines (serve.batch_max_file_lines); split the batch file",
-                status=400,
+            raise BadRequest(
+                f"file: over {self.store.max_lines} lines (serve.batch_max_file_lines); split the batch file"
             )
         assert self._f is not None
         self._f.write(chunk)
@@ -127,7 +125,7 @@ class FileStore:
         try:
             return json.loads(self._meta(file_id).read_text())
         except (OSError, ValueError):
-            raise ServiceError(f"no file {file_id!r}; GET /v1/files lists them", status=404) from None
+            raise NotFound(f"no file {file_id!r}; GET /v1/files lists them") from None
 
     def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -140,7 +138,7 @@ class FileStore:
 
     def path(self, file_id: str) -> Path:
         if not file_id.startswith("file-") or not file_id[5:].isalnum():
-            raise ServiceError(f"no file {file_id!r}; GET /v1/files lists them", status=404)
+            raise NotFound(f"no file {file_id!r}; GET /v1/files lists them")
         return self.root / f"{file_id}.jsonl"
 
     def content(self, file_id: str, chunk: int = 1 << 16) -> Iterator[bytes]:

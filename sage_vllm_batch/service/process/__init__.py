@@ -1,0 +1,1 @@
+"""``/v1/process``: one ``generate`` or ``embed`` call of the design's contract."""
