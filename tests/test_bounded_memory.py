@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fake_engine import FakeEngine
 from fake_run import MODEL
 from helpers import compose_job, read_output
 
-from sage_vllm_batch.engine import EngineResult
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.point import prepare_point
 
@@ -57,54 +57,23 @@ def test_100k_consecutive_bad_rows_keep_peak_rss_flat(tmp_path):
     assert rss_l - rss_s < 128 * 1024  # a gross leak only: RSS noise here reaches +40 MiB
 
 
-class SlowRowEngine:
-    """Completes each request one step after admission, except the first row of every chunk,
-    which takes ``slow_steps`` steps. With ``supports_pause`` it honours the runner's pause."""
+def _most_open_chunks(cfg, pause: bool) -> int:
+    """Run ``cfg`` on an engine whose first row of every chunk is a straggler (40 steps, where the
+    others take one); the most chunks the point held open when a result came back."""
+    most = 0
 
-    max_model_len = 64
-    load_seconds = 0.0
-    embedding_dim = 4
-    max_in_flight = 8
+    def count(_i, res):
+        nonlocal most
+        most = max(most, len(res.key[0]._chunks))
 
-    def __init__(self, supports_pause: bool, slow_steps: int = 40) -> None:
-        self.supports_pause = supports_pause
-        self.slow_steps = slow_steps
-        self.max_open = 0
-
-    def encode(self, text):
-        return [1, len(text), 2]
-
-    def stream(self, requests, on_step=None):
-        it, exhausted, inflight, step = iter(requests), False, {}, 0
-        while True:
-            while not exhausted and len(inflight) < self.max_in_flight:
-                req = next(it, StopIteration)
-                if req is StopIteration:
-                    exhausted = True
-                elif req is None:  # the runner asks for a pause: step first
-                    break
-                else:
-                    _, _, idx = req.key
-                    inflight[id(req)] = (req, step + (self.slow_steps if idx == 0 else 1))
-            if not inflight:
-                if exhausted:
-                    return
-                continue
-            step += 1
-            for k, (req, due) in list(inflight.items()):
-                if due <= step:
-                    del inflight[k]
-                    point = req.key[0]
-                    self.max_open = max(self.max_open, len(point._chunks))
-                    yield EngineResult(
-                        key=req.key, embedding=req.prompt_token_ids and _vec(req), prompt_tokens=3
-                    )
-
-
-def _vec(req):
-    import numpy as np
-
-    return np.array(req.prompt_token_ids + [0], dtype=np.float32)
+    engine = FakeEngine(
+        max_in_flight=8,
+        steps=lambda req: 40 if req.key[2] == 0 else 1,
+        supports_pause=pause,
+        before_result=count,
+    )
+    run_on_engine([prepare_point(cfg, model=MODEL)], engine, progress="none")
+    return most
 
 
 def test_slow_rows_cannot_pile_up_open_chunks(tmp_path):
@@ -121,10 +90,8 @@ def test_slow_rows_cannot_pile_up_open_chunks(tmp_path):
             "engine.in_process=true",
             out_dir=out,
         )
-        engine = SlowRowEngine(supports_pause=pause)
-        run_on_engine([prepare_point(cfg, model=MODEL)], engine, progress="none")
+        opened[pause] = _most_open_chunks(cfg, pause)
         assert read_output(out).column("id").to_pylist() == list(range(600))
-        opened[pause] = engine.max_open
     # The bound: 2 + 2 * ceil(window / shard_rows) = 4 open chunks (40 rows) instead of one per
     # straggler in the window.
     assert opened[True] <= 4 < opened[False]

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_run import MODEL, WindowedFakeEngine
+from fake_engine import FakeEngine
+from fake_run import MODEL
 from helpers import compose_job, free_port
 from test_output_dir import kill, start_paused
 
@@ -191,8 +192,8 @@ def fake_job(src: str, out: str, *extra: str):
     )
 
 
-def run_fake(cfg, engine=None) -> WindowedFakeEngine:
-    engine = engine or WindowedFakeEngine()
+def run_fake(cfg, engine=None) -> FakeEngine:
+    engine = engine or FakeEngine()
     run_on_engine([prepare_point(cfg, model=MODEL)], engine, progress="none")
     return engine
 
@@ -293,7 +294,7 @@ def test_jsonl_in_s3_to_s3_equals_local_and_no_secret_is_written(s3, clean_local
     plan = make_plan(fake_job(src, uri("out")))  # mode=plan reads the store too
     assert plan.runnable and any(f"{src}, format jsonl, {ROWS} rows" in x for x in plan.lines), plan.lines
     (o / "notes.txt").write_text("not ours")
-    assert run_fake(fake_job(src, out, "output.overwrite=true")).seen == ROWS - 2  # our files go
+    assert len(run_fake(fake_job(src, out, "output.overwrite=true")).ran) == ROWS - 2  # our files go
     assert read_output(out).equals(clean_local) and (o / "notes.txt").read_text() == "not ours"
     # Globs and directories on the store.
     prefix = uri("many")
@@ -324,7 +325,7 @@ def test_kill_9_mid_run_then_rerun_gives_each_row_once_and_the_lease_guards(
     assert [json.loads(x)["chunk"] for x in (o / LEDGER).read_text().splitlines()] == [0]
     time.sleep(3.5)  # the dead run's lease expires
     engine = run_fake(fake_job(src, out))
-    assert engine.seen == ROWS - 100 - 1  # row 170 is an error row: only uncommitted rows redone
+    assert len(engine.ran) == ROWS - 100 - 1  # row 170 is an error row: only uncommitted rows redone
     assert read_output(out).equals(clean_local)
     assert not (o / ".sage-run.lock").exists()  # released at the end
 
@@ -333,23 +334,20 @@ def test_store_going_away_mid_run_is_a_clear_error_and_a_rerun_resumes(s3, clean
     src, out = put_corpus(uri("in") + ".jsonl"), uri("out")
     monkeypatch.setenv(LEASE_TTL_ENV, "2")  # the failed run could not remove its lease
 
-    class CutAfter(WindowedFakeEngine):
-        def stream(self, requests, on_step=None):
-            for i, res in enumerate(super().stream(requests, on_step)):
-                if i == 150:
-                    s3.cut()  # shard 0 is committed; shard 1 cannot be
-                yield res
+    def cut_at_150(i, _res):
+        if i == 150:
+            s3.cut()  # shard 0 is committed; shard 1 cannot be
 
     try:
         with pytest.raises(SageBatchError) as e:
-            run_fake(fake_job(src, out), CutAfter())
+            run_fake(fake_job(src, out), FakeEngine(before_result=cut_at_150))
     finally:
         s3.start()
     msg = str(e.value)
     assert "\n" not in msg and f"s3://{BUCKET}" in msg and "unreachable" in msg and "rerun" in msg, msg
     time.sleep(2.5)
     engine = run_fake(fake_job(src, out))
-    assert engine.seen < ROWS - 2  # shard 0 was kept
+    assert len(engine.ran) < ROWS - 2  # shard 0 was kept
     assert read_output(out).equals(clean_local)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fake_run import MODEL, WindowedFakeEngine
+from fake_engine import FakeEngine
+from fake_run import MODEL
 from helpers import compose_job, read_output
 
 from sage_vllm_batch.errors import ResumeError
@@ -49,8 +50,8 @@ def job(corpus: Path, out: Path, *extra: str):
     )
 
 
-def run_here(cfg, model: ResolvedModel = MODEL) -> WindowedFakeEngine:
-    engine = WindowedFakeEngine()
+def run_here(cfg, model: ResolvedModel = MODEL) -> FakeEngine:
+    engine = FakeEngine()
     run_on_engine([prepare_point(cfg, model=model)], engine, progress="none")
     return engine
 
@@ -109,7 +110,7 @@ def test_kill_mid_shard_second_writer_refused_then_lock_taken_over(corpus, tmp_p
     shard0 = (out / "part-000000.parquet").stat().st_mtime_ns
     engine = run_here(job(corpus, out))  # takes over the dead run's lock
     assert not half.exists()
-    assert engine.seen == ROWS - 100 - sum(1 for i in BAD if i >= 100)  # only the uncommitted rows
+    assert len(engine.ran) == ROWS - 100 - sum(1 for i in BAD if i >= 100)  # only the uncommitted rows
     m = json.loads((out / "metrics.json").read_text())
     assert (m["rows_skipped_resumed"], m["rows_in"], m["rows_out"]) == (100, ROWS - 100, ROWS - 100)
     assert (out / "part-000000.parquet").stat().st_mtime_ns == shard0  # the committed shard stays
@@ -132,7 +133,7 @@ def test_kill_during_finalize_then_resume_finishes_without_redoing_rows(
     shards = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert len(shards) == 3
     engine = run_here(job(corpus, out, *extra))
-    assert engine.seen == 0  # every shard was committed: only finalize is redone
+    assert engine.ran == []  # every shard was committed: only finalize is redone
     m = json.loads((out / "metrics.json").read_text())
     assert (m["rows_skipped_resumed"], m["rows_in"], m["rows_out"]) == (ROWS, 0, 0)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == shards
@@ -199,7 +200,7 @@ def test_complete_run_asked_for_a_vector_store_builds_it_from_its_shards(corpus,
     run_here(job(corpus, out))
     assert not (out / "vectors").exists()
     engine = run_here(job(corpus, out, "output.vector_store.type=faiss"))
-    assert engine.seen == 0
+    assert engine.ran == []
     assert faiss.read_index(str(out / "vectors" / "index.faiss")).ntotal == ROWS - len(BAD)
     sinks = json.loads((out / MANIFEST).read_text())["sinks"]
     assert sinks["vector_store"] == {"type": "faiss", "path": str(out / "vectors"), "table": None}

@@ -1,6 +1,6 @@
 """``mode=plan``: what a run would do, on new, half-done, complete and refused output dirs (no
-engine is loaded; the half-done and complete runs are made with the fake engine of
-test_runner_logic, since the plan only reads what the runner left)."""
+engine is loaded; the half-done and complete runs are made with the fake engine, since the plan
+only reads what the runner left)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import io
 import json
 
 import pytest
+from fake_engine import Crash, FakeEngine
 from helpers import compose_job, run_cli
-from test_runner_logic import ChatFakeEngine, Crash, FakeEngine
 
 from sage_vllm_batch.errors import ResumeError
 from sage_vllm_batch.run.drive import run_on_engine
@@ -46,10 +46,11 @@ def plan_of(cfg):
     return code, buf.getvalue()
 
 
-def _run(cfg, crash_after=None, engine=FakeEngine):
+def _run(cfg, crash_after=None, runner="pooling"):
     point = prepare_point(cfg, name="t", model=resolve_model(cfg))
+    engine = FakeEngine(runner, max_in_flight=7, shuffle=True, crash_after=crash_after)
     try:
-        run_on_engine([point], engine(crash_after=crash_after), progress="none")
+        run_on_engine([point], engine, progress="none")
     except Crash:
         pass
     return point
@@ -81,7 +82,7 @@ def test_plan_of_a_half_done_adapter_run_resumes_it(corpus, tmp_path, registry_r
     chat = (*chat, "output.passthrough_columns=[ref]")  # no messages column to pass through
     lora = (*chat, f"model.adapter={random_lora}")
     out = tmp_path / "out"
-    point = _run(job(corpus, out, registry_root, *lora), crash_after=115, engine=ChatFakeEngine)
+    point = _run(job(corpus, out, registry_root, *lora), crash_after=115, runner="generate")
     assert point.model.lora is not None and point.metrics.shards_committed == 2
     before = sorted(p.name for p in out.iterdir())
     code, text = plan_of(job(corpus, out, registry_root, *lora))

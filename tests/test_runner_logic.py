@@ -1,21 +1,18 @@
 """The runner's own logic around the engine: ordering, chunk commits, exactly-once resume, the
-manifest check, crash leftovers. A fake engine stands in for vLLM here (it returns results out of
+manifest check, crash leftovers. The fake engine stands in for vLLM here (it returns results out of
 order, and can crash); the real engine is exercised in test_engine_*.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
-import random
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from fake_engine import Crash, FakeEngine
 from helpers import compose_job, read_output
 
-from sage_vllm_batch.engine import EngineResult, Sample
 from sage_vllm_batch.errors import ResumeError, SageBatchError
 from sage_vllm_batch.outputs.shards import LEDGER
 from sage_vllm_batch.run.drive import run_on_engine
@@ -25,60 +22,9 @@ from sage_vllm_batch.run.point import prepare_point
 MODEL = ResolvedModel(id="fake/model", revision="1", path="/nowhere")
 
 
-class Crash(RuntimeError):
-    pass
-
-
-class FakeEngine:
-    """Deterministic stand-in: embedding = f(token ids); results come back shuffled per window."""
-
-    max_model_len = 64
-    load_seconds = 0.0
-    embedding_dim = 4
-
-    def __init__(self, crash_after: int | None = None, window: int = 7) -> None:
-        self.crash_after = crash_after
-        self.window = window
-        self.seen: list[str] = []
-
-    def encode(self, text):
-        return [1] + [ord(c) for c in text[:80]] + [2]
-
-    def stream(self, requests, on_step=None):
-        rng = random.Random(0)
-        pending, done = [], 0
-        it = iter(requests)
-        while True:
-            pending.extend(r for _, r in zip(range(self.window - len(pending)), it, strict=False))
-            if not pending:
-                return
-            rng.shuffle(pending)
-            req = pending.pop()
-            if self.crash_after is not None and done >= self.crash_after:
-                raise Crash("killed")
-            done += 1
-            if req.error:
-                yield EngineResult(key=req.key, error=req.error)
-                continue
-            self.seen.append(req.prompt_token_ids)
-            ids = np.array(req.prompt_token_ids, dtype=np.float32)
-            vec = np.array([ids.sum(), len(ids), ids.max(), ids.min()], dtype=np.float32)
-            yield EngineResult(key=req.key, embedding=vec, prompt_tokens=len(ids), latency_s=0.01)
-
-
-class ChatFakeEngine(FakeEngine):
-    """The fake engine for chat: renders a conversation as its text, answers "ok"."""
-
-    def render_chat(self, messages, **_kw):
-        return self.encode(" ".join(m["content"] for m in messages))
-
-    def stream(self, requests, on_step=None):
-        for res in super().stream(requests, on_step):
-            if res.error is None:
-                res = dataclasses.replace(
-                    res, embedding=None, completion_tokens=1, samples=[Sample("ok", "stop", 1)]
-                )
-            yield res
+def shuffled(runner: str = "pooling", **kw) -> FakeEngine:
+    """The fake engine as these tests use it: a window of 7, results out of order."""
+    return FakeEngine(runner, max_in_flight=7, shuffle=True, **kw)
 
 
 @pytest.fixture
@@ -115,7 +61,7 @@ def run_once(cfg, engine):
 
 def test_rows_in_order_in_chunks_with_error_rows(corpus, tmp_path):
     out = tmp_path / "out"
-    point = run_once(job(corpus, out), FakeEngine())
+    point = run_once(job(corpus, out), shuffled())
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-00000{i}.parquet" for i in range(3)]
     t = read_output(out)
     assert t.column("id").to_pylist() == list(range(250))
@@ -134,16 +80,16 @@ def test_rows_in_order_in_chunks_with_error_rows(corpus, tmp_path):
 
 def test_crash_then_resume_is_exactly_once_and_identical(corpus, tmp_path):
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    run_once(job(corpus, clean), FakeEngine())
+    run_once(job(corpus, clean), shuffled())
     with pytest.raises(Crash):
-        run_once(job(corpus, crashed), FakeEngine(crash_after=160))
+        run_once(job(corpus, crashed), shuffled(crash_after=160))
     ledger = (crashed / LEDGER).read_text().splitlines()
     assert 1 <= len(ledger) < 3 and not (crashed / "_SUCCESS").exists()
     committed_rows = sum(json.loads(line)["rows"] for line in ledger)
-    second = FakeEngine()
+    second = shuffled()
     point = run_once(job(corpus, crashed), second)
     # Only the uncommitted rows reach the engine again (minus error rows, which never do).
-    assert len(second.seen) == 250 - committed_rows - sum(1 for i in (5, 77, 170) if i >= committed_rows)
+    assert len(second.ran) == 250 - committed_rows - sum(1 for i in (5, 77, 170) if i >= committed_rows)
     assert point.metrics.rows_skipped_resumed == committed_rows
     assert point.metrics.rows_in == point.metrics.rows_out == 250 - committed_rows
     for name in sorted(p.name for p in clean.glob("part-*.parquet")):
@@ -153,35 +99,35 @@ def test_crash_then_resume_is_exactly_once_and_identical(corpus, tmp_path):
 
 def test_resume_into_a_different_config_is_refused_with_what_changed(corpus, tmp_path):
     out = tmp_path / "out"
-    run_once(job(corpus, out), FakeEngine())
+    run_once(job(corpus, out), shuffled())
     with pytest.raises(ResumeError, match=r"data\.limit: None -> 10"):
         prepare_point(job(corpus, out, "data.limit=10"), model=MODEL)
     point = prepare_point(job(corpus, out, "data.limit=10", "output.overwrite=true"), model=MODEL)
-    run_on_engine([point], FakeEngine(), progress="none")
+    run_on_engine([point], shuffled(), progress="none")
     assert read_output(out).num_rows == 10
 
 
 def test_complete_run_is_not_redone(corpus, tmp_path):
     out = tmp_path / "out"
-    run_once(job(corpus, out), FakeEngine())
-    again = FakeEngine()
+    run_once(job(corpus, out), shuffled())
+    again = shuffled()
     point = prepare_point(job(corpus, out), model=MODEL)
     assert point.state == "complete"
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
     run_on_engine([point], again, progress="none")
-    assert again.seen == [] and point.metrics.rows_in == point.metrics.rows_out == 0
+    assert again.ran == [] and point.metrics.rows_in == point.metrics.rows_out == 0
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == files
 
 
 def test_crash_leftovers_are_removed_and_redone(corpus, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Crash):
-        run_once(job(corpus, out), FakeEngine(crash_after=120))
+        run_once(job(corpus, out), shuffled(crash_after=120))
     (out / ".tmp-part-000001.parquet").write_bytes(b"half a file")
     (out / "part-000002.parquet").write_bytes(b"renamed but not in the ledger")
     with (out / LEDGER).open("a") as f:
         f.write('{"chunk": 2, "file": "part-0')  # torn append
-    run_once(job(corpus, out), FakeEngine())
+    run_once(job(corpus, out), shuffled())
     assert not list(out.glob(".tmp-*"))
     assert read_output(out).column("id").to_pylist() == list(range(250))
     lines = (out / LEDGER).read_text().splitlines()
@@ -256,16 +202,16 @@ class _Filling:
 )
 def test_disk_full_stops_cleanly_and_the_rerun_completes(corpus, tmp_path, monkeypatch, target, nth, partial):
     clean, out = tmp_path / "clean", tmp_path / "out"
-    run_once(job(corpus, clean), FakeEngine())
+    run_once(job(corpus, clean), shuffled())
     with monkeypatch.context() as m:
         disk = FullDisk(m, target, nth)
         with pytest.raises(SageBatchError, match="No space left on device.*rerun the same command"):
-            run_once(job(corpus, out), FakeEngine())
+            run_once(job(corpus, out), shuffled())
     assert disk.failed and (out / partial).exists() and not (out / "_SUCCESS").exists()
     assert pq.read_table(out / "part-000000.parquet").num_rows == 100  # committed before: intact
     if target == "_ledger":
         assert not (out / LEDGER).read_bytes().endswith(b"\n")  # a torn line
-    run_once(job(corpus, out), FakeEngine())
+    run_once(job(corpus, out), shuffled())
     assert (out / "_SUCCESS").exists() and read_output(out).equals(read_output(clean))
     assert (
         sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".sage-run.lock") == []
@@ -278,7 +224,7 @@ def test_sharding_splits_rows_between_machines(corpus, tmp_path):
     ids = []
     for k in range(3):
         out = tmp_path / f"s{k}"
-        run_once(job(corpus, out, "data.num_shards=3", f"data.shard_index={k}"), FakeEngine())
+        run_once(job(corpus, out, "data.num_shards=3", f"data.shard_index={k}"), shuffled())
         ids += read_output(out).column("id").to_pylist()
     assert sorted(ids) == list(range(250))
 
@@ -289,7 +235,7 @@ def test_misordered_rows_are_not_hidden_by_the_reader(corpus, tmp_path):
     from sage_vllm_batch.outputs import shards as sink
 
     out = tmp_path / "out"
-    run_once(job(corpus, out), FakeEngine())
+    run_once(job(corpus, out), shuffled())
     shard = out / "part-000001.parquet"
     t = pq.read_table(shard)
     pq.write_table(t.take(pa.array(list(reversed(range(t.num_rows))))), shard)  # a runner bug's output
@@ -299,11 +245,9 @@ def test_misordered_rows_are_not_hidden_by_the_reader(corpus, tmp_path):
 
 
 def test_engine_loads_counts_the_engines_own_loads(corpus, tmp_path):
-    class Restarted(FakeEngine):
-        loads = 3  # the first load and two restarts (the supervisor keeps this count)
-
-    run_once(job(corpus, tmp_path / "a"), FakeEngine())
-    run_once(job(corpus, tmp_path / "b"), Restarted())
+    run_once(job(corpus, tmp_path / "a"), shuffled())
+    # the first load and two restarts (the supervisor keeps this count)
+    run_once(job(corpus, tmp_path / "b"), shuffled(loads=3))
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["engine_loads"] == 1
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["engine_loads"] == 3
 
@@ -317,7 +261,10 @@ def test_a_chat_from_a_prompt_column_passes_that_column_through(tmp_path):
     cfg = compose_job(
         "task=chat", "model=smollm2-135m-instruct", "data=jsonl", f"data.path={src}", out_dir=tmp_path / "out"
     )
-    run_once(cfg, ChatFakeEngine())
+    engine = shuffled("generate")  # answers a prompt with its token ids
+    run_once(cfg, engine)
     table = read_output(tmp_path / "out")
     assert table.column("prompt").to_pylist() == [f"question {i}" for i in range(5)]
-    assert table.column("text").to_pylist() == ["ok"] * 5 and table.column("error").null_count == 5
+    asked = [engine.render_chat([{"role": "user", "content": f"question {i}"}]) for i in range(5)]
+    assert table.column("text").to_pylist() == ["-".join(map(str, ids)) for ids in asked]
+    assert table.column("error").null_count == 5

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_engine import FakeEngine
 from helpers import compose_job, read_output
 
 from sage_vllm_batch.engine.dedup import Dedup, signature
-from sage_vllm_batch.engine.io import EngineRequest, EngineResult, Sample
+from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.engine.prefix_schedule import prefix_order
 from sage_vllm_batch.engine.shared import SharedOptions, shared_stream
 from sage_vllm_batch.faults import ENV as PAUSE_ENV
@@ -29,47 +30,6 @@ from sage_vllm_batch.run.model import resolve_model
 from sage_vllm_batch.run.point import prepare_point
 
 GREEDY = {"temperature": 0.0, "max_tokens": 4}
-
-
-class AnsweringEngine:
-    """Stand-in for Engine.stream: a window of requests, finished in shuffled order; a request
-    with ``answer`` comes back as that answer. ``ran`` counts the requests it computed."""
-
-    runner = "generate"
-    supports_answer = True
-
-    def __init__(self, window: int = 8, check=None) -> None:
-        self.window = window
-        self.ran: list[list[int]] = []
-        self.check = check  # called after every pull from the request iterator
-
-    def stream(self, requests, on_step=None):
-        rng = random.Random(0)
-        it, inflight, done = iter(requests), [], False
-        while True:
-            while not done and len(inflight) < self.window:
-                try:
-                    req = next(it)
-                except StopIteration:
-                    done = True
-                    break
-                if self.check:
-                    self.check()
-                if req is None:
-                    break
-                if req.answer is not None:
-                    yield req.answer
-                    continue
-                inflight.append(req)
-            if not inflight:
-                if done:
-                    return
-                continue
-            rng.shuffle(inflight)
-            req = inflight.pop()
-            self.ran.append(req.prompt_token_ids)
-            text = "-".join(map(str, req.prompt_token_ids))
-            yield EngineResult(key=req.key, text=text, samples=[Sample(text, "stop", 1)], completion_tokens=1)
 
 
 def test_signature_merges_only_deterministic_identical_requests():
@@ -96,7 +56,8 @@ def test_signature_merges_only_deterministic_identical_requests():
 def test_dedup_table_stays_bounded_on_a_long_stream_of_repeats():
     window = 32
     dedup = Dedup("generate", window)
-    engine = AnsweringEngine(window=8, check=lambda: peaks.append(dedup.size))
+    # Finishes in shuffled order, answers a prompt with its ids; the table's size after every pull.
+    engine = FakeEngine("generate", max_in_flight=8, shuffle=True, on_pull=lambda: peaks.append(dedup.size))
     peaks: list[int] = []
     rng = random.Random(1)
     prompts = [
@@ -116,7 +77,7 @@ def test_dedup_table_stays_bounded_on_a_long_stream_of_repeats():
 
 
 def test_followers_get_their_own_copies_and_the_leaders_error():
-    engine = AnsweringEngine(window=4)
+    engine = FakeEngine("generate", max_in_flight=4, shuffle=True)
     reqs = [EngineRequest(key=i, prompt_token_ids=[7, 7], sampling=GREEDY) for i in range(5)]
     reqs.append(EngineRequest(key=9, prompt_token_ids=[7, 7], sampling={"temperature": 1.0}))
     results = {r.key: r for r in shared_stream(engine, reqs, SharedOptions(prefix_schedule=False))}
@@ -127,16 +88,11 @@ def test_followers_get_their_own_copies_and_the_leaders_error():
     samples[1].parsed = "x"
     assert samples[2].parsed is None
 
-    class Failing(AnsweringEngine):
-        def stream(self, requests, on_step=None):
-            for req in requests:
-                if req.answer is not None:
-                    yield req.answer
-                else:
-                    self.ran.append(req.prompt_token_ids)
-                    yield EngineResult(key=req.key, error="rejected by vLLM: nope")
+    # One request at a time: the leader's error is in before its repeats arrive (answered then).
+    def reject(req):
+        return EngineResult(key=req.key, error="rejected by vLLM: nope")
 
-    failing = Failing()
+    failing = FakeEngine("generate", max_in_flight=1, reply=reject)
     results = list(shared_stream(failing, reqs[:3], SharedOptions(prefix_schedule=False)))
     assert len(failing.ran) == 1 and [r.error for r in results] == ["rejected by vLLM: nope"] * 3
 

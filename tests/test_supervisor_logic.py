@@ -1,9 +1,12 @@
-"""The supervisor's bookkeeping on a scripted engine (the recovery itself runs against the real
-engine in test_supervisor.py): a row that finished during a bisection probe is not run again."""
+"""The supervisor's bookkeeping on the fake engine over a scripted vLLM core (the recovery itself
+runs against the real engine in test_supervisor.py): a row that finished during a bisection probe
+is not run again."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+
+from fake_engine import FakeEngine
 
 from sage_vllm_batch.engine import IteratorFeed
 from sage_vllm_batch.engine.io import EngineRequest
@@ -49,34 +52,16 @@ class ScriptedVllm:
         return bool(self.reqs)
 
 
-class ScriptedEngine:
-    runner = "pooling"
-    in_process = False
-    stall_timeout_s = 0
-    max_restarts = 2
-
-    def __init__(self, max_in_flight: int) -> None:
-        self.max_in_flight = max_in_flight
-        self.vllm_engine = ScriptedVllm()
-        self.llm = object()
-        self.restarts = 0
-        self.requeued = 0
-        self._n = 0
-
-    def next_request_id(self) -> str:
-        self._n += 1
-        return str(self._n)
-
-    def restart(self, reason: str) -> None:
-        self.restarts += 1
-        self.vllm_engine = ScriptedVllm()
+def scripted(max_in_flight: int) -> FakeEngine:
+    """The fake engine around a scripted vLLM core (a fresh one at each restart), out of process."""
+    return FakeEngine("pooling", max_in_flight=max_in_flight, vllm=ScriptedVllm, in_process=False)
 
 
 def test_a_row_finished_during_a_probe_is_not_run_again():
     # x finishes first; then a joins p; the engine dies with [p, a] inside; in the probe a finishes
     # before p takes the engine down again: p alone is the poison, a is not probed again.
     rows = {"x": [1, 0], "p": [99, 1], "a": [2, 0]}
-    engine = ScriptedEngine(max_in_flight=2)
+    engine = scripted(2)
     reqs = [EngineRequest(key=k, prompt_token_ids=v) for k, v in rows.items()]
     results = list(SupervisedStream(engine, IteratorFeed(reqs)).run())
     keys = [r.key for r in results]
@@ -98,7 +83,7 @@ def test_an_engine_death_during_admission_keeps_the_rows_in_flight():
                 raise RuntimeError("engine core gone")
             super().add_request(rid, prompt, params, **extra)
 
-    engine = ScriptedEngine(max_in_flight=3)
+    engine = scripted(3)
     engine.vllm_engine = DiesOnAdd()
     reqs = [
         EngineRequest(key=k, prompt_token_ids=v)
@@ -116,7 +101,7 @@ def test_an_answered_request_comes_back_under_the_requests_own_key():
 
     from sage_vllm_batch.engine.io import EngineResult
 
-    engine = ScriptedEngine(max_in_flight=2)
+    engine = scripted(2)
     answered = EngineRequest(key="orig", answer=EngineResult(key="orig", text="cached"))
     reqs = [EngineRequest(key="a", prompt_token_ids=[1, 0]), replace(answered, key=("ticket", "orig"))]
     by_key = {r.key: r for r in SupervisedStream(engine, IteratorFeed(reqs)).run()}

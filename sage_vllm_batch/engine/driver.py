@@ -18,11 +18,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sage_vllm_batch.engine.contract import Forward
 from sage_vllm_batch.engine.engine import Engine, EngineVerbs, RequestFeed
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.errors import EngineError
@@ -153,10 +154,15 @@ class _SharedFeed(RequestFeed):
 
 
 class EngineDriver(EngineVerbs):
-    """Drives one :class:`Engine` from a thread of its own; every method is thread-safe.
+    """Drives one :class:`Engine` from a thread of its own; every method is thread-safe. To a
+    batch job it is a :class:`~sage_vllm_batch.engine.contract.StreamingEngine` like the engine
+    itself; the service adds :meth:`submit` and the verbs.
 
     Args:
-        engine: The loaded engine (the driver owns it from now on: :meth:`close` closes it).
+        engine: The loaded engine (the driver owns it from now on: :meth:`close` closes it). A real
+            :class:`Engine`, not any streaming engine: the driver feeds it a
+            :class:`~sage_vllm_batch.engine.engine.RequestFeed` shared by every caller and sizes
+            its caps by ``max_num_seqs``.
         priorities: The engine was built with ``scheduling_policy=priority``: job requests get a
             lower priority than interactive ones.
         busy_job_requests: Job requests inside the engine while interactive requests are about
@@ -279,18 +285,34 @@ class EngineDriver(EngineVerbs):
         finally:
             job.cancelled = True
 
+    # ------------------------------------------------------------------ the engine's facts
+    # The engine contract (engine/contract.py: StreamingEngine) reads them through, name by name.
+    runner = Forward("engine")
+    max_model_len = Forward("engine")
+    max_in_flight = Forward("engine")
+    kv_block_size = Forward("engine")
+    # A repeat's answer reaches the engine's own stream, which gives it back under the ticket.
+    supports_answer = Forward("engine")
+    in_process = Forward("engine")
+    load_seconds = Forward("engine")
+    loads = Forward("engine")
+    restarts = Forward("engine")
+    requeued = Forward("engine")
+
     # ------------------------------------------------------------------ verbs: EngineVerbs over run_all
     def encode(self, text: str) -> list[int]:
         return self.engine.encode(text)
 
-    def render_chat(self, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
-        return self.engine.render_chat(messages, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        # Read-only facts of the engine (max_model_len, runner, model, load_seconds, loads, ...).
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.engine, name)
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        return self.engine.render_chat(
+            messages, add_generation_prompt=add_generation_prompt, chat_template_kwargs=chat_template_kwargs
+        )
 
     def close(self, timeout: float = 30.0, *, close_engine: bool = True) -> None:
         """Stop taking requests, let the engine thread finish, then shut the engine down."""

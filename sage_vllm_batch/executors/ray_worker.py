@@ -90,7 +90,7 @@ class EngineWorker:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "load_seconds": e.load_seconds,
-            "in_process": getattr(e, "in_process", None),
+            "in_process": e.in_process,
             "max_model_len": e.max_model_len,
             "embedding_dim": e.embedding_dim if e.runner == "pooling" else None,
             "model_path": self.model_path,
@@ -128,7 +128,7 @@ class EngineWorker:
             "results": results,
             "seconds": time.perf_counter() - t0,
             "rss_bytes": _rss(),
-            "engine_restarts": getattr(self.engine, "restarts", 0),
+            "engine_restarts": self.engine.restarts,
         }
 
     # ------------------------------------------------------------------ engine thread

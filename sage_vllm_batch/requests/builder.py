@@ -316,7 +316,7 @@ def served_names(model_cfg: Any) -> frozenset[str]:
     return frozenset(n for n in (model_cfg.get("id"), model_cfg.get("adapter")) if n)
 
 
-def request_builder(cfg: Any, engine: Any, lora: LoraSpec | None = None) -> RequestBuilder:
+def request_builder(cfg: Any, engine: Tokenizing, lora: LoraSpec | None = None) -> RequestBuilder:
     """The request builder of a job's rows on ``engine`` (its tokenizer and context length)."""
     from omegaconf import OmegaConf
 

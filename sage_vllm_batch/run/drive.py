@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sage_vllm_batch.engine.engine import Engine
+from sage_vllm_batch.engine.contract import StreamingEngine
 from sage_vllm_batch.engine.io import EngineRequest
 from sage_vllm_batch.engine.shared import SharedOptions, shared_stream
 from sage_vllm_batch.engine.supervisor import EngineDeadError
@@ -29,10 +29,15 @@ def _row_of(key: Any) -> str:
         return str(key)
 
 
-def _engine_counters(p: Point, engine: Any) -> None:
-    p.metrics.engine_loads = int(getattr(engine, "loads", 1))
-    p.metrics.engine_restarts = int(getattr(engine, "restarts", 0))
-    p.metrics.requeued_rows = int(getattr(engine, "requeued", 0))
+def _engine_counters(p: Point, engine: StreamingEngine | None) -> None:
+    """The engine's loads and restarts so far. Without a local engine (remote workers keep their
+    own counts, in their executor's record): one load, no restarts."""
+    if engine is None:
+        p.metrics.engine_loads, p.metrics.engine_restarts, p.metrics.requeued_rows = 1, 0, 0
+        return
+    p.metrics.engine_loads = int(engine.loads)
+    p.metrics.engine_restarts = int(engine.restarts)
+    p.metrics.requeued_rows = int(engine.requeued)
 
 
 def _interleave(gens: Sequence[Iterator[EngineRequest | None]]) -> Iterator[EngineRequest | None]:
@@ -48,7 +53,7 @@ def _interleave(gens: Sequence[Iterator[EngineRequest | None]]) -> Iterator[Engi
 
 
 def run_on_engine(
-    points: Sequence[Point], engine: Engine, *, progress: str = "auto", interval_s: float = 10.0
+    points: Sequence[Point], engine: StreamingEngine, *, progress: str = "auto", interval_s: float = 10.0
 ) -> None:
     """Run points that share ``engine`` as one interleaved stream of requests, then release their
     output directories."""
@@ -80,7 +85,7 @@ def drive(
     points: Sequence[Point],
     feed: Callable[[Sequence[Point]], None],
     *,
-    engine: Any = None,
+    engine: StreamingEngine | None = None,
     load_seconds: float | None = None,
     in_process: bool | None = None,
     progress: str = "auto",
@@ -92,7 +97,7 @@ def drive(
     the load time, layout and restart counters and lets the points pause their input."""
     if engine is not None:
         load_seconds = engine.load_seconds
-        in_process = getattr(engine, "in_process", None)
+        in_process = engine.in_process
     todo = [p for p in points if p.state != "complete"]
     if not todo:
         return
@@ -104,14 +109,13 @@ def drive(
     bar = Progress(total, mode=progress, interval_s=interval_s, desc=label)
     # Open chunks per point before its requests pause (only if the engine can pause): room for
     # the engine's window twice over, so a pause means a straggler, not a full pipeline.
-    window = int(getattr(engine, "max_in_flight", 0) or 1024)
-    pausing = getattr(engine, "supports_pause", False)
+    window = engine.max_in_flight if engine is not None and engine.supports_pause else None
     for p in todo:
         p.metrics.shared_work = SharedOptions.from_engine_cfg(p.cfg.engine).as_dict()
         p.metrics.load_seconds = load_seconds
         _engine_counters(p, engine)
         p.metrics.engine_in_process = in_process
-        p.attach(bar.update, 2 + 2 * math.ceil(window / p.shard_rows) if pausing else None)
+        p.attach(bar.update, None if window is None else 2 + 2 * math.ceil(window / p.shard_rows))
     with RssSampler() as rss:
         try:
             feed(todo)

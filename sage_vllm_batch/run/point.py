@@ -19,7 +19,8 @@ import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.config.structured import resolve_config
-from sage_vllm_batch.engine.engine import Engine, resolve_in_process, vllm_version
+from sage_vllm_batch.engine.contract import TokenizingEngine
+from sage_vllm_batch.engine.engine import resolve_in_process, vllm_version
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult, check_structured
 from sage_vllm_batch.engine.memory import release_freed_memory
 from sage_vllm_batch.errors import ConfigError, SageBatchError
@@ -146,7 +147,7 @@ class Point:
             self._lock.release()
 
     # -------------------------------------------------------------- setup on first batch
-    def _setup(self, engine: Engine, schema: pa.Schema) -> None:
+    def _setup(self, engine: TokenizingEngine, schema: pa.Schema) -> None:
         present = [n for n in schema.names if n not in _INTERNAL]
         names = passthrough_names(self.cfg, present)
         missing = [n for n in names if n not in present]
@@ -172,7 +173,7 @@ class Point:
         self._builder = request_builder(self.cfg, engine, lora=self.model.lora)
 
     # -------------------------------------------------------------- request stream
-    def requests(self, engine: Engine) -> Iterator[EngineRequest | None]:
+    def requests(self, engine: TokenizingEngine) -> Iterator[EngineRequest | None]:
         """This point's requests, in input order, skipping chunks committed by an earlier run.
 
         Rows that fail before reaching the engine (null, empty, too long) are recorded here and
@@ -192,7 +193,7 @@ class Point:
             else:
                 yield req
 
-    def rows(self, engine: Any) -> Iterator[tuple[int, int, dict[str, Any]] | None]:
+    def rows(self, engine: TokenizingEngine) -> Iterator[tuple[int, int, dict[str, Any]] | None]:
         """``(chunk, index in chunk, row)`` for every row still to do, in input order, with the chunk
         bookkeeping that :meth:`on_result` completes (``None``: pause, see :meth:`requests`).
         ``engine`` only needs ``embedding_dim`` (embed) and what :class:`RequestBuilder` keeps, so an
