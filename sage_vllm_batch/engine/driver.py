@@ -219,6 +219,11 @@ class EngineDriver(EngineVerbs):
             for job in list(self._feed.jobs):
                 job.results.put(e)
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine thread stopped for good (None while it runs)."""
+        return self._error
+
     def _check(self) -> None:
         if self._error is not None:
             raise EngineError(f"the engine is not running: {self._error}")

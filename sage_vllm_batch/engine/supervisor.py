@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult, from_vllm, to_vllm
 from sage_vllm_batch.errors import EngineError, ExitCode, one_line
 from sage_vllm_batch.faults import EngineFault
-from sage_vllm_batch.faults import break_next_step as break_next_step  # executors.ray_worker's import
 
 if TYPE_CHECKING:
     from sage_vllm_batch.engine.engine import Engine, RequestFeed
@@ -279,7 +278,7 @@ class SupervisedStream:
     def _step(self) -> list[Any]:
         eng = self.engine
         # In-process engines take turns (see FORWARD_LOCK): embedding and text engines alike.
-        shared = bool(getattr(eng, "in_process", False))
+        shared = bool(eng.in_process)
         if shared:
             FORWARD_LOCK.acquire()
         if self._watch is not None:

@@ -196,7 +196,7 @@ class EngineWorker:
             elif action == "restarts":
                 self.engine.max_restarts = int(arg)
             elif action == "engine":
-                from sage_vllm_batch.engine.supervisor import break_next_step
+                from sage_vllm_batch.faults import break_next_step
 
                 break_next_step(self.engine, f"injected engine fault (chunk arrived at worker {self.index})")
 

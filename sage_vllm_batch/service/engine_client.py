@@ -68,13 +68,13 @@ class DriverEngineClient(EngineClient):
 
     @property
     def errored(self) -> bool:
-        return self._driver()._error is not None
+        return self._driver().error is not None
 
     @property
     def dead_error(self) -> BaseException:
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        return EngineDeadError(f"the engine is not running: {self._driver()._error}")
+        return EngineDeadError(f"the engine is not running: {self._driver().error}")
 
     async def get_supported_tasks(self) -> tuple[Any, ...]:
         return self._tasks
