@@ -427,6 +427,7 @@ def test_a_private_import_is_found(tmp_path):
 # The README's layout table, top to bottom: a module may import only from its own row or rows above.
 LAYERS = (
     ("errors", "paths", "storage", "logs", "faults"),
+    ("tasks",),
     ("config",),
     ("registry", "sources"),
     ("engine",),
