@@ -19,8 +19,7 @@ from omegaconf import DictConfig
 
 from sage_vllm_batch.config import validate
 from sage_vllm_batch.errors import ExitCode, SageBatchError
-from sage_vllm_batch.outputs.files import METRICS, OPENAI_BATCH_OUTPUT, SUCCESS
-from sage_vllm_batch.outputs.openai_batch import write_openai_batch_file
+from sage_vllm_batch.outputs.files import METRICS, SUCCESS
 from sage_vllm_batch.outputs.outdir import output_dir_of
 from sage_vllm_batch.run.model import hold_model
 from sage_vllm_batch.run.point import prepare_point
@@ -97,9 +96,8 @@ def run(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
         point = prepare_point(cfg, name=cfg.job_name, model=model)
         try:
             if point.state == "complete":
+                # prepare_point built any derived output the directory lacked (write_derived_outputs)
                 log.info("%s is already complete (%s); nothing to do", point.out_dir, SUCCESS)
-                if cfg.output.get("openai_batch") and not (point.out_dir / OPENAI_BATCH_OUTPUT).exists():
-                    write_openai_batch_file(cfg, point.out_dir)
                 return json.loads((point.out_dir / METRICS).read_text())
             from sage_vllm_batch.executors import make_executor
 

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT, compose_job
 from omegaconf import OmegaConf
 
 from sage_vllm_batch.config import run_dirname, validate
 from sage_vllm_batch.errors import ConfigError
 
-GROUPS = {
-    g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml"))
-    for g in ("model", "engine", "sampling", "task", "data", "output")
-}
+CONF = ROOT / "conf"
+# Every option of every config group, found in conf/ (conf/job is the presets of jobs/: below).
+OPTIONS = sorted(
+    (group.name, option.stem)
+    for group in CONF.iterdir()
+    if group.is_dir() and group.name != "job"
+    for option in group.glob("*.yaml")
+)
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.yaml"))
+
+
+def _mandatory(node: object, prefix: str) -> list[str]:
+    """The keys of an option file left ``???`` (the user must set them, e.g. ``data.path``)."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() if key != "defaults" for k in _mandatory(v, f"{prefix}.{key}")]
+    return [prefix] if node == "???" else []
+
+
+def test_the_conf_directory_is_found():
+    groups = {g for g, _ in OPTIONS}
+    assert {"model", "engine", "sampling", "task", "data", "output", "executor"} <= groups
+    assert len(OPTIONS) > 20 and JOBS
 
 
 def test_default_job_composes_and_validates(tmp_path):
@@ -29,19 +49,16 @@ def test_default_job_composes_and_validates(tmp_path):
     assert cfg.engine.enforce_eager is True
 
 
-@pytest.mark.parametrize("group", sorted(GROUPS))
-def test_every_group_option_composes(group, tmp_path):
-    for option in GROUPS[group]:
-        overrides = [f"{group}={option}"]
-        if group == "data" and option in ("parquet", "jsonl", "csv", "hf", "openai_batch"):
-            overrides.append("data.path=x")
-        if group == "model" and option == "hub":
-            overrides.append("model.id=org/name")
-        cfg = compose_job(*overrides, out_dir=tmp_path)
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes(group, option, tmp_path):
+    path: Path = CONF / group / f"{option}.yaml"
+    required = _mandatory(yaml.safe_load(path.read_text()) or {}, group)
+    cfg = compose_job(f"{group}={option}", *(f"{key}=x" for key in required), out_dir=tmp_path)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert OmegaConf.select(cfg, group) is not None
 
 
-@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.parametrize("job", JOBS, ids=[f"job={j}" for j in JOBS])
 def test_every_job_preset_composes_and_validates(job, tmp_path):
     cfg = compose_job(f"job={job}", out_dir=tmp_path)
     validate(cfg)
@@ -65,12 +82,69 @@ def test_embed_with_a_text_model_is_refused_naming_the_fix(tmp_path):
     [
         ("sampling.top_p=0", "sampling.top_p"),
         ("data.shard_index=3", "data.shard_index"),
-        ("task.overlong_prompt=cut", "task.overlong_prompt"),
     ],
 )
 def test_cross_field_rules_name_the_key(override, key, tmp_path):
     cfg = compose_job("task=chat", "model=smollm2-135m-instruct", override, out_dir=tmp_path)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+# Keys that take one of a fixed set of strings (StrEnum fields of the schema).
+FIXED_SETS = [
+    ("task.overlong_prompt=cut", "error_row, truncate"),
+    ("task.type=classify", "embed, generate, chat, finetune"),
+    ("data.format=xml", "auto, parquet, jsonl, csv, hf, openai_batch"),
+    ("model.type=vision", "text, embedding"),
+    ("output.vector_store.type=milvus", "lancedb, faiss"),
+    ("executor.type=k8s", "local, ray"),
+    ("mode=go", "run, plan, serve"),
+    ("progress=loud", "auto, bar, json, none"),
+    ("task.finetune.strategy=adapter", "lora, qlora, full"),
+]
+
+
+@pytest.mark.parametrize("override,choices", FIXED_SETS, ids=[o for o, _ in FIXED_SETS])
+def test_a_value_outside_a_fixed_set_fails_when_the_override_is_applied(override, choices, tmp_path):
+    task = ("task=finetune",) if override.startswith("task.finetune.") else ()
+    with pytest.raises(Exception) as e:
+        compose_job(*task, override, out_dir=tmp_path)
+    key, _, value = override.partition("=")
+    text = f"{e.value} {e.value.__cause__}"
+    assert key in text and f"Invalid value '{value}', expected one of [{choices}]" in text
+
+
+def test_a_fixed_set_key_compares_prints_and_is_written_as_its_string(tmp_path):
+    cfg = compose_job(
+        "task=chat", "model=smollm2-135m-instruct", "task.overlong_prompt=truncate", out_dir=tmp_path
+    )
+    validate(cfg)
+    t = cfg.task
+    assert t.type == "chat" and t.type != "embed" and t.type in ("generate", "chat")
+    assert (f"{t.type}", str(t.overlong_prompt), cfg.job_name) == ("chat", "truncate", "test")
+    assert {"chat": 1}[t.type] == 1 and isinstance(cfg.data.format, str)
+    plain = yaml.safe_load(OmegaConf.to_yaml(cfg))  # config.yaml: no Python tags
+    assert (plain["task"]["type"], plain["mode"], plain["model"]["type"]) == ("chat", "run", "text")
+    assert json.loads(json.dumps(OmegaConf.to_container(cfg.task)))["overlong_prompt"] == "truncate"
+
+
+@pytest.mark.parametrize("value", ["auto", "true", "false", "True"])
+def test_engine_in_process_keeps_taking_booleans(value, tmp_path):
+    cfg = compose_job(f"engine.in_process={value}", out_dir=tmp_path)
+    validate(cfg)
+    assert str(cfg.engine.in_process).lower() == value.lower()
+
+
+def test_a_config_made_by_hand_is_checked_by_validate_naming_the_choices(tmp_path):
+    """Configs built without the schema (the service's, a notebook's) hold plain strings."""
+    cfg = OmegaConf.create(OmegaConf.to_container(compose_job(out_dir=tmp_path), resolve=True))
+    cfg.task.overlong_prompt = "cut"
+    with pytest.raises(
+        ConfigError, match=r"task\.overlong_prompt: must be one of error_row, truncate, got 'cut'"
+    ):
+        validate(cfg)
+    cfg.task.overlong_prompt, cfg.task.type = "truncate", "classify"
+    with pytest.raises(ConfigError, match=r"task\.type: must be one of embed, generate, chat, finetune"):
         validate(cfg)
 
 

@@ -144,3 +144,55 @@ def test_per_row_n_with_a_multi_sample_job():
     b = RequestBuilder(t, d, {"temperature": 1.0, "max_tokens": 4, "n": 3}, FakeTok())
     assert b.build(0, {"prompt": "a", "s": {"n": 5}}).sampling["n"] == 5
     assert b.build(0, {"prompt": "a", "s": None}).sampling["n"] == 3
+
+
+def test_a_row_is_built_by_its_tasks_spec_and_hook():
+    from sage_vllm_batch.errors import ConfigError
+    from sage_vllm_batch.tasks import SPECS
+
+    for name in ("embed", "generate", "chat"):
+        assert builder(name).spec is SPECS[name]
+    with pytest.raises(ConfigError, match="task=finetune turns no rows into engine requests"):
+        builder("finetune")
+
+
+def test_a_hook_may_yield_several_requests_of_a_row_which_build_refuses(monkeypatch):
+    """A task whose rows make several requests (a document's chunks) has a hook that yields them;
+    ``build`` makes one request of one row, and says so rather than dropping any."""
+    from sage_vllm_batch.requests import prompts
+
+    def halves(b, row, options):
+        text = b.text(row, b.data.text_column)
+        yield b.fit(b.engine.encode(text[:2]), keep="ends")
+        yield b.fit(b.engine.encode(text[2:]), keep="ends")
+
+    monkeypatch.setitem(prompts.HOOKS, "embed", halves)
+    with pytest.raises(ValueError, match="task=embed made 2 requests of one row"):
+        builder().build(0, {"text": "abcd"})
+    assert builder().build(0, {"text": None}).error.startswith("null input")  # still an error row
+
+
+@pytest.mark.parametrize("url,body", [("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")])
+def test_an_openai_batch_body_is_the_request_whatever_the_prompt_template(tmp_path, url, body):
+    """The bodies mean what they mean in vLLM: ``data.prompt_template`` does not rewrite them."""
+    import json
+
+    from helpers import compose_job
+
+    from sage_vllm_batch.requests.builder import request_builder
+    from sage_vllm_batch.sources import open_source
+
+    value = [{"role": "user", "content": "Hi"}] if body == "messages" else "Hi"
+    line = {"custom_id": "a", "method": "POST", "url": url, "body": {body: value}}
+    (tmp_path / "b.jsonl").write_text(json.dumps(line) + "\n")
+    task = "chat" if body == "messages" else "generate"
+    cfg = compose_job(
+        f"task={task}", "model=smollm2-135m-instruct", "data=openai_batch", f"data.path={tmp_path / 'b.jsonl'}",
+        "data.prompt_template='Summarize: {custom_id}'", out_dir=tmp_path / "o",
+    )  # fmt: skip
+    tok = FakeTok()
+    tok.max_model_len = 2048
+    (row,) = [r for b in open_source(cfg.data).batches() for r in b.to_pylist()]
+    req = request_builder(cfg, tok).build(0, row)
+    want = tok.render_chat(value) if body == "messages" else tok.encode("Hi")
+    assert req.error is None and req.prompt_token_ids == want

@@ -2,9 +2,10 @@
 
 Every YAML file under ``conf/<group>/`` opens with ``defaults: [base_<group>]`` so Hydra merges it
 onto the schema below: a misspelt key or a value of the wrong type fails at composition time,
-naming the key. Field names follow vLLM's ``EngineArgs`` / ``SamplingParams`` so they pass through
-unchanged. Cross-field rules live in :mod:`sage_vllm_batch.config.validate`, checked once per job
-before any work starts.
+naming the key; so does a value outside a key's fixed set of strings (the ``StrEnum`` types of
+:mod:`sage_vllm_batch.config.choices`), naming the choices. Field names follow vLLM's
+``EngineArgs`` / ``SamplingParams`` so they pass through unchanged. Cross-field rules live in
+:mod:`sage_vllm_batch.config.validate`, checked once per job before any work starts.
 """
 
 from __future__ import annotations
@@ -16,13 +17,20 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from sage_vllm_batch.config.choices import (
+    DataFormat,
+    ExecutorType,
+    FinetuneStrategy,
+    Mode,
+    ModelType,
+    OverlongPolicy,
+    ProgressMode,
+    TaskName,
+    VectorStoreType,
+)
 from sage_vllm_batch.errors import ConfigError
 
 __all__ = [
-    "TASKS",
-    "DATA_FORMATS",
-    "OVERLONG_POLICIES",
-    "MODES",
     "ROW_NEUTRAL_KEYS",
     "ModelConfig",
     "EngineConfig",
@@ -43,13 +51,6 @@ __all__ = [
     "run_dir_excluded_keys",
     "register_configs",
 ]
-
-TASKS = ("embed", "generate", "chat", "finetune")
-DATA_FORMATS = ("auto", "parquet", "jsonl", "csv", "hf", "openai_batch")
-OVERLONG_POLICIES = ("error_row", "truncate")
-# run: push the dataset through the engine; plan: say what a run would do (no engine);
-# serve: keep the engine loaded behind an HTTP server.
-MODES = ("run", "plan", "serve")
 
 # Keys of the manifest's sections that change speed, memory or robustness but not the rows
 # written: the manifest ignores them (a run resumes across them) and so do run-dir names.
@@ -91,7 +92,7 @@ class ModelConfig:
     id: str = MISSING
     revision: str | None = None
     source: str = "hub"
-    type: str = "text"  # text | embedding: a registry tag, also checked against the task
+    type: ModelType = ModelType.text  # a registry tag, also checked against the task
     # Model-specific engine settings; they win over the engine group's.
     max_model_len: int | None = None
     dtype: str | None = None
@@ -106,7 +107,7 @@ class ModelConfig:
 class EngineConfig:
     """Arguments of ``vllm.LLM`` (names as in ``EngineArgs``) plus the runner's feeding window."""
 
-    dtype: str = "auto"
+    dtype: str = "auto"  # vLLM's choices (auto, bfloat16, float16, float32, ...): vLLM checks them
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     # Bytes of KV cache (vLLM's kv_cache_memory_bytes); when set it replaces the
@@ -120,6 +121,7 @@ class EngineConfig:
     seed: int = 0
     trust_remote_code: bool = False
     # auto | true | false: run vLLM's engine core inside this process (auto: on the CPU backend).
+    # A string, not an enum: true/false are booleans on the command line (checked by validate).
     in_process: str = "auto"
     # Engine deaths survived per run (the in-flight rows are run again); past it the run stops,
     # naming them. Restarts spent isolating a row that crashes the engine are budgeted apart.
@@ -190,10 +192,10 @@ class SamplingConfig:
 class TaskConfig:
     """What to do with each row."""
 
-    type: str = MISSING  # embed | generate | chat | finetune
+    type: TaskName = MISSING  # a task spec's name (sage_vllm_batch.tasks)
     # Prompts longer than the model's context: ``error_row`` (the row gets an error, the run goes
     # on) or ``truncate`` (keep the head of the prompt so that it and max_tokens fit).
-    overlong_prompt: str = "error_row"
+    overlong_prompt: OverlongPolicy = OverlongPolicy.error_row
     # embed: L2-normalize vectors before writing.
     normalize: bool = False
     # chat: passed to the tokenizer's chat template.
@@ -210,7 +212,7 @@ class FinetuneConfig:
     the artifacts (checkpoints, metrics.json, loss.png, the adapter) go to ``output.dir``.
     """
 
-    strategy: str = "lora"  # lora | qlora | full (qlora and full are validated, then refused: not built yet)
+    strategy: FinetuneStrategy = FinetuneStrategy.lora
     # Registry id of the result; None: ft/<base model name>-<strategy>-<output dir name>.
     output_model: str | None = None
     epochs: int = 1
@@ -242,7 +244,7 @@ class DataConfig:
     installed Python package (how the examples find their corpora without a site-packages path).
     """
 
-    format: str = "auto"
+    format: DataFormat = DataFormat.auto
     path: str = MISSING
     # The example dataset of a task's default data option (``data=example_<task>``). The option's
     # other settings are written ``${sage_example:value}`` and apply only while ``path`` is this
@@ -274,7 +276,7 @@ class DataConfig:
 
 @dataclass
 class VectorStoreConfig:
-    type: str | None = None  # lancedb | faiss | None
+    type: VectorStoreType | None = None
     path: str | None = None  # default: <output.dir>/vectors
     table: str = "embeddings"
 
@@ -285,7 +287,7 @@ class OutputConfig:
     # Rows per committed Parquet shard: the unit of resume. Smaller loses less on a crash,
     # larger makes fewer files.
     shard_rows: int = 1000
-    compression: str = "zstd"
+    compression: str = "zstd"  # a Parquet codec of pyarrow's (zstd, snappy, gzip, lz4, brotli, none)
     # Input columns copied to the output. None: the task's input column.
     passthrough_columns: list[str] | None = None
     overwrite: bool = False
@@ -306,7 +308,7 @@ class ExecutorConfig:
     """Where the engine(s) run: ``local`` (one engine in this process) or ``ray`` (one engine per
     Ray actor; this process reads the input, hands out chunks and commits every shard itself)."""
 
-    type: str = "local"  # local | ray
+    type: ExecutorType = ExecutorType.local
     # ray: workers, each holding one loaded engine.
     num_workers: int = 2
     # ray: an existing cluster ("auto", "ray://head:10001", "head:6379"); null starts a local Ray instance.
@@ -391,10 +393,10 @@ class JobConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     # Progress display: auto (a bar on a terminal, JSON lines otherwise) | bar | json | none
-    progress: str = "auto"
+    progress: ProgressMode = ProgressMode.auto
     progress_interval_s: float = 10.0
     job_name: str = "default"
-    mode: str = "run"  # one of MODES
+    mode: Mode = Mode.run
     # false: the console shows the runner's lines, progress and errors (libraries log to
     # <output.dir>/run.log); true: everything on the console too.
     verbose: bool = False

@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import os
 import string
+from enum import StrEnum
 
 from omegaconf import DictConfig
 
-from sage_vllm_batch.config.schema import DATA_FORMATS, MODES, OVERLONG_POLICIES, TASKS
+from sage_vllm_batch.config.choices import (
+    DataFormat,
+    ExecutorType,
+    Mode,
+    ModelType,
+    OverlongPolicy,
+    ProgressMode,
+    VectorStoreType,
+)
 from sage_vllm_batch.errors import ConfigError
+from sage_vllm_batch.tasks import SPECS, TaskSpec, task_spec
+
+# How a model kind is named in messages, and the conf/model option to suggest for it.
+_MODEL_KINDS = {
+    ModelType.embedding: ("an embedding model", "minilm-l6-v2"),
+    ModelType.text: ("a text-generation model", "smollm2-135m-instruct"),
+}
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -20,26 +36,30 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _one_of(value: object, choices: type[StrEnum], key: str) -> None:
+    """``value`` is one of an enum's (the schema checks it at composition; a config made by hand
+    is checked here)."""
+    names = [c.value for c in choices]
+    _check(value in names, key, f"must be one of {', '.join(names)}, got {value!r}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Every group's rules; ``mode=serve`` checks only the server's (its jobs are validated
     on submission, each as a job of its own)."""
     mode = cfg.get("mode", "run")
-    _check(mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "serve":
+    _one_of(mode, Mode, "mode")
+    if mode == Mode.serve:
         validate_serve(cfg)
         return
-    task = cfg.task.type
-    validate_task(cfg)
+    spec = validate_task(cfg)
     validate_data(cfg)
     validate_engine(cfg)
     validate_model(cfg)
-    if task in ("generate", "chat"):
+    if spec.generates:
         validate_sampling(cfg)
     validate_output(cfg)
     validate_executor(cfg)
-    _check(
-        cfg.progress in ("auto", "bar", "json", "none"), "progress", "must be one of auto, bar, json, none"
-    )
+    _one_of(cfg.progress, ProgressMode, "progress")
 
 
 def validate_serve(cfg: DictConfig) -> None:
@@ -49,19 +69,16 @@ def validate_serve(cfg: DictConfig) -> None:
     _check(n >= 1, "serve.max_running_jobs", f"must be >= 1, got {n}")
 
 
-def validate_task(cfg: DictConfig) -> None:
-    task = cfg.task.type
-    _check(task in TASKS, "task.type", f"must be one of {', '.join(TASKS)}, got {task!r}")
-    _check(
-        cfg.task.overlong_prompt in OVERLONG_POLICIES,
-        "task.overlong_prompt",
-        f"must be one of {', '.join(OVERLONG_POLICIES)}, got {cfg.task.overlong_prompt!r}",
-    )
+def validate_task(cfg: DictConfig) -> TaskSpec:
+    """The task's spec (a ``task.type`` that names none fails, naming the choices)."""
+    spec = task_spec(cfg.task.type)
+    _one_of(cfg.task.overlong_prompt, OverlongPolicy, "task.overlong_prompt")
+    return spec
 
 
 def validate_data(cfg: DictConfig) -> None:
     d = cfg.data
-    _check(d.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}")
+    _one_of(d.format, DataFormat, "data.format")
     _check(d.num_shards >= 1, "data.num_shards", "must be >= 1")
     _check(
         0 <= d.shard_index < d.num_shards,
@@ -127,26 +144,22 @@ def validate_engine(cfg: DictConfig) -> None:
 
 def validate_model(cfg: DictConfig) -> None:
     """The model fits the task (and an adapter fits a generation task)."""
-    m, task = cfg.model, cfg.task.type
-    _check(m.type in ("text", "embedding"), "model.type", "must be 'text' or 'embedding'")
-    if task == "embed":
+    m, spec = cfg.model, task_spec(cfg.task.type)
+    _one_of(m.type, ModelType, "model.type")
+    # A task that runs no engine (finetune) checks its base model against the registry itself.
+    if spec.runner is not None:
+        need, option = _MODEL_KINDS[spec.model_type]
         _check(
-            m.type == "embedding",
+            m.type == spec.model_type,
             "model",
-            f"task=embed needs an embedding model; {m.id!r} is a {m.type} model (try model=minilm-l6-v2)",
-        )
-    elif task in ("generate", "chat"):
-        _check(
-            m.type == "text",
-            "model",
-            f"task={task} needs a text-generation model; {m.id!r} is an embedding model "
-            "(try model=smollm2-135m-instruct)",
+            f"task={spec.name} needs {need}; {m.id!r} is a {m.type} model (try model={option})",
         )
     if m.get("adapter"):
+        jobs = "/".join(s.name for s in SPECS.values() if s.generates)
         _check(
-            task in ("generate", "chat"),
+            spec.generates,
             "model.adapter",
-            f"a LoRA adapter applies to generate/chat jobs, not task={task} (remove model.adapter)",
+            f"a LoRA adapter applies to {jobs} jobs, not task={spec.name} (remove model.adapter)",
         )
 
 
@@ -189,26 +202,29 @@ def validate_sampling(cfg: DictConfig) -> None:
 
 
 def validate_output(cfg: DictConfig) -> None:
-    task = cfg.task.type
+    spec = task_spec(cfg.task.type)
     _check(cfg.output.shard_rows >= 1, "output.shard_rows", "must be >= 1")
     vs = cfg.output.vector_store
     if vs.type is not None:
-        _check(vs.type in ("lancedb", "faiss"), "output.vector_store.type", "must be lancedb, faiss or null")
-        _check(task == "embed", "output.vector_store.type", "a vector store sink needs task=embed")
+        names = [t.value for t in VectorStoreType]
+        _check(vs.type in names, "output.vector_store.type", f"must be {', '.join(names)} or null")
+        tasks = " or ".join(f"task={s.name}" for s in SPECS.values() if s.vectors)
+        _check(spec.vectors, "output.vector_store.type", f"a vector store sink needs {tasks}")
     if cfg.output.get("openai_batch"):
+        routes = [f"task={s.name} ({s.endpoint.route})" for s in SPECS.values() if s.endpoint is not None]
         _check(
-            cfg.data.format == "openai_batch"
-            and task in ("chat", "generate", "embed")
+            cfg.data.format == DataFormat.openai_batch
+            and spec.endpoint is not None
             and bool(cfg.data.id_column),
             "output.openai_batch",
             "the OpenAI batch output file needs data=openai_batch (custom_id as data.id_column) and "
-            "task=chat (/v1/chat/completions), task=generate (/v1/completions) or task=embed (/v1/embeddings)",
+            f"{', '.join(routes[:-1])} or {routes[-1]}",
         )
 
 
 def validate_executor(cfg: DictConfig) -> None:
     ex = cfg.executor
-    _check(ex.type in ("local", "ray"), "executor.type", f"must be local or ray, got {ex.type!r}")
+    _one_of(ex.type, ExecutorType, "executor.type")
     _check(ex.num_workers >= 1, "executor.num_workers", "must be >= 1")
     _check(ex.cpus_per_worker >= 0, "executor.cpus_per_worker", "must be >= 0")
     _check(ex.gpus_per_worker >= 0, "executor.gpus_per_worker", "must be >= 0")

@@ -408,7 +408,9 @@ def _cpu_safe_args(model: str, runner: str, args: dict[str, Any]) -> dict[str, A
     """
     from vllm.platforms import current_platform
 
-    if runner != "generate" or not current_platform.is_cpu():
+    from sage_vllm_batch.tasks import Runner
+
+    if runner != Runner.generate or not current_platform.is_cpu():
         return args
     if args.get("enable_chunked_prefill"):
         raise EngineError(

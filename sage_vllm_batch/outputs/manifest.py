@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import Enum
 from typing import Any
 
 from sage_vllm_batch.config.schema import ROW_NEUTRAL_KEYS
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an enum value (a schema choice) becomes its plain
+    string, as the manifest has always recorded it."""
     if isinstance(d, dict):
         out: dict[str, Any] = {}
         for k, v in d.items():
             out.update(flatten(v, f"{prefix}{k}."))
         return out
-    return {prefix[:-1]: d}
+    return {prefix[:-1]: d.value if isinstance(d, Enum) else d}
 
 
 def build_manifest(
@@ -32,7 +35,8 @@ def build_manifest(
     runtime: dict[str, Any] | None = None,
     sinks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``job`` holds the resolved model/engine/sampling/task/data/output sections (plain dicts)."""
+    """``job`` holds the resolved model/engine/sampling/task/data/output sections (plain dicts;
+    enum values are recorded as their strings)."""
     from sage_vllm_batch.storage import redact
 
     # A URI's secrets are neither recorded nor compared (rotating a key must not block a resume).

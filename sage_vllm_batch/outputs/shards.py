@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,99 +22,33 @@ from sage_vllm_batch.faults import pause_point
 from sage_vllm_batch.outputs.files import LEDGER, PART_GLOB, TMP_PREFIX, fsync_dir, part_name
 from sage_vllm_batch.storage import ObjectPath, append_line, arrow_file, as_dir, names_in
 
-__all__ = ["LEDGER", "PART_GLOB", "GenerationLayout", "ParquetShardSink", "output_schema", "read_output"]
+# The task's output columns are the task spec's (its layout); these names stay importable here.
+from sage_vllm_batch.tasks import GenerationLayout, Layout, TaskSpec, embedding_column, task_spec
 
-# One logprob entry: a token and its logprob (rank 1 = the most likely token).
-LOGPROB_ENTRY = pa.struct(
-    [
-        pa.field("token_id", pa.int32()),
-        pa.field("token", pa.string()),
-        pa.field("logprob", pa.float32()),
-        pa.field("rank", pa.int32()),
-    ]
-)
-# Per position (token), its entries.
-LOGPROBS = pa.list_(pa.list_(LOGPROB_ENTRY))
-
-
-@dataclass(frozen=True)
-class GenerationLayout:
-    """Which generation columns a job writes, and their shape.
-
-    With ``samples`` (sampling.n > 1) every per-sample column is a list of length n:
-    ``text``, ``finish_reason``, ``completion_tokens``, ``parsed``, ``logprobs`` and
-    ``cumulative_logprob``. ``prompt_tokens``/``prompt_logprobs`` are per row. With n = 1 the
-    columns are scalars, as they always were. The optional columns exist when the job asks for
-    them (or may, per row, through a sampling column) and are null where a row did not.
-    """
-
-    samples: bool = False
-    parsed: bool = False
-    logprobs: bool = False
-    prompt_logprobs: bool = False
-
-    def fields(self) -> list[pa.Field]:
-        def per_sample(name: str, t: pa.DataType) -> pa.Field:
-            return pa.field(name, pa.list_(t) if self.samples else t)
-
-        fields = [
-            per_sample("text", pa.string()),
-            per_sample("finish_reason", pa.string()),
-            pa.field("prompt_tokens", pa.int32()),
-            per_sample("completion_tokens", pa.int32()),
-        ]
-        if self.parsed:
-            fields.append(per_sample("parsed", pa.string()))
-        if self.logprobs:
-            fields += [per_sample("logprobs", LOGPROBS), per_sample("cumulative_logprob", pa.float64())]
-        if self.prompt_logprobs:
-            fields.append(pa.field("prompt_logprobs", LOGPROBS))
-        return fields
-
-    def columns(self, results: Sequence[Any]) -> dict[str, list[Any]]:
-        """Column values for :class:`~sage_vllm_batch.engine.io.EngineResult` rows."""
-
-        def col(attr: str) -> list[Any]:
-            if self.samples:
-                return [[getattr(s, attr) for s in r.samples] if r.samples else None for r in results]
-            return [getattr(r.samples[0], attr) if r.samples else None for r in results]
-
-        cols: dict[str, list[Any]] = {
-            "text": col("text"),
-            "finish_reason": col("finish_reason"),
-            "prompt_tokens": [r.prompt_tokens for r in results],
-            "completion_tokens": col("completion_tokens"),
-        }
-        if not self.samples:  # rows that never reached the engine count 0 tokens, as before
-            cols["completion_tokens"] = [r.completion_tokens for r in results]
-        if self.parsed:
-            cols["parsed"] = col("parsed")
-        if self.logprobs:
-            cols["logprobs"] = col("logprobs")
-            cols["cumulative_logprob"] = col("cumulative_logprob")
-        if self.prompt_logprobs:
-            cols["prompt_logprobs"] = [r.prompt_logprobs for r in results]
-        return cols
+__all__ = [
+    "LEDGER",
+    "PART_GLOB",
+    "GenerationLayout",
+    "ParquetShardSink",
+    "embedding_column",
+    "output_schema",
+    "read_output",
+]
 
 
 def output_schema(
-    task: str,
+    task: str | TaskSpec | None,
     passthrough: Sequence[pa.Field],
     embedding_dim: int | None = None,
-    layout: GenerationLayout | None = None,
+    layout: Layout | None = None,
 ) -> pa.Schema:
-    """The output schema of a task: id, pass-through columns, task columns, error."""
+    """The output schema of a task: id, pass-through columns, the task's columns (``layout``, else
+    the task's default layout: see :class:`~sage_vllm_batch.tasks.TaskSpec`), error."""
+    if layout is None:
+        layout = task_spec(task).layout(None, embedding_dim)
     fields: list[pa.Field] = [pa.field("id", pa.int64(), nullable=False)]
     fields += [pa.field(f.name, f.type) for f in passthrough]
-    if task == "embed":
-        if embedding_dim is None:
-            raise ValueError("embedding_dim is required for task=embed")
-        fields += [
-            pa.field("embedding", pa.list_(pa.float32(), embedding_dim)),
-            pa.field("prompt_tokens", pa.int32()),
-        ]
-    else:
-        fields += (layout or GenerationLayout()).fields()
+    fields += layout.fields()
     fields.append(pa.field("error", pa.string()))
     return pa.schema(fields)
 
@@ -231,18 +163,6 @@ def _repair_ledger_tail(path: Path) -> None:
         tmp = path.with_name(path.name + ".repair")
         tmp.write_bytes(keep)
         os.replace(tmp, path)
-
-
-def embedding_column(vectors: Sequence[np.ndarray | None], dim: int) -> pa.FixedSizeListArray:
-    """A ``fixed_size_list<float32>[dim]`` array with nulls where a row failed."""
-    flat = np.zeros((len(vectors), dim), dtype=np.float32)
-    mask = np.zeros(len(vectors), dtype=bool)
-    for i, v in enumerate(vectors):
-        if v is None:
-            mask[i] = True
-        else:
-            flat[i] = v
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(mask))
 
 
 def committed_files(out_dir: str | Path) -> list[tuple[dict[str, Any], Path]]:

@@ -8,13 +8,17 @@ so the row keeps its place in the output with a readable reason and the job goes
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import fields as dc_fields
 from types import SimpleNamespace
 from typing import Any, Protocol
 
+from sage_vllm_batch.config.choices import OverlongPolicy
 from sage_vllm_batch.engine.io import EngineRequest, LoraSpec
-from sage_vllm_batch.errors import one_line
+from sage_vllm_batch.requests.prompts import PromptOptions, RowError, prompt_hook
+from sage_vllm_batch.tasks import task_spec
+
+__all__ = ["RequestBuilder", "RowError", "Tokenizing", "request_builder", "sampling_dict", "served_names"]
 
 
 class Tokenizing(Protocol):
@@ -72,12 +76,8 @@ DATA_KEYS = (
 )
 
 
-class RowError(ValueError):
-    """A problem with one row; its message becomes the row's ``error``."""
-
-
 class RequestBuilder:
-    """Builds the :class:`EngineRequest` for one row of a task.
+    """Builds the :class:`EngineRequest` for one row of a task (its spec's hook makes the prompt).
 
     Args:
         task: The task config (``type``, ``overlong_prompt``, chat options).
@@ -97,10 +97,13 @@ class RequestBuilder:
         lora: LoraSpec | None = None,
         model_names: frozenset[str] | None = None,
     ) -> None:
-        self.task_type: str = task.type
+        self.spec = task_spec(task.type)
+        self._prompts = prompt_hook(self.spec)
         self.overlong: str = task.overlong_prompt
-        self.add_generation_prompt: bool = bool(task.get("add_generation_prompt", True))
-        self.chat_template_kwargs = dict(task.get("chat_template_kwargs") or {})
+        self.chat_options = {
+            "add_generation_prompt": bool(task.get("add_generation_prompt", True)),
+            "chat_template_kwargs": dict(task.get("chat_template_kwargs") or {}),
+        }
         # Plain attributes: read for every row, and config node access is slow in a hot loop.
         self.data = SimpleNamespace(**{k: data.get(k) for k in DATA_KEYS})
         self.sampling = dict(sampling)
@@ -109,65 +112,49 @@ class RequestBuilder:
         # n > 1 in the job makes the per-sample output columns lists; only then may a row ask for n.
         self._multi_sample = int(self.sampling.get("n", 1)) > 1
         self._openai = None
-        if data.get("format") == "openai_batch" and self.task_type in ("generate", "chat", "embed"):
+        # The prompt template over a row's columns; an OpenAI batch body is the request as it
+        # stands (vLLM's meaning of every field), so no template rewrites it.
+        self.template: str | None = self.data.prompt_template
+        if data.get("format") == "openai_batch" and self.spec.endpoint is not None:
             from sage_vllm_batch.requests.openai import OpenAIRequests
 
             names = None if data.get("any_model") else model_names
-            self._openai = OpenAIRequests(self.task_type, self.sampling, names)
+            self._openai = OpenAIRequests(self.spec, self.sampling, names)
+            self.template = None
         self.lora = lora  # a LoRA adapter applied to every request (model.adapter)
 
     def build(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
+        """The request of a row (a row that cannot make one: a request that carries its error)."""
         try:
             bad = row.get("__bad")
             if bad:
                 raise RowError(f"bad input: {bad}")
             if self._openai is not None:
                 return self._build_openai(key, row)
-            sampling = self._row_sampling(row) if self.task_type != "embed" else None
-            if self.task_type == "embed":
-                ids = self._fit(self.engine.encode(self._text(row, self.data.text_column)), 0)
-            elif self.task_type == "generate":
-                prompt = (
-                    self._template(row)
-                    if self.data.prompt_template
-                    else self._text(row, self.data.prompt_column)
-                )
-                ids = self._fit(self.engine.encode(prompt), (sampling or {}).get("max_tokens", 16))
-            else:
-                messages = self._messages(row)
-                try:
-                    ids = self.engine.render_chat(
-                        messages,
-                        add_generation_prompt=self.add_generation_prompt,
-                        chat_template_kwargs=self.chat_template_kwargs,
-                    )
-                except Exception as e:
-                    raise RowError(f"chat template failed: {one_line(e, 300)}") from e
-                ids = self._fit(ids, (sampling or {}).get("max_tokens", 16), keep="tail")
+            sampling = self._row_sampling(row) if self.spec.generates else None
+            options = PromptOptions((sampling or {}).get("max_tokens", 16), self.chat_options)
+            ids = self._one(self._prompts(self, row, options))
         except RowError as e:
             return EngineRequest(key=key, error=str(e))
         return EngineRequest(key=key, prompt_token_ids=ids, sampling=sampling, lora=self.lora)
+
+    def _one(self, prompts: Iterator[list[int]]) -> list[int]:
+        """The one prompt of a row (each row makes one result row here)."""
+        made = list(prompts)
+        if len(made) != 1:
+            raise ValueError(f"task={self.spec.name} made {len(made)} requests of one row; build() takes one")
+        return made[0]
 
     def _build_openai(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
         from sage_vllm_batch.requests.openai import OpenAIBodyError
 
         try:
             req = self._openai.parse(row)
-            if self.task_type == "embed":
-                ids = self._fit(self.engine.encode(self._text(row, self.data.text_column)), 0)
+            if not self.spec.generates:
+                ids = self._one(self._prompts(self, row, PromptOptions()))
                 return EngineRequest(key=key, prompt_token_ids=ids, lora=self.lora)
-            want = self._openai.requested_max_tokens(req) or self.sampling.get("max_tokens", 16)
-            if self.task_type == "chat":
-                try:
-                    options = self._openai.chat_template_options(req)
-                    ids = self.engine.render_chat(self._messages(row), **options)
-                except RowError:
-                    raise
-                except Exception as e:
-                    raise RowError(f"chat template failed: {one_line(e, 300)}") from e
-                ids = self._fit(ids, want, keep="tail")
-            else:
-                ids = self._fit(self.engine.encode(self._text(row, self.data.prompt_column)), want)
+            options = self._openai.prompt_options(req)
+            ids = self._one(self._prompts(self, row, options))
             params = self._openai.sampling_params(req, len(ids), self.engine.max_model_len)
         except OpenAIBodyError as e:
             raise RowError(str(e)) from e
@@ -181,9 +168,10 @@ class RequestBuilder:
             lora=self.lora,
         )
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ pieces (for the hooks)
     @staticmethod
-    def _text(row: Mapping[str, Any], column: str) -> str:
+    def text(row: Mapping[str, Any], column: str) -> str:
+        """A row's text input (null, empty, non-string or missing: a :class:`RowError`)."""
         if column not in row:
             raise RowError(f"missing column: no column {column!r} in this row")
         value = row[column]
@@ -195,9 +183,10 @@ class RequestBuilder:
             raise RowError(f"empty input: column {column!r} is empty")
         return value
 
-    def _template(self, row: Mapping[str, Any]) -> str:
+    def render_template(self, row: Mapping[str, Any]) -> str:
+        """The prompt template (``data.prompt_template``) over a row's columns."""
         try:
-            text = self.data.prompt_template.format(**row)
+            text = self.template.format(**row)
         except KeyError as e:
             raise RowError(
                 f"template error: prompt_template names column {e.args[0]!r}, which this row lacks"
@@ -214,14 +203,11 @@ class RequestBuilder:
         Raises:
             RowError: the row cannot make one (the message says why).
         """
-        return self._messages(row)
-
-    def _messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
-        if self.data.prompt_template or self.data.messages_column not in row:
-            if self.data.prompt_template:
-                user = self._template(row)
+        if self.template or self.data.messages_column not in row:
+            if self.template:
+                user = self.render_template(row)
             elif self.data.prompt_column in row:
-                user = self._text(row, self.data.prompt_column)
+                user = self.text(row, self.data.prompt_column)
             else:
                 raise RowError(
                     f"missing column: no {self.data.messages_column!r} (messages) or "
@@ -293,20 +279,28 @@ class RequestBuilder:
                 raise RowError(f"bad sampling options: structured_outputs: {e}") from e
         return {**self.sampling, **value}
 
-    def _fit(self, ids: list[int], max_tokens: int, keep: str = "head") -> list[int]:
-        """Apply the over-long prompt policy. Generation needs room for at least one new token."""
-        limit = self.engine.max_model_len - (1 if self.task_type != "embed" else 0)
+    def fit(self, ids: list[int], *, new_tokens: int | None = None, keep: str = "head") -> list[int]:
+        """Apply the over-long prompt policy (``task.overlong_prompt``) to a prompt.
+
+        Args:
+            ids: The prompt's token ids.
+            new_tokens: The tokens the request may generate (its max_tokens), for which a cut
+                leaves room; None: it generates none (an embedding). Generation needs room for
+                at least one new token.
+            keep: What a cut keeps: ``head``, ``tail`` (a conversation's last turns), or ``ends``
+                (the head and the last token: an encoder's closing special token, e.g. [SEP]).
+        """
+        limit = self.engine.max_model_len - (0 if new_tokens is None else 1)
         if len(ids) <= limit:
             return ids
-        if self.overlong == "error_row":
+        if self.overlong == OverlongPolicy.error_row:
             raise RowError(
                 f"prompt too long: {len(ids)} tokens, the model's context is {self.engine.max_model_len} "
                 "(set task.overlong_prompt=truncate to cut it)"
             )
-        if self.task_type == "embed":
-            # Keep the tokenizer's closing special token (e.g. BERT's [SEP]).
+        if keep == "ends":
             return ids[: limit - 1] + ids[-1:]
-        room = max(1, self.engine.max_model_len - max(1, int(max_tokens)))
+        room = max(1, self.engine.max_model_len - max(1, int(new_tokens or 0)))
         return ids[-room:] if keep == "tail" else ids[:room]
 
 

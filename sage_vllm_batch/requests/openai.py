@@ -18,7 +18,9 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from sage_vllm_batch.errors import one_line
+from sage_vllm_batch.errors import ConfigError, one_line
+from sage_vllm_batch.requests.prompts import PromptOptions
+from sage_vllm_batch.tasks import TaskSpec, spec_for_route, task_spec
 
 # Fields that are valid for vLLM but that a one-row-in, one-row-out batch cannot honour,
 # with the value that is fine.
@@ -42,14 +44,6 @@ class OpenAIBodyError(ValueError):
     """A request body vLLM would refuse (or we cannot serve); the message is the row's error."""
 
 
-def _models() -> dict[str, Any]:
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
-
-    return {"chat": ChatCompletionRequest, "generate": CompletionRequest, "embed": EmbeddingCompletionRequest}
-
-
 # /v1/embeddings fields that keep the vector the runner writes (float32, the model's own size and
 # pooling); any other field set in a body (dimensions, base64, truncation, ...) is an error row.
 _EMBED_FIELDS = frozenset({"model", "input", "user", "encoding_format", "priority", "request_id"})
@@ -68,17 +62,21 @@ class OpenAIRequests:
     """Parses the body of one OpenAI batch row and gives its ``SamplingParams``.
 
     Args:
-        task: ``chat`` (``/v1/chat/completions`` bodies), ``generate`` (``/v1/completions``) or
-            ``embed`` (``/v1/embeddings``).
+        task: The task (its spec or name), whose endpoint the bodies are for: ``chat``
+            (``/v1/chat/completions``), ``generate`` (``/v1/completions``) or ``embed``
+            (``/v1/embeddings``).
         defaults: The job's sampling parameters, the server defaults of vLLM's request models.
         model_names: The names a body's ``model`` may give (the served model's); None: any.
     """
 
     def __init__(
-        self, task: str, defaults: Mapping[str, Any], model_names: frozenset[str] | None = None
+        self, task: str | TaskSpec, defaults: Mapping[str, Any], model_names: frozenset[str] | None = None
     ) -> None:
-        self.task = task
-        self.model = _models()[task]
+        self.spec = task_spec(task)
+        if self.spec.endpoint is None:
+            raise ConfigError(f"task={self.spec.name} answers no OpenAI endpoint")
+        self.endpoint = self.spec.endpoint
+        self.model = self.endpoint.request_class()
         self.known = _known_fields(self.model)
         self.defaults = dict(defaults)
         self.model_names = model_names
@@ -99,20 +97,15 @@ class OpenAIRequests:
         if row.get("model") is not None:
             body["model"] = row["model"]
         self.check_model(row)
-        if self.task == "embed":
-            return self._parse_embed(row, body)
-        if self.task == "chat":
-            if row.get("messages") is None:
-                raise OpenAIBodyError(
-                    f"bad request: not a chat request (url {row.get('url')!r}); use task=generate for /v1/completions"
-                )
-            body["messages"] = json.loads(row["messages"])
-        else:
-            if row.get("prompt") is None:
-                raise OpenAIBodyError(
-                    f"bad request: not a completion request (url {row.get('url')!r}); use task=chat for /v1/chat/completions"
-                )
-            body["prompt"] = row["prompt"]
+        ep = self.endpoint
+        value = row.get(ep.column)
+        if value is None:
+            other = spec_for_route(row.get("url"))
+            hint = f"; use task={other.name} for {other.endpoint.route}" if other is not None else ""
+            raise OpenAIBodyError(f"bad request: not {ep.what} (url {row.get('url')!r}){hint}")
+        body[ep.body_field] = json.loads(value) if ep.json else value
+        if not self.spec.generates:  # a pooling body: /v1/embeddings
+            return self._checked_embedding(self._validated(body, "bad request"))
         req = self._validated(body, "bad sampling options")
         for name, fine in _UNSUPPORTED.items():
             value = getattr(req, name, fine)
@@ -134,13 +127,8 @@ class OpenAIRequests:
         except (pydantic.ValidationError, ValueError) as e:
             raise OpenAIBodyError(f"bad request: {one_line(e, 400)}") from e
 
-    def _parse_embed(self, row: Mapping[str, Any], body: dict[str, Any]) -> Any:
-        if row.get("text") is None and (row.get("messages") is not None or row.get("prompt") is not None):
-            raise OpenAIBodyError(
-                f"bad request: not an embeddings request (url {row.get('url')!r}); use task=chat or task=generate"
-            )
-        body["input"] = row.get("text")
-        req = self._validated(body, "bad request")
+    @staticmethod
+    def _checked_embedding(req: Any) -> Any:
         refused = sorted(set(req.model_fields_set) - _EMBED_FIELDS)
         if req.encoding_format != "float":
             refused.append(f"encoding_format={req.encoding_format!r}")
@@ -171,9 +159,14 @@ class OpenAIRequests:
         except ValueError as e:
             raise OpenAIBodyError(f"bad sampling options: {one_line(e, 300)}") from e
 
-    @staticmethod
-    def chat_template_options(req: Any) -> dict[str, Any]:
-        return {
+    def prompt_options(self, req: Any) -> PromptOptions:
+        """What a generation body asks beyond its input: max tokens (the job's when unset) and, for
+        a chat body, the chat template's options."""
+        want = self.requested_max_tokens(req) or self.defaults.get("max_tokens", 16)
+        if "add_generation_prompt" not in type(req).model_fields:  # a completion body
+            return PromptOptions(want)
+        options = {
             "add_generation_prompt": req.add_generation_prompt,
             "chat_template_kwargs": dict(req.chat_template_kwargs or {}),
         }
+        return PromptOptions(want, options)

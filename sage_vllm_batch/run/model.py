@@ -21,6 +21,7 @@ from sage_vllm_batch.engine.engine import Engine, engine_kwargs, lora_engine_arg
 from sage_vllm_batch.engine.io import LoraSpec
 from sage_vllm_batch.engine.stats import ModelStats
 from sage_vllm_batch.errors import ConfigError, SageBatchError
+from sage_vllm_batch.tasks import task_spec
 
 
 @dataclass
@@ -173,7 +174,9 @@ def engine_group_key(cfg: DictConfig) -> str:
 def load_engine(cfg: DictConfig, model: ResolvedModel, stats: ModelStats | None = None) -> Engine:
     """The job's engine for ``model`` (LoRA turned on when the model carries an adapter; vLLM's
     metrics recorded into ``stats``, the service's, when given)."""
-    runner = "pooling" if cfg.task.type == "embed" else "generate"
+    spec = task_spec(cfg.task.type)
+    if spec.runner is None:
+        raise ConfigError(f"task={spec.name} runs no inference engine ({spec.summary})")
     kw = engine_kwargs(
         OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True)
     )
@@ -184,7 +187,7 @@ def load_engine(cfg: DictConfig, model: ResolvedModel, stats: ModelStats | None 
     with native_output_to_log():  # torch's C++ warnings and loading bars go to the log file
         return Engine(
             model.path,
-            runner=runner,
+            runner=spec.runner.value,
             max_in_flight=cfg.engine.max_in_flight,
             tokenizer=cfg.model.tokenizer,
             in_process=cfg.engine.in_process,

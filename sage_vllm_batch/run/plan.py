@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch import storage
 from sage_vllm_batch.errors import SageBatchError
+from sage_vllm_batch.tasks import task_spec
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _output(cfg: DictConfig, plan: Plan, model: Any, source: Any) -> None:
 
 
 def _sampling(cfg: DictConfig) -> str:
-    if cfg.task.type == "embed":
+    if task_spec(cfg.task.type).vectors:
         return "none (embeddings)" + (", L2-normalized" if cfg.task.normalize else "")
     items = OmegaConf.to_container(cfg.sampling, resolve=True)
     text = " ".join(f"{k}={v}" for k, v in items.items() if v is not None)

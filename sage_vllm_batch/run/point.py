@@ -25,16 +25,17 @@ from sage_vllm_batch.engine.io import EngineRequest, EngineResult, check_structu
 from sage_vllm_batch.engine.memory import release_freed_memory
 from sage_vllm_batch.errors import ConfigError, SageBatchError
 from sage_vllm_batch.faults import pause_point
-from sage_vllm_batch.outputs.files import METRICS, SUCCESS, write_json_atomic
+from sage_vllm_batch.outputs.files import METRICS, OPENAI_BATCH_OUTPUT, SUCCESS, write_json_atomic
 from sage_vllm_batch.outputs.lock import LeaseLock, OutputLock, lock_for
 from sage_vllm_batch.outputs.manifest import build_manifest
 from sage_vllm_batch.outputs.openai_batch import write_openai_batch_file
 from sage_vllm_batch.outputs.outdir import open_output_dir, output_dir_of, sinks_of
-from sage_vllm_batch.outputs.shards import GenerationLayout, ParquetShardSink, embedding_column, output_schema
+from sage_vllm_batch.outputs.shards import ParquetShardSink, output_schema
 from sage_vllm_batch.requests.builder import RequestBuilder, request_builder
 from sage_vllm_batch.run.metrics import RunMetrics
 from sage_vllm_batch.run.model import ResolvedModel, resolve_model
 from sage_vllm_batch.storage import StorageError
+from sage_vllm_batch.tasks import Layout, task_spec
 
 log = logging.getLogger(__name__)
 
@@ -45,40 +46,39 @@ _OUTPUT_SECTIONS = ("model", "engine", "sampling", "task", "data")
 
 def passthrough_names(cfg: DictConfig, columns: list[str] | None = None) -> list[str]:
     """The input columns copied to the output: ``output.passthrough_columns``, else the column
-    the prompts come from (``columns``, the input's, settle a chat's messages-or-prompt column
-    as the request builder does), and the id column."""
+    the task reads its input from (``columns``, the input's, settle a chat's messages-or-prompt
+    column as the request builder does), and the id column."""
     if cfg.output.passthrough_columns is not None:
         names = list(cfg.output.passthrough_columns)
     else:
-        d, t = cfg.data, cfg.task.type
-        if t == "embed":
-            names = [d.text_column]
-        elif d.prompt_template:
-            names = []
-        elif t == "generate":
-            names = [d.prompt_column]
-        elif columns is not None and d.messages_column not in columns and d.prompt_column in columns:
-            names = [d.prompt_column]  # chat from a plain prompt column
-        else:
-            names = [d.messages_column]
+        names = task_spec(cfg.task.type).input_names(cfg.data, columns)
     if cfg.data.id_column and cfg.data.id_column not in names:
         names.insert(0, cfg.data.id_column)
     return names
 
 
-def generation_layout(cfg: DictConfig) -> GenerationLayout | None:
-    """The generation columns of a job (None for embed); a sampling column may ask per row for
-    a constraint or logprobs, so it brings their columns."""
-    if cfg.task.type == "embed":
-        return None
-    s, per_row = cfg.sampling, bool(cfg.data.sampling_column)
-    so = s.get("structured_outputs")
-    return GenerationLayout(
-        samples=int(s.n) > 1,
-        parsed=per_row or (so is not None and any(v is not None for v in so.values())),
-        logprobs=per_row or s.get("logprobs") is not None,
-        prompt_logprobs=per_row or s.get("prompt_logprobs") is not None,
-    )
+def write_derived_outputs(cfg: DictConfig, out_dir: Path, *, missing_only: bool = False) -> None:
+    """The outputs built from the committed shards once all are in: the vector store
+    (``output.vector_store``) and ``openai_batch_output.jsonl`` (``output.openai_batch``).
+
+    A point that finishes writes them all (:meth:`Point.finalize`); a point found complete
+    (:func:`prepare_point`: the CLI, a sweep, a service job) writes the batch file it lacks
+    (``missing_only``), e.g. when the same job is run again with ``output=openai_batch``. A
+    complete run's missing vector store is built when its output dir is opened
+    (:func:`~sage_vllm_batch.outputs.outdir.open_output_dir`, which compares the sinks recorded
+    before this run's).
+    """
+    vs = cfg.output.vector_store
+    if vs.type and not missing_only:
+        from sage_vllm_batch.outputs.vector_stores import write_vector_store
+
+        write_vector_store(out_dir, vs)
+    if cfg.output.get("openai_batch") and not (missing_only and (out_dir / OPENAI_BATCH_OUTPUT).exists()):
+        if missing_only:
+            log.info(
+                "%s is complete but has no %s: building it from the shards", out_dir, OPENAI_BATCH_OUTPUT
+            )
+        write_openai_batch_file(cfg, out_dir)
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Point:
     _finished: bool = False
     _on_rows: Any = None
     _embedding_dim: int | None = None
-    _layout: GenerationLayout | None = None
+    _layout: Layout | None = None
     _lock: OutputLock | LeaseLock | None = None
     # Chunks buffered (not yet committed) before the request stream pauses for results; None:
     # never pause (the engine cannot, see Engine.stream).
@@ -156,19 +156,17 @@ class Point:
                 f"output.passthrough_columns / data columns: {', '.join(map(repr, missing))} not in the input "
                 f"({self.source.path_description}); its columns are {', '.join(present)}"
             )
-        task = self.cfg.task.type
-        if task == "embed":
+        spec = task_spec(self.cfg.task.type)
+        if spec.vectors:
             self._embedding_dim = engine.embedding_dim
-        self._layout = generation_layout(self.cfg)
+        self._layout = spec.layout(self.cfg, self._embedding_dim)
         # A pass-through column named like an output column (e.g. "text" for chat) gets a prefix.
-        reserved = set(output_schema(task, [], self._embedding_dim, self._layout).names)
+        reserved = set(output_schema(spec, [], layout=self._layout).names)
         self._pt_src = names
         self._pt_out = [f"input_{n}" if n in reserved else n for n in names]
         fields = [pa.field(o, schema.field(s).type) for s, o in zip(names, self._pt_out, strict=True)]
         self._sink = ParquetShardSink(
-            self.out_dir,
-            output_schema(task, fields, self._embedding_dim, self._layout),
-            self.cfg.output.compression,
+            self.out_dir, output_schema(spec, fields, layout=self._layout), self.cfg.output.compression
         )
         self._builder = request_builder(self.cfg, engine, lora=self.model.lora)
 
@@ -268,14 +266,7 @@ class Point:
         for j, name in enumerate(self._pt_out):
             cols[name] = [p[j] for p in buf.passthrough]
         rs: list[EngineResult] = buf.results  # type: ignore[assignment]
-        if self.cfg.task.type == "embed":
-            vecs = [r.embedding if r.error is None else None for r in rs]
-            if self.cfg.task.normalize:
-                vecs = [None if v is None else v / max(float((v * v).sum()) ** 0.5, 1e-12) for v in vecs]
-            cols["embedding"] = embedding_column(vecs, self._embedding_dim)
-            cols["prompt_tokens"] = [r.prompt_tokens for r in rs]
-        else:
-            cols.update(self._layout.columns(rs))
+        cols.update(self._layout.columns(rs))  # the task's columns, its commit transform applied
         cols["error"] = [r.error for r in rs]
         if isinstance(self._lock, LeaseLock):
             self._lock.check()  # a lapsed lease: another run may be writing here now
@@ -302,14 +293,8 @@ class Point:
 
     def finalize(self) -> None:
         """All rows are committed: write the vector store (if any), metrics and ``_SUCCESS``."""
-        vs = self.cfg.output.vector_store
         try:
-            if vs.type:
-                from sage_vllm_batch.outputs.vector_stores import write_vector_store
-
-                write_vector_store(self.out_dir, vs)
-            if self.cfg.output.get("openai_batch"):
-                write_openai_batch_file(self.cfg, self.out_dir)
+            write_derived_outputs(self.cfg, self.out_dir)
             self.metrics.finish()
             write_json_atomic(self.out_dir / METRICS, self.metrics_record())
             pause_point("finalize.success")
@@ -328,7 +313,7 @@ class Point:
         rec.update(
             {
                 "job": self.name,
-                "task": self.cfg.task.type,
+                "task": task_spec(self.cfg.task.type).name,
                 "model": self.model.as_dict(),
                 "output_dir": str(self.out_dir),
                 "rows_total": sum(int(r["rows"]) for r in self.committed.values()),
@@ -350,7 +335,8 @@ def job_manifest(
 ) -> dict:
     """The manifest of a job's output: what the rows written depend on (and, recorded but not
     compared, how the engine ran and which sinks were asked for)."""
-    job = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in _OUTPUT_SECTIONS}
+    # Enum values (the schema's choices) as their plain strings, as the manifest always had them.
+    job = {k: OmegaConf.to_container(cfg[k], resolve=True, enum_to_str=True) for k in _OUTPUT_SECTIONS}
     job["output"] = {
         "shard_rows": cfg.output.shard_rows,
         "passthrough_columns": passthrough_names(cfg, _columns_of(source)),
@@ -390,6 +376,8 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
         runtime = {"engine_in_process": resolve_in_process(cfg.engine.in_process)}
         manifest = job_manifest(cfg, model, source, runtime=runtime, out_dir=out_dir)
         opened = open_output_dir(cfg, out_dir, manifest, name=name)
+        if opened.state == "complete":
+            write_derived_outputs(cfg, out_dir, missing_only=True)
     except BaseException:
         lock.release()
         raise

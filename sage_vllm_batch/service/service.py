@@ -28,6 +28,7 @@ from sage_vllm_batch.service.process.protocol import ProcessRequest
 from sage_vllm_batch.service.process.serving import ProcessServing
 from sage_vllm_batch.service.settings import settings_of
 from sage_vllm_batch.service.slots import EMBED, TEXT, Slot, load_slot
+from sage_vllm_batch.tasks import EMBED as EMBED_TASK
 
 __all__ = ["EMBED", "TEXT", "ServiceError", "VLLMService"]
 
@@ -170,7 +171,7 @@ class VLLMService:
                 raise BadRequest(f"embed: input {i}: {res.error}")
             v = res.embedding.astype(np.float32)
             if normalize:
-                v = v / max(float(np.linalg.norm(v)), 1e-12)
+                v = EMBED_TASK.normalize(v)
             vectors.append(v.tolist())
         dim = len(vectors[0]) if vectors else slot.driver.embedding_dim
         return {"vectors": vectors, "dim": dim, "model_id": slot.name}

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from sage_vllm_batch.engine.driver import EngineDriver
 from sage_vllm_batch.engine.stats import model_stats
 from sage_vllm_batch.run.model import ResolvedModel, hold_model, load_engine
+from sage_vllm_batch.tasks import spec_for_model_type
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def load_slot(
         engine_cfg.extra["scheduling_policy"] = "priority"
     cfg = OmegaConf.create(
         {
-            "task": {"type": "chat" if kind == TEXT else "embed"},
+            "task": {"type": spec_for_model_type(kind).name},  # only its runner matters here
             "model": OmegaConf.to_container(model_cfg, resolve=True),
             "engine": OmegaConf.to_container(engine_cfg),
             "registry": OmegaConf.to_container(registry_cfg, resolve=True),

@@ -18,6 +18,7 @@ from sage_vllm_batch.service import security
 from sage_vllm_batch.service.errors import BadRequest, Conflict, Forbidden, ServiceError
 from sage_vllm_batch.service.job_store import JobStore
 from sage_vllm_batch.service.slots import EMBED, TEXT
+from sage_vllm_batch.tasks import SPECS, task_spec
 
 if TYPE_CHECKING:
     from sage_vllm_batch.service.service import VLLMService
@@ -92,14 +93,15 @@ class JobComposer:
         if named and named[-1] == "finetune":
             raise BadRequest("task=finetune: fine-tuning is not a serving job; use the fine_tune call")
         if named:
-            kind = EMBED if named[-1] == "embed" else TEXT
+            spec = SPECS.get(named[-1])  # a name that is no task fails at composition, naming them
+            kind = spec.model_type.value if spec is not None else TEXT
         else:
             kind = TEXT if self.service.has(TEXT) else EMBED
         if not self.service.has(kind):
             self.service.slot(kind)  # 409 naming what to load
         try:
             cfg = compose(kind)
-            want = EMBED if cfg.task.type == "embed" else TEXT
+            want = task_spec(cfg.task.type).model_type.value
             if want != kind:
                 kind = want
                 if not self.service.has(kind):

@@ -7,6 +7,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sage_vllm_batch.service.bodies import validated
+from sage_vllm_batch.tasks import EMBED, GENERATE
+
+# /v1/process verbs: generate (plain prompts and conversations) and embed.
+PROCESS_TASKS = {s.name: s for s in (GENERATE, EMBED)}
 
 
 class ProcessRequest(BaseModel):
@@ -25,8 +29,8 @@ class ProcessRequest(BaseModel):
     @field_validator("task", mode="before")
     @classmethod
     def _task(cls, task: Any) -> Any:
-        if task not in ("generate", "embed"):
-            raise ValueError(f"must be 'generate' or 'embed', got {task!r}")
+        if not isinstance(task, str) or task not in PROCESS_TASKS:
+            raise ValueError(f"must be {' or '.join(map(repr, PROCESS_TASKS))}, got {task!r}")
         return task
 
     @classmethod

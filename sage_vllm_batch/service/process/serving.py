@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from sage_vllm_batch.service.errors import BadRequest, NotFound
 from sage_vllm_batch.service.process.protocol import (
+    PROCESS_TASKS,
     EmbedResponse,
     GenerateResponse,
     ProcessRequest,
@@ -26,7 +27,7 @@ class ProcessServing:
 
     def process(self, request: ProcessRequest) -> ProcessResponse:
         task, options = request.task, request.options or {}
-        if task == "generate":
+        if PROCESS_TASKS[task].generates:
             self._check_model(TEXT, request.model)
             return GenerateResponse(
                 task=task,

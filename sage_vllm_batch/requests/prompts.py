@@ -1,0 +1,78 @@
+"""How each task turns one input row into engine prompts: the behaviour half of a task spec (the
+declarative half, and the registry of tasks, is :mod:`sage_vllm_batch.tasks`).
+
+A hook is a generator: ``hook(builder, row, options)`` yields the token ids of each request the
+row makes, so a task may make several of one row (a document's chunks). The tasks here make one
+each, which is what :meth:`RequestBuilder.build <sage_vllm_batch.requests.builder.RequestBuilder.build>`
+takes. A problem with the row is a :class:`RowError`, which becomes the row's ``error``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sage_vllm_batch.errors import ConfigError, one_line
+from sage_vllm_batch.tasks import CHAT, EMBED, GENERATE, TaskSpec
+
+if TYPE_CHECKING:
+    from sage_vllm_batch.requests.builder import RequestBuilder
+
+
+class RowError(ValueError):
+    """A problem with one row; its message becomes the row's ``error``."""
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """What a row's request asks beyond the row: the tokens it may generate (the room a prompt
+    must leave) and the chat template's options."""
+
+    max_tokens: int = 16
+    chat_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+PromptHook = Callable[["RequestBuilder", Mapping[str, Any], PromptOptions], Iterator[list[int]]]
+
+
+def embed_prompts(b: RequestBuilder, row: Mapping[str, Any], options: PromptOptions) -> Iterator[list[int]]:
+    """The text column, encoded; a cut keeps the tokenizer's closing special token."""
+    yield b.fit(b.engine.encode(b.text(row, b.data.text_column)), keep="ends")
+
+
+def generate_prompts(
+    b: RequestBuilder, row: Mapping[str, Any], options: PromptOptions
+) -> Iterator[list[int]]:
+    """The prompt template over the row, or the prompt column; a cut keeps the head."""
+    prompt = b.render_template(row) if b.template else b.text(row, b.data.prompt_column)
+    yield b.fit(b.engine.encode(prompt), new_tokens=options.max_tokens)
+
+
+def chat_prompts(b: RequestBuilder, row: Mapping[str, Any], options: PromptOptions) -> Iterator[list[int]]:
+    """The row's conversation through the chat template; a cut keeps the tail."""
+    messages = b.messages(row)
+    try:
+        ids = b.engine.render_chat(messages, **options.chat_options)
+    except Exception as e:
+        raise RowError(f"chat template failed: {one_line(e, 300)}") from e
+    yield b.fit(ids, new_tokens=options.max_tokens, keep="tail")
+
+
+HOOKS: Mapping[str, PromptHook] = {
+    EMBED.name: embed_prompts,
+    GENERATE.name: generate_prompts,
+    CHAT.name: chat_prompts,
+}
+
+
+def prompt_hook(spec: TaskSpec) -> PromptHook:
+    """The hook of a task that turns rows into requests.
+
+    Raises:
+        ConfigError: the task makes no requests of rows (``finetune``).
+    """
+    hook = HOOKS.get(spec.name)
+    if hook is None:
+        raise ConfigError(f"task={spec.name} turns no rows into engine requests ({spec.summary})")
+    return hook
