@@ -132,7 +132,7 @@ class EngineConfig:
     # keep the scheduler's batch full across shard boundaries without holding the dataset in memory.
     max_in_flight: int = 0
     # Exact repeats run once (identical deterministic requests: greedy, seeded, or embeddings; see
-    # the README): the others get a copy of the result. The table of pending and recent results
+    # docs/engine.md): the others get a copy of the result. The table of pending and recent results
     # holds at most dedup_window rows.
     dedup: bool = True
     dedup_window: int = 4096
