@@ -164,11 +164,6 @@ def test_a_user_error_becomes_its_code_and_one_paragraph(tmp_path, monkeypatch, 
     assert capsys.readouterr().err == f"error: {error}\n"
 
 
-def test_an_unknown_mode_is_refused_by_the_config_check(tmp_path, quiet, capsys):
-    assert job.main(_cfg(tmp_path, "mode=bogus")) is ExitCode.ERROR
-    assert "mode: must be one of run, plan, serve" in capsys.readouterr().err
-
-
 def test_plan_answers_with_a_code_of_the_table(tmp_path, monkeypatch, quiet):
     import sage_vllm_batch.run.plan as plan
 
