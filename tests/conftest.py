@@ -94,3 +94,43 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------- one shared server
+SERVED_KEY = "served-key-1"
+
+
+@pytest.fixture(scope="session")
+def served(registry_root, tmp_path_factory):
+    """One ``mode=serve`` server (a text and an embedding model, started as a user would) shared by
+    the modules whose tests prove things of a running server without stopping it
+    (``test_service_http``, ``test_service_escapes``): one model load for both.
+
+    Layout under ``base``: ``outputs/`` (the output root), ``state/`` (the services dir), ``cwd/``
+    (where it runs), and a data root per module in ``roots``, each module filling its own. The
+    escape corpus steps ``..`` from its data root and from the output root into one sibling,
+    ``outside/``: so its root is ``base/data``; the others' are ``base/<module>/data``."""
+    from helpers import spawn_server, stop_server, wait_ready
+
+    base = tmp_path_factory.mktemp("served")
+    roots = {"escapes": base / "data", "http": base / "http" / "data"}
+    dirs = {"base": base, "outputs": base / "outputs", "state": base / "state", "cwd": base / "cwd"}
+    for d in (*roots.values(), dirs["outputs"], dirs["cwd"]):
+        d.mkdir(parents=True)
+    env = {"SAGE_VLLM_API_KEY": SERVED_KEY, "SAGE_VLLM_SERVICES_DIR": str(dirs["state"])}
+    overrides = [
+        "model=smollm2-135m-instruct", "embedding_model=minilm-l6-v2", f"registry.root={registry_root}",
+        "+engine.extra.kv_cache_memory_bytes=268435456",  # fixed small KV caches: a shared machine
+        # A job holds at most 16 rows in the engine at once: a long job runs in waves, so a test
+        # can cancel it part-way (the default window holds a whole small job).
+        "engine.max_in_flight=16",
+        f"serve.data_roots=[{','.join(str(r) for r in roots.values())}]", f"serve.output_root={dirs['outputs']}",
+    ]  # fmt: skip
+    log = base / "server.log"
+    proc, url = spawn_server(overrides, cwd=dirs["cwd"], log_path=log, env=env)
+    lines = wait_ready(proc, log, timeout=240)
+    yield {
+        **dirs, "roots": roots, "url": url, "proc": proc, "port": int(url.rsplit(":", 1)[1]),
+        "stdout": lines, "key": SERVED_KEY,
+    }  # fmt: skip
+    stop_server(proc)

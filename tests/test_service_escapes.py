@@ -14,12 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import http_jobs, spawn_server, stop_server, wait_job, wait_ready
+from helpers import http_jobs, wait_job
 
 pytestmark = pytest.mark.engine
 
-KEY = "escape-key"
-MEM = "engine.kv_cache_memory_bytes=268435456"  # small fixed KV caches: two engines on a shared machine
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
 
 
@@ -35,10 +33,10 @@ def _snapshot(d: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("escapes")
-    data, outputs, outside, cwd = base / "data", base / "outputs", base / "outside", base / "cwd"
-    for d in (data, outputs, outside, cwd, outside / "target"):
+def dirs(served):
+    base, data, outputs, cwd = served["base"], served["roots"]["escapes"], served["outputs"], served["cwd"]
+    outside = base / "outside"  # the sibling of the data root and of the output root
+    for d in (outside, outside / "target"):
         d.mkdir()
     rows = "".join(json.dumps({"text": f"row {i}", "prompt": f"Say {i}."}) + "\n" for i in range(3))
     (data / "q.jsonl").write_text(rows)
@@ -54,23 +52,11 @@ def dirs(tmp_path_factory):
     return {"base": base, "data": data, "outputs": outputs, "outside": outside, "cwd": cwd}
 
 
-@pytest.fixture(scope="module")
-def server(registry_root, dirs):
-    env = {"SAGE_VLLM_API_KEY": KEY, "SAGE_VLLM_SERVICES_DIR": str(dirs["base"] / "state")}
-    overrides = [
-        "model=smollm2-135m-instruct", "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM,
-        f"serve.data_roots=[{dirs['data']}]", f"serve.output_root={dirs['outputs']}",
-    ]  # fmt: skip
-    log = dirs["base"] / "server.log"
-    proc, url = spawn_server(overrides, cwd=dirs["cwd"], log_path=log, env=env)
-    wait_ready(proc, log)
-    yield {"url": url, "proc": proc}
-    stop_server(proc)
-
-
 @pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+def http(served, dirs):
+    with httpx.Client(
+        base_url=served["url"], headers={"Authorization": f"Bearer {served['key']}"}, timeout=120
+    ) as c:
         yield c
 
 
@@ -134,10 +120,20 @@ def corpus(dirs, tag: str) -> list[tuple[str, list[str], str]]:
     return cases
 
 
+def _jobs(http) -> dict[str, tuple]:
+    """Each job the server knows, and when it was last submitted and started: a new job adds an id,
+    a resubmitted one changes its times (a finished job's live metrics may change: left out)."""
+    return {
+        j["id"]: (j["status"], j["submitted_at"], j["started_at"])
+        for j in http.get("/v1/jobs").json()["data"]
+    }
+
+
 def test_escape_corpus_answers_4xx_and_touches_nothing(http, dirs, capsys):
     tag = uuid.uuid4().hex[:8]
     outside_before = _snapshot(dirs["outside"])
     outputs_before = _snapshot(dirs["outputs"])
+    jobs_before = _jobs(http)  # other modules' finished jobs, on a shared server
     rows = []
     for key, overrides, what in corpus(dirs, tag):
         r = http.post("/v1/jobs", json={"overrides": overrides})
@@ -153,7 +149,7 @@ def test_escape_corpus_answers_4xx_and_touches_nothing(http, dirs, capsys):
     # Nothing was written or changed outside, nor in the output root; no job was started.
     assert _snapshot(dirs["outside"]) == outside_before
     assert _snapshot(dirs["outputs"]) == outputs_before
-    assert http.get("/v1/jobs").json()["data"] == []
+    assert _jobs(http) == jobs_before
     assert not (Path.home() / f"sage-escape-{tag}").exists()
     assert sorted(p.name for p in dirs["cwd"].iterdir() if p.name in ("~", "pkg:")) == []
 

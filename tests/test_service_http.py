@@ -1,5 +1,6 @@
-"""``python -m sage_vllm_batch mode=serve`` against real clients: one server per module (a text
-and an embedding model), started as a user would, on a free loopback port."""
+"""``python -m sage_vllm_batch mode=serve`` against real clients: the session's shared server
+(conftest's ``served``: a text and an embedding model, started as a user would, on a free loopback
+port). The server is stopped as ``sage-vllm-services stop`` does in test_service_jobs_durable."""
 
 from __future__ import annotations
 
@@ -9,31 +10,28 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import compose_job, http_jobs, spawn_server, stop_server, wait_job, wait_ready, wait_until
+from helpers import compose_job, http_jobs, wait_job, wait_until
 
 pytestmark = pytest.mark.engine
 
 CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
-KEY = "test-key-123"
 QUESTIONS = [f"What is {i} plus {i}?" for i in range(32)]
 MAX_TOKENS = 8
 # Fixed small KV caches (no share-of-free-memory check): the server's two engines and the batch
 # reference share a machine with other work.
 MEM = "+engine.extra.kv_cache_memory_bytes=268435456"
-# The server keeps at most this many of a job's rows in its engine at once (engine.max_in_flight;
-# it only paces jobs' streams, not interactive requests): a job of LONG rows then runs in waves, so
-# the cancel test can stop it part-way. The default window (4 x max_num_seqs) holds a whole small
-# job, whose rows would all finish together.
-JOB_WINDOW = 16
-LONG = [f"What is {i} plus {i}?" for i in range(160)]  # starts with QUESTIONS
+# The server keeps at most 16 of a job's rows in its engine at once (engine.max_in_flight; it only
+# paces jobs' streams, not interactive requests): a job of LONG rows then runs in 4 waves, so the
+# cancel test can stop it part-way. The default window (4 x max_num_seqs) holds a whole small job,
+# whose rows would all finish together.
+LONG = [f"What is {i} plus {i}?" for i in range(64)]  # starts with QUESTIONS
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("serve")
-    data = base / "data"
-    data.mkdir()
+def dirs(served):
+    base = served["base"] / "http"
+    data = served["roots"]["http"]
     with open(data / "q.jsonl", "w") as f:
         for q in QUESTIONS:
             f.write(json.dumps({"prompt": q}) + "\n")
@@ -47,25 +45,16 @@ def dirs(tmp_path_factory):
     return {
         "base": base,
         "data": data,
-        "outputs": base / "outputs",
+        "outputs": served["outputs"],
         "outside": outside,
-        "state": base / "state",
+        "state": served["state"],
     }
 
 
 @pytest.fixture(scope="module")
-def server(registry_root, dirs):
-    env = {"SAGE_VLLM_API_KEY": KEY, "SAGE_VLLM_SERVICES_DIR": str(dirs["state"])}
-    overrides = [
-        "model=smollm2-135m-instruct", "embedding_model=minilm-l6-v2", f"registry.root={registry_root}", MEM,
-        f"engine.max_in_flight={JOB_WINDOW}", f"serve.data_roots=[{dirs['data']}]",
-        f"serve.output_root={dirs['outputs']}",
-    ]  # fmt: skip
-    log = dirs["base"] / "server.log"
-    proc, url = spawn_server(overrides, cwd=dirs["base"], log_path=log, env=env)
-    lines = wait_ready(proc, log, timeout=240)
-    yield {"url": url, "proc": proc, "port": int(url.rsplit(":", 1)[1]), "stdout": lines}
-    stop_server(proc)
+def server(served):
+    """The session's shared server (conftest's ``served``): this module's models and settings."""
+    return served
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +75,9 @@ def batch(registry_root, dirs):
 
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+    with httpx.Client(
+        base_url=server["url"], headers={"Authorization": f"Bearer {server['key']}"}, timeout=120
+    ) as c:
         yield c
 
 
@@ -94,7 +85,7 @@ def http(server):
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=server["key"], max_retries=0, timeout=120)
 
 
 def test_ready_line_names_address_and_models(server):
@@ -275,7 +266,7 @@ def test_job_over_http_equals_batch_mode_and_resubmit_resumes(http, dirs, batch)
 def test_cancelled_job_keeps_its_shards_and_resumes(http, dirs, batch):
     from sage_vllm_batch.outputs.shards import ParquetShardSink, read_output
 
-    # len(LONG) rows, at most JOB_WINDOW in the engine at a time: the first shard of 4 commits
+    # len(LONG) rows, at most 16 in the engine at a time: the first shard of 4 commits
     # while most of the job is still to run.
     overrides = ["task=chat", "data=jsonl", f"data.path={dirs['data'] / 'long.jsonl'}", "output.shard_rows=4",
                  "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}"]  # fmt: skip
@@ -341,18 +332,3 @@ def test_status_cli_lists_the_service(server, dirs, monkeypatch):
     assert rec["models"] == {"text": CHAT, "embedding": EMBED}
     out = CliRunner().invoke(status.app, ["status", "--json"])
     assert out.exit_code == 0 and json.loads(out.output)[0]["url"] == server["url"]
-
-
-def test_sigterm_exits_cleanly(server, dirs, monkeypatch):
-    """Last test of the module: stop the server the way `sage-vllm-services stop` does."""
-    from sage_vllm_batch.service import cli as status
-
-    monkeypatch.setenv(status.STATE_ENV, str(dirs["state"]))
-    proc = server["proc"]
-    record = dirs["state"] / f"{proc.pid}.json"
-    assert record.is_file()
-    status.stop(str(server["port"]), timeout=30)  # raises TimeoutError if it does not exit
-    assert proc.wait(timeout=5) == 0
-    # The server removed its own record on the way out (running() would also drop a dead one's).
-    assert not record.exists() and not list(dirs["state"].glob("*.json"))
-    assert status.running() == []

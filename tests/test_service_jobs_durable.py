@@ -7,7 +7,9 @@ model (the fastest to load and to run); the tests run in order and share the ser
 2. server B (every shard write slowed): J1 resumes by itself and completes, each row once; J2
    runs; SIGTERM while J2 runs: exit 0, J2's record stays queued.
 3. server C: J2 resumes and completes; the failed and cancelled jobs stay as they were; DELETE on
-   finished jobs forgets them and keeps their output; a second server on the root is refused.
+   finished jobs forgets them and keeps their output; a second server on the root is refused;
+   ``sage-vllm-services stop`` stops C with exit 0 (for every test module's servers: the session's
+   shared one is not stopped by a test).
 """
 
 from __future__ import annotations
@@ -217,5 +219,22 @@ def test_a_second_server_on_the_same_output_root_is_refused(world):
     assert proc.wait(timeout=240) == 1
     err = log_path.read_text()
     assert "in use by another server" in err and str(w["root"].resolve()) in err and str(w["c"].pid) in err
-    w["c"].send_signal(signal.SIGTERM)
-    assert w["c"].wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(120)
+def test_the_stop_command_stops_the_server_cleanly(world, monkeypatch):
+    """Last: stop server C the way ``sage-vllm-services stop`` does (SIGTERM, wait): exit 0, and
+    the server removes its own record on the way out."""
+    from sage_vllm_batch.service import cli as status
+
+    w = world
+    proc = w.get("c")
+    assert proc is not None and proc.poll() is None, "needs the previous tests' server"
+    monkeypatch.setenv(status.STATE_ENV, str(w["base"] / "state"))
+    record = w["base"] / "state" / f"{proc.pid}.json"
+    assert record.is_file()
+    status.stop(w["c_url"].rsplit(":", 1)[1], timeout=30)  # raises TimeoutError if it does not exit
+    assert proc.wait(timeout=5) == 0
+    assert not record.exists()  # removed by the server itself (running() drops dead ones' too)
+    assert status.running() == []
+    assert not list((w["base"] / "state").glob("*.json"))  # server A's, killed, dropped by running()
