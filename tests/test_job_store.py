@@ -152,25 +152,3 @@ def test_resume_jobs_false_marks_interrupted_jobs_cancelled(tmp_path):
         assert j["status"] == "cancelled" and "serve.resume_jobs=false" in j["error"]
     finally:
         jobs.shutdown()
-
-
-def test_a_resubmitted_complete_job_reports_the_metrics_on_disk(tmp_path):
-    """A job whose point was already complete ran nothing: its metrics are the ones of the run
-    that completed it (metrics.json), not a live clock that grows between GETs."""
-
-    from sage_vllm_batch.outputs.files import METRICS
-    from sage_vllm_batch.run.metrics import RunMetrics
-    from sage_vllm_batch.service.jobs.record import Job
-
-    (tmp_path / METRICS).write_text(json.dumps({"wall_seconds": 1.5, "rows_out": 3}))
-    point = SimpleNamespace(
-        state="complete",
-        metrics=RunMetrics(),
-        committed={},
-        source=SimpleNamespace(estimated_rows=lambda: 3),
-        metrics_record=lambda: pytest.fail("a complete point's live metrics were read"),
-    )
-    job = Job(id="j", overrides=[], output_dir=tmp_path, task="embed", model_id="m", status="complete")
-    job.point, job.ran = point, True
-    first, second = job.info()["metrics"], job.info()["metrics"]
-    assert first == second == {"wall_seconds": 1.5, "rows_out": 3}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -116,6 +117,10 @@ def test_complete_run_is_not_redone(corpus, tmp_path):
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
     run_on_engine([point], again, progress="none")
     assert again.ran == [] and point.metrics.rows_in == point.metrics.rows_out == 0
+    # This run of it ended at once: its metrics (a service job's, on a resubmit) stay put.
+    first = point.metrics.to_dict()["wall_seconds"]
+    time.sleep(0.01)
+    assert point.metrics.to_dict()["wall_seconds"] == first
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == files
 
 

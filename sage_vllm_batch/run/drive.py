@@ -99,6 +99,9 @@ def drive(
         load_seconds = engine.load_seconds
         in_process = engine.in_process
     todo = [p for p in points if p.state != "complete"]
+    for p in points:
+        if p.state == "complete":  # nothing to do: this run of it ends now, its clock stops
+            p.metrics.finish()
     if not todo:
         return
     total = None

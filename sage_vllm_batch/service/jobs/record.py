@@ -93,8 +93,7 @@ class Job:
         p = self.point
         rows_done, rows_total = None, self.rows_total
         metrics: dict[str, Any] = {}
-        # A point found complete ran nothing here: its metrics are the run's that completed it.
-        if p is not None and self.ran and p.state != "complete":
+        if p is not None and self.ran:
             rows_done = p.metrics.rows_out + p.metrics.rows_skipped_resumed
             with contextlib.suppress(Exception):
                 metrics = p.metrics_record() if self.status != "running" else p.metrics.to_dict()
