@@ -11,30 +11,15 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import fields as dc_fields
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any
 
 from sage_vllm_batch.config.choices import OverlongPolicy
+from sage_vllm_batch.engine.contract import TokenizingEngine
 from sage_vllm_batch.engine.io import EngineRequest, LoraSpec
 from sage_vllm_batch.requests.prompts import PromptOptions, RowError, prompt_hook
 from sage_vllm_batch.tasks import task_spec
 
-__all__ = ["RequestBuilder", "RowError", "Tokenizing", "request_builder", "sampling_dict", "served_names"]
-
-
-class Tokenizing(Protocol):
-    """What the builder needs from an engine (an :class:`~sage_vllm_batch.engine.Engine`)."""
-
-    max_model_len: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def render_chat(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        chat_template_kwargs: Any = None,
-    ) -> list[int]: ...
+__all__ = ["RequestBuilder", "RowError", "request_builder", "sampling_dict", "served_names"]
 
 
 def sampling_dict(sampling_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +78,7 @@ class RequestBuilder:
         task: Any,
         data: Any,
         sampling: Mapping[str, Any],
-        engine: Tokenizing,
+        engine: TokenizingEngine,
         lora: LoraSpec | None = None,
         model_names: frozenset[str] | None = None,
     ) -> None:
@@ -310,7 +295,7 @@ def served_names(model_cfg: Any) -> frozenset[str]:
     return frozenset(n for n in (model_cfg.get("id"), model_cfg.get("adapter")) if n)
 
 
-def request_builder(cfg: Any, engine: Tokenizing, lora: LoraSpec | None = None) -> RequestBuilder:
+def request_builder(cfg: Any, engine: TokenizingEngine, lora: LoraSpec | None = None) -> RequestBuilder:
     """The request builder of a job's rows on ``engine`` (its tokenizer and context length)."""
     from omegaconf import OmegaConf
 
