@@ -42,6 +42,7 @@ __all__ = [
     "TaskName",
     "TaskSpec",
     "embedding_column",
+    "endpoint_specs",
     "l2_normalize",
     "spec_for_model_type",
     "spec_for_route",
@@ -370,6 +371,11 @@ def spec_for_model_type(model_type: str) -> TaskSpec:
     if spec is None:
         raise ConfigError(f"model.type: must be one of {', '.join(ModelType)}, got {model_type!r}")
     return spec
+
+
+def endpoint_specs() -> list[TaskSpec]:
+    """The tasks that answer an OpenAI route, ordered by route (how the routes are listed)."""
+    return sorted((s for s in SPECS.values() if s.endpoint is not None), key=lambda s: s.endpoint.route)
 
 
 def spec_for_route(route: str | None) -> TaskSpec | None:

@@ -125,11 +125,18 @@ def test_every_hook_belongs_to_a_spec():
     assert set(HOOKS) == {n for n, s in tasks.SPECS.items() if s.runner is not None}
 
 
-def test_openai_batch_sources_read_the_columns_the_specs_name():
+def test_the_openai_routes_come_from_the_specs_in_route_order():
+    from sage_vllm_batch.service.batches.protocol import ENDPOINTS as BATCH_ENDPOINTS
+    from sage_vllm_batch.service.slots import EMBED, TEXT
     from sage_vllm_batch.sources.openai_batch import ENDPOINTS
 
-    specs = [s for s in tasks.SPECS.values() if s.endpoint is not None]
-    assert {s.endpoint.route: (s.endpoint.body_field, s.endpoint.column) for s in specs} == ENDPOINTS
+    routes = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    assert list(ENDPOINTS.items()) == list(
+        zip(routes, [("messages", "messages"), ("prompt", "prompt"), ("input", "text")], strict=True)
+    )
+    assert list(BATCH_ENDPOINTS.items()) == list(
+        zip(routes, [("chat", TEXT), ("generate", TEXT), ("embed", EMBED)], strict=True)
+    )
 
 
 def test_the_input_column_is_the_specs():

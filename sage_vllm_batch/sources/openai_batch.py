@@ -17,14 +17,11 @@ from typing import Any
 import pyarrow as pa
 
 from sage_vllm_batch.sources.jsonl import JsonLinesReader, json_type, short
+from sage_vllm_batch.tasks import endpoint_specs
 
 OUTPUT_COLUMNS = ("custom_id", "url", "messages", "prompt", "text", "model", "sampling")
 # url -> (body field holding the input, output column)
-ENDPOINTS = {
-    "/v1/chat/completions": ("messages", "messages"),
-    "/v1/completions": ("prompt", "prompt"),
-    "/v1/embeddings": ("input", "text"),
-}
+ENDPOINTS = {s.endpoint.route: (s.endpoint.body_field, s.endpoint.column) for s in endpoint_specs()}
 
 
 def _json_text(value: Any) -> str:

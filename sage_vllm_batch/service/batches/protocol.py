@@ -8,14 +8,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sage_vllm_batch.service.bodies import validated
-from sage_vllm_batch.service.slots import EMBED, TEXT
+from sage_vllm_batch.tasks import endpoint_specs
 
 # endpoint -> (task, model kind)
-ENDPOINTS = {
-    "/v1/chat/completions": ("chat", TEXT),
-    "/v1/completions": ("generate", TEXT),
-    "/v1/embeddings": ("embed", EMBED),
-}
+ENDPOINTS = {s.endpoint.route: (s.name, s.model_type.value) for s in endpoint_specs()}
 
 
 class CreateBatchRequest(BaseModel):
