@@ -94,11 +94,11 @@ def test_cross_field_rules_name_the_key(override, key, tmp_path):
 FIXED_SETS = [
     ("task.overlong_prompt=cut", "error_row, truncate"),
     ("task.type=classify", "embed, generate, chat, finetune"),
-    ("data.format=xml", "auto, parquet, jsonl, csv, hf, openai_batch"),
+    ("data.format=xml", "auto, parquet, jsonl, csv, hf, openai_batch, documents"),
     ("model.type=vision", "text, embedding"),
-    ("output.vector_store.type=milvus", "lancedb, faiss"),
+    ("output.vector_store.type=milvus", "lancedb, faiss, pgvector"),
     ("executor.type=k8s", "local, ray"),
-    ("mode=go", "run, plan, serve"),
+    ("mode=go", "run, plan, serve, search"),
     ("progress=loud", "auto, bar, json, none"),
     ("task.finetune.strategy=adapter", "lora, qlora, full"),
 ]

@@ -45,12 +45,14 @@ class DataFormat(StrEnum):
     csv = "csv"
     hf = "hf"
     openai_batch = "openai_batch"
+    documents = "documents"  # a folder of .txt/.md (.html, .pdf) files: one row per file
 
 
 class Mode(StrEnum):
     run = "run"  # push the dataset through the engine
     plan = "plan"  # say what a run would do (no engine)
     serve = "serve"  # keep the engine loaded behind an HTTP server
+    search = "search"  # query the job's vector store (writes nothing)
 
 
 class ProgressMode(StrEnum):
@@ -63,6 +65,7 @@ class ProgressMode(StrEnum):
 class VectorStoreType(StrEnum):
     lancedb = "lancedb"
     faiss = "faiss"
+    pgvector = "pgvector"  # PostgreSQL with the vector extension (output.vector_store.url)
 
 
 class ExecutorType(StrEnum):

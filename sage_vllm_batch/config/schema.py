@@ -31,6 +31,7 @@ from sage_vllm_batch.config.choices import (
 from sage_vllm_batch.errors import ConfigError
 
 __all__ = [
+    "ADDED_KEY_DEFAULTS",
     "ROW_NEUTRAL_KEYS",
     "ModelConfig",
     "EngineConfig",
@@ -39,6 +40,9 @@ __all__ = [
     "TaskConfig",
     "FinetuneConfig",
     "FinetuneTaskConfig",
+    "EmbedTaskConfig",
+    "ChunkingConfig",
+    "SearchConfig",
     "DataConfig",
     "VectorStoreConfig",
     "OutputConfig",
@@ -66,6 +70,14 @@ ROW_NEUTRAL_KEYS = (
     "engine.prefix_lookahead",
     "data.read_batch_rows",
 )
+# Keys added after outputs were written, with the default that keeps the old rows: the manifest
+# records them only when set otherwise, so an output dir written before they existed still resumes.
+ADDED_KEY_DEFAULTS: dict[str, Any] = {
+    "task.chunking.size": None,
+    "task.chunking.overlap": 0,
+    "task.embed_prompt": None,
+    "data.max_document_bytes": 10_000_000,
+}
 # Top-level keys that never change the rows (display, where things live, which executor).
 _DISPLAY_KEYS = (
     "job",
@@ -74,7 +86,9 @@ _DISPLAY_KEYS = (
     "progress",
     "progress_interval_s",
     "output.overwrite",
+    "output.incremental",
     "output.dir",
+    "output.vector_store.url",
     "registry.root",
 )
 
@@ -204,6 +218,28 @@ class TaskConfig:
 
 
 @dataclass
+class ChunkingConfig:
+    """``task=embed``: split each document into chunks that fit the model (one output row each).
+
+    Sizes count the embedding model's own tokens. ``size`` None: on for ``data=documents`` with
+    the model's sequence length (less its special tokens and the embed prompt's), off for tables;
+    a number turns it on for tables too; 0 turns it off.
+    """
+
+    size: int | None = None
+    overlap: int = 0  # tokens a chunk repeats of the one before it
+
+
+@dataclass
+class EmbedTaskConfig(TaskConfig):
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    # Put before every text embedded (e5's "passage: "). None: the model folder's document
+    # prompt (sentence-transformers' config_sentence_transformers.json), else a known model's, else
+    # none; "" for none.
+    embed_prompt: str | None = None
+
+
+@dataclass
 class FinetuneConfig:
     """``task=finetune`` settings: the strategy and its hyper-parameters (see sage_vllm_batch.finetune).
 
@@ -272,13 +308,18 @@ class DataConfig:
     # vLLM's server answers; true answers every body with the loaded model (files written for a
     # hosted API name its models).
     any_model: bool = False
+    # documents: a file larger than this is an error row (memory stays bounded).
+    max_document_bytes: int = 10_000_000
 
 
 @dataclass
 class VectorStoreConfig:
     type: VectorStoreType | None = None
-    path: str | None = None  # default: <output.dir>/vectors
-    table: str = "embeddings"
+    path: str | None = None  # lancedb/faiss; default: <output.dir>/vectors
+    table: str = "embeddings"  # lancedb's table, pgvector's table
+    # pgvector: postgresql://user@host:port/db (keep the password in PGPASSWORD: a URL typed on the
+    # command line is recorded in .hydra/overrides.yaml).
+    url: str | None = None
 
 
 @dataclass
@@ -295,6 +336,21 @@ class OutputConfig:
     # task=chat, generate or embed).
     openai_batch: bool = False
     vector_store: VectorStoreConfig = field(default_factory=VectorStoreConfig)
+    # A rerun after the input changed embeds only added and changed documents (by content hash)
+    # and drops deleted ones; the result equals a full rebuild (task=embed with chunks).
+    incremental: bool = False
+
+
+@dataclass
+class SearchConfig:
+    """``mode=search``: query the job's vector store with the job's model (writes nothing)."""
+
+    query: str | None = None
+    queries_path: str | None = None  # a text file, one query per line
+    k: int = 5
+    # Put before each query (e5's "query: "). None: the model folder's query prompt, else a known
+    # model's, else none; "" for none.
+    query_prompt: str | None = None
 
 
 @dataclass
@@ -401,6 +457,7 @@ class JobConfig:
     # <output.dir>/run.log); true: everything on the console too.
     verbose: bool = False
     serve: ServeConfig = field(default_factory=ServeConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     # mode=serve: a conf/model option loaded as the embedding model next to ``model``.
     embedding_model: str | None = None
 
@@ -437,7 +494,8 @@ def run_dir_excluded_keys() -> list[str]:
     """Overrides left out of run-dir names (``${sage_dirname_excludes:}`` in conf/config.yaml): the
     same command with any of them writes to, and resumes in, the same directory."""
     executor = ["executor", *(f"executor.{f.name}" for f in fields(ExecutorConfig))]
-    return [*_DISPLAY_KEYS, *ROW_NEUTRAL_KEYS, *executor]
+    search = ["search", *(f"search.{f.name}" for f in fields(SearchConfig))]
+    return [*_DISPLAY_KEYS, *ROW_NEUTRAL_KEYS, *executor, *search]
 
 
 def example_value(value: Any, *, _parent_: Any, _node_: Any) -> Any:
@@ -482,6 +540,7 @@ def register_configs() -> None:
     cs.store(group="engine", name="base_engine", node=EngineConfig)
     cs.store(group="sampling", name="base_sampling", node=SamplingConfig)
     cs.store(group="task", name="base_task", node=TaskConfig)
+    cs.store(group="task", name="base_embed", node=EmbedTaskConfig)
     cs.store(group="task", name="base_finetune", node=FinetuneTaskConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="output", name="base_output", node=OutputConfig)

@@ -12,7 +12,7 @@ import json
 from enum import Enum
 from typing import Any
 
-from sage_vllm_batch.config.schema import ROW_NEUTRAL_KEYS
+from sage_vllm_batch.config.schema import ADDED_KEY_DEFAULTS, ROW_NEUTRAL_KEYS
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -43,7 +43,7 @@ def build_manifest(
     relevant = {
         k: redact(v) if isinstance(v, str) else v
         for k, v in flatten(job).items()
-        if k not in ROW_NEUTRAL_KEYS
+        if k not in ROW_NEUTRAL_KEYS and not (k in ADDED_KEY_DEFAULTS and v == ADDED_KEY_DEFAULTS[k])
     }
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return {
