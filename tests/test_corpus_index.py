@@ -45,7 +45,8 @@ COLUMNS = [
 def _corpus(n: int = 8) -> list[dict]:
     """Documents of a few hundred tokens each (paragraphs of this repo's docs), an empty one and a
     null one."""
-    paras = [p for p in (ROOT / "docs" / "architecture.md").read_text().split("\n\n") if p.strip()]
+    text = "\n\n".join(f.read_text() for f in sorted((ROOT / "docs").glob("*.md")))
+    paras = [p for p in text.split("\n\n") if len(p.strip()) > 40]
     docs = [{"name": f"doc{i:02d}.md", "body": "\n\n".join(paras[i * 4 : i * 4 + 4])} for i in range(n)]
     docs.append({"name": "blank.txt", "body": "  \n "})
     docs.append({"name": "null.txt", "body": None})
