@@ -319,3 +319,18 @@ def test_index_rows_of_a_plain_table_embed(tmp_path):
         assert rows.chunk_indexes.tolist() == [0, 0] and rows.texts == (["a", "c"] if text else [None, None])
         assert rows.vectors.shape == (2, 4) and rows.vectors[1].tolist() == [0, 1, 2, 3]
     assert index_rows(table).ids.tolist() == [10, 12]  # a Table works too
+
+
+@pytest.mark.timeout(60)
+def test_a_schema_qualified_table(pg_url, tmp_path):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("create schema if not exists rag")
+    _write_shards(tmp_path / "run", _corpus(3))
+    assert write_pgvector(tmp_path / "run", _vs(pg_url, "rag.chunks"))["added"] == 9
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("select count(*) from rag.chunks").fetchone()[0] == 9
+        assert conn.execute("select to_regclass('rag.chunks_embedding_hnsw')").fetchone()[0] is not None
+    hits = search_pgvector(
+        _vs(pg_url, "rag.chunks"), job_key(tmp_path / "run"), _vec("doc 1 chunk 2 text")[None], 1
+    )
+    assert hits[0][0]["doc_id"] == "doc-001.md" and hits[0][0]["chunk_index"] == 2

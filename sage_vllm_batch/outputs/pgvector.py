@@ -54,6 +54,7 @@ CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout
 # HNSW's candidate list per query (pgvector's default is 40): at least this, and 2k for top k.
 EF_SEARCH_MIN = 100
 EF_SEARCH_MAX = 1000  # pgvector's upper bound
+HNSW_BUILD_MEMORY = "1GB"  # maintenance_work_mem while the HNSW index is first built
 URL_SCHEMES = ("postgresql://", "postgres://")
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
 _COLUMNS = ("job", "id", "doc_id", "chunk_index", "text", "embedding", "fingerprint")
@@ -424,6 +425,12 @@ def _create_index(conn: Any, table: str) -> None:
     is faster to make and better than one grown row by row); later syncs update it."""
     from psycopg import sql
 
+    index = sql.Identifier(*table.split(".")[:-1], _index_name(table)).as_string(
+        conn
+    )  # in the table's schema
+    if conn.execute("select to_regclass(%s)", (index,)).fetchone()[0] is None:
+        # pgvector builds far faster while the graph fits in maintenance_work_mem (default 64MB)
+        conn.execute(f"set local maintenance_work_mem = '{HNSW_BUILD_MEMORY}'")
     conn.execute(
         sql.SQL("create index if not exists {} on {} using hnsw (embedding vector_cosine_ops)").format(
             sql.Identifier(_index_name(table)), _ident(table)
