@@ -70,5 +70,17 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     )
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
-            changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+            changes.append(_change(key, a.get(key), b.get(key)))
     return changes
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    """One difference; long lists (a corpus's files) as counts, not thousands of entries."""
+    if isinstance(old, list) and isinstance(new, list) and max(len(old), len(new)) > 4:
+        before, after = {repr(x) for x in old}, {repr(x) for x in new}
+        return (
+            f"{key}: {len(old)} entries -> {len(new)} entries ({len(after - before)} new or changed, "
+            f"{len(before - after)} gone or changed)"
+        )
+    text = f"{key}: {old!r} -> {new!r}"
+    return text if len(text) <= 400 else text[:397] + "..."

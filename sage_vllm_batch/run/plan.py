@@ -128,6 +128,7 @@ def _count_lines(files: list[str], *, header: bool) -> tuple[int, bool]:
 
 
 def _output(cfg: DictConfig, plan: Plan, model: Any, source: Any) -> None:
+    from sage_vllm_batch.outputs.incremental import only_input_changed
     from sage_vllm_batch.outputs.outdir import output_dir_of, output_dir_state, refusal
     from sage_vllm_batch.outputs.shards import ParquetShardSink
     from sage_vllm_batch.run.point import job_manifest
@@ -149,6 +150,8 @@ def _output(cfg: DictConfig, plan: Plan, model: Any, source: Any) -> None:
         text = f"complete ({len(ledger)} shard(s), {rows} rows): nothing to do"
     elif state == "foreign":
         text = "refused: files that are not a run of ours are in the way"
+    elif cfg.output.get("incremental") and only_input_changed(changes):
+        state, text = "update", "update: the input changed; added and changed documents will be embedded"
     else:
         text = "refused: it holds a run made under different settings"
     why = refusal(out, state, changes)  # the run's own error for this state
