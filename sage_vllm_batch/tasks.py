@@ -17,6 +17,7 @@ hold their own spec, layout and request builder.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ __all__ = [
     "Runner",
     "TaskName",
     "TaskSpec",
+    "CHUNK_FIELDS",
+    "chunk_id",
+    "chunks_documents",
     "embedding_column",
     "endpoint_specs",
     "l2_normalize",
@@ -171,36 +175,84 @@ class GenerationLayout:
         return cols
 
 
+# The columns of a chunked document's rows (one row per chunk), before the vector.
+CHUNK_FIELDS = (
+    pa.field("doc_id", pa.string()),
+    pa.field("chunk_index", pa.int32()),
+    pa.field("char_start", pa.int64()),
+    pa.field("char_end", pa.int64()),
+    pa.field("text", pa.string()),
+)
+
+
+def chunk_id(doc_id: str, chunk_index: int) -> int:
+    """A chunk's row ``id``: stable across runs (derived from its document and place, not from
+    row ordinals, which shift when a file is added), non-negative int64 (FAISS ids, upserts)."""
+    digest = hashlib.blake2b(f"{doc_id}\x00{chunk_index}".encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def chunks_documents(task: Any, data: Any) -> bool:
+    """Whether a job (its ``task`` and ``data`` config) splits each row's text into chunks, one
+    output row each: ``task.chunking.size`` None is on for ``data=documents`` and off for tables,
+    a size turns it on, 0 off."""
+    chunking = task.get("chunking") if task is not None else None
+    if chunking is None:
+        return False
+    size = chunking.get("size")
+    return data.get("format") == "documents" if size is None else int(size) > 0
+
+
 @dataclass(frozen=True)
 class EmbeddingLayout:
     """An embedding per row (``fixed_size_list<float32>[dim]``) and its prompt's token count.
 
-    ``normalize`` is the commit transform applied to each vector (None: written as computed)."""
+    ``normalize`` is the commit transform applied to each vector (None: written as computed).
+    ``chunks``: a row per chunk of a document, with ``doc_id``, ``chunk_index``, ``char_start``,
+    ``char_end`` and ``text`` (exactly ``source[char_start:char_end]``) before the vector, and
+    ``doc_hash`` (the document's content hash: what an incremental run compares) after it.
+    """
 
     dim: int
     normalize: Callable[[np.ndarray], np.ndarray] | None = None
+    chunks: bool = False
 
     @classmethod
     def for_job(cls, spec: TaskSpec, cfg: Any = None, embedding_dim: int | None = None) -> EmbeddingLayout:
         if embedding_dim is None:
             raise ValueError(f"embedding_dim is required for task={spec.name}")
         wanted = cfg is not None and bool(cfg.task.get("normalize", False))
-        return cls(embedding_dim, spec.normalize if wanted else None)
+        chunks = cfg is not None and chunks_documents(cfg.task, cfg.data)
+        return cls(embedding_dim, spec.normalize if wanted else None, chunks)
 
     def fields(self) -> list[pa.Field]:
-        return [
+        fields = list(CHUNK_FIELDS) if self.chunks else []
+        fields += [
             pa.field("embedding", pa.list_(pa.float32(), self.dim)),
             pa.field("prompt_tokens", pa.int32()),
         ]
+        if self.chunks:
+            fields.append(pa.field("doc_hash", pa.string()))
+        return fields
 
-    def columns(self, results: Sequence[Any]) -> dict[str, list[Any]]:
+    def columns(
+        self, results: Sequence[Any], chunks: Sequence[Mapping[str, Any]] | None = None
+    ) -> dict[str, list[Any]]:
+        """Column values for results; ``chunks`` (a chunked layout): each row's chunk record
+        (``doc_id``, ``chunk_index``, ``char_start``, ``char_end``, ``text``, ``doc_hash``)."""
         vecs = [r.embedding if r.error is None else None for r in results]
         if self.normalize is not None:
             vecs = [None if v is None else self.normalize(v) for v in vecs]
-        return {
-            "embedding": embedding_column(vecs, self.dim),
-            "prompt_tokens": [r.prompt_tokens for r in results],
-        }
+        cols: dict[str, Any] = {}
+        if self.chunks:
+            records = chunks or [{} for _ in results]
+            for f in CHUNK_FIELDS:
+                cols[f.name] = [c.get(f.name) for c in records]
+        cols["embedding"] = embedding_column(vecs, self.dim)
+        cols["prompt_tokens"] = [r.prompt_tokens for r in results]
+        if self.chunks:
+            cols["doc_hash"] = [c.get("doc_hash") for c in records]
+        return cols
 
 
 Layout = GenerationLayout | EmbeddingLayout

@@ -85,6 +85,7 @@ class FakeEngine:
     # The contract's facts (set in __init__; declared here so the class shows them).
     runner: str
     max_model_len: int
+    tokenizer: Any
     max_in_flight: int
     kv_block_size: int
     supports_pause: bool
@@ -127,6 +128,7 @@ class FakeEngine:
         self.before_result = before_result
         self.on_pull = on_pull
         self.max_model_len = max_model_len
+        self.tokenizer = None  # no Hugging Face tokenizer: chunking is tested on the real engine
         self._embedding_dim = embedding_dim
         self.kv_block_size = kv_block_size
         self.load_seconds = load_seconds

@@ -22,7 +22,7 @@ from sage_vllm_batch.config.choices import (
     VectorStoreType,
 )
 from sage_vllm_batch.errors import ConfigError
-from sage_vllm_batch.tasks import SPECS, TaskSpec, task_spec
+from sage_vllm_batch.tasks import SPECS, TaskSpec, chunks_documents, task_spec
 
 # How a model kind is named in messages, and the conf/model option to suggest for it.
 _MODEL_KINDS = {
@@ -59,6 +59,7 @@ def validate(cfg: DictConfig) -> None:
         validate_sampling(cfg)
     validate_output(cfg)
     validate_executor(cfg)
+    validate_chunking(cfg)
     _one_of(cfg.progress, ProgressMode, "progress")
 
 
@@ -219,6 +220,45 @@ def validate_output(cfg: DictConfig) -> None:
             "output.openai_batch",
             "the OpenAI batch output file needs data=openai_batch (custom_id as data.id_column) and "
             f"{', '.join(routes[:-1])} or {routes[-1]}",
+        )
+
+
+def validate_chunking(cfg: DictConfig) -> None:
+    """Chunked documents (``task.chunking``, ``data=documents``) and incremental re-index."""
+    chunking = cfg.task.get("chunking")
+    chunked = chunks_documents(cfg.task, cfg.data)
+    if chunking is not None:
+        size, overlap = chunking.get("size"), int(chunking.get("overlap") or 0)
+        _check(size is None or int(size) >= 0, "task.chunking.size", "must be >= 0 (0: off) or null")
+        _check(overlap >= 0, "task.chunking.overlap", "must be >= 0")
+        _check(
+            not size or overlap < int(size),
+            "task.chunking.overlap",
+            f"must be below task.chunking.size={size}",
+        )
+    if cfg.data.format == DataFormat.documents:
+        _check(
+            task_spec(cfg.task.type).vectors,
+            "data.format",
+            "data=documents is read by task=embed (documents into chunk vectors)",
+        )
+    if chunked:
+        _check(
+            cfg.executor.type == ExecutorType.local,
+            "executor.type",
+            "chunked documents run on executor=local for now (a Ray worker makes one request per row)",
+        )
+        _check(
+            cfg.data.format != DataFormat.openai_batch,
+            "task.chunking.size",
+            "OpenAI batch bodies are not chunked",
+        )
+    if cfg.output.get("incremental"):
+        _check(
+            chunked,
+            "output.incremental",
+            "an incremental re-index compares documents: it needs task=embed with chunks (data=documents, "
+            "or task.chunking.size=N with data.id_column naming each document)",
         )
 
 

@@ -26,6 +26,7 @@ class CancellableEngine:
 
     runner = Forward("_engine")
     max_model_len = Forward("_engine")
+    tokenizer = Forward("_engine")
     max_in_flight = Forward("_engine")
     kv_block_size = Forward("_engine")
     supports_pause = Forward("_engine")

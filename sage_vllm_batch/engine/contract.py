@@ -45,6 +45,11 @@ class TokenizingEngine(Protocol):
         """Token ids of a plain prompt, with the model's special tokens."""
         ...
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer (what token-aware chunking counts with)."""
+        ...
+
     def render_chat(
         self,
         messages: list[dict[str, Any]],

@@ -294,6 +294,7 @@ class EngineDriver(EngineVerbs):
     # The engine contract (engine/contract.py: StreamingEngine) reads them through, name by name.
     runner = Forward("engine")
     max_model_len = Forward("engine")
+    tokenizer = Forward("engine")
     max_in_flight = Forward("engine")
     kv_block_size = Forward("engine")
     # A repeat's answer reaches the engine's own stream, which gives it back under the ticket.

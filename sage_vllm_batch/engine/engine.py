@@ -180,6 +180,7 @@ class Engine(EngineVerbs):
     # The rest of the engine contract (engine/contract.py: StreamingEngine), set at load.
     runner: str
     max_model_len: int
+    tokenizer: Any  # the Hugging Face tokenizer vLLM loaded
     max_in_flight: int
     kv_block_size: int
     in_process: bool

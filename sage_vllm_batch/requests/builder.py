@@ -16,8 +16,10 @@ from typing import Any
 from sage_vllm_batch.config.choices import OverlongPolicy
 from sage_vllm_batch.engine.contract import TokenizingEngine
 from sage_vllm_batch.engine.io import EngineRequest, LoraSpec
-from sage_vllm_batch.requests.prompts import PromptOptions, RowError, prompt_hook
-from sage_vllm_batch.tasks import task_spec
+from sage_vllm_batch.errors import ConfigError
+from sage_vllm_batch.requests.instructions import instructions, st_max_seq_length
+from sage_vllm_batch.requests.prompts import Part, PromptOptions, RowError, chunk_prompts, prompt_hook
+from sage_vllm_batch.tasks import EMBED, chunks_documents, task_spec
 
 __all__ = ["RequestBuilder", "RowError", "request_builder", "sampling_dict", "served_names"]
 
@@ -58,6 +60,7 @@ DATA_KEYS = (
     "prompt_template",
     "system_prompt",
     "sampling_column",
+    "id_column",
 )
 
 
@@ -71,6 +74,8 @@ class RequestBuilder:
         engine: Gives tokenization, the chat template and the context length.
         lora: A LoRA adapter every request asks for (``model.adapter``), or None.
         model_names: OpenAI batch rows: the names a body's ``model`` may give (None: any).
+        model_id: The model's id and ``model_dir`` its folder: where an embedding model's
+            instructions (``passage: ``) and sequence length are read (None: no instructions).
     """
 
     def __init__(
@@ -81,9 +86,23 @@ class RequestBuilder:
         engine: TokenizingEngine,
         lora: LoraSpec | None = None,
         model_names: frozenset[str] | None = None,
+        model_id: str = "",
+        model_dir: str | None = None,
     ) -> None:
         self.spec = task_spec(task.type)
         self._prompts = prompt_hook(self.spec)
+        # A document split into chunks: one request (and output row) per chunk (see parts()).
+        self.chunked = chunks_documents(task, data)
+        self.embed_prefix = ""
+        if self.spec is EMBED and model_dir is not None:
+            self.embed_prefix = instructions(
+                model_id, model_dir, embed_prompt=task.get("embed_prompt")
+            ).document
+        chunking = task.get("chunking")
+        self._chunk_size = None if chunking is None else chunking.get("size")
+        self._chunk_overlap = 0 if chunking is None else int(chunking.get("overlap") or 0)
+        self._model_dir = model_dir
+        self._chunkers: dict[int, Any] = {}
         self.overlong: str = task.overlong_prompt
         self.chat_options = {
             "add_generation_prompt": bool(task.get("add_generation_prompt", True)),
@@ -122,6 +141,90 @@ class RequestBuilder:
         except RowError as e:
             return EngineRequest(key=key, error=str(e))
         return EngineRequest(key=key, prompt_token_ids=ids, sampling=sampling, lora=self.lora)
+
+    def parts(self, row: Mapping[str, Any]) -> list[Part]:
+        """The requests of a chunked document, one per chunk (none for an empty document).
+
+        Raises:
+            RowError: the row cannot make any (a bad input row, a null text, a broken template).
+        """
+        bad = row.get("__bad")
+        if bad:
+            raise RowError(f"bad input: {bad}")
+        return list(chunk_prompts(self, row, PromptOptions()))
+
+    def document(self, row: Mapping[str, Any]) -> str:
+        """The text a chunked row embeds: the prompt template over the row, or the text column
+        (an empty or blank document is "", which makes no chunks)."""
+        if self.template:
+            try:
+                return self.template.format(**row)
+            except KeyError as e:
+                raise RowError(
+                    f"template error: prompt_template names column {e.args[0]!r}, which this row lacks"
+                ) from e
+            except (IndexError, ValueError) as e:
+                raise RowError(f"template error: {e}") from e
+        column = self.data.text_column
+        value = row.get(column)
+        if column not in row:
+            raise RowError(f"missing column: no column {column!r} in this row")
+        if value is None:
+            raise RowError(f"null input: column {column!r} is null")
+        if not isinstance(value, str):
+            raise RowError(f"non-string input: column {column!r} holds {type(value).__name__} {value!r:.80}")
+        return value
+
+    def doc_id(self, row: Mapping[str, Any]) -> str:
+        """A document's id: its ``data.id_column`` value, else its ordinal in the input."""
+        col = self.data.id_column
+        value = row.get(col) if col else None
+        return str(row.get("__row_id")) if value is None else str(value)
+
+    @property
+    def chunk_size(self) -> int:
+        """Chunk size in the model's tokens: ``task.chunking.size``, else the model's sequence
+        length as it embeds (sentence-transformers' ``max_seq_length`` where the folder gives one,
+        else the engine's context) less the special tokens and the embed prompt's tokens."""
+        specials = len(self.engine.encode(""))
+        prefix = len(self.engine.encode(self.embed_prefix)) - specials if self.embed_prefix else 0
+        context = self.engine.max_model_len
+        if self._chunk_size:
+            size = int(self._chunk_size)
+            if size + specials + prefix > context:
+                raise ConfigError(
+                    f"task.chunking.size={size}: with {specials} special token(s) and the embed prompt's "
+                    f"{prefix}, a chunk would exceed the model's context of {context} tokens; use at most "
+                    f"{context - specials - prefix}"
+                )
+            return size
+        st = st_max_seq_length(self._model_dir)
+        return (min(context, st) if st else context) - specials - prefix
+
+    def chunk_spans(self, source: str, *, markdown: bool = False) -> Iterator[tuple[int, int, list[int]]]:
+        """``(start, end, token ids)`` of each chunk of ``source``; a chunk whose tokens after the
+        prompt still exceed the context (a tokenizer that merges across the seam) is split again."""
+        yield from self._spans(source, 0, len(source), self.chunk_size, markdown)
+
+    def _spans(
+        self, source: str, lo: int, hi: int, size: int, markdown: bool
+    ) -> Iterator[tuple[int, int, list[int]]]:
+        from sage_vllm_batch.requests.chunking import Chunker
+
+        chunker = self._chunkers.get(size)
+        if chunker is None:
+            overlap = min(self._chunk_overlap, size - 1)
+            chunker = self._chunkers[size] = Chunker(self.engine.tokenizer, size, overlap)
+        limit = self.engine.max_model_len
+        for start, end in chunker.spans(source[lo:hi], markdown=markdown):
+            start, end = start + lo, end + lo
+            ids = self.engine.encode(self.embed_prefix + source[start:end])
+            if len(ids) <= limit:
+                yield start, end, ids
+            elif size > 1 and (start, end) != (lo, hi):
+                yield from self._spans(source, start, end, max(1, size - (len(ids) - limit)), markdown)
+            else:
+                raise RowError(f"chunk too long: {len(ids)} tokens at characters {start}-{end}")
 
     def _one(self, prompts: Iterator[list[int]]) -> list[int]:
         """The one prompt of a row (each row makes one result row here)."""
@@ -295,8 +398,11 @@ def served_names(model_cfg: Any) -> frozenset[str]:
     return frozenset(n for n in (model_cfg.get("id"), model_cfg.get("adapter")) if n)
 
 
-def request_builder(cfg: Any, engine: TokenizingEngine, lora: LoraSpec | None = None) -> RequestBuilder:
-    """The request builder of a job's rows on ``engine`` (its tokenizer and context length)."""
+def request_builder(
+    cfg: Any, engine: TokenizingEngine, lora: LoraSpec | None = None, model_dir: str | None = None
+) -> RequestBuilder:
+    """The request builder of a job's rows on ``engine`` (its tokenizer and context length);
+    ``model_dir``: the model's folder (an embedding model's instructions and sequence length)."""
     from omegaconf import OmegaConf
 
     return RequestBuilder(
@@ -306,4 +412,6 @@ def request_builder(cfg: Any, engine: TokenizingEngine, lora: LoraSpec | None = 
         engine,
         lora=lora,
         model_names=served_names(cfg.model),
+        model_id=str(cfg.model.get("id") or ""),
+        model_dir=model_dir,
     )

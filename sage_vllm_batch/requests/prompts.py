@@ -2,9 +2,11 @@
 declarative half, and the registry of tasks, is :mod:`sage_vllm_batch.tasks`).
 
 A hook is a generator: ``hook(builder, row, options)`` yields the token ids of each request the
-row makes, so a task may make several of one row (a document's chunks). The tasks here make one
-each, which is what :meth:`RequestBuilder.build <sage_vllm_batch.requests.builder.RequestBuilder.build>`
-takes. A problem with the row is a :class:`RowError`, which becomes the row's ``error``.
+row makes, so a task may make several of one row. Most make one, which is what
+:meth:`RequestBuilder.build <sage_vllm_batch.requests.builder.RequestBuilder.build>` takes; a
+chunked document (:func:`chunk_prompts`) yields a :class:`Part` per chunk, which
+:meth:`RequestBuilder.parts <sage_vllm_batch.requests.builder.RequestBuilder.parts>` takes. A
+problem with the row is a :class:`RowError`, which becomes the row's ``error``.
 """
 
 from __future__ import annotations
@@ -33,12 +35,40 @@ class PromptOptions:
     chat_options: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One request of a row that makes several: a chunk of a document.
+
+    ``text`` is exactly ``source[start:end]`` (Python characters) of the text being embedded;
+    ``ids`` are its tokens with the embed prompt before them and the model's special tokens."""
+
+    ids: list[int]
+    index: int
+    start: int
+    end: int
+    text: str
+
+
 PromptHook = Callable[["RequestBuilder", Mapping[str, Any], PromptOptions], Iterator[list[int]]]
 
 
 def embed_prompts(b: RequestBuilder, row: Mapping[str, Any], options: PromptOptions) -> Iterator[list[int]]:
-    """The text column, encoded; a cut keeps the tokenizer's closing special token."""
-    yield b.fit(b.engine.encode(b.text(row, b.data.text_column)), keep="ends")
+    """The text column (after the embed prompt), encoded; a cut keeps the tokenizer's closing
+    special token."""
+    yield b.fit(b.engine.encode(b.embed_prefix + b.text(row, b.data.text_column)), keep="ends")
+
+
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+
+
+def chunk_prompts(b: RequestBuilder, row: Mapping[str, Any], options: PromptOptions) -> Iterator[Part]:
+    """A document's chunks (:mod:`sage_vllm_batch.requests.chunking`), each encoded after the
+    embed prompt; Markdown-aware for ``.md`` documents. An empty document makes none."""
+    source = b.document(row)
+    doc_id = b.doc_id(row)
+    markdown = doc_id.lower().endswith(MARKDOWN_SUFFIXES)
+    for index, (start, end, ids) in enumerate(b.chunk_spans(source, markdown=markdown)):
+        yield Part(ids, index, start, end, source[start:end])
 
 
 def generate_prompts(

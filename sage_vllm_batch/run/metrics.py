@@ -79,6 +79,8 @@ class RunMetrics:
         self.engine_prompt_tokens = 0  # prompt tokens of the rows that vLLM ran
         self.cached_prompt_tokens = 0  # of those, found in vLLM's prefix cache
         self.shared_work: dict[str, Any] | None = None  # engine.dedup / prefix_schedule settings
+        self.chunks_reused = 0  # incremental: rows of unchanged documents taken as they were
+        self.documents: dict[str, int] | None = None  # chunked documents: added, changed, ...
         self.executor: dict[str, Any] | None = None  # executor=ray: workers, retries, throughput per worker
         self._lat: list[float] = []
         self._lat_seen = 0
@@ -107,6 +109,14 @@ class RunMetrics:
                 j = self._rng.randrange(self._lat_seen)
                 if j < _RESERVOIR:
                     self._lat[j] = r.latency_s
+
+    def add_reused(self, r: EngineResult) -> None:
+        """A row taken from the previous generation (an incremental update): written, not run."""
+        self.rows_out += 1
+        self.chunks_reused += 1
+        if r.error is not None:
+            self.error_rows += 1
+            self.errors_by_reason[r.error.split(":", 1)[0]] += 1
 
     def on_commit(self) -> None:
         self.shards_committed += 1
@@ -164,4 +174,7 @@ class RunMetrics:
             rec["shared_work"] = self.shared_work
         if self.executor is not None:
             rec["executor"] = self.executor
+        if self.documents is not None:
+            rec["documents"] = self.documents
+            rec["chunks_reused"] = self.chunks_reused
         return rec

@@ -16,69 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sage_vllm_batch.config.structured import resolve_config
 from sage_vllm_batch.engine.contract import TokenizingEngine
-from sage_vllm_batch.engine.engine import resolve_in_process, vllm_version
+from sage_vllm_batch.engine.engine import resolve_in_process
 from sage_vllm_batch.engine.io import EngineRequest, EngineResult, check_structured
 from sage_vllm_batch.engine.memory import release_freed_memory
 from sage_vllm_batch.errors import ConfigError, SageBatchError
 from sage_vllm_batch.faults import pause_point
-from sage_vllm_batch.outputs.files import METRICS, OPENAI_BATCH_OUTPUT, SUCCESS, write_json_atomic
+from sage_vllm_batch.outputs.files import METRICS, SUCCESS, write_json_atomic
 from sage_vllm_batch.outputs.lock import LeaseLock, OutputLock, lock_for
-from sage_vllm_batch.outputs.manifest import build_manifest
-from sage_vllm_batch.outputs.openai_batch import write_openai_batch_file
-from sage_vllm_batch.outputs.outdir import open_output_dir, output_dir_of, sinks_of
+from sage_vllm_batch.outputs.outdir import output_dir_of
 from sage_vllm_batch.outputs.shards import ParquetShardSink, output_schema
 from sage_vllm_batch.requests.builder import RequestBuilder, request_builder
+from sage_vllm_batch.run.chunked import DocRows, open_incremental
 from sage_vllm_batch.run.metrics import RunMetrics
 from sage_vllm_batch.run.model import ResolvedModel, resolve_model
+from sage_vllm_batch.run.prepare import job_manifest, passthrough_names, write_derived_outputs
 from sage_vllm_batch.storage import StorageError
-from sage_vllm_batch.tasks import Layout, task_spec
+from sage_vllm_batch.tasks import Layout, chunk_id, task_spec
+
+__all__ = ["Point", "job_manifest", "passthrough_names", "prepare_point", "write_derived_outputs"]
 
 log = logging.getLogger(__name__)
 
 _INTERNAL = ("__row_id", "__bad")
-# Sections of the job config that decide the rows written (the manifest hashes them).
-_OUTPUT_SECTIONS = ("model", "engine", "sampling", "task", "data")
-
-
-def passthrough_names(cfg: DictConfig, columns: list[str] | None = None) -> list[str]:
-    """The input columns copied to the output: ``output.passthrough_columns``, else the column
-    the task reads its input from (``columns``, the input's, settle a chat's messages-or-prompt
-    column as the request builder does), and the id column."""
-    if cfg.output.passthrough_columns is not None:
-        names = list(cfg.output.passthrough_columns)
-    else:
-        names = task_spec(cfg.task.type).input_names(cfg.data, columns)
-    if cfg.data.id_column and cfg.data.id_column not in names:
-        names.insert(0, cfg.data.id_column)
-    return names
-
-
-def write_derived_outputs(cfg: DictConfig, out_dir: Path, *, missing_only: bool = False) -> None:
-    """The outputs built from the committed shards once all are in: the vector store
-    (``output.vector_store``) and ``openai_batch_output.jsonl`` (``output.openai_batch``).
-
-    A point that finishes writes them all (:meth:`Point.finalize`); a point found complete
-    (:func:`prepare_point`: the CLI, a sweep, a service job) writes the batch file it lacks
-    (``missing_only``), e.g. when the same job is run again with ``output=openai_batch``. A
-    complete run's missing vector store is built when its output dir is opened
-    (:func:`~sage_vllm_batch.outputs.outdir.open_output_dir`, which compares the sinks recorded
-    before this run's).
-    """
-    vs = cfg.output.vector_store
-    if vs.type and not missing_only:
-        from sage_vllm_batch.outputs.vector_stores import write_vector_store
-
-        write_vector_store(out_dir, vs)
-    if cfg.output.get("openai_batch") and not (missing_only and (out_dir / OPENAI_BATCH_OUTPUT).exists()):
-        if missing_only:
-            log.info(
-                "%s is complete but has no %s: building it from the shards", out_dir, OPENAI_BATCH_OUTPUT
-            )
-        write_openai_batch_file(cfg, out_dir)
 
 
 @dataclass
@@ -90,6 +52,11 @@ class _Chunk:
     # Each row's sampling options (shared objects unless a row has its own): results are
     # checked against their structured-output constraint.
     sampling: list[Any] = field(default_factory=list)
+    # Rows that make several requests (chunked documents): ``results`` and ``sampling`` are per
+    # request (a *slot*), ``records`` each slot's chunk record and ``slot_row`` its row.
+    records: list[dict[str, Any]] = field(default_factory=list)
+    slot_row: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # per row: slots still without a result
 
 
 @dataclass
@@ -121,6 +88,10 @@ class Point:
     # Chunks buffered (not yet committed) before the request stream pauses for results; None:
     # never pause (the engine cannot, see Engine.stream).
     _max_open_chunks: int | None = None
+    # Chunked documents: rows make several requests each (see run.chunked); an incremental
+    # update reuses unchanged documents' rows and is promoted into ``final_dir`` when done.
+    docs: DocRows | None = None
+    final_dir: Path | None = None
 
     def attach(self, on_rows: Any, max_open_chunks: int | None) -> None:
         """Set up for a drive: ``on_rows(rows, tokens)`` is told of progress; past
@@ -168,7 +139,11 @@ class Point:
         self._sink = ParquetShardSink(
             self.out_dir, output_schema(spec, fields, layout=self._layout), self.cfg.output.compression
         )
-        self._builder = request_builder(self.cfg, engine, lora=self.model.lora)
+        self._builder = request_builder(
+            self.cfg, engine, lora=self.model.lora, model_dir=self.model.path or None
+        )
+        cache = self.docs.cache if self.docs is not None else None
+        self.docs = DocRows(self, cache) if self._layout.chunks else None
 
     # -------------------------------------------------------------- request stream
     def requests(self, engine: TokenizingEngine) -> Iterator[EngineRequest | None]:
@@ -184,6 +159,9 @@ class Point:
                 yield None
                 continue
             chunk, idx, row = item
+            if self.docs is not None:
+                yield from self.docs.requests(chunk, idx, row)
+                continue
             req = self._builder.build((self, chunk, idx), row)
             self._chunks[chunk].sampling[idx] = req.sampling
             if req.error is not None:
@@ -227,9 +205,10 @@ class Point:
                     buf = self._chunks[chunk] = _Chunk([], [], [])
                 buf.row_ids.append(int(row["__row_id"]))
                 buf.passthrough.append([row.get(c) for c in self._pt_src])
-                buf.results.append(None)
+                if self.docs is None:  # one request per row (else its slots come with its parts)
+                    buf.results.append(None)
+                    buf.sampling.append(self._builder.sampling)
                 self.metrics.rows_in += 1
-                buf.sampling.append(self._builder.sampling)
                 yield chunk, len(buf.results) - 1, row
                 pos += 1
         self._total_positions = pos
@@ -248,25 +227,34 @@ class Point:
         return min(self.shard_rows, self._total_positions - chunk * self.shard_rows)
 
     def on_result(self, chunk: int, idx: int, res: EngineResult) -> None:
+        """A request's result (``idx``: its row in the chunk, or its slot for rows with parts)."""
         buf = self._chunks[chunk]
         res = check_structured(res, buf.sampling[idx])
         buf.results[idx] = res
         buf.done += 1
         self.metrics.add_result(res)
         if self._on_rows:
-            self._on_rows(1, res.prompt_tokens + res.completion_tokens)
+            rows = 1 if self.docs is None else self.docs.row_done(buf, idx)
+            self._on_rows(rows, res.prompt_tokens + res.completion_tokens)
         self._maybe_commit(chunk)
         self._maybe_finish()
 
     def _maybe_commit(self, chunk: int) -> None:
         buf = self._chunks.get(chunk)
-        if buf is None or buf.done != self._expected(chunk) or buf.done != len(buf.results):
+        expected = self._expected(chunk)
+        if buf is None or len(buf.row_ids) != expected or buf.done != len(buf.results):
             return
-        cols: dict[str, Any] = {"id": buf.row_ids}
-        for j, name in enumerate(self._pt_out):
-            cols[name] = [p[j] for p in buf.passthrough]
         rs: list[EngineResult] = buf.results  # type: ignore[assignment]
-        cols.update(self._layout.columns(rs))  # the task's columns, its commit transform applied
+        if self.docs is not None:  # a row per chunk of each document
+            cols: dict[str, Any] = {"id": [chunk_id(r["doc_id"], r["chunk_index"]) for r in buf.records]}
+            for j, name in enumerate(self._pt_out):
+                cols[name] = [buf.passthrough[i][j] for i in buf.slot_row]
+            cols.update(self._layout.columns(rs, buf.records))
+        else:
+            cols = {"id": buf.row_ids}
+            for j, name in enumerate(self._pt_out):
+                cols[name] = [p[j] for p in buf.passthrough]
+            cols.update(self._layout.columns(rs))  # the task's columns, its commit transform applied
         cols["error"] = [r.error for r in rs]
         if isinstance(self._lock, LeaseLock):
             self._lock.check()  # a lapsed lease: another run may be writing here now
@@ -292,13 +280,22 @@ class Point:
         self.finalize()
 
     def finalize(self) -> None:
-        """All rows are committed: write the vector store (if any), metrics and ``_SUCCESS``."""
+        """All rows are committed: write the vector store (if any), metrics and ``_SUCCESS``
+        (an incremental update: its metrics and ``_SUCCESS``, then its promotion)."""
         try:
-            write_derived_outputs(self.cfg, self.out_dir)
+            if self.final_dir is None:
+                write_derived_outputs(self.cfg, self.out_dir)
+            if self.docs is not None:
+                self.metrics.documents = self.docs.counts()
             self.metrics.finish()
             write_json_atomic(self.out_dir / METRICS, self.metrics_record())
             pause_point("finalize.success")
             (self.out_dir / SUCCESS).write_text("")
+            if self.final_dir is not None:
+                from sage_vllm_batch.outputs.incremental import promote
+
+                self.out_dir, self.final_dir = self.final_dir, None
+                promote(self.out_dir, lambda d: write_derived_outputs(self.cfg, d))
         except OSError as e:
             self._finished = False  # not complete: no _SUCCESS
             raise SageBatchError(
@@ -326,40 +323,6 @@ class Point:
         return rec
 
 
-def job_manifest(
-    cfg: DictConfig,
-    model: ResolvedModel,
-    source: Any,
-    runtime: dict[str, Any] | None = None,
-    out_dir: Path | None = None,
-) -> dict:
-    """The manifest of a job's output: what the rows written depend on (and, recorded but not
-    compared, how the engine ran and which sinks were asked for)."""
-    # Enum values (the schema's choices) as their plain strings, as the manifest always had them.
-    job = {k: OmegaConf.to_container(cfg[k], resolve=True, enum_to_str=True) for k in _OUTPUT_SECTIONS}
-    job["output"] = {
-        "shard_rows": cfg.output.shard_rows,
-        "passthrough_columns": passthrough_names(cfg, _columns_of(source)),
-    }
-    # The schema itself, not its file name: editing the file must not resume into mixed rows.
-    so = resolve_config(job["sampling"].get("structured_outputs"))
-    if so is not None:
-        job["sampling"]["structured_outputs"] = so
-    return build_manifest(
-        job,
-        model=model.as_dict(),
-        input_fingerprint=source.fingerprint(),
-        vllm=vllm_version(),
-        runtime=runtime,
-        sinks=sinks_of(cfg, out_dir if out_dir is not None else output_dir_of(cfg)),
-    )
-
-
-def _columns_of(source: Any) -> list[str] | None:
-    schema = getattr(source, "schema", None)
-    return None if schema is None else list(schema.names)
-
-
 def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | None = None) -> Point:
     """Open a job's input and make its output dir ready (under its lock). No engine needed.
 
@@ -375,7 +338,8 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
     try:
         runtime = {"engine_in_process": resolve_in_process(cfg.engine.in_process)}
         manifest = job_manifest(cfg, model, source, runtime=runtime, out_dir=out_dir)
-        opened = open_output_dir(cfg, out_dir, manifest, name=name)
+        # A plain run, or (output.incremental) an update written beside the current generation.
+        opened = open_incremental(cfg, out_dir, manifest, name=name)
         if opened.state == "complete":
             write_derived_outputs(cfg, out_dir, missing_only=True)
     except BaseException:
@@ -384,11 +348,13 @@ def prepare_point(cfg: DictConfig, *, name: str = "job", model: ResolvedModel | 
     return Point(
         name=name,
         cfg=cfg,
-        out_dir=out_dir,
+        out_dir=opened.dir,
         model=model,
         source=source,
         state=opened.state,
         committed=opened.committed,
         shard_rows=int(cfg.output.shard_rows),
         _lock=lock,
+        docs=None if opened.cache is None else DocRows(None, opened.cache),
+        final_dir=None if opened.dir == out_dir else out_dir,
     )
