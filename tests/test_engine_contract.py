@@ -55,7 +55,13 @@ def assigned_on_self(cls: type) -> set[str]:
 
 def test_the_protocols_are_what_the_callers_read():
     # What a point's rows need (a remote engine's stand-in gives just this) ...
-    assert members(TokenizingEngine) == {"max_model_len", "embedding_dim", "encode", "render_chat", "tokenizer"}
+    assert members(TokenizingEngine) == {
+        "max_model_len",
+        "embedding_dim",
+        "encode",
+        "render_chat",
+        "tokenizer",
+    }
     # ... and what running them needs as well.
     assert members(StreamingEngine) - members(TokenizingEngine) == {
         "stream", "runner", "max_in_flight", "kv_block_size", "supports_pause", "supports_answer",

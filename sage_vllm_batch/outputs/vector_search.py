@@ -27,12 +27,12 @@ from sage_vllm_batch.outputs.vector_stores import (
     FAISS_IDS,
     FAISS_INDEX,
     VECTOR_COLUMN,
-    _import_faiss,
-    _import_lancedb,
-    _opt,
-    _store_type,
+    import_faiss,
+    import_lancedb,
     lance_storage_options,
+    store_option,
     store_path,
+    store_type,
 )
 from sage_vllm_batch.storage import ObjectPath, arrow_file, as_dir
 
@@ -55,10 +55,10 @@ def store_location(out_dir_or_path: str | Path, vs: Any) -> tuple[Any, str | Non
 
     ``vs.path`` if set; else the given dir if it is the store itself; else ``<dir>/vectors``.
     """
-    kind = _store_type(vs)
-    table = str(_opt(vs, "table", DEFAULT_TABLE)) if kind == "lancedb" else None
+    kind = store_type(vs)
+    table = str(store_option(vs, "table", DEFAULT_TABLE)) if kind == "lancedb" else None
     marker_name = f"{table}.lance" if kind == "lancedb" else FAISS_INDEX
-    if _opt(vs, "path"):
+    if store_option(vs, "path"):
         path = store_path(out_dir_or_path, vs)
     else:
         given = as_dir(str(out_dir_or_path))
@@ -101,7 +101,7 @@ def search_many(out_dir_or_path: str | Path, vs: Any, queries: np.ndarray, k: in
     """
     path, table, exists = store_location(out_dir_or_path, vs)
     if not exists:
-        raise ConfigError(f"no {_store_type(vs)} vector store at {path}: build it by running the job first")
+        raise ConfigError(f"no {store_type(vs)} vector store at {path}: build it by running the job first")
     if table is not None:
         return search_lancedb_many(path, table, queries, k)
     return search_faiss_many(path, queries, k)
@@ -114,7 +114,7 @@ def search_lancedb(path: str | Path, table: str, query_vector: Any, k: int = 10)
 
 def search_lancedb_many(path: Any, table: str, queries: np.ndarray, k: int = 10) -> list[list[dict]]:
     """The hits of each query on a LanceDB store at ``path`` (brute force, cosine)."""
-    lancedb = _import_lancedb()
+    lancedb = import_lancedb()
     tbl = lancedb.connect(str(path), storage_options=lance_storage_options(path)).open_table(table)
     dim = tbl.schema.field(VECTOR_COLUMN).type.list_size
     columns = [n for n in tbl.schema.names if n != VECTOR_COLUMN]
@@ -152,7 +152,7 @@ def _read_faiss(faiss: Any, path: Any) -> Any:
 
 def search_faiss_many(path: Any, queries: np.ndarray, k: int = 10) -> list[list[dict]]:
     """The hits of each query on a FAISS store at ``path`` (one batched index search)."""
-    faiss = _import_faiss()
+    faiss = import_faiss()
     path = path if isinstance(path, ObjectPath) else Path(path)
     index = _read_faiss(faiss, path)
     q = _queries(queries, index.d)

@@ -63,7 +63,7 @@ _INSTALL_HINT = "pip install 'sage-vllm-batch[vector]'"
 
 
 # ---------------------------------------------------------------------------------------- config
-def _opt(vs: Any, key: str, default: Any = None) -> Any:
+def store_option(vs: Any, key: str, default: Any = None) -> Any:
     """A field of the vector_store node: a dataclass, a DictConfig or a plain mapping."""
     if vs is None:
         return default
@@ -74,8 +74,8 @@ def _opt(vs: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _store_type(vs: Any) -> str:
-    kind = _opt(vs, "type")
+def store_type(vs: Any) -> str:
+    kind = store_option(vs, "type")
     if kind not in TYPES:
         raise ConfigError(f"output.vector_store.type is {kind!r}; it must be one of {', '.join(TYPES)}.")
     return str(kind)
@@ -83,14 +83,14 @@ def _store_type(vs: Any) -> str:
 
 def store_path(out_dir: str | Path, vs: Any) -> Path:
     """Where the store lives: ``vs.path`` if set, else ``<out_dir>/vectors``."""
-    path = _opt(vs, "path")
+    path = store_option(vs, "path")
     if path:
         where = as_dir(str(path))
         return where.expanduser() if isinstance(where, Path) else where
     return as_dir(out_dir) / DEFAULT_DIRNAME
 
 
-def _import_lancedb():
+def import_lancedb():
     try:
         import lancedb
     except ImportError as e:
@@ -101,7 +101,7 @@ def _import_lancedb():
     return lancedb
 
 
-def _import_faiss():
+def import_faiss():
     try:
         import faiss
     except ImportError as e:
@@ -178,15 +178,15 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
         ConfigError: An unknown type, or the backend package is not installed.
         DataError: The shards are not the output of task=embed.
     """
-    kind = _store_type(vs)
+    kind = store_type(vs)
     out = as_dir(out_dir)
     path = store_path(out, vs)
     if kind == "lancedb":
-        table = str(_opt(vs, "table", DEFAULT_TABLE))
-        _import_lancedb()  # fail on a missing package before touching anything
+        table = str(store_option(vs, "table", DEFAULT_TABLE))
+        import_lancedb()  # fail on a missing package before touching anything
     else:
         table = None
-        _import_faiss()
+        import_faiss()
     files = _shard_files(out)
     if not files:
         log.warning("%s holds no committed shards: no %s vector store written", out, kind)
@@ -222,7 +222,7 @@ def _remove_store(kind: str, path: Path, table: str | None) -> None:
 def _write_lancedb(
     files: Sequence[Path], path: Path, table: str, passthrough: list[pa.Field], dim: int
 ) -> int:
-    lancedb = _import_lancedb()
+    lancedb = import_lancedb()
     names = [f.name for f in passthrough]
     if VECTOR_COLUMN in names:
         raise ConfigError(
@@ -301,7 +301,7 @@ def _write_faiss_local(files: Sequence[Any], path: Path, passthrough: list[pa.Fi
     renames are not one atomic step, but a crash between them leaves no ``_SUCCESS``, so the
     resumed run rebuilds both.
     """
-    faiss = _import_faiss()
+    faiss = import_faiss()
     names = [f.name for f in passthrough]
     derived = derived_fields(passthrough)
     ids_schema = pa.schema(
