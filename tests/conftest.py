@@ -138,3 +138,35 @@ def served(registry_root, tmp_path_factory):
         "stdout": lines, "key": SERVED_KEY,
     }  # fmt: skip
     stop_server(proc)
+
+
+# ---------------------------------------------------------------------------- one PostgreSQL
+PG_START_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="session")
+def pg_url(tmp_path_factory) -> str:
+    """A ``postgresql://`` URI (unix socket) of one real PostgreSQL with the pgvector extension,
+    started from the ``pgserver`` wheel the first time a test asks for it (about 2 s) and stopped
+    at the end of the session. Tests that do not ask pay nothing."""
+    import threading
+
+    pgserver = pytest.importorskip("pgserver")
+    data = tmp_path_factory.mktemp("pg")  # short: the server's unix socket lives here
+    box: dict = {}
+
+    def start() -> None:
+        try:
+            box["server"] = pgserver.get_server(str(data), cleanup_mode="stop")
+        except BaseException as e:  # reported below, in the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=start, name="pgserver-start", daemon=True)
+    t.start()
+    t.join(PG_START_TIMEOUT_S)
+    if "server" not in box:
+        why = box.get("error") or f"not up after {PG_START_TIMEOUT_S} s"
+        pytest.fail(f"pgserver: PostgreSQL did not start in {data}: {why}", pytrace=False)
+    server = box["server"]
+    yield server.get_uri()
+    server.cleanup()

@@ -42,7 +42,8 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900):
 
 def read_output(out_dir):
     """Every committed row, shard by shard in ledger order (sink.read_output), checking what a
-    sorted read would hide: ids ascend within each shard and match the ledger's record of it."""
+    sorted read would hide: ids ascend within each shard (chunk rows: no chunk twice) and match
+    the ledger's record of it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -52,9 +53,13 @@ def read_output(out_dir):
     for rec, path in committed_files(out_dir):
         t = pq.read_table(path)
         ids = t.column("id").to_pylist()
-        assert all(a < b for a, b in zip(ids, ids[1:], strict=False)), (
-            f"{path.name}: ids out of order: {ids[:20]}"
-        )
+        if "chunk_index" in t.column_names:  # chunk ids are hashes: documents, then chunks, in order
+            keys = list(zip(t.column("doc_id").to_pylist(), t.column("chunk_index").to_pylist(), strict=True))
+            assert len(set(ids)) == len(ids) and len(set(keys)) == len(keys), f"{path.name}: a chunk twice"
+        else:
+            assert all(a < b for a, b in zip(ids, ids[1:], strict=False)), (
+                f"{path.name}: ids out of order: {ids[:20]}"
+            )
         assert (len(ids), ids[0] if ids else None, ids[-1] if ids else None) == (
             rec["rows"],
             rec["first_id"],

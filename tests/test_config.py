@@ -210,5 +210,7 @@ def test_help_lists_only_real_options():
     assert r.returncode == 0
     groups = r.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert "base_" not in groups
-    assert "data: csv, example_chat," in groups and "task: chat, embed, finetune, generate" in groups
+    assert (
+        "data: csv, documents, example_chat," in groups and "task: chat, embed, finetune, generate" in groups
+    )
     assert "mode=plan" in r.stdout

@@ -117,6 +117,30 @@ def test_every_store_answers_the_same_hits(tmp_path):
     ]
 
 
+@pytest.mark.timeout(120)
+def test_pgvector_answers_what_lancedb_and_faiss_answer(pg_url, tmp_path):
+    """The same rows in all three stores: the same hits, scores within 1e-5 (a real PostgreSQL)."""
+    rng = np.random.default_rng(5)
+    texts = [f"row {i}" for i in range(60)]
+    mat = rng.standard_normal((60, DIM)).astype(np.float32) * rng.uniform(0.2, 5, (60, 1)).astype(np.float32)
+    queries = rng.standard_normal((4, DIM)).astype(np.float32)
+    found = {}
+    for kind in ("lancedb", "faiss", "pgvector"):
+        cfg, out = _job(tmp_path / kind, kind)
+        if kind == "pgvector":
+            cfg.output.vector_store.url, cfg.output.vector_store.table = pg_url, "t_search_same"
+        _write_shard(out, texts, mat)
+        write_vector_store(out, cfg.output.vector_store)
+        found[kind] = search_store(cfg, out, queries, 5)
+    for a, b, c in zip(found["lancedb"], found["faiss"], found["pgvector"], strict=True):
+        assert [tuple(h) for h in c] == [HIT_KEYS] * 5
+        assert [h["id"] for h in a] == [h["id"] for h in b] == [h["id"] for h in c]
+        assert [h["score"] for h in c] == pytest.approx([h["score"] for h in a], abs=1e-5)
+        assert [(h["doc_id"], h["chunk_index"], h["text"]) for h in c] == [
+            (h["doc_id"], h["chunk_index"], h["text"]) for h in b
+        ]
+
+
 def test_pgvector_dispatch(tmp_path, monkeypatch):
     """``type=pgvector`` goes to outputs.pgvector's ``search_pgvector`` with the job's key."""
     calls = []

@@ -47,6 +47,8 @@ from sage_vllm_batch.service.service import ServiceError
         ("output.openai_batch=true", "output.openai_batch"),
         ("output.vector_store={path:/tmp}", "output.vector_store"),
         ("output.vector_storeX=1", "output.vector_storeX"),
+        ("output.vector_store.url=postgresql://u@db:5432/x", "output.vector_store.url"),  # a database
+        ("output.vector_store.type=pgvector", "output.vector_store.type"),
         ("datax.path=/x", "datax.path"),
     ],
 )
@@ -108,6 +110,8 @@ def test_what_a_job_owns_is_allowed():
         ("task=finetune", 403, "fine_tune"),
         ("task=plan", 403, "chat, embed, generate"),
         ("output=bogus", 403, "parquet, openai_batch, lancedb, faiss"),
+        ("output=pgvector", 403, "may not name a database"),
+        ("output.vector_store.url='postgresql://u:pw@db/x'", 403, "may not name a database"),
         ("data=nope", 403, "jsonl"),
         ("data=base_data", 403, "jsonl"),
         ("sampling=base_sampling", 403, "creative"),
@@ -322,6 +326,20 @@ def test_every_path_of_the_composed_job_is_confined(roots, make, key):
         _check(roots, _job(roots, *make(roots), task=task))
     assert e.value.status in (400, 403) and key in str(e.value), str(e.value)
     assert sorted(p.name for p in roots["outside"].iterdir()) == ["schema.json"]
+
+
+def test_a_composed_job_may_not_name_a_database(roots):
+    """Whatever set it (an override, a preset), a job over HTTP does not write to a database."""
+    url = "output.vector_store.url='postgresql://u:secretpw@db.internal:5432/x'"
+    for overrides, key in (
+        (["output=pgvector", url], "output.vector_store.url"),
+        (["output=pgvector"], "output.vector_store.type"),
+        (["output=lancedb", url], "output.vector_store.url"),
+    ):
+        with pytest.raises(ServiceError) as e:
+            _check(roots, _job(roots, *overrides, task="embed"))
+        assert e.value.status == 403 and key in str(e.value) and "database" in str(e.value)
+        assert "secretpw" not in str(e.value)
 
 
 def test_a_preset_path_is_checked_too(roots):

@@ -7,6 +7,7 @@ Every error names the key to change: ``ConfigError("sampling.top_p: must be in (
 from __future__ import annotations
 
 import os
+import re
 import string
 from enum import StrEnum
 
@@ -211,6 +212,19 @@ def validate_output(cfg: DictConfig) -> None:
         _check(vs.type in names, "output.vector_store.type", f"must be {', '.join(names)} or null")
         tasks = " or ".join(f"task={s.name}" for s in SPECS.values() if s.vectors)
         _check(spec.vectors, "output.vector_store.type", f"a vector store sink needs {tasks}")
+        if vs.type == VectorStoreType.pgvector:
+            url = str(vs.get("url") or "")
+            _check(
+                url.lower().startswith(("postgresql://", "postgres://")),
+                "output.vector_store.url",
+                "output=pgvector needs a postgresql:// URL (postgresql://user@host:5432/db; keep the "
+                "password in PGPASSWORD, not in the URL)",
+            )
+            _check(
+                re.fullmatch(r"[A-Za-z_]\w{0,62}(\.[A-Za-z_]\w{0,62})?", str(vs.table), re.ASCII) is not None,
+                "output.vector_store.table",
+                "pgvector needs a plain table name or schema.table (letters, digits and _)",
+            )
     if cfg.output.get("openai_batch"):
         routes = [f"task={s.name} ({s.endpoint.route})" for s in SPECS.values() if s.endpoint is not None]
         _check(

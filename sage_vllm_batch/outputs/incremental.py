@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from sage_vllm_batch.faults import pause_point
 from sage_vllm_batch.outputs.files import (
     LEDGER,
     MANIFEST,
@@ -134,9 +135,11 @@ def promote(out_dir: Path, derive: Callable[[Path], None]) -> bool:
             p.unlink()
         marker.write_text("")
         fsync_dir(upd)
+    pause_point("promote.old_gone")
     if (upd / LEDGER).exists():
         for p in upd.glob(PART_GLOB):
             os.replace(p, out_dir / p.name)
+            pause_point("promote.moving")
         fsync_dir(out_dir)
         if (upd / MANIFEST).exists():
             os.replace(upd / MANIFEST, out_dir / MANIFEST)
@@ -144,6 +147,7 @@ def promote(out_dir: Path, derive: Callable[[Path], None]) -> bool:
         fsync_dir(out_dir)
     if (upd / METRICS).exists():
         os.replace(upd / METRICS, out_dir / METRICS)
+    pause_point("promote.committed")
     derive(out_dir)
     (out_dir / SUCCESS).write_text("")
     os.replace(upd, out_dir / TRASH)

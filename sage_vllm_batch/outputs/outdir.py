@@ -57,6 +57,11 @@ def sinks_of(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Where rows go besides the shards (recorded in the manifest, not compared)."""
     vs = cfg.output.vector_store
     store = None
+    if vs.type == "pgvector":  # a table in a database: the server without secrets, and the table
+        return {
+            "parquet": {"compression": cfg.output.compression},
+            "vector_store": {"type": vs.type, "url": redact(str(vs.url)), "table": vs.table},
+        }
     if vs.type:
         from sage_vllm_batch.outputs.vector_stores import store_path
 
@@ -200,7 +205,7 @@ def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, A
     if want is None:
         return
     have = json.loads((out_dir / MANIFEST).read_text()).get("sinks", {}).get("vector_store")
-    if have == want and as_dir(want["path"]).exists():
+    if have == want and (want["type"] == "pgvector" or as_dir(want["path"]).exists()):
         return
     from sage_vllm_batch.outputs.vector_stores import write_vector_store
 
@@ -208,7 +213,7 @@ def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, A
         "%s is complete but has no %s vector store at %s: building it from the shards",
         out_dir,
         want["type"],
-        want["path"],
+        want.get("path") or want.get("url"),
     )
     write_vector_store(out_dir, cfg.output.vector_store)
 

@@ -168,7 +168,8 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
     Args:
         out_dir: The run's output directory (holds ``part-*.parquet`` and ``_ledger.jsonl``).
         vs: The ``output.vector_store`` config node: ``type`` (``lancedb`` | ``faiss``), ``path``
-            (None: ``<out_dir>/vectors``) and ``table`` (LanceDB table name).
+            (None: ``<out_dir>/vectors``) and ``table`` (LanceDB table name). ``pgvector`` goes to
+            :func:`~sage_vllm_batch.outputs.pgvector.write_pgvector` (its own return value).
 
     Returns:
         ``{"type", "path", "rows", "dim"}`` (plus ``"table"`` for LanceDB); ``dim`` is None when
@@ -178,6 +179,10 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
         ConfigError: An unknown type, or the backend package is not installed.
         DataError: The shards are not the output of task=embed.
     """
+    if store_option(vs, "type") == "pgvector":  # a database table, synced by diff (outputs.pgvector)
+        from sage_vllm_batch.outputs.pgvector import write_pgvector
+
+        return write_pgvector(out_dir, vs)
     kind = store_type(vs)
     out = as_dir(out_dir)
     path = store_path(out, vs)

@@ -148,10 +148,15 @@ class RequestBuilder:
         Raises:
             RowError: the row cannot make any (a bad input row, a null text, a broken template).
         """
+        from sage_vllm_batch.errors import DataError
+
         bad = row.get("__bad")
         if bad:
             raise RowError(f"bad input: {bad}")
-        return list(chunk_prompts(self, row, PromptOptions()))
+        try:
+            return list(chunk_prompts(self, row, PromptOptions()))
+        except DataError as e:  # a chunk that cannot fit (a character worth more than the size)
+            raise RowError(f"chunking failed: {e}") from e
 
     def document(self, row: Mapping[str, Any]) -> str:
         """The text a chunked row embeds: the prompt template over the row, or the text column

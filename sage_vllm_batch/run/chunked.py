@@ -76,7 +76,6 @@ class DocRows:
             source = None if row.get("__bad") else b.document(row)
             digest = None if source is None else doc_hash(source)
             status = self.cache.status(doc_id, digest) if self.cache is not None else "added"
-            self._counts[status] += 1
             if status == "unchanged":
                 for r in self.cache.rows(doc_id):
                     records.append({k: r.get(k) for k in _RECORD_KEYS})
@@ -91,8 +90,8 @@ class DocRows:
                     )
             else:
                 parts = b.parts(row)
-                if not parts:
-                    self._counts["empty"] += 1
+                if not parts and status == "added":
+                    status = "empty"  # no text, no rows: neither before nor now
                 for part in parts:
                     records.append(
                         {
@@ -106,11 +105,15 @@ class DocRows:
                     )
                     prompts.append(part.ids)
         except RowError as e:  # one error row for the document, its place kept
+            self._counts["failed"] += 1
+            if self.cache is not None:
+                self.cache.seen.add(doc_id)
             records = [{"doc_id": doc_id, "chunk_index": 0, "doc_hash": None}]
             answered, prompts = [], []
             error = EngineResult(key=None, error=str(e))
         else:
             error = None
+            self._counts[status] += 1
         first = len(buf.results)
         buf.pending.append(len(prompts) + (error is not None))
         for rec in records:
@@ -154,6 +157,7 @@ class DocRows:
         out = {k: int(self._counts.get(k, 0)) for k in ("added", "changed", "unchanged")}
         out["deleted"] = self.cache.deleted() if self.cache is not None else 0
         out["empty"] = int(self._counts.get("empty", 0))
+        out["failed"] = int(self._counts.get("failed", 0))
         source_counts = getattr(self.point.source, "document_counts", None)
         if callable(source_counts):
             out.update({f"source_{k}": int(v) for k, v in source_counts().items()})

@@ -90,6 +90,14 @@ def _input(cfg: DictConfig, plan: Plan) -> Any:
         if source.num_shards > 1:
             count += f" (shard {source.shard_index} of {source.num_shards})"
     plan.add("input", f"{source.path_description}, format {source.format}, {count}")
+    counts = getattr(source, "document_counts", None)  # data=documents
+    if counts is not None:
+        c = counts()
+        plan.add(
+            "documents",
+            f"{c['files']} file(s); skipped {c['skipped_hidden']} hidden, "
+            f"{c['skipped_other_extension']} of other extensions",
+        )
     cols = [n for n in source.schema.names if not n.startswith("__")]
     plan.add("columns", ", ".join(cols) or "(none)")
     return source

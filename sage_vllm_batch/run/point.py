@@ -209,7 +209,7 @@ class Point:
                     buf.results.append(None)
                     buf.sampling.append(self._builder.sampling)
                 self.metrics.rows_in += 1
-                yield chunk, len(buf.results) - 1, row
+                yield chunk, len(buf.row_ids) - 1, row
                 pos += 1
         self._total_positions = pos
         if self._sink is None:  # empty input (or empty shard)

@@ -37,6 +37,9 @@ __all__ = [
 # (each sets only that group's keys; the composed paths are checked whatever sets them).
 TASKS = ("chat", "embed", "generate")
 OUTPUTS = ("parquet", "openai_batch", "lancedb", "faiss")
+# Not output=pgvector, nor output.vector_store.url: a job over HTTP may not name a database (it
+# would reach any server the service can, with the service's PGPASSWORD).
+_NO_DATABASE = "a job over HTTP may not name a database"
 ANY_OPTION = ("data", "sampling")
 # Keys a job may set. "x.*": x and every key below it.
 #   data.*, sampling.*: the job's input and its decoding (the paths in them are confined below).
@@ -133,15 +136,16 @@ def check_overrides(overrides: Any) -> list[str]:
         if key in ("task", "output", *ANY_OPTION):
             choices = {"task": TASKS, "output": OUTPUTS}.get(key) or group_options(key)
             if value not in choices or str(value).startswith("base_"):
-                hint = (
-                    " (fine-tuning is not a serving job: use the fine_tune call)"
-                    if value == "finetune"
-                    else ""
-                )
+                hint = {
+                    "finetune": " (fine-tuning is not a serving job: use the fine_tune call)",
+                    "pgvector": f" ({_NO_DATABASE})",
+                }.get(str(value), "")
                 raise Forbidden(
                     f"overrides: {key}={value!r} is not a choice a job may make; choose one of "
                     f"{', '.join(c for c in choices if not c.startswith('base_'))}{hint}"
                 )
+        elif key == "output.vector_store.url" or (key == "output.vector_store.type" and value == "pgvector"):
+            raise _refuse(key, _NO_DATABASE)
         elif not key_allowed(key):
             raise _refuse(key)
     return list(overrides)
@@ -260,7 +264,8 @@ def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -
     a default), before anything reads it (validation reads the schema file). Returns the output dir,
     resolved.
 
-    Read below ``serve.data_roots``: ``data.path`` (and every file its reader opens), the schema file
+    A job may not write to a database (``output.vector_store.type=pgvector`` or a
+    ``output.vector_store.url``, whatever set it). Read below ``serve.data_roots``: ``data.path`` (and every file its reader opens), the schema file
     of ``sampling.structured_outputs.json``. Written below ``serve.output_root``: ``output.dir``, the
     vector store (``output.vector_store.path``, default ``<output.dir>/vectors``, and its table).
     """
@@ -284,6 +289,9 @@ def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -
             )
     out = check_output_dir(str(cfg.output.dir), str(output_root))
     vs = cfg.output.get("vector_store")
+    if vs is not None and (vs.get("type") == "pgvector" or vs.get("url")):
+        key = "output.vector_store.url" if vs.get("url") else "output.vector_store.type"
+        raise Forbidden(f"{key}: {_NO_DATABASE} (output=pgvector is for batch runs)")
     if vs is not None and vs.get("type") is not None:
         from sage_vllm_batch.outputs.vector_stores import store_path
 

@@ -16,6 +16,7 @@ from sage_vllm_batch.errors import DataError
 from sage_vllm_batch.paths import resolve_path
 from sage_vllm_batch.sources.base import BAD, EXTENSIONS, ROW_ID, Source, detect_format, resolve_files
 from sage_vllm_batch.sources.csv import CsvSource
+from sage_vllm_batch.sources.documents import DocumentsSource, list_documents
 from sage_vllm_batch.sources.hf import HFSource, hf_files
 from sage_vllm_batch.sources.jsonl import JsonlSource
 from sage_vllm_batch.sources.openai_batch import OpenAIBatchSource
@@ -30,6 +31,7 @@ READERS: dict[str, type[Source]] = {
     "csv": CsvSource,
     "hf": HFSource,
     "openai_batch": OpenAIBatchSource,
+    "documents": DocumentsSource,
 }
 
 
@@ -67,7 +69,12 @@ def source_files(cfg: Any) -> tuple[str, str, list[str]]:
                 "use Parquet, JSON lines or CSV files there, or copy the dataset to a local path."
             )
         filesystem(path)  # built once with the URI's options; the file list below is clean URIs
-    files = hf_files(path, cfg.hf_loader) if fmt == "hf" else resolve_files(path, EXTENSIONS[fmt])
+    if fmt == "hf":
+        files = hf_files(path, cfg.hf_loader)
+    elif fmt == "documents":
+        files = list_documents(path)  # a list of paths that also carries the doc ids and skip counts
+    else:
+        files = resolve_files(path, EXTENSIONS[fmt])
     return path, fmt, files
 
 

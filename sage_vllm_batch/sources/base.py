@@ -36,11 +36,11 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json")
 
 
-def _is_glob(path: str) -> bool:
+def is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
     # Same rule as pyarrow.dataset: "_SUCCESS", ".crc" files and ".cache" dirs are not data.
     return name.startswith((".", "_"))
 
@@ -48,8 +48,8 @@ def _hidden(name: str) -> bool:
 def walk_files(root: str) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
-        found.extend(os.path.join(dirpath, f) for f in filenames if not _hidden(f))
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        found.extend(os.path.join(dirpath, f) for f in filenames if not is_hidden(f))
     return found
 
 
@@ -76,7 +76,7 @@ def resolve_files(path: str, exts: Sequence[str] | None) -> list[str]:
                 f"data.path {path!r} does not exist. Check the path (a file, a directory or a glob)."
             )
         what = "matches no file" if kind == "glob" else "holds no data file"
-    elif _is_glob(path):
+    elif is_glob(path):
         candidates = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
         what = "matches no file"
     elif os.path.isdir(path):
@@ -126,7 +126,7 @@ def detect_format(path: str) -> str:
     try:
         files = resolve_files(path, None)
     except DataError as e:
-        if not storage.exists(path) and not _is_glob(path):
+        if not storage.exists(path) and not is_glob(path):
             raise
         raise DataError(
             f"{e} If the files are of another form, set data.format to one of {FORMAT_CHOICES}."
