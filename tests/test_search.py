@@ -130,6 +130,7 @@ def test_pgvector_answers_what_lancedb_and_faiss_answer(pg_url, tmp_path):
         if kind == "pgvector":
             cfg.output.vector_store.url, cfg.output.vector_store.table = pg_url, "t_search_same"
         _write_shard(out, texts, mat)
+        (out / "_manifest.json").write_text("{}")  # a run of the job (pgvector's rows need one)
         write_vector_store(out, cfg.output.vector_store)
         found[kind] = search_store(cfg, out, queries, 5)
     for a, b, c in zip(found["lancedb"], found["faiss"], found["pgvector"], strict=True):
@@ -158,6 +159,10 @@ def test_pgvector_dispatch(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="output.vector_store.url"):
         search_store(cfg, tmp_path / "job", np.ones((2, DIM), np.float32), 3)
     cfg.output.vector_store.url = "postgresql://u@h/db"
+    with pytest.raises(ConfigError, match="run the job first"):  # no run of it: no rows of it
+        search_store(cfg, tmp_path / "job", np.ones((2, DIM), np.float32), 3)
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "_manifest.json").write_text("{}")
     hits = search_store(cfg, tmp_path / "job", np.ones((2, DIM), np.float32), 3)
     assert calls == [("pgvector", "key:job", (2, DIM), 3)]
     assert hits == [[{"id": 9, "doc_id": "a.md", "chunk_index": 2, "score": 0.5, "text": "t"}]] * 2

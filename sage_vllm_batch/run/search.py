@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.errors import ConfigError, DataError, UsageError
+from sage_vllm_batch.outputs.files import MANIFEST
 from sage_vllm_batch.outputs.outdir import output_dir_of
 from sage_vllm_batch.outputs.vector_search import SCORE_KEY, search_many, store_location
 from sage_vllm_batch.requests.builder import DATA_KEYS, RequestBuilder
@@ -93,6 +94,8 @@ def check_store(cfg: DictConfig, out_dir: Any) -> str:
     if kind == "pgvector":
         if not vs.get("url"):
             raise ConfigError("output.vector_store.url: pgvector needs postgresql://user@host:port/db")
+        if not (as_dir(str(out_dir)) / MANIFEST).exists():  # its rows are keyed by the output dir
+            raise ConfigError(_run_first(f"no run of this job at {out_dir}, so no pgvector rows of it"))
         return kind
     path, _, exists = store_location(out_dir, vs)
     if not exists:
