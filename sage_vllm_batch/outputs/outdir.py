@@ -132,10 +132,16 @@ def refusal(out_dir: Path, state: str, reasons: list[str]) -> str | None:
     if state != "refused":
         return None
     shown = "; ".join(reasons[:8]) + (f"; and {len(reasons) - 8} more" if len(reasons) > 8 else "")
+    hint = ""
+    if all(r.startswith("input.") for r in reasons):
+        hint = (
+            " Only the input changed: for a chunked documents index, output.incremental=true updates "
+            "it with what changed."
+        )
     return (
         f"{out_dir} holds a run made under a different manifest, so resuming would mix "
         f"outputs. Changed: {shown}. Use another output.dir, or output.overwrite=true to "
-        "discard the old results."
+        f"discard the old results.{hint}"
     )
 
 

@@ -34,7 +34,7 @@ from sage_vllm_batch.run.metrics import RunMetrics
 from sage_vllm_batch.run.model import ResolvedModel, resolve_model
 from sage_vllm_batch.run.prepare import job_manifest, passthrough_names, write_derived_outputs
 from sage_vllm_batch.storage import StorageError
-from sage_vllm_batch.tasks import Layout, chunk_id, task_spec
+from sage_vllm_batch.tasks import EmbeddingLayout, Layout, chunk_id, task_spec
 
 __all__ = ["Point", "job_manifest", "passthrough_names", "prepare_point", "write_derived_outputs"]
 
@@ -143,7 +143,8 @@ class Point:
             self.cfg, engine, lora=self.model.lora, model_dir=self.model.path or None
         )
         cache = self.docs.cache if self.docs is not None else None
-        self.docs = DocRows(self, cache) if self._layout.chunks else None
+        chunked = isinstance(self._layout, EmbeddingLayout) and self._layout.chunks
+        self.docs = DocRows(self, cache) if chunked else None
 
     # -------------------------------------------------------------- request stream
     def requests(self, engine: TokenizingEngine) -> Iterator[EngineRequest | None]:

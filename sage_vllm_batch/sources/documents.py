@@ -16,7 +16,9 @@ Markdown; the ``documents`` extra for HTML and PDF) is in :mod:`~sage_vllm_batch
   bytes plus one are ever read of a file). A file that cannot be read, decoded or extracted is an
   error row naming the file and why. An empty or whitespace-only file is a row with text ``""``
   (counted as empty).
-- At most ``read_batch_rows`` documents are held at once; files of other shards are not opened.
+- At most ``read_batch_rows`` documents, and about :data:`BATCH_CHARS` characters of them (one
+  document over that makes a batch of its own), are held at once; files of other shards are not
+  opened.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from sage_vllm_batch.sources.extract import DOCUMENT_EXTS, ExtractError, documen
 DOC_ID = "doc_id"
 TEXT = "text"
 COUNT_KEYS = ("files", "skipped_hidden", "skipped_other_extension", "empty", "too_large", "unreadable")
+
+
+# Text a read batch holds before it is handed on, whatever read_batch_rows says (large documents).
+BATCH_CHARS = 16_000_000
 
 
 class DocumentFiles(list):
@@ -241,15 +247,18 @@ class DocumentsSource(Source):
         doc_ids: list[str] = []
         texts: list[str | None] = []
         bad: list[str | None] = []
+        held = 0
         for i in range(self.shard_index, total, self.num_shards):  # other shards' files stay unopened
             text, problem = self._read(i)
             ids.append(i)
             doc_ids.append(self.listing.doc_ids[i])
             texts.append(text)
             bad.append(problem)
-            if len(ids) >= self.batch_rows:
+            held += len(text or "")
+            # A batch ends at read_batch_rows documents or BATCH_CHARS of text, whichever first.
+            if len(ids) >= self.batch_rows or held >= BATCH_CHARS:
                 yield self._to_batch(ids, doc_ids, texts, bad)
-                ids, doc_ids, texts, bad = [], [], [], []
+                ids, doc_ids, texts, bad, held = [], [], [], [], 0
         if ids:
             yield self._to_batch(ids, doc_ids, texts, bad)
 
