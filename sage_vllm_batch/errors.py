@@ -26,7 +26,13 @@ class ExitCode(IntEnum):
             "to change; Hydra's own key/type errors too); mode=plan: the job cannot run"
         ),
     )
-    USAGE = 2, "a malformed command line (data=<path> where data.path=<path> is meant, an unknown flag)"
+    USAGE = (
+        2,
+        (
+            "a malformed command line (data=<path> where data.path=<path> is meant, an unknown flag; "
+            "mode=search without search.query or search.queries_path)"
+        ),
+    )
     NOT_BUILT = 3, "a valid request for something not built yet (task.finetune.strategy=qlora or full)"
     ENGINE_STALLED = 75, "an in-process engine stalled (engine.stall_timeout_s); rerun to resume"
     INTERRUPTED = 130, "stopped by Ctrl-C; committed shards are intact, rerun to resume"
@@ -52,6 +58,12 @@ class ResumeError(SageBatchError):
 
 class EngineError(SageBatchError):
     """vLLM failed to start or to serve the job."""
+
+
+class UsageError(SageBatchError):
+    """The command line does not ask for a complete thing (``mode=search`` without a query)."""
+
+    exit_code = ExitCode.USAGE
 
 
 class NotBuiltError(SageBatchError):

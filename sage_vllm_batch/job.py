@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig, *, overrides: Sequence[str] = (), process_exiting: bool = False) -> ExitCode:
     """Run the job ``cfg`` describes, by its ``mode``, and return the CLI's exit code.
 
-    ``mode=plan`` prints what a run would do (:func:`plan`); ``mode=serve`` serves the models until
+    ``mode=plan`` prints what a run would do (:func:`plan`); ``mode=search`` prints the hits of
+    the job's vector store for queries (:func:`search`); ``mode=serve`` serves the models until
     stopped (:func:`serve`; ``overrides``, the command line's, are the base of the jobs it runs);
     ``mode=run`` (the default) runs a batch job, or a fine-tune for ``task=finetune`` (:func:`run`).
     A user error (:class:`~sage_vllm_batch.errors.SageBatchError`) is printed as one paragraph on
@@ -41,9 +42,12 @@ def main(cfg: DictConfig, *, overrides: Sequence[str] = (), process_exiting: boo
 
     mode = cfg.get("mode", "run")
     try:
-        if mode == "plan":
+        if mode in ("plan", "search"):  # neither writes into the output dir, not even a log
             configure(verbose=cfg.verbose, log_dir=None)
-            return plan(cfg)
+            if mode == "plan":
+                return plan(cfg)
+            since = _process_start() if process_exiting else None
+            return search(cfg, process_exiting=process_exiting, since=since)
         configure(verbose=cfg.verbose, log_dir=_log_dir(cfg))
         if mode == "serve":
             return serve(cfg, overrides)
@@ -53,6 +57,16 @@ def main(cfg: DictConfig, *, overrides: Sequence[str] = (), process_exiting: boo
         return e.exit_code
     _report(metrics)
     return ExitCode.OK
+
+
+def _process_start() -> float | None:
+    """When this process started (the CLI's: Hydra made the run dir after it), or None."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # pragma: no cover - psutil comes with vLLM
+        return None
 
 
 def _log_dir(cfg: DictConfig) -> Path | None:
@@ -117,6 +131,24 @@ def plan(cfg: DictConfig) -> ExitCode:
     from sage_vllm_batch.run.plan import print_plan
 
     return ExitCode(print_plan(cfg))
+
+
+def search(cfg: DictConfig, *, process_exiting: bool = False, since: float | None = None) -> ExitCode:
+    """``mode=search``: embed ``search.query`` (or each line of ``search.queries_path``) with the
+    job's model and print the top ``search.k`` rows of its vector store as JSON lines
+    (``query``, ``rank``, ``doc_id``, ``chunk_index``, ``score``, ``text``) on stdout. Writes
+    nothing into the output dir (see :mod:`sage_vllm_batch.run.search`); ``since`` (the CLI's start
+    time): an empty output dir made after it (by Hydra, for a job never run) is removed."""
+    from sage_vllm_batch.run.search import drop_new_empty_dir, search_job
+
+    try:
+        for record in search_job(cfg, process_exiting=process_exiting):
+            print(json.dumps(record, ensure_ascii=False))
+        sys.stdout.flush()
+    finally:
+        if since is not None:
+            drop_new_empty_dir(output_dir_of(cfg), since)
+    return ExitCode.OK
 
 
 def serve(cfg: DictConfig, overrides: Sequence[str]) -> ExitCode:

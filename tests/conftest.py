@@ -104,7 +104,7 @@ SERVED_KEY = "served-key-1"
 def served(registry_root, tmp_path_factory):
     """One ``mode=serve`` server (a text and an embedding model, started as a user would) shared by
     the modules whose tests prove things of a running server without stopping it
-    (``test_service_http``, ``test_service_escapes``): one model load for both.
+    (``test_service_http``, ``test_service_escapes``, ``test_search``): one model load for all.
 
     Layout under ``base``: ``outputs/`` (the output root), ``state/`` (the services dir), ``cwd/``
     (where it runs), and a data root per module in ``roots``, each module filling its own. The
@@ -115,6 +115,9 @@ def served(registry_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("served")
     roots = {"escapes": base / "data", "http": base / "http" / "data"}
     dirs = {"base": base, "outputs": base / "outputs", "state": base / "state", "cwd": base / "cwd"}
+    # The server's own job (its output.dir): /v1/search answers from its FAISS store
+    # (tests/test_search.py builds it; until then, /v1/search answers 404).
+    dirs["search_job"] = base / "search-job"
     for d in (*roots.values(), dirs["outputs"], dirs["cwd"]):
         d.mkdir(parents=True)
     env = {"SAGE_VLLM_API_KEY": SERVED_KEY, "SAGE_VLLM_SERVICES_DIR": str(dirs["state"])}
@@ -125,6 +128,7 @@ def served(registry_root, tmp_path_factory):
         # can cancel it part-way (the default window holds a whole small job).
         "engine.max_in_flight=16",
         f"serve.data_roots=[{','.join(str(r) for r in roots.values())}]", f"serve.output_root={dirs['outputs']}",
+        "output=faiss", f"output.dir={dirs['search_job']}",
     ]  # fmt: skip
     log = base / "server.log"
     proc, url = spawn_server(overrides, cwd=dirs["cwd"], log_path=log, env=env)

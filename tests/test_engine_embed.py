@@ -139,7 +139,7 @@ def test_parquet_directory_source_with_passthrough(embed_engine, registry_root, 
 
 @pytest.mark.parametrize("store", ["lancedb", "faiss"])
 def test_vector_store_sink_answers_queries(embed_engine, registry_root, tmp_path, store):
-    from sage_vllm_batch.outputs.vector_stores import search
+    from sage_vllm_batch.outputs.vector_search import search
 
     out = tmp_path / "out"
     cfg = compose_job(

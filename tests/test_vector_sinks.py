@@ -13,7 +13,8 @@ import pytest
 from sage_vllm_batch.errors import ConfigError
 from sage_vllm_batch.outputs import vector_stores as vector_sinks
 from sage_vllm_batch.outputs.shards import ParquetShardSink, embedding_column, output_schema
-from sage_vllm_batch.outputs.vector_stores import search, write_vector_store
+from sage_vllm_batch.outputs.vector_search import search, search_many
+from sage_vllm_batch.outputs.vector_stores import write_vector_store
 
 DIM = 8
 SHARD_ROWS = 100
@@ -123,11 +124,125 @@ def test_search_matches_brute_force(run_dir: Path, kind: str) -> None:
     write_vector_store(run_dir, _vs(kind))
     ids = sorted(_valid_ids(3))
     mat = np.stack([_vector(i) for i in ids])
-    q = np.random.default_rng(7).standard_normal(DIM).astype(np.float32)
-    want = [ids[j] for j in np.argsort(-(mat @ q))[:10]]
+    q = 3.0 * np.random.default_rng(7).standard_normal(DIM).astype(np.float32)  # not unit: cosine
+    cos = mat @ (q / np.linalg.norm(q))
+    want = [ids[j] for j in np.argsort(-cos)[:10]]
     hits = search(run_dir, _vs(kind), q, k=10)
     assert [h["id"] for h in hits] == want
-    assert [h["_score"] for h in hits] == pytest.approx([float(_vector(i) @ q) for i in want], abs=1e-4)
+    assert [h["_score"] for h in hits] == pytest.approx([float(cos[ids.index(i)]) for i in want], abs=1e-5)
+
+
+def _cosine_top_k(mat: np.ndarray, ids: list[int], queries: np.ndarray, k: int) -> list[list[tuple]]:
+    """Brute-force cosine ranking in float64: per query, ``(id, score)`` best first."""
+    m = mat.astype(np.float64) / np.linalg.norm(mat.astype(np.float64), axis=1, keepdims=True)
+    out = []
+    for q in queries.astype(np.float64):
+        cos = m @ (q / np.linalg.norm(q))
+        out.append([(ids[j], float(cos[j])) for j in np.argsort(-cos)[:k]])
+    return out
+
+
+def test_every_store_ranks_by_cosine_the_same(tmp_path: Path) -> None:
+    """Vectors of very different lengths (task.normalize=false): LanceDB and FAISS give the same
+    top k, ids and scores, as a brute-force cosine ranking; a long vector does not win on length."""
+    rng = np.random.default_rng(11)
+    n, k = 300, 10
+    mat = rng.standard_normal((n, DIM)).astype(np.float32) * rng.uniform(0.05, 20.0, (n, 1)).astype(
+        np.float32
+    )
+    out = tmp_path / "run"
+    ParquetShardSink(out, output_schema("embed", [pa.field("text", pa.string())], DIM)).commit(
+        0,
+        {
+            "id": list(range(n)),
+            "text": [f"row {i}" for i in range(n)],
+            "embedding": embedding_column(list(mat), DIM),
+            "prompt_tokens": [3] * n,
+            "error": [None] * n,
+        },
+    )
+    queries = rng.standard_normal((6, DIM)).astype(np.float32) * 7.0
+    want = _cosine_top_k(mat, list(range(n)), queries, k)
+    got = {}
+    for kind in BACKENDS:
+        write_vector_store(out, _vs(kind))
+        got[kind] = search_many(out, _vs(kind), queries, k)
+        for hits, expected in zip(got[kind], want, strict=True):
+            assert [h["id"] for h in hits] == [i for i, _ in expected], kind
+            assert [h["_score"] for h in hits] == pytest.approx([s for _, s in expected], abs=1e-5), kind
+            assert all(h["text"] == f"row {h['id']}" and h["doc_id"] == str(h["id"]) for h in hits)
+    for a, b in zip(got["lancedb"], got["faiss"], strict=True):
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+        assert [h["_score"] for h in a] == pytest.approx([h["_score"] for h in b], abs=1e-5)
+
+
+def _stored_rows(out: Path, kind: str) -> pa.Table:
+    """The store's rows as a table (LanceDB: its table; FAISS: the id map)."""
+    if kind == "lancedb":
+        import lancedb
+
+        return lancedb.connect(str(out / "vectors")).open_table("embeddings").to_arrow()
+    return pq.read_table(out / "vectors" / "ids.parquet")
+
+
+def test_plain_table_rows_get_doc_id_chunk_index_and_text(run_dir: Path, kind: str) -> None:
+    """A table embed job (no chunks, no text column here): doc_id is str(id), chunk_index 0, text
+    null; the pass-through columns stay."""
+    write_vector_store(run_dir, _vs(kind))
+    t = _stored_rows(run_dir, kind)
+    assert t.column_names[:5] == ["id", "title", "doc_id", "chunk_index", "text"]
+    assert t.schema.field("doc_id").type == pa.string()
+    assert t.schema.field("chunk_index").type == pa.int32()
+    rows = t.to_pylist()
+    assert all(r["doc_id"] == str(r["id"]) and r["chunk_index"] == 0 and r["text"] is None for r in rows)
+    hit = search(run_dir, _vs(kind), _vector(42), k=1)[0]
+    assert (hit["id"], hit["doc_id"], hit["chunk_index"], hit["text"]) == (42, "42", 0, None)
+    if kind == "lancedb":  # the vector is stored, normalised
+        vecs = np.stack(t.column("vector").to_numpy(zero_copy_only=False))
+        assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+CHUNK_FIELDS = [
+    pa.field("doc_id", pa.string()),
+    pa.field("chunk_index", pa.int32()),
+    pa.field("char_start", pa.int32()),
+    pa.field("char_end", pa.int32()),
+    pa.field("text", pa.string()),
+    pa.field("doc_hash", pa.string()),
+]
+
+
+def test_chunk_rows_keep_their_doc_id_chunk_index_and_text(tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "run"
+    docs = [("a.md", 3), ("dir/b.txt", 2)]
+    rows = [(d, c) for d, n in docs for c in range(n)]
+    ids = [1000 + 7 * j for j in range(len(rows))]
+    ParquetShardSink(out, output_schema("embed", CHUNK_FIELDS, DIM)).commit(
+        0,
+        {
+            "id": ids,
+            "doc_id": [d for d, _ in rows],
+            "chunk_index": [c for _, c in rows],
+            "char_start": [10 * c for _, c in rows],
+            "char_end": [10 * c + 9 for _, c in rows],
+            "text": [f"{d} chunk {c}" for d, c in rows],
+            "doc_hash": ["h"] * len(rows),
+            "embedding": embedding_column([_vector(i) for i in ids], DIM),
+            "prompt_tokens": [4] * len(rows),
+            "error": [None] * len(rows),
+        },
+    )
+    write_vector_store(out, _vs(kind))
+    t = _stored_rows(out, kind)
+    names = [f.name for f in CHUNK_FIELDS]
+    assert t.column_names[: 1 + len(names)] == ["id", *names]  # nothing derived, nothing twice
+    hit = search(out, _vs(kind), _vector(ids[3]), k=1)[0]
+    assert (hit["id"], hit["doc_id"], hit["chunk_index"], hit["text"]) == (
+        ids[3],
+        "dir/b.txt",
+        0,
+        "dir/b.txt chunk 0",
+    )
 
 
 def test_rewrite_after_new_shard_overwrites(run_dir: Path, kind: str) -> None:

@@ -398,7 +398,15 @@ def run_dir_excluded_keys() -> list[str]:
     same command with any of them writes to, and resumes in, the same directory."""
     executor = ["executor", *(f"executor.{f.name}" for f in fields(ExecutorConfig))]
     search = ["search", *(f"search.{f.name}" for f in fields(SearchConfig))]
-    return [*_DISPLAY_KEYS, *ROW_NEUTRAL_KEYS, *executor, *search]
+    # mode=serve's own keys: the same job served on another port answers from the same dir.
+    serve = ["serve", *(f"serve.{f.name}" for f in fields(ServeConfig))]
+    return [*_DISPLAY_KEYS, *ROW_NEUTRAL_KEYS, *executor, *search, *serve]
+
+
+def hydra_subdir(mode: Any) -> str | None:
+    """``hydra.output_subdir`` (``${sage_hydra_subdir:${mode}}`` in conf/config.yaml): Hydra's
+    ``.hydra/`` files beside a run's output, none for ``mode=search``, which writes nothing there."""
+    return None if str(mode) == "search" else ".hydra"
 
 
 def example_value(value: Any, *, _parent_: Any, _node_: Any) -> Any:
@@ -434,6 +442,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sage_help_groups", help_config_groups)
     if not OmegaConf.has_resolver("sage_dirname_excludes"):
         OmegaConf.register_new_resolver("sage_dirname_excludes", run_dir_excluded_keys)
+    if not OmegaConf.has_resolver("sage_hydra_subdir"):
+        OmegaConf.register_new_resolver("sage_hydra_subdir", hydra_subdir)
     if not OmegaConf.has_resolver("sage_example"):
         OmegaConf.register_new_resolver("sage_example", example_value)
     cs = ConfigStore.instance()

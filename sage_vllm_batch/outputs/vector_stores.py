@@ -12,13 +12,13 @@ Parquet side never holds more than one batch; error rows (null ``embedding``) ar
 Layouts (``path`` defaults to ``<out_dir>/vectors``):
 
 * ``lancedb``: ``lancedb.connect(path)``, table ``vs.table`` with columns ``id``, the
-  pass-through columns and ``vector`` (``fixed_size_list<float32>[dim]``).
+  pass-through columns, the row keys the shards lack (``doc_id``, ``chunk_index``, ``text``: see
+  :mod:`.vector_rows`) and ``vector`` (``fixed_size_list<float32>[dim]``).
 * ``faiss``: ``<path>/index.faiss``, an ``IndexIDMap2(IndexFlatIP(dim))`` whose ids are the rows'
-  ``id``, and ``<path>/ids.parquet``, the id map: ``id`` plus the pass-through columns.
+  ``id``, and ``<path>/ids.parquet``, the id map: ``id``, the pass-through columns and the row keys.
 
-Both backends rank by inner product, so :func:`search` returns the same order for either; its
-``_score`` is the inner product, which is the cosine similarity when the vectors are
-L2-normalized (``task.normalize=true``).
+Vectors are stored L2-normalised (:func:`~.vector_rows.unit_rows`), so both backends rank by
+cosine similarity and a query gets the same top k from either (:mod:`.vector_search`).
 
 ``lancedb`` and ``faiss`` are optional (``pip install 'sage-vllm-batch[vector]'``) and are only
 imported when a store of that type is written or searched.
@@ -44,6 +44,7 @@ from sage_vllm_batch.errors import ConfigError, DataError
 from sage_vllm_batch.faults import pause_point
 from sage_vllm_batch.outputs.files import PART_GLOB, TMP_PREFIX, VECTORS, fsync_dir
 from sage_vllm_batch.outputs.shards import ParquetShardSink
+from sage_vllm_batch.outputs.vector_rows import derived_fields, row_key_columns, unit_rows
 from sage_vllm_batch.storage import ObjectPath, arrow_file, as_dir, rmtree
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ DEFAULT_TABLE = "embeddings"
 FAISS_INDEX = "index.faiss"
 FAISS_IDS = "ids.parquet"
 VECTOR_COLUMN = "vector"
-SCORE_KEY = "_score"
 # Rows per record batch read from a shard: bounds the Parquet-side memory of a build.
 BATCH_ROWS = 8192
 # Output columns that are not pass-through (see outputs.shards.output_schema for task=embed).
@@ -63,7 +63,7 @@ _INSTALL_HINT = "pip install 'sage-vllm-batch[vector]'"
 
 
 # ---------------------------------------------------------------------------------------- config
-def _opt(vs: Any, key: str, default: Any = None) -> Any:
+def store_option(vs: Any, key: str, default: Any = None) -> Any:
     """A field of the vector_store node: a dataclass, a DictConfig or a plain mapping."""
     if vs is None:
         return default
@@ -74,8 +74,8 @@ def _opt(vs: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _store_type(vs: Any) -> str:
-    kind = _opt(vs, "type")
+def store_type(vs: Any) -> str:
+    kind = store_option(vs, "type")
     if kind not in TYPES:
         raise ConfigError(f"output.vector_store.type is {kind!r}; it must be one of {', '.join(TYPES)}.")
     return str(kind)
@@ -83,14 +83,14 @@ def _store_type(vs: Any) -> str:
 
 def store_path(out_dir: str | Path, vs: Any) -> Path:
     """Where the store lives: ``vs.path`` if set, else ``<out_dir>/vectors``."""
-    path = _opt(vs, "path")
+    path = store_option(vs, "path")
     if path:
         where = as_dir(str(path))
         return where.expanduser() if isinstance(where, Path) else where
     return as_dir(out_dir) / DEFAULT_DIRNAME
 
 
-def _import_lancedb():
+def import_lancedb():
     try:
         import lancedb
     except ImportError as e:
@@ -101,7 +101,7 @@ def _import_lancedb():
     return lancedb
 
 
-def _import_faiss():
+def import_faiss():
     try:
         import faiss
     except ImportError as e:
@@ -150,10 +150,11 @@ def _iter_valid(files: Sequence[Path], columns: list[str]) -> Iterator[pa.Record
 
 
 def _vectors(batch: pa.RecordBatch, dim: int) -> np.ndarray:
-    """The embedding column as a C-contiguous ``(rows, dim)`` float32 array."""
+    """The embedding column as a C-contiguous ``(rows, dim)`` float32 array of unit vectors
+    (cosine ranking in every store, whatever ``task.normalize`` was)."""
     flat = batch.column("embedding").flatten()  # respects the slice offset a filter may leave
     arr = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return np.ascontiguousarray(arr.reshape(-1, dim))
+    return unit_rows(arr.reshape(-1, dim))
 
 
 # ----------------------------------------------------------------------------------------- write
@@ -178,19 +179,19 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
         ConfigError: An unknown type, or the backend package is not installed.
         DataError: The shards are not the output of task=embed.
     """
-    if _opt(vs, "type") == "pgvector":  # a database table, synced by diff (outputs.pgvector)
+    if store_option(vs, "type") == "pgvector":  # a database table, synced by diff (outputs.pgvector)
         from sage_vllm_batch.outputs.pgvector import write_pgvector
 
         return write_pgvector(out_dir, vs)
-    kind = _store_type(vs)
+    kind = store_type(vs)
     out = as_dir(out_dir)
     path = store_path(out, vs)
     if kind == "lancedb":
-        table = str(_opt(vs, "table", DEFAULT_TABLE))
-        _import_lancedb()  # fail on a missing package before touching anything
+        table = str(store_option(vs, "table", DEFAULT_TABLE))
+        import_lancedb()  # fail on a missing package before touching anything
     else:
         table = None
-        _import_faiss()
+        import_faiss()
     files = _shard_files(out)
     if not files:
         log.warning("%s holds no committed shards: no %s vector store written", out, kind)
@@ -226,16 +227,17 @@ def _remove_store(kind: str, path: Path, table: str | None) -> None:
 def _write_lancedb(
     files: Sequence[Path], path: Path, table: str, passthrough: list[pa.Field], dim: int
 ) -> int:
-    lancedb = _import_lancedb()
+    lancedb = import_lancedb()
     names = [f.name for f in passthrough]
     if VECTOR_COLUMN in names:
         raise ConfigError(
             f"pass-through column {VECTOR_COLUMN!r} clashes with the LanceDB vector column; rename it "
             "or drop it from output.passthrough_columns."
         )
+    derived = derived_fields(passthrough)
     schema = pa.schema(
         [pa.field("id", pa.int64(), nullable=False)]
-        + [pa.field(f.name, f.type) for f in passthrough]
+        + [pa.field(f.name, f.type) for f in [*passthrough, *derived]]
         + [pa.field(VECTOR_COLUMN, pa.list_(pa.float32(), dim), nullable=False)]
     )
     rows = 0
@@ -244,7 +246,8 @@ def _write_lancedb(
         nonlocal rows
         for batch in _iter_valid(files, ["id", *names]):
             vec = pa.FixedSizeListArray.from_arrays(pa.array(_vectors(batch, dim).reshape(-1)), dim)
-            cols = [batch.column("id").cast(pa.int64()), *(batch.column(n) for n in names), vec]
+            keys = row_key_columns(batch, derived)
+            cols = [batch.column("id").cast(pa.int64()), *(batch.column(n) for n in names), *keys, vec]
             rows += batch.num_rows
             yield pa.RecordBatch.from_arrays(cols, schema=schema)
 
@@ -295,18 +298,20 @@ def _write_faiss(files: Sequence[Any], path: Any, passthrough: list[pa.Field], d
 def _write_faiss_local(files: Sequence[Any], path: Path, passthrough: list[pa.Field], dim: int) -> int:
     """Write ``index.faiss`` (``IndexIDMap2(IndexFlatIP(dim))``) and ``ids.parquet``.
 
-    The index scores by inner product: embeddings should be L2-normalized
-    (``task.normalize=true``) for the score to be the cosine similarity. A flat index keeps every
-    vector in memory (rows x dim x 4 bytes); the shards themselves are streamed.
+    The index scores by inner product over unit vectors (normalised here), i.e. by cosine
+    similarity. A flat index keeps every vector in memory (rows x dim x 4 bytes); the shards
+    themselves are streamed.
 
     Both files are written under temp names and moved into place with ``os.replace``. The two
     renames are not one atomic step, but a crash between them leaves no ``_SUCCESS``, so the
     resumed run rebuilds both.
     """
-    faiss = _import_faiss()
+    faiss = import_faiss()
     names = [f.name for f in passthrough]
+    derived = derived_fields(passthrough)
     ids_schema = pa.schema(
-        [pa.field("id", pa.int64(), nullable=False)] + [pa.field(f.name, f.type) for f in passthrough]
+        [pa.field("id", pa.int64(), nullable=False)]
+        + [pa.field(f.name, f.type) for f in [*passthrough, *derived]]
     )
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     tmp_ids = path / f"{TMP_PREFIX}{FAISS_IDS}"
@@ -317,7 +322,10 @@ def _write_faiss_local(files: Sequence[Any], path: Path, passthrough: list[pa.Fi
             ids = batch.column("id").cast(pa.int64())
             index.add_with_ids(_vectors(batch, dim), ids.to_numpy(zero_copy_only=False).astype(np.int64))
             writer.write_batch(
-                pa.RecordBatch.from_arrays([ids, *(batch.column(n) for n in names)], schema=ids_schema)
+                pa.RecordBatch.from_arrays(
+                    [ids, *(batch.column(n) for n in names), *row_key_columns(batch, derived)],
+                    schema=ids_schema,
+                )
             )
             rows += batch.num_rows
     faiss.write_index(index, str(tmp_index))
@@ -329,86 +337,3 @@ def _write_faiss_local(files: Sequence[Any], path: Path, passthrough: list[pa.Fi
     os.replace(tmp_index, path / FAISS_INDEX)
     fsync_dir(path)
     return rows
-
-
-# ---------------------------------------------------------------------------------------- search
-def _resolve(out_dir_or_path: str | Path, vs: Any, kind: str, table: str | None) -> Path:
-    """``vs.path`` if set; else the given dir if it is the store itself; else ``<dir>/vectors``."""
-    if _opt(vs, "path"):
-        return store_path(out_dir_or_path, vs)
-    p = Path(out_dir_or_path)
-    marker = p / (f"{table}.lance" if kind == "lancedb" else FAISS_INDEX)
-    return p if marker.exists() else p / DEFAULT_DIRNAME
-
-
-def _query(query_vector: Any, dim: int | None = None) -> np.ndarray:
-    q = np.asarray(query_vector, dtype=np.float32).reshape(-1)
-    if dim is not None and q.shape[0] != dim:
-        raise ValueError(f"query vector has {q.shape[0]} dims, the store has {dim}")
-    return q
-
-
-def search(
-    out_dir_or_path: str | Path, vs: Any, query_vector: Sequence[float] | np.ndarray, k: int = 10
-) -> list[dict]:
-    """The ``k`` rows nearest to ``query_vector`` by inner product, best first.
-
-    Args:
-        out_dir_or_path: The run's output dir, or the store directory itself (ignored when
-            ``vs.path`` is set).
-        vs: The ``output.vector_store`` node (``type``, ``path``, ``table``); a mapping works too.
-        query_vector: A vector of the store's dim (normalize it like the stored ones).
-        k: How many rows to return (fewer if the store is smaller).
-
-    Returns:
-        One dict per hit: ``id``, the pass-through columns and ``_score`` (the inner product;
-        the cosine similarity for normalized vectors).
-    """
-    kind = _store_type(vs)
-    if kind == "lancedb":
-        table = str(_opt(vs, "table", DEFAULT_TABLE))
-        return search_lancedb(_resolve(out_dir_or_path, vs, kind, table), table, query_vector, k)
-    return search_faiss(_resolve(out_dir_or_path, vs, kind, None), query_vector, k)
-
-
-def search_lancedb(path: str | Path, table: str, query_vector: Any, k: int = 10) -> list[dict]:
-    """:func:`search` on a LanceDB store at ``path`` (brute force, dot product)."""
-    lancedb = _import_lancedb()
-    tbl = lancedb.connect(str(path)).open_table(table)
-    dim = tbl.schema.field(VECTOR_COLUMN).type.list_size
-    columns = [n for n in tbl.schema.names if n != VECTOR_COLUMN]
-    hits = (
-        tbl.search(_query(query_vector, dim), vector_column_name=VECTOR_COLUMN)
-        .distance_type("dot")
-        .select([*columns, "_distance"])
-        .limit(k)
-        .to_list()
-    )
-    out = []
-    for hit in hits:
-        row = {c: hit[c] for c in columns}
-        row[SCORE_KEY] = 1.0 - float(hit["_distance"])  # lance's dot "distance" is 1 - <q, v>
-        out.append(row)
-    return out
-
-
-def search_faiss(path: str | Path, query_vector: Any, k: int = 10) -> list[dict]:
-    """:func:`search` on a FAISS store at ``path`` (``index.faiss`` + ``ids.parquet``)."""
-    faiss = _import_faiss()
-    path = Path(path)
-    index = faiss.read_index(str(path / FAISS_INDEX))
-    q = _query(query_vector, index.d)
-    if index.ntotal == 0 or k <= 0:
-        return []
-    scores, labels = index.search(q.reshape(1, -1), min(k, index.ntotal))
-    hits = [(int(i), float(s)) for i, s in zip(labels[0], scores[0], strict=True) if i >= 0]
-    if not hits:
-        return []
-    meta = pq.read_table(path / FAISS_IDS, filters=[("id", "in", [i for i, _ in hits])])
-    by_id = {r["id"]: r for r in meta.to_pylist()}
-    out = []
-    for i, s in hits:
-        row = dict(by_id.get(i, {"id": i}))
-        row[SCORE_KEY] = s
-        out.append(row)
-    return out

@@ -14,6 +14,8 @@ from sage_vllm_batch.service.files.serving import FileServing
 from sage_vllm_batch.service.jobs import api_router as jobs_router
 from sage_vllm_batch.service.jobs.serving import JobManager
 from sage_vllm_batch.service.process import api_router as process_router
+from sage_vllm_batch.service.search import api_router as search_router
+from sage_vllm_batch.service.search.serving import SearchServing
 from sage_vllm_batch.service.server.front import Front, public_paths
 from sage_vllm_batch.service.service import VLLMService
 from sage_vllm_batch.service.slots import EMBED, TEXT
@@ -48,19 +50,23 @@ async def build_http_app(
     max_body_bytes: int = 4_000_000,
     batches: BatchManager | None = None,
     metrics_public: bool = True,
+    search: SearchServing | None = None,
 ) -> Any:
     """The ASGI app serving ``service`` (call on the event loop that will serve it). With
     ``api_key``, every path but :func:`public_paths` needs it; ``/metrics`` adds the service's
     and its engines' metrics (:mod:`.metrics`); with ``batches``, OpenAI's Batch API too
-    (``/v1/files``, ``/v1/batches``)."""
+    (``/v1/files``, ``/v1/batches``); ``/v1/search`` answers from ``search``'s job store (None:
+    it refuses, 409, saying the server was started without a job)."""
     from sage_vllm_batch.service import metrics
 
     apps = {kind: await _vllm_app(service, kind) for kind in (TEXT, EMBED) if service.has(kind)}
     main = apps.get(TEXT) or apps[EMBED]
     process_router.attach_router(main)
     jobs_router.attach_router(main)
+    search_router.attach_router(main)
     main.state.sage_service = service
     main.state.sage_process = service.processing
+    main.state.sage_search = search if search is not None else SearchServing(service, None)
     main.state.sage_jobs = jobs
     if batches is not None:
         files_router.attach_router(main)

@@ -22,6 +22,7 @@ from sage_vllm_batch.service.batches.serving import BatchManager
 from sage_vllm_batch.service.files.store import FileStore
 from sage_vllm_batch.service.job_store import JobStore
 from sage_vllm_batch.service.jobs.serving import JobManager
+from sage_vllm_batch.service.search.serving import SearchServing
 from sage_vllm_batch.service.server.app import build_http_app
 from sage_vllm_batch.service.service import VLLMService
 from sage_vllm_batch.service.slots import EMBED, TEXT
@@ -124,6 +125,7 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
         shard_rows=int(s.batch_shard_rows),
         expire=bool(s.batch_expire),
     )
+    search = SearchServing(service, cfg)  # /v1/search: this config's job store
     url = f"http://{s.host}:{s.port}"
     record = None
 
@@ -136,6 +138,7 @@ def serve(cfg: DictConfig, cli_overrides: Sequence[str] = ()) -> int:
             max_body_bytes=int(s.max_body_bytes),
             batches=batches.start(),
             metrics_public=bool(s.metrics_public),
+            search=search,
         )
         server = make_server(app, s.host, int(s.port))
         task = asyncio.create_task(server.serve())

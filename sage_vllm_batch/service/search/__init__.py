@@ -1,0 +1,1 @@
+"""``/v1/search``: the serve config's job store, searched with the service's embedding model."""
