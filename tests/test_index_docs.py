@@ -12,6 +12,7 @@ scripts/dev does).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -33,6 +34,16 @@ SUBSET = f"{SECTION}/*.md"
 # ranked each page's first chunk 1st or 2nd for its question (browser.md, mostly a video, 5th).
 ASKED = ["voice.md", "watch.md", "lint-test.md", "images-urls.md", "notifications.md", "conventions.md"]
 K = 3
+
+
+def _listing(d: Path) -> dict[str, int]:
+    """Every entry below ``d`` with its mtime (ns)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(d):
+        for n in (*dirs, *files):
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, d)] = os.lstat(p).st_mtime_ns
+    return out
 
 
 def question_from(text: str) -> str:
@@ -75,8 +86,12 @@ def test_a_question_built_from_a_document_finds_it_in_the_top_k(workspace, index
     ws, env = workspace
     section = Path(resolve_path(SECTION))
     questions = {question_from((section / name).read_text(encoding="utf-8")): name for name in ASKED}
+    # A chunk's own text (one line of it) finds that chunk first.
+    rows = pa.concat_tables(pq.read_table(path) for _, path in committed_files(index)).to_pylist()
+    exact = next(r for r in rows if "\n" not in r["text"] and len(r["text"]) > 40)
     qfile = tmp_path / "questions.txt"
-    qfile.write_text("".join(f"{q}\n" for q in questions))
+    qfile.write_text("".join(f"{q}\n" for q in [*questions, "", exact["text"]]))  # a blank line: skipped
+    before = _listing(ws)
     r = run_cli(
         "job=index_docs",
         f"data.path={SUBSET}",
@@ -88,7 +103,17 @@ def test_a_question_built_from_a_document_finds_it_in_the_top_k(workspace, index
         timeout=240,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    hits = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert _listing(ws) == before, "mode=search wrote into the workspace (run.log, .hydra, metrics?)"
+    hits = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [tuple(h) for h in hits] == [("query", "rank", "doc_id", "chunk_index", "score", "text")] * len(
+        hits
+    )
+    first = next(h for h in hits if h["query"] == exact["text"] and h["rank"] == 1)
+    assert (first["doc_id"], first["chunk_index"], first["text"]) == (
+        exact["doc_id"], exact["chunk_index"], exact["text"],
+    )  # fmt: skip
+    assert first["score"] == pytest.approx(1.0, abs=1e-3)
+    hits = [h for h in hits if h["query"] != exact["text"]]
     assert {h["query"] for h in hits} == set(questions)
     for question, name in questions.items():
         top = sorted((h for h in hits if h["query"] == question), key=lambda h: h["rank"])

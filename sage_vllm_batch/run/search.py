@@ -254,11 +254,15 @@ def search_job(cfg: DictConfig, *, process_exiting: bool = False) -> list[dict[s
 def drop_new_empty_dir(path: Any, since: float) -> None:
     """Remove ``path`` if it is an empty local directory made after ``since`` (a timestamp):
     Hydra makes the run dir before ``mode=search`` runs, so searching a job that never ran would
-    leave an empty directory behind. Anything older, or not empty, stays."""
+    leave an empty directory behind (and its parents, made for it). Anything older, or not empty,
+    stays."""
     if not isinstance(path, Path):
         return
+    path, top = path.absolute(), Path.cwd().absolute()
     try:
-        if path.stat().st_mtime >= since and not any(path.iterdir()):
+        # Hydra's run dirs are below the working directory: never above it, nor it.
+        while top in path.parents and path.stat().st_mtime >= since and not any(path.iterdir()):
             path.rmdir()
+            path = path.parent
     except OSError:
         return
