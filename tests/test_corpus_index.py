@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from helpers import compose_job, read_output
 
@@ -161,17 +162,37 @@ def _edit(docs: list[dict]) -> list[dict]:
     return docs
 
 
-def test_incremental_update_equals_a_full_rebuild(embed_engine, registry_root, tmp_path):
+def _store_rows(store: str, out: Path, url: str | None) -> list[tuple[str, int]]:
+    """``(doc_id, chunk_index)`` of every row the job's vector store holds."""
+    if store == "faiss":
+        t = pq.read_table(out / "vectors" / "ids.parquet", columns=["doc_id", "chunk_index"])
+        return sorted(zip(t.column("doc_id").to_pylist(), t.column("chunk_index").to_pylist(), strict=True))
+    from sage_vllm_batch.outputs.pgvector import connect, job_key
+
+    with connect(url) as conn:
+        got = conn.execute("select doc_id, chunk_index from idx where job = %s", (job_key(out),)).fetchall()
+    return sorted((d, int(c)) for d, c in got)
+
+
+@pytest.mark.parametrize("store", ["faiss", "pgvector"])
+def test_incremental_update_equals_a_full_rebuild(embed_engine, registry_root, tmp_path, request, store):
     docs = _corpus()
     data, out, full = tmp_path / "d.jsonl", tmp_path / "out", tmp_path / "full"
-    _run(_job(_write(data, docs), out, registry_root, "output.incremental=true"), embed_engine)
+    url = request.getfixturevalue("pg_url") if store == "pgvector" else None
+    sink = [f"output={store}"] + (
+        [f"output.vector_store.url='{url}'", "output.vector_store.table=idx"] if url else []
+    )
+    _run(_job(_write(data, docs), out, registry_root, "output.incremental=true", *sink), embed_engine)
     first = read_output(out)
     # The input changed: without output.incremental the run is refused, naming the input.
     _write(data, _edit(docs))
     with pytest.raises(ResumeError, match="input"):
         prepare_point(_job(data, out, registry_root), model=None)
-    point = _run(_job(data, out, registry_root, "output.incremental=true"), embed_engine)
+    point = _run(_job(data, out, registry_root, "output.incremental=true", *sink), embed_engine)
     assert point.out_dir == out and not (out / "_update").exists()
+    # The store follows: the deleted document's rows are gone, the added one's are in.
+    indexed = sorted((r["doc_id"], r["chunk_index"]) for r in read_output(out).to_pylist() if r["embedding"])
+    assert _store_rows(store, out, url) == indexed and ("doc03.md", 0) not in indexed
     m = json.loads((out / "metrics.json").read_text())
     assert m["documents"] == {
         "added": 1, "changed": 1, "unchanged": len(docs) - 4, "deleted": 1, "empty": 1, "failed": 1,
