@@ -134,6 +134,25 @@ def test_default_chunk_size_is_the_models_sequence_length(embed_engine, registry
         embed_engine,
         model_dir=model.path,
     )
+    # A template builds the text to embed from several columns; offsets count in what it renders.
+    titled = request_builder(
+        compose_job(
+            "task=embed", "data.prompt_template='{title}\n{body}'", "data.id_column=title", "task.chunking.size=8",
+            out_dir=tmp_path, registry_root=registry_root,
+        ),
+        embed_engine,
+        model_dir=model.path,
+    )  # fmt: skip
+    row = {
+        "title": "Resume",
+        "body": "Rerun the same command to resume a killed job where it stopped.",
+        "__row_id": 0,
+    }
+    parts = titled.parts(row)
+    source = "Resume\n" + row["body"]
+    assert len(parts) > 1 and parts[0].text.startswith("Resume")
+    assert all(p.text == source[p.start : p.end] for p in parts)
+    assert titled.doc_id(row) == "Resume"
     assert e5.embed_prefix == "passage: " and e5.chunk_size == b.chunk_size - len(
         embed_engine.encode("passage: ")
     ) + len(embed_engine.encode(""))
