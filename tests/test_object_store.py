@@ -449,9 +449,10 @@ def test_real_engine_s3_to_s3_equals_local(s3, task, request, registry_root, tmp
 
 @pytest.mark.engine
 @pytest.mark.timeout(900)
-def test_ray_two_workers_read_and_write_s3(s3, registry_root, tmp_path):
+def test_ray_two_workers_read_and_write_s3(s3, embed_engine, registry_root, tmp_path):
     pytest.importorskip("ray")
     from sage_vllm_batch.job import run
+    from sage_vllm_batch.run.model import resolve_model
 
     src = put_corpus(uri("in") + ".jsonl", rows=20, bad=(4,))
     extra = (
@@ -473,8 +474,9 @@ def test_ray_two_workers_read_and_write_s3(s3, registry_root, tmp_path):
             registry_root=registry_root,
         )
     )
-    local = tmp_path / "local"
-    run(compose_job(*extra, out_dir=local, registry_root=registry_root))
+    local = tmp_path / "local"  # executor=local's path, on the session's embed engine
+    cfg = compose_job(*extra, out_dir=local, registry_root=registry_root)
+    run_on_engine([prepare_point(cfg, model=resolve_model(cfg))], embed_engine, progress="none")
     assert read_output(out).equals(read_output(local))
 
 

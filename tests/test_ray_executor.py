@@ -209,8 +209,11 @@ def test_a_chat_job_with_an_adapter_runs_it_on_the_workers(ray_local, registry_r
 
 
 @pytest.mark.engine
-def test_embed_on_two_workers_equals_local(embed_pool, registry_root, tmp_path):
-    local = run(compose_job(*EMBED, out_dir=tmp_path / "local", registry_root=registry_root))
+def test_embed_on_two_workers_equals_local(embed_pool, embed_engine, registry_root, tmp_path):
+    # executor=local's path on the session's embed engine (the vectors agree to a cosine, below).
+    cfg = compose_job(*EMBED, out_dir=tmp_path / "local", registry_root=registry_root)
+    run_on_engine([prepare_point(cfg)], embed_engine, progress="none")
+    local = json.loads((tmp_path / "local" / "metrics.json").read_text())
     point = _run_ray(
         embed_pool, compose_job(*EMBED, *RAY, out_dir=tmp_path / "ray", registry_root=registry_root)
     )

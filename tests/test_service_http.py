@@ -18,9 +18,6 @@ CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
 QUESTIONS = [f"What is {i} plus {i}?" for i in range(32)]
 MAX_TOKENS = 8
-# Fixed small KV caches (no share-of-free-memory check): the server's two engines and the batch
-# reference share a machine with other work.
-MEM = "+engine.extra.kv_cache_memory_bytes=268435456"
 # The server keeps at most 16 of a job's rows in its engine at once (engine.max_in_flight; it only
 # paces jobs' streams, not interactive requests): a job of LONG rows then runs in 4 waves, so the
 # cancel test can stop it part-way. The default window (4 x max_num_seqs) holds a whole small job,
@@ -58,18 +55,21 @@ def server(served):
 
 
 @pytest.fixture(scope="module")
-def batch(registry_root, dirs):
-    """The same 32 chat prompts through batch mode (the runner), greedy."""
-    from sage_vllm_batch.job import run
+def batch(chat_engine, registry_root, dirs):
+    """The same 32 chat prompts through batch mode (the runner), greedy: on the session's engine
+    (the runner's own path, ``run_on_engine``, without loading a third SmolLM2)."""
     from sage_vllm_batch.outputs.shards import read_output
+    from sage_vllm_batch.run.drive import run_on_engine
+    from sage_vllm_batch.run.model import resolve_model
+    from sage_vllm_batch.run.point import prepare_point
 
     out = dirs["base"] / "batch"
     cfg = compose_job(
         "task=chat", "model=smollm2-135m-instruct", "data=jsonl", f"data.path={dirs['data'] / 'q.jsonl'}",
-        "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}", MEM,
+        "output.passthrough_columns=[prompt]", f"sampling.max_tokens={MAX_TOKENS}",
         out_dir=out, registry_root=registry_root,
     )  # fmt: skip
-    run(cfg)
+    run_on_engine([prepare_point(cfg, model=resolve_model(cfg))], chat_engine, progress="none")
     return read_output(out).column("text").to_pylist()
 
 

@@ -18,9 +18,16 @@ KV = "engine.kv_cache_memory_bytes=268435456"
 MAX_TOKENS = 12
 
 
+def _batch_mode(cfg, engine) -> None:
+    from sage_vllm_batch.run.drive import run_on_engine
+    from sage_vllm_batch.run.model import resolve_model
+    from sage_vllm_batch.run.point import prepare_point
+
+    run_on_engine([prepare_point(cfg, model=resolve_model(cfg))], engine, progress="none")
+
+
 @pytest.mark.timeout(1200)
-def test_jobs_and_live_callers_on_both_engines_at_once(registry_root, tmp_path):
-    from sage_vllm_batch.job import run
+def test_jobs_and_live_callers_on_both_engines_at_once(registry_root, embed_engine, chat_engine, tmp_path):
     from sage_vllm_batch.service import VLLMService
     from sage_vllm_batch.service.http import base_overrides
     from sage_vllm_batch.service.jobs import JobManager
@@ -89,11 +96,15 @@ def test_jobs_and_live_callers_on_both_engines_at_once(registry_root, tmp_path):
     assert not failures, failures[:5]
     assert calls[0] > 0
 
-    # The same jobs in batch mode.
+    # The same jobs in batch mode (the runner's own path, on the session's engines: no third and
+    # fourth model load for the references).
     e_ref = tmp_path / "ref-embed"
-    run(compose_job(*embed_job, "model=minilm-l6-v2", KV, out_dir=e_ref, registry_root=registry_root))
+    _batch_mode(
+        compose_job(*embed_job, "model=minilm-l6-v2", out_dir=e_ref, registry_root=registry_root),
+        embed_engine,
+    )
     c_ref = tmp_path / "ref-chat"
-    run(compose_job(*chat_job, *cli, out_dir=c_ref))
+    _batch_mode(compose_job(*chat_job, *cli, out_dir=c_ref), chat_engine)
     got, want = read_output(e_done["output_dir"]), read_output(e_ref)
     assert got.column("id").to_pylist() == want.column("id").to_pylist() == list(range(200))
     diff = np.abs(
