@@ -216,9 +216,12 @@ def test_incremental_update_equals_a_full_rebuild(embed_engine, registry_root, t
     assert m["documents"] == {
         "added": 1, "changed": 1, "unchanged": len(docs) - 4, "deleted": 1, "empty": 1, "failed": 1,
     }  # fmt: skip
-    # Only the added and changed documents reached the engine.
-    changed_rows = sum(1 for r in read_output(out).to_pylist() if r["doc_id"] in ("added.md", "doc01.md"))
-    assert m["rows_out"] - m["chunks_reused"] == changed_rows + 1  # + the null document's error row
+    # Only the added document and the chunks the edit touched reached the engine: the changed
+    # document's other chunks kept their vectors.
+    new_rows = [r for r in read_output(out).to_pylist() if r["doc_id"] in ("added.md", "doc01.md")]
+    engine_rows = m["rows_out"] - m["chunks_reused"] - 1  # less the null document's error row
+    added = sum(1 for r in new_rows if r["doc_id"] == "added.md")
+    assert added + 1 <= engine_rows < len(new_rows), (engine_rows, len(new_rows))
     _run(_job(data, full, registry_root), embed_engine)
     _same_as_rebuild(out, full)
     # Unchanged documents kept their rows (ids, vectors) as they were.

@@ -16,7 +16,9 @@ more tokens than ``size``) is cut further at token boundaries.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from functools import cached_property
 from typing import Any
 
@@ -65,6 +67,51 @@ def _plain_copy(tok: Any) -> Any:
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(_plain_json(tok))
+
+
+_HEADING = re.compile(r"^ {0,3}#{1,2}[ \t]")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+# Content-defined cuts: about one per this many chunks' worth of characters (see sections()).
+CUT_EVERY_CHUNKS = 3
+_CHARS_PER_TOKEN = 4
+
+
+def sections(text: str, *, markdown: bool) -> list[tuple[int, int]]:
+    """``(start, end)`` of a document's sections: the whole text, or for Markdown a section per
+    level-1 or level-2 heading (outside code fences). Chunks never straddle two."""
+    cuts, fence, pos = [0], None, 0
+    if markdown:
+        for line in text.splitlines(keepends=True):
+            m = _FENCE.match(line)
+            if m:
+                mark = m.group(1)[0]
+                fence = None if fence == mark else (fence or mark)
+            elif fence is None and pos and _HEADING.match(line):
+                cuts.append(pos)
+            pos += len(line)
+    cuts.append(len(text))
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if text[a:b].strip()]
+
+
+def content_cuts(text: str, lo: int, hi: int, spacing: int) -> list[tuple[int, int]]:
+    """``text[lo:hi]`` cut at line ends chosen by their content (a hash of the line and the one
+    before it, with a chance proportional to the line's length): about one cut every ``spacing``
+    characters. Cuts are functions of the text alone, so a full rebuild cuts where an update does,
+    and an edit moves only the cuts near it: the chunks (and, in an incremental run, the vectors)
+    of the rest stay as they were, where greedy packing would shift every chunk after the edit."""
+    cuts, pos, prev = [lo], lo, ""
+    for line in text[lo:hi].splitlines(keepends=True):
+        pos += len(line)
+        if line.strip() and pos < hi and _chosen(prev + line, len(line), spacing):
+            cuts.append(pos)
+        prev = line
+    cuts.append(hi)
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if text[a:b].strip()]
+
+
+def _chosen(key: str, length: int, spacing: int) -> bool:
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < min(1.0, length / max(spacing, 1)) * 2**64
 
 
 class Chunker:
@@ -123,8 +170,22 @@ class Chunker:
         if not text or text.isspace():
             return []
         splitter = self._markdown if markdown else self._plain
+        spacing = CUT_EVERY_CHUNKS * self.size * _CHARS_PER_TOKEN
         out: list[tuple[int, int]] = []
-        for start, chunk in splitter.chunk_indices(text):
+        for lo, hi in sections(text, markdown=markdown):
+            # A section that fits is one chunk; a longer one is packed between content cuts.
+            pieces = (
+                [(lo, hi)] if self.count(text[lo:hi]) <= self.size else content_cuts(text, lo, hi, spacing)
+            )
+            for a, b in pieces:
+                out.extend(self._split(text, splitter, a, text[a:b]))
+        return out
+
+    def _split(self, text: str, splitter: Any, lo: int, piece: str) -> list[tuple[int, int]]:
+        """The spans of ``piece`` (``text[lo:...]``) by ``splitter``, offsets into ``text``."""
+        out: list[tuple[int, int]] = []
+        for start, chunk in splitter.chunk_indices(piece):
+            start += lo
             # MarkdownSplitter keeps a code block's leading indentation: trim it too.
             stripped = chunk.strip()
             if not stripped:

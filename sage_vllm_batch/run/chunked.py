@@ -8,7 +8,8 @@ holds whole documents, and resume stays exactly once per document.
 
 An incremental update (``output.incremental=true``, :mod:`sage_vllm_batch.outputs.incremental`)
 gives :class:`DocRows` the current generation's rows: a document whose content hash is
-unchanged takes them as they are, without the engine.
+unchanged takes them as they are, without the engine, and a changed document's chunks whose text
+is as before keep their vectors (an edit re-embeds the chunks it touched).
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def doc_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+def _result_of(row: dict[str, Any]) -> EngineResult:
+    """A row of the previous generation as the result it was made from."""
+    vec = row.get("embedding")
+    return EngineResult(
+        key=None,
+        error=row.get("error"),
+        embedding=None if vec is None else np.asarray(vec, dtype=np.float32),
+        prompt_tokens=int(row.get("prompt_tokens") or 0),
+    )
+
+
 class DocRows:
     """The request stream and bookkeeping of a point's chunked documents."""
 
@@ -70,8 +82,8 @@ class DocRows:
         b, buf = p._builder, p._chunks[chunk]
         doc_id = b.doc_id(row)
         records: list[dict[str, Any]] = []
-        answered: list[EngineResult] = []
-        prompts: list[list[int]] = []
+        prompts: list[tuple[int, list[int]]] = []  # (record, token ids) of the chunks to embed
+        reuse: list[tuple[int, EngineResult]] = []  # (record, result) of chunks kept as they were
         try:
             source = None if row.get("__bad") else b.document(row)
             digest = None if source is None else doc_hash(source)
@@ -79,19 +91,14 @@ class DocRows:
             if status == "unchanged":
                 for r in self.cache.rows(doc_id):
                     records.append({k: r.get(k) for k in _RECORD_KEYS})
-                    vec = r.get("embedding")
-                    answered.append(
-                        EngineResult(
-                            key=None,
-                            error=r.get("error"),
-                            embedding=None if vec is None else np.asarray(vec, dtype=np.float32),
-                            prompt_tokens=int(r.get("prompt_tokens") or 0),
-                        )
-                    )
+                    reuse.append((len(records) - 1, _result_of(r)))
             else:
                 parts = b.parts(row)
                 if not parts and status == "added":
                     status = "empty"  # no text, no rows: neither before nor now
+                # A changed document's chunks whose text is as before keep their vectors: an edit
+                # re-embeds the chunks it touched, not the whole document.
+                before = self._old_chunks(doc_id) if status == "changed" else {}
                 for part in parts:
                     records.append(
                         {
@@ -103,13 +110,17 @@ class DocRows:
                             "doc_hash": digest,
                         }
                     )
-                    prompts.append(part.ids)
+                    old = before.get(part.text)
+                    if old is not None:
+                        reuse.append((len(records) - 1, old))
+                    else:
+                        prompts.append((len(records) - 1, part.ids))
         except RowError as e:  # one error row for the document, its place kept
             self._counts["failed"] += 1
             if self.cache is not None:
                 self.cache.seen.add(doc_id)
             records = [{"doc_id": doc_id, "chunk_index": 0, "doc_hash": None}]
-            answered, prompts = [], []
+            reuse, prompts = [], []
             error = EngineResult(key=None, error=str(e))
         else:
             error = None
@@ -121,7 +132,7 @@ class DocRows:
             buf.slot_row.append(idx)
             buf.results.append(None)
             buf.sampling.append(None)
-        for k, res in enumerate(answered):  # reused rows: no engine work, no engine tokens
+        for k, res in reuse:  # rows kept as they were: no engine work, no engine tokens
             buf.results[first + k] = res
             buf.done += 1
             p.metrics.add_reused(res)
@@ -133,8 +144,16 @@ class DocRows:
                 p._on_rows(1, 0)
             p._maybe_commit(chunk)
             return
-        for k, ids in enumerate(prompts):
+        for k, ids in prompts:
             yield EngineRequest(key=(p, chunk, first + k), prompt_token_ids=ids, lora=b.lora)
+
+    def _old_chunks(self, doc_id: str) -> dict[str, EngineResult]:
+        """The previous generation's vectors of a document's chunks, by chunk text."""
+        return {
+            r["text"]: _result_of(r)
+            for r in self.cache.rows(doc_id)
+            if r.get("error") is None and r.get("text")
+        }
 
     def row_done(self, buf: Any, slot: int) -> int:
         """1 when the result in ``slot`` was its row's last (progress counts documents)."""
