@@ -152,3 +152,15 @@ def wait_job(get, job_id: str, *, until=None, timeout: float = 180, interval: fl
 def http_jobs(http):
     """``get`` for :func:`wait_job` over an httpx client of a server."""
     return lambda job_id: http.get(f"/v1/jobs/{job_id}").json()
+
+
+def listing(d) -> dict[str, int]:
+    """Every entry below ``d`` with its mtime (ns): what a command that must write nothing leaves."""
+    import os
+
+    out = {}
+    for dirpath, dirs, files in os.walk(d):
+        for n in (*dirs, *files):
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, d)] = os.lstat(p).st_mtime_ns
+    return out

@@ -12,14 +12,13 @@ scripts/dev does).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import run_cli
+from helpers import listing, run_cli
 
 from sage_vllm_batch.outputs.shards import committed_files
 from sage_vllm_batch.paths import resolve_path
@@ -34,16 +33,6 @@ SUBSET = f"{SECTION}/*.md"
 # ranked each page's first chunk 1st or 2nd for its question (browser.md, mostly a video, 5th).
 ASKED = ["voice.md", "watch.md", "lint-test.md", "images-urls.md", "notifications.md", "conventions.md"]
 K = 3
-
-
-def _listing(d: Path) -> dict[str, int]:
-    """Every entry below ``d`` with its mtime (ns)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(d):
-        for n in (*dirs, *files):
-            p = os.path.join(dirpath, n)
-            out[os.path.relpath(p, d)] = os.lstat(p).st_mtime_ns
-    return out
 
 
 def question_from(text: str) -> str:
@@ -91,7 +80,7 @@ def test_a_question_built_from_a_document_finds_it_in_the_top_k(workspace, index
     exact = next(r for r in rows if "\n" not in r["text"] and len(r["text"]) > 40)
     qfile = tmp_path / "questions.txt"
     qfile.write_text("".join(f"{q}\n" for q in [*questions, "", exact["text"]]))  # a blank line: skipped
-    before = _listing(ws)
+    before = listing(ws)
     r = run_cli(
         "job=index_docs",
         f"data.path={SUBSET}",
@@ -103,7 +92,7 @@ def test_a_question_built_from_a_document_finds_it_in_the_top_k(workspace, index
         timeout=240,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _listing(ws) == before, "mode=search wrote into the workspace (run.log, .hydra, metrics?)"
+    assert listing(ws) == before, "mode=search wrote into the workspace (run.log, .hydra, metrics?)"
     hits = [json.loads(line) for line in r.stdout.splitlines()]
     assert [tuple(h) for h in hits] == [("query", "rank", "doc_id", "chunk_index", "score", "text")] * len(
         hits

@@ -4,7 +4,6 @@ session's shared server."""
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from pathlib import Path
@@ -13,7 +12,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import compose_job, run_cli
+from helpers import compose_job, listing, run_cli
 
 from sage_vllm_batch.errors import ConfigError, ExitCode, UsageError
 from sage_vllm_batch.outputs.shards import ParquetShardSink, embedding_column, output_schema
@@ -175,26 +174,16 @@ def test_hydra_writes_no_files_for_search():
 
 
 # -------------------------------------------------------------------------------------- the CLI
-def _listing(d: Path) -> dict[str, int]:
-    """Every entry below ``d`` with its mtime (ns)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(d):
-        for n in (*dirs, *files):
-            p = os.path.join(dirpath, n)
-            out[os.path.relpath(p, d)] = os.lstat(p).st_mtime_ns
-    return out
-
-
 def test_mode_search_without_a_query_or_a_store_says_what_to_do(registry_root, tmp_path):
     """Both refused before any model loads; a job that never ran leaves no run dir behind. (That a
     search finds its rows and writes nothing is tests/test_index_docs.py's, on the preset.)"""
     job = ["task=embed", "data.limit=12", f"registry.root={registry_root}", "progress=none"]
-    before = _listing(tmp_path)
+    before = listing(tmp_path)
     r = run_cli(*job, "output=lancedb", "mode=search", cwd=tmp_path)
     assert r.returncode == ExitCode.USAGE and "search.query" in r.stderr, r.stderr[-2000:]
     r = run_cli(*job, "output=faiss", "mode=search", "search.query=x", cwd=tmp_path)
     assert r.returncode == ExitCode.ERROR and "run the job first" in r.stderr, r.stderr[-2000:]
-    assert sorted(_listing(tmp_path)) == sorted(before)  # (the parent's mtime moves: made and removed)
+    assert sorted(listing(tmp_path)) == sorted(before)  # (the parent's mtime moves: made and removed)
 
 
 # ------------------------------------------------------------------------------------ the service

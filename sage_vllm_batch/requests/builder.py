@@ -162,14 +162,7 @@ class RequestBuilder:
         """The text a chunked row embeds: the prompt template over the row, or the text column
         (an empty or blank document is "", which makes no chunks)."""
         if self.template:
-            try:
-                return self.template.format(**row)
-            except KeyError as e:
-                raise RowError(
-                    f"template error: prompt_template names column {e.args[0]!r}, which this row lacks"
-                ) from e
-            except (IndexError, ValueError) as e:
-                raise RowError(f"template error: {e}") from e
+            return self.render_template(row, allow_empty=True)
         column = self.data.text_column
         value = row.get(column)
         if column not in row:
@@ -276,8 +269,9 @@ class RequestBuilder:
             raise RowError(f"empty input: column {column!r} is empty")
         return value
 
-    def render_template(self, row: Mapping[str, Any]) -> str:
-        """The prompt template (``data.prompt_template``) over a row's columns."""
+    def render_template(self, row: Mapping[str, Any], *, allow_empty: bool = False) -> str:
+        """The prompt template (``data.prompt_template``) over a row's columns (a blank result is
+        an error unless ``allow_empty``: a document with nothing to chunk)."""
         try:
             text = self.template.format(**row)
         except KeyError as e:
@@ -286,7 +280,7 @@ class RequestBuilder:
             ) from e
         except (IndexError, ValueError) as e:
             raise RowError(f"template error: {e}") from e
-        if not text.strip():
+        if not allow_empty and not text.strip():
             raise RowError("empty input: the prompt template rendered an empty prompt")
         return text
 
