@@ -31,10 +31,12 @@ from sage_vllm_batch.errors import ConfigError
 
 __all__ = [
     "CHAT",
+    "CLASSIFY",
     "EMBED",
     "FINETUNE",
     "GENERATE",
     "SPECS",
+    "ClassifyLayout",
     "EmbeddingLayout",
     "Endpoint",
     "GenerationLayout",
@@ -255,7 +257,38 @@ class EmbeddingLayout:
         return cols
 
 
-Layout = GenerationLayout | EmbeddingLayout
+@dataclass(frozen=True)
+class ClassifyLayout:
+    """The top ``label`` (a string), ``label_scores`` (``map<string, double>``: label ->
+    probability, summing to 1) and the prompt's token count. ``scorer`` turns an engine result
+    into the label probabilities (:class:`~sage_vllm_batch.requests.classify.LabelScorer`, built
+    on the loaded model's tokenizer); a failed row has nulls."""
+
+    scorer: Callable[[Any], Mapping[str, float] | None] | None = None
+
+    @classmethod
+    def for_job(cls, spec: TaskSpec, cfg: Any = None, embedding_dim: int | None = None, scorer: Any = None):
+        return cls(scorer)
+
+    def fields(self) -> list[pa.Field]:
+        return [
+            pa.field("label", pa.string()),
+            pa.field("label_scores", pa.map_(pa.string(), pa.float64())),
+            pa.field("prompt_tokens", pa.int32()),
+        ]
+
+    def columns(self, results: Sequence[Any]) -> dict[str, list[Any]]:
+        if self.scorer is None:
+            raise ValueError("ClassifyLayout.columns needs the scorer of the loaded model")
+        scores = [self.scorer(r) for r in results]
+        return {
+            "label": [None if s is None else max(s, key=s.__getitem__) for s in scores],
+            "label_scores": [None if s is None else list(s.items()) for s in scores],
+            "prompt_tokens": [r.prompt_tokens for r in results],
+        }
+
+
+Layout = GenerationLayout | EmbeddingLayout | ClassifyLayout
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -301,7 +334,7 @@ class TaskSpec:
     input_columns: tuple[str, ...] = ()
     templated: bool = False
     endpoint: Endpoint | None = None
-    output: type[GenerationLayout] | type[EmbeddingLayout] | None = None
+    output: type[GenerationLayout] | type[EmbeddingLayout] | type[ClassifyLayout] | None = None
     normalize: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
@@ -314,11 +347,18 @@ class TaskSpec:
         """Its rows carry an embedding: a vector store (``output.vector_store``) can index them."""
         return self.output is not None and issubclass(self.output, EmbeddingLayout)
 
-    def layout(self, cfg: Any = None, embedding_dim: int | None = None) -> Layout:
+    @property
+    def classifies(self) -> bool:
+        """It scores fixed labels in one forward pass (``task.labels``), sampling no text."""
+        return self.output is ClassifyLayout
+
+    def layout(self, cfg: Any = None, embedding_dim: int | None = None, scorer: Any = None) -> Layout:
         """Its output columns for a job's config (None: the defaults); ``embedding_dim`` for a
-        vector task (the loaded model's)."""
+        vector task (the loaded model's); ``scorer`` for a label task (its builder's)."""
         if self.output is None:
             raise ConfigError(f"task={self.name} writes no output rows ({self.summary})")
+        if scorer is not None:
+            return self.output.for_job(self, cfg, embedding_dim, scorer=scorer)  # type: ignore[call-arg]
         return self.output.for_job(self, cfg, embedding_dim)
 
     def input_names(self, data: Any, columns: Sequence[str] | None = None) -> list[str]:
@@ -384,6 +424,16 @@ CHAT = TaskSpec(
     ),
     output=GenerationLayout,
 )
+# One forward pass per row: the labels' first-token logprobs (requests/classify.py), no text.
+CLASSIFY = TaskSpec(
+    name="classify",
+    summary="the most likely of fixed labels for each row's conversation, with each label's probability",
+    model_type=ModelType.text,
+    runner=Runner.generate,
+    input_columns=("messages_column", "prompt_column"),
+    templated=True,
+    output=ClassifyLayout,
+)
 # No row becomes a request: the rows are training examples, the result a registered model.
 FINETUNE = TaskSpec(
     name="finetune",
@@ -393,7 +443,7 @@ FINETUNE = TaskSpec(
     templated=True,
 )
 
-SPECS: Mapping[str, TaskSpec] = {s.name: s for s in (EMBED, GENERATE, CHAT, FINETUNE)}
+SPECS: Mapping[str, TaskSpec] = {s.name: s for s in (EMBED, GENERATE, CHAT, CLASSIFY, FINETUNE)}
 # The values of task.type (the schema's enum): one per spec.
 TaskName = StrEnum("TaskName", [(name, name) for name in SPECS])  # type: ignore[misc]
 

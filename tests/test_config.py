@@ -93,7 +93,7 @@ def test_cross_field_rules_name_the_key(override, key, tmp_path):
 # Keys that take one of a fixed set of strings (StrEnum fields of the schema).
 FIXED_SETS = [
     ("task.overlong_prompt=cut", "error_row, truncate"),
-    ("task.type=classify", "embed, generate, chat, finetune"),
+    ("task.type=rerank", "embed, generate, chat, classify, finetune"),
     ("data.format=xml", "auto, parquet, jsonl, csv, hf, openai_batch, documents"),
     ("model.type=vision", "text, embedding"),
     ("output.vector_store.type=milvus", "lancedb, faiss, pgvector"),
@@ -143,8 +143,8 @@ def test_a_config_made_by_hand_is_checked_by_validate_naming_the_choices(tmp_pat
         ConfigError, match=r"task\.overlong_prompt: must be one of error_row, truncate, got 'cut'"
     ):
         validate(cfg)
-    cfg.task.overlong_prompt, cfg.task.type = "truncate", "classify"
-    with pytest.raises(ConfigError, match=r"task\.type: must be one of embed, generate, chat, finetune"):
+    cfg.task.overlong_prompt, cfg.task.type = "truncate", "rerank"
+    with pytest.raises(ConfigError, match=r"task\.type: must be one of embed, generate, chat, classify, finetune"):
         validate(cfg)
 
 
@@ -211,6 +211,6 @@ def test_help_lists_only_real_options():
     groups = r.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert "base_" not in groups
     assert (
-        "data: csv, documents, example_chat," in groups and "task: chat, embed, finetune, generate" in groups
+        "data: csv, documents, example_chat," in groups and "task: chat, classify, embed, finetune, generate" in groups
     )
     assert "mode=plan" in r.stdout

@@ -81,12 +81,16 @@ def test_the_count_finds_every_form_of_comparison(tmp_path):
 
 # -------------------------------------------------------------------------- the registry
 def test_every_task_has_one_spec_and_the_schema_takes_exactly_those():
-    assert [t.value for t in TaskName] == list(tasks.SPECS) == ["embed", "generate", "chat", "finetune"]
+    assert (
+        [t.value for t in TaskName]
+        == list(tasks.SPECS)
+        == ["embed", "generate", "chat", "classify", "finetune"]
+    )
     for name, spec in tasks.SPECS.items():
         assert spec.name == name and tasks.task_spec(name) is spec and tasks.task_spec(spec) is spec
         assert tasks.task_spec(TaskName[name]) is spec  # the enum value a composed job holds
     with pytest.raises(
-        ConfigError, match=r"task\.type: must be one of embed, generate, chat, finetune, got 'x'"
+        ConfigError, match=r"task\.type: must be one of embed, generate, chat, classify, finetune, got 'x'"
     ):
         tasks.task_spec("x")
 
@@ -105,6 +109,11 @@ def test_a_spec_is_consistent(spec):
     assert (spec.model_type == tasks.ModelType.text) == spec.generates
     assert spec.vectors == (not spec.generates) == (spec.normalize is not None)
     assert spec.input_columns and all(k.endswith("_column") for k in spec.input_columns)
+    names = output_schema(spec, [], embedding_dim=4).names
+    assert names[0] == "id" and names[-1] == "error" and "prompt_tokens" in names
+    if spec.classifies:  # one forward pass, no text and no OpenAI route
+        assert spec.endpoint is None and "label" in names and "text" not in names
+        return
     ep = spec.endpoint
     assert ep.route.startswith("/v1/") and tasks.spec_for_route(ep.route) is spec
     module, _, cls = ep.request_model.partition(":")

@@ -40,6 +40,7 @@ __all__ = [
     "TaskConfig",
     "FinetuneConfig",
     "FinetuneTaskConfig",
+    "ClassifyTaskConfig",
     "EmbedTaskConfig",
     "ChunkingConfig",
     "SearchConfig",
@@ -237,6 +238,12 @@ class EmbedTaskConfig(TaskConfig):
     # prompt (sentence-transformers' config_sentence_transformers.json), else a known model's, else
     # none; "" for none.
     embed_prompt: str | None = None
+
+
+@dataclass
+class ClassifyTaskConfig(TaskConfig):
+    # task=classify: at least 2, distinct, with distinct first tokens (sage_vllm_batch.requests.classify).
+    labels: list[str] = field(default_factory=lambda: ["yes", "no"])
 
 
 @dataclass
@@ -455,6 +462,7 @@ def register_configs() -> None:
     cs.store(group="task", name="base_task", node=TaskConfig)
     cs.store(group="task", name="base_embed", node=EmbedTaskConfig)
     cs.store(group="task", name="base_finetune", node=FinetuneTaskConfig)
+    cs.store(group="task", name="base_classify", node=ClassifyTaskConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="output", name="base_output", node=OutputConfig)
     cs.store(group="executor", name="base_executor", node=ExecutorConfig)

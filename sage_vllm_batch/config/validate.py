@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 import string
+from collections.abc import Sequence
 from enum import StrEnum
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -75,7 +77,26 @@ def validate_task(cfg: DictConfig) -> TaskSpec:
     """The task's spec (a ``task.type`` that names none fails, naming the choices)."""
     spec = task_spec(cfg.task.type)
     _one_of(cfg.task.overlong_prompt, OverlongPolicy, "task.overlong_prompt")
+    if spec.classifies:
+        check_labels(list(cfg.task.get("labels") or []))
     return spec
+
+
+def check_labels(labels: Sequence[Any], key: str = "task.labels") -> list[str]:
+    """The labels as strings: at least two, none empty, no duplicates.
+
+    Raises:
+        ConfigError: naming ``key`` and what is wrong.
+    """
+    names = [str(x) for x in (labels or [])]
+    if len(names) < 2:
+        raise ConfigError(f"{key}: task=classify needs at least 2 labels, got {names}")
+    if any(not n.strip() for n in names):
+        raise ConfigError(f"{key}: a label must not be empty or blank, got {names}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{key}: duplicate label(s) {', '.join(map(repr, dupes))}")
+    return names
 
 
 def validate_data(cfg: DictConfig) -> None:

@@ -17,6 +17,7 @@ from sage_vllm_batch.config.choices import OverlongPolicy
 from sage_vllm_batch.engine.contract import TokenizingEngine
 from sage_vllm_batch.engine.io import EngineRequest, LoraSpec
 from sage_vllm_batch.errors import ConfigError
+from sage_vllm_batch.requests.classify import LabelScorer
 from sage_vllm_batch.requests.instructions import instructions, st_max_seq_length
 from sage_vllm_batch.requests.prompts import Part, PromptOptions, RowError, chunk_prompts, prompt_hook
 from sage_vllm_batch.tasks import EMBED, chunks_documents, task_spec
@@ -126,6 +127,12 @@ class RequestBuilder:
             self._openai = OpenAIRequests(self.spec, self.sampling, names)
             self.template = None
         self.lora = lora  # a LoRA adapter applied to every request (model.adapter)
+        # task=classify: the labels' first tokens on this tokenizer (a collision fails here, at
+        # start) and the one-token request every row makes; the job's sampling does not apply.
+        self.scorer: LabelScorer | None = None
+        if self.spec.classifies:
+            self.scorer = LabelScorer(task.get("labels") or [], engine.encode)
+            self.sampling = dict(self.scorer.sampling)
 
     def build(self, key: Any, row: Mapping[str, Any]) -> EngineRequest:
         """The request of a row (a row that cannot make one: a request that carries its error)."""
@@ -135,7 +142,10 @@ class RequestBuilder:
                 raise RowError(f"bad input: {bad}")
             if self._openai is not None:
                 return self._build_openai(key, row)
-            sampling = self._row_sampling(row) if self.spec.generates else None
+            if self.scorer is not None:
+                sampling = self.sampling
+            else:
+                sampling = self._row_sampling(row) if self.spec.generates else None
             options = PromptOptions((sampling or {}).get("max_tokens", 16), self.chat_options)
             ids = self._one(self._prompts(self, row, options))
         except RowError as e:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sage_vllm_batch.errors import ConfigError, one_line
-from sage_vllm_batch.tasks import CHAT, EMBED, GENERATE, TaskSpec
+from sage_vllm_batch.tasks import CHAT, CLASSIFY, EMBED, GENERATE, TaskSpec
 
 if TYPE_CHECKING:
     from sage_vllm_batch.requests.builder import RequestBuilder
@@ -89,10 +89,20 @@ def chat_prompts(b: RequestBuilder, row: Mapping[str, Any], options: PromptOptio
     yield b.fit(ids, new_tokens=options.max_tokens, keep="tail")
 
 
+def classify_prompts(
+    b: RequestBuilder, row: Mapping[str, Any], options: PromptOptions
+) -> Iterator[list[int]]:
+    """As ``chat``: the row's conversation (or prompt, or template) through the chat template, so
+    the next token is the assistant's first; the request asks for one token (the labels' logprobs,
+    :mod:`sage_vllm_batch.requests.classify`)."""
+    yield from chat_prompts(b, row, options)
+
+
 HOOKS: Mapping[str, PromptHook] = {
     EMBED.name: embed_prompts,
     GENERATE.name: generate_prompts,
     CHAT.name: chat_prompts,
+    CLASSIFY.name: classify_prompts,
 }
 
 

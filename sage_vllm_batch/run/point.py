@@ -130,7 +130,10 @@ class Point:
         spec = task_spec(self.cfg.task.type)
         if spec.vectors:
             self._embedding_dim = engine.embedding_dim
-        self._layout = spec.layout(self.cfg, self._embedding_dim)
+        self._builder = request_builder(
+            self.cfg, engine, lora=self.model.lora, model_dir=self.model.path or None
+        )
+        self._layout = spec.layout(self.cfg, self._embedding_dim, scorer=self._builder.scorer)
         # A pass-through column named like an output column (e.g. "text" for chat) gets a prefix.
         reserved = set(output_schema(spec, [], layout=self._layout).names)
         self._pt_src = names
@@ -138,9 +141,6 @@ class Point:
         fields = [pa.field(o, schema.field(s).type) for s, o in zip(names, self._pt_out, strict=True)]
         self._sink = ParquetShardSink(
             self.out_dir, output_schema(spec, fields, layout=self._layout), self.cfg.output.compression
-        )
-        self._builder = request_builder(
-            self.cfg, engine, lora=self.model.lora, model_dir=self.model.path or None
         )
         cache = self.docs.cache if self.docs is not None else None
         chunked = isinstance(self._layout, EmbeddingLayout) and self._layout.chunks
