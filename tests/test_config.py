@@ -144,7 +144,9 @@ def test_a_config_made_by_hand_is_checked_by_validate_naming_the_choices(tmp_pat
     ):
         validate(cfg)
     cfg.task.overlong_prompt, cfg.task.type = "truncate", "rerank"
-    with pytest.raises(ConfigError, match=r"task\.type: must be one of embed, generate, chat, classify, finetune"):
+    with pytest.raises(
+        ConfigError, match=r"task\.type: must be one of embed, generate, chat, classify, finetune"
+    ):
         validate(cfg)
 
 
@@ -211,6 +213,7 @@ def test_help_lists_only_real_options():
     groups = r.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert "base_" not in groups
     assert (
-        "data: csv, documents, example_chat," in groups and "task: chat, classify, embed, finetune, generate" in groups
+        "data: csv, documents, example_chat," in groups
+        and "task: chat, classify, embed, finetune, generate" in groups
     )
     assert "mode=plan" in r.stdout

@@ -61,7 +61,9 @@ class Sample:
 
     ``logprobs`` (when asked for): per generated token, the sampled token then the top-k
     alternatives (k entries, k+1 when the sampled token is not among the top k), each a
-    ``{"token_id", "token", "logprob", "rank"}`` dict. ``parsed``: the answer checked against the
+    ``{"token_id", "token", "logprob", "rank"}`` dict. A request with ``logprob_token_ids``
+    (``task=classify``) has, per position, the sampled token then exactly those tokens, each with
+    its raw logprob (the rank is then vLLM's order, not the token's rank). ``parsed``: the answer checked against the
     request's structured-output constraint (the JSON value as compact text, or the choice).
     """
 
