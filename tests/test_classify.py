@@ -114,3 +114,30 @@ def test_a_too_long_prompt_is_an_error_row(chat_engine, registry_root, tmp_path)
     assert errors[1].startswith("prompt too long")
     assert t.column("label").to_pylist()[1] is None and t.column("label_scores").to_pylist()[1] is None
     assert t.column("label").to_pylist()[0] in ("yes", "no")
+
+
+def fake_encode(text: str) -> list[int]:
+    """A toy tokenizer: BOS (0), then one token per word, a leading space its own mark."""
+    vocab = {"yes": 1, "Yes": 2, " yes": 3, " Yes": 4, "no": 5, "No": 6, " no": 7, " No": 8}
+    return [0] + ([vocab.get(text, 100 + len(text))] if text else [])
+
+
+@pytest.mark.timeout(10)
+def test_the_rule_log_sum_exp_over_variants_then_softmax_over_labels():
+    s = LabelScorer(["yes", "no"], fake_encode)
+    assert s.tokens == {"yes": (1, 2, 3, 4), "no": (5, 6, 7, 8)} and s.token_ids == list(range(1, 9))
+    lp = {1: math.log(0.1), 2: math.log(0.2), 3: math.log(0.05), 4: math.log(0.05), 6: math.log(0.3)}
+    p = s.probabilities(lp)  # yes: 0.4, no: 0.3 (tokens 5, 7, 8 missing: impossible)
+    assert p["yes"] == pytest.approx(0.4 / 0.7) and p["no"] == pytest.approx(0.3 / 0.7)
+    assert s.probabilities({}) == {"yes": 0.5, "no": 0.5}  # nothing known: uniform
+
+
+@pytest.mark.timeout(60)
+def test_the_config_check_refuses_bad_labels_before_any_engine(tmp_path):
+    from sage_vllm_batch.config.validate import validate
+
+    for labels, msg in (("[a]", "at least 2 labels"), ("[a,b,a]", "duplicate label"), ("[a,' ']", "blank")):
+        cfg = compose_job(*CLASSIFY, f"task.labels={labels}", out_dir=tmp_path / "o")
+        with pytest.raises(ConfigError, match=msg):
+            validate(cfg)
+    validate(compose_job(*CLASSIFY, out_dir=tmp_path / "o"))  # the default labels: yes, no
