@@ -173,15 +173,7 @@ class RequestBuilder:
         (an empty or blank document is "", which makes no chunks)."""
         if self.template:
             return self.render_template(row, allow_empty=True)
-        column = self.data.text_column
-        value = row.get(column)
-        if column not in row:
-            raise RowError(f"missing column: no column {column!r} in this row")
-        if value is None:
-            raise RowError(f"null input: column {column!r} is null")
-        if not isinstance(value, str):
-            raise RowError(f"non-string input: column {column!r} holds {type(value).__name__} {value!r:.80}")
-        return value
+        return self.text(row, self.data.text_column, allow_empty=True)
 
     def doc_id(self, row: Mapping[str, Any]) -> str:
         """A document's id: its ``data.id_column`` value, else its ordinal in the input."""
@@ -266,8 +258,9 @@ class RequestBuilder:
 
     # ------------------------------------------------------------------ pieces (for the hooks)
     @staticmethod
-    def text(row: Mapping[str, Any], column: str) -> str:
-        """A row's text input (null, empty, non-string or missing: a :class:`RowError`)."""
+    def text(row: Mapping[str, Any], column: str, *, allow_empty: bool = False) -> str:
+        """A row's text input (null, non-string or missing: a :class:`RowError`; empty too,
+        unless ``allow_empty``: a document with nothing to chunk)."""
         if column not in row:
             raise RowError(f"missing column: no column {column!r} in this row")
         value = row[column]
@@ -275,7 +268,7 @@ class RequestBuilder:
             raise RowError(f"null input: column {column!r} is null")
         if not isinstance(value, str):
             raise RowError(f"non-string input: column {column!r} holds {type(value).__name__} {value!r:.80}")
-        if not value.strip():
+        if not allow_empty and not value.strip():
             raise RowError(f"empty input: column {column!r} is empty")
         return value
 
