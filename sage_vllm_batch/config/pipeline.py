@@ -39,7 +39,7 @@ def stage_model(cfg: DictConfig, stage: Any) -> DictConfig:
 
 def stage_fingerprints(cfg: DictConfig) -> dict[str, str]:
     """Stage name -> a hash of what decides the stage's rows: its task, template, model, sampling
-    (the job's with the stage's keys over it; none for ``embed``), ``when``, labels and system
+    (the job's with the stage's keys over it; none for ``embed`` and ``classify``), ``when``, labels and system
     prompt. Display and speed keys stay out, so do other stages: the runtime reruns a stage whose
     hash changed and every stage after it."""
     out: dict[str, str] = {}
@@ -52,7 +52,7 @@ def stage_fingerprints(cfg: DictConfig) -> dict[str, str]:
             "system_prompt": stage.get("system_prompt"),
             "model": {k: _plain(model.get(k)) for k in _MODEL_KEYS},
             "sampling": None
-            if task == StageTask.embed
+            if task in (StageTask.embed, StageTask.classify)
             else OmegaConf.to_container(stage_sampling(cfg.sampling, stage), resolve=True),
             "when": stage.get("when"),
             "labels": list(stage.labels) if stage.get("labels") is not None else None,

@@ -423,7 +423,7 @@ def _validate_stage_model(cfg: DictConfig, stage: DictConfig, key: str, task: St
     _check(
         str(model.type) == need_type,
         f"{key}.model",
-        f"a {task} stage needs {need}; {where} ({model.id}) is a {model.type} model (try {key}.model={option})",
+        f"{_a(task)} stage needs {need}; {where} ({model.id}) is a {model.type} model (try {key}.model={option})",
     )
 
 
@@ -454,18 +454,23 @@ def _validate_stage_keys(cfg: DictConfig, stage: DictConfig, key: str, task: Sta
         )
     overrides = OmegaConf.to_container(stage.sampling, resolve=True) if stage.get("sampling") else {}
     set_keys = [k for k, v in overrides.items() if v is not None and v != {} and not _all_null(v)]
-    if task == StageTask.embed:
+    if task in (StageTask.embed, StageTask.classify):
+        what = "embeds the text" if task == StageTask.embed else "scores the labels in one forward pass"
         _check(
-            not set_keys, f"{key}.sampling", f"an embed stage samples nothing (remove {', '.join(set_keys)})"
+            not set_keys,
+            f"{key}.sampling",
+            f"{_a(task)} stage {what} and samples nothing (remove {', '.join(set_keys)})",
         )
         return
-    if task == StageTask.classify:
-        return  # one forward pass, scored over the labels: sampling does not apply
     merged = OmegaConf.create({"sampling": stage_sampling(cfg.sampling, stage), "engine": cfg.engine})
     try:
         validate_sampling(merged)
     except ConfigError as e:
         raise ConfigError(f"{key}.{e}") from None
+
+
+def _a(task: StageTask) -> str:
+    return f"an {task}" if task == StageTask.embed else f"a {task}"
 
 
 def _all_null(value: object) -> bool:
