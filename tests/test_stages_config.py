@@ -418,3 +418,23 @@ def test_the_functions_are_a_closed_list():
         "float",
         "abs",
     }
+
+
+@pytest.mark.timeout(120)
+def test_a_stage_sampling_is_the_job_sampling_under_the_stage_keys(job_dir):
+    from sage_vllm_batch.config.stages import stage_sampling
+
+    cfg = pipeline(
+        job_dir,
+        "sampling.temperature=0.5",
+        "sampling.structured_outputs.choice=[a,b]",
+        "stages.answer.sampling.max_tokens=9",
+        "stages.answer.sampling.structured_outputs.regex='[0-9]+'",
+    )
+    s = stage_sampling(cfg.sampling, cfg.stages.answer)
+    assert (s.temperature, s.max_tokens, s.seed) == (0.5, 9, 0)
+    # A constraint set on the stage replaces the job's whole (one constraint at a time).
+    assert s.structured_outputs.regex == "[0-9]+" and s.structured_outputs.choice is None
+    judge = stage_sampling(cfg.sampling, cfg.stages.judge)
+    assert judge.max_tokens == 128 and list(judge.structured_outputs.choice) == ["a", "b"]
+    assert cfg.sampling.max_tokens == 128  # the job's own is untouched
