@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING as MISSING_DC
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -28,6 +29,7 @@ from sage_vllm_batch.config.choices import (
     VectorStoreType,
 )
 from sage_vllm_batch.config.run_schema import ExecutorConfig, RegistryConfig, SearchConfig, ServeConfig
+from sage_vllm_batch.config.stages import PIPELINE, StageConfig
 from sage_vllm_batch.errors import ConfigError
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneTaskConfig",
     "ClassifyTaskConfig",
+    "PipelineTaskConfig",
     "EmbedTaskConfig",
     "ChunkingConfig",
     "SearchConfig",
@@ -279,6 +282,17 @@ class FinetuneTaskConfig(TaskConfig):
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
+class PipelineTaskName(StrEnum):
+    pipeline = PIPELINE
+
+
+@dataclass
+class PipelineTaskConfig(TaskConfig):
+    """``task=pipeline``: the job's ``stages`` do the work (each names its own task)."""
+
+    type: PipelineTaskName = PipelineTaskName.pipeline  # type: ignore[assignment]
+
+
 @dataclass
 class DataConfig:
     """Where rows come from and which columns matter.
@@ -370,6 +384,8 @@ class JobConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     # mode=serve: a conf/model option loaded as the embedding model next to ``model``.
     embedding_model: str | None = None
+    # task=pipeline: stage name -> stage, run in this order (docs/pipelines.md).
+    stages: dict[str, StageConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -389,6 +405,10 @@ def run_dirname(override_dirname: str) -> str:
     import hashlib
     import re
 
+    # Stage keys do not name the run dir: the manifest's per-stage hashes tell a changed stage.
+    # Hydra escapes a value's commas (\\,), so items split at the unescaped ones.
+    items = re.split(r"(?<!\\),", override_dirname) if override_dirname else []
+    override_dirname = ",".join(i for i in items if not re.match(r"[+~]{0,2}stages(\.|=)", i))
     if not override_dirname:
         return "default"
     from sage_vllm_batch.storage import redact
@@ -463,6 +483,7 @@ def register_configs() -> None:
     cs.store(group="task", name="base_embed", node=EmbedTaskConfig)
     cs.store(group="task", name="base_finetune", node=FinetuneTaskConfig)
     cs.store(group="task", name="base_classify", node=ClassifyTaskConfig)
+    cs.store(group="task", name="base_pipeline", node=PipelineTaskConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="output", name="base_output", node=OutputConfig)
     cs.store(group="executor", name="base_executor", node=ExecutorConfig)
