@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from sage_vllm_batch.config import validate
+from sage_vllm_batch.config.stages import PIPELINE
 from sage_vllm_batch.errors import ExitCode, SageBatchError
 from sage_vllm_batch.outputs.files import METRICS, SUCCESS
 from sage_vllm_batch.outputs.outdir import output_dir_of
@@ -106,6 +107,10 @@ def run(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
         from sage_vllm_batch.finetune import run_finetune
 
         return run_finetune(cfg)
+    if cfg.task.type == PIPELINE:
+        from sage_vllm_batch.run.pipeline import run_pipeline
+
+        return run_pipeline(cfg, process_exiting=process_exiting)
     with hold_model(cfg) as model:
         point = prepare_point(cfg, name=cfg.job_name, model=model)
         try:

@@ -17,8 +17,9 @@ from sage_vllm_batch.config.conditions import FUNCTIONS, ConditionError, compile
 from sage_vllm_batch.config.pipeline import stage_fingerprints
 from sage_vllm_batch.config.schema import SamplingConfig, StructuredOutputsConfig, run_dirname
 from sage_vllm_batch.config.stages import StageSamplingConfig, StageStructuredOutputsConfig, stage_columns
-from sage_vllm_batch.config.validate import validate, validate_stages
-from sage_vllm_batch.errors import ConfigError, NotBuiltError
+from sage_vllm_batch.config.validate import validate
+from sage_vllm_batch.config.validate_stages import validate_stages
+from sage_vllm_batch.errors import ConfigError
 
 PRESET = """\
 # @package _global_
@@ -105,9 +106,12 @@ def test_the_stage_sampling_schema_has_the_job_sampling_keys_all_optional():
 
 
 @pytest.mark.timeout(120)
-def test_a_pipeline_validates_then_is_refused_as_not_built(job_dir):
-    with pytest.raises(NotBuiltError, match="not built yet"):
-        validate(pipeline(job_dir))
+def test_a_pipeline_validates_and_its_output_rules_name_the_key(job_dir):
+    validate(pipeline(job_dir))
+    with pytest.raises(ConfigError, match="executor.type: a pipeline runs on executor=local"):
+        validate(pipeline(job_dir, "executor=ray"))
+    with pytest.raises(ConfigError, match="output.vector_store.type: .*exactly one"):
+        validate(pipeline(job_dir, "output=faiss"))
     with pytest.raises(ConfigError, match="stages.judge.when"):  # the stages are checked first
         validate(pipeline(job_dir, "stages.judge.when='keep is None'"))
 

@@ -10,9 +10,9 @@ names: a row where it does not hold skips the stage.
 A stage writes the column named after it (the text, the label or the vector) and, prefixed with
 its name, the extras of its task (:func:`stage_columns`). The schema here is typed like the rest of
 the job's: a misspelt key under ``stages.<name>`` fails at composition, naming it. Cross-key rules
-(models, templates, conditions, labels) are :func:`sage_vllm_batch.config.validate.validate_stages`.
+(models, templates, conditions, labels) are :func:`sage_vllm_batch.config.validate_stages.validate_stages`.
 
-Built so far: this config layer and the condition language. Running a pipeline is not.
+The runtime is :mod:`sage_vllm_batch.run.pipeline`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "StageSamplingConfig",
     "StageStructuredOutputsConfig",
     "StageTask",
+    "stage_column",
     "stage_columns",
     "stage_name_error",
     "stage_sampling",
@@ -123,6 +124,22 @@ def stage_columns(name: str, stage: Any) -> list[str]:
     if task == StageTask.embed:
         return [name]
     raise ValueError(f"stage {name}: unknown task {task!r}")
+
+
+# How a task's output columns are named in a pipeline: the main one after the stage, the others
+# prefixed with it; the prompt's tokens are counted in the stage's metrics instead.
+_MAIN = ("text", "label", "embedding")
+_RENAMED = {"completion_tokens": "tokens", "label_scores": "scores"}
+_DROPPED = ("id", "error", "prompt_tokens")
+
+
+def stage_column(name: str, column: str) -> str | None:
+    """The output column of a stage's task column ``column`` (None: not written)."""
+    if column in _DROPPED:
+        return None
+    if column in _MAIN:
+        return name
+    return f"{name}_{_RENAMED.get(column, column)}"
 
 
 def _set_keys(node: Any) -> dict[str, Any]:

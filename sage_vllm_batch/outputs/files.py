@@ -25,6 +25,7 @@ PART_GLOB = f"{PART_PREFIX}*{PART_SUFFIX}"
 TMP_PREFIX = ".tmp-"
 UPDATE = "_update"  # output.incremental: the generation being written (outputs.incremental)
 UPDATE_TRASH = "_update.trash"
+STAGES = "_stages"  # task=pipeline: one output dir per stage, each with its own ledger (run.pipeline)
 # What Hydra writes into its run dir before our code runs: not a conflict.
 HYDRA_FILES = (".hydra",)
 
@@ -37,7 +38,7 @@ def is_ours(name: str) -> bool:
     """Whether a directory entry is named like something a run writes."""
     return (
         name in (MANIFEST, SUCCESS, LEDGER, METRICS, CONFIG, VECTORS, LOCK, OPENAI_BATCH_OUTPUT)
-        or name in (UPDATE, UPDATE_TRASH)
+        or name in (UPDATE, UPDATE_TRASH, STAGES)
         or (name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX))
         or name.startswith((TMP_PREFIX, f".{MANIFEST}.", f".{METRICS}.", f".{LEDGER}."))
     )

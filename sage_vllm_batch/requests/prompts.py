@@ -53,9 +53,10 @@ PromptHook = Callable[["RequestBuilder", Mapping[str, Any], PromptOptions], Iter
 
 
 def embed_prompts(b: RequestBuilder, row: Mapping[str, Any], options: PromptOptions) -> Iterator[list[int]]:
-    """The text column (after the embed prompt), encoded; a cut keeps the tokenizer's closing
-    special token."""
-    yield b.fit(b.engine.encode(b.embed_prefix + b.text(row, b.data.text_column)), keep="ends")
+    """The prompt template over the row, or the text column (after the embed prompt), encoded; a
+    cut keeps the tokenizer's closing special token."""
+    text = b.render_template(row) if b.template else b.text(row, b.data.text_column)
+    yield b.fit(b.engine.encode(b.embed_prefix + text), keep="ends")
 
 
 MARKDOWN_SUFFIXES = (".md", ".markdown")

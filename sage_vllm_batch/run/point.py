@@ -40,7 +40,10 @@ __all__ = ["Point", "job_manifest", "passthrough_names", "prepare_point", "write
 
 log = logging.getLogger(__name__)
 
-_INTERNAL = ("__row_id", "__bad")
+_INTERNAL = ("__row_id", "__bad", "__skip")
+# The error of a pipeline stage's row that does not run the stage (``__skip``: its ``when`` did
+# not hold, or an earlier stage failed or skipped it); run.pipeline reads it back as a skip.
+SKIPPED = "skipped"
 
 
 @dataclass
@@ -92,6 +95,9 @@ class Point:
     # update reuses unchanged documents' rows and is promoted into ``final_dir`` when done.
     docs: DocRows | None = None
     final_dir: Path | None = None
+    # Told ``(chunk, ledger record)`` after each commit (a pipeline passes a chunk on to its next
+    # stage, see run.pipeline).
+    on_commit: Any = None
 
     def attach(self, on_rows: Any, max_open_chunks: int | None) -> None:
         """Set up for a drive: ``on_rows(rows, tokens)`` is told of progress; past
@@ -160,6 +166,9 @@ class Point:
                 yield None
                 continue
             chunk, idx, row = item
+            if row.get("__skip"):
+                self.on_result(chunk, idx, EngineResult(key=(self, chunk, idx), error=SKIPPED))
+                continue
             if self.docs is not None:
                 yield from self.docs.requests(chunk, idx, row)
                 continue
@@ -178,6 +187,9 @@ class Point:
         size = self.shard_rows
         pos = 0
         for batch in self.source.batches():
+            if batch is None:  # a source fed by another stage has nothing yet (run.pipeline)
+                yield None
+                continue
             n = batch.num_rows
             if self._sink is None:
                 self._setup(engine, batch.schema)
@@ -272,6 +284,8 @@ class Point:
         self.committed[chunk] = rec
         del self._chunks[chunk]
         self.metrics.on_commit()
+        if self.on_commit is not None:
+            self.on_commit(chunk, rec)
         release_freed_memory()  # bounds RSS over long runs (see sage_vllm_batch.engine.memory)
 
     def _maybe_finish(self) -> None:
