@@ -7,6 +7,7 @@ directory (``outputs.lock``), one server per output root (``service.job_store``)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -99,7 +100,10 @@ class HolderLock:
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)  # drops the flock; the record stays (it is ignored once unlocked)
+            # A clean release leaves no record: only a holder that died names itself to the next.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # drops the flock
 
 
 def _read(fd: int) -> dict[str, Any]:

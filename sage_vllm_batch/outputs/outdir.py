@@ -226,7 +226,15 @@ def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, A
 
 def _clear_run(out_dir: Path) -> None:
     """Remove a previous run of ours (the directory holds our manifest)."""
-    for name in (MANIFEST, SUCCESS, LEDGER, METRICS, CONFIG, OPENAI_BATCH_OUTPUT):
+    for name in (MANIFEST, CONFIG):
+        (out_dir / name).unlink(missing_ok=True)
+    clear_rows(out_dir)
+
+
+def clear_rows(out_dir: Path) -> None:
+    """Remove a run's rows and what is built from them, keeping its manifest: the same job then
+    resumes there with nothing committed (a pipeline whose stage changed rebuilds its rows)."""
+    for name in (SUCCESS, LEDGER, METRICS, OPENAI_BATCH_OUTPUT):
         (out_dir / name).unlink(missing_ok=True)
     for p in list(out_dir.glob(PART_GLOB)) + list(out_dir.glob(f"{TMP_PREFIX}*")):
         p.unlink(missing_ok=True)

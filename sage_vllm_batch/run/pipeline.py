@@ -39,11 +39,11 @@ from sage_vllm_batch.config.stages import StageTask, stage_column
 from sage_vllm_batch.config.validate_stages import validate_stages
 from sage_vllm_batch.engine.engine import vllm_version
 from sage_vllm_batch.errors import EngineError, ResumeError, SageBatchError
-from sage_vllm_batch.outputs.files import METRICS, STAGES, SUCCESS, write_json_atomic
+from sage_vllm_batch.outputs.files import MANIFEST, METRICS, STAGES, SUCCESS, write_json_atomic
 from sage_vllm_batch.outputs.lock import lock_for
 from sage_vllm_batch.outputs.manifest import build_manifest, diff
 from sage_vllm_batch.outputs.outdir import (
-    _clear_run,
+    clear_rows,
     open_output_dir,
     output_dir_of,
     output_dir_state,
@@ -217,6 +217,7 @@ class _Pipeline:
                 model=st.model.as_dict() if st.model else {},
                 input_fingerprint=source.fingerprint(),
                 vllm=vllm_version(),
+                sinks=sinks_of(st.cfg, st.dir),
             )
             before.append(rec)
 
@@ -231,10 +232,7 @@ class _Pipeline:
         if state == "overwrite":
             rmtree(self.stages_dir)
         elif state in ("resume", "complete"):
-            changed = self._changed_stage()
-            if changed is not None:
-                _clear_run(self.out_dir)  # every final row holds the changed stage's columns
-                state = "new"
+            self._changed_stage()
         opened = open_output_dir(self.cfg, self.out_dir, manifest, name=self.cfg.job_name)
         self.committed = opened.committed
         if opened.state == "complete":
@@ -255,34 +253,42 @@ class _Pipeline:
         return opened.state
 
     def _changed_stage(self) -> int | None:
-        """The first stage whose rows would change (its record, or one before it); its dir and the
-        later stages' are cleared, and the run says which stages it recomputes and keeps."""
+        """The first stage whose rows would change (its record, or one before it), or None. The
+        final rows go first (they hold every stage's columns), then that stage's dir and the later
+        ones', last first: a crash on the way leaves a changed stage to be found again."""
+        first, changes = None, []
         for st in self.stages:
-            path = st.dir / "_manifest.json"
-            if not path.exists():
+            path = st.dir / MANIFEST
+            if not path.exists():  # never opened: what a later stage holds was not made from it
+                if any((s.dir / MANIFEST).exists() for s in self.stages[st.index + 1 :]):
+                    first, changes = st.index, [f"stage {st.name} has no record of an earlier run"]
+                    break
                 continue
             try:
                 old = json.loads(path.read_text())
             except json.JSONDecodeError:
                 old = {}
             changes = diff(old, st.manifest)
-            if not changes:
-                continue
-            redo = self.stages[st.index :]
-            self.recomputed = [s.name for s in redo]
-            kept = [s.name for s in self.stages[: st.index]]
-            shown = "; ".join(c.replace("config.", "", 1) for c in changes[:4])
-            log.warning(
-                "stage %r changed (%s): recomputing %s; kept as committed: %s",
-                st.name,
-                shown,
-                ", ".join(self.recomputed),
-                ", ".join(kept) or "none",
-            )
-            for s in redo:
-                rmtree(s.dir)
-            return st.index
-        return None
+            if changes:
+                first = st.index
+                break
+        if first is None:
+            return None
+        redo = self.stages[first:]
+        self.recomputed = [s.name for s in redo]
+        kept = [s.name for s in self.stages[:first]]
+        shown = "; ".join(c.replace("config.", "", 1) for c in changes[:4])
+        log.warning(
+            "stage %r changed (%s): recomputing %s; kept as committed: %s",
+            redo[0].name,
+            shown,
+            ", ".join(self.recomputed),
+            ", ".join(kept) or "none",
+        )
+        clear_rows(self.out_dir)
+        for s in reversed(redo):
+            rmtree(s.dir)
+        return first
 
     def _load_engines(self, stack: contextlib.ExitStack, process_exiting: bool) -> dict[str, Any]:
         """One engine per model and kind, in this process, each behind a driver the stages share."""
