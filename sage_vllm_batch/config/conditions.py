@@ -19,7 +19,8 @@ The language:
 - comparisons: ``==``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``not in``, ``is``, ``is not``
   (``is`` only against ``None``), chained (``0 < score < 1``);
 - functions: :data:`FUNCTIONS` (``len``, ``lower``, ``upper``, ``strip``, ``startswith``,
-  ``endswith``, ``str``, ``int``, ``float``, ``abs``).
+  ``endswith``, ``str``, ``int``, ``float``, ``abs``, and ``score(<stage>_scores, 'label')``, a
+  label's probability in a classify stage's scores).
 
 Nulls (a column an earlier stage skipped is null) do not raise: a function of ``None`` is ``None``,
 an order comparison (``<`` ...) or ``in`` with ``None`` on either side is false (``not in``: true).
@@ -56,6 +57,17 @@ def _null_safe(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _score(scores: Any, label: Any) -> float | None:
+    """A map column's value: a dict, or the (key, value) pairs Arrow gives a map as."""
+    items = scores.items() if isinstance(scores, Mapping) else scores
+    try:
+        return dict(items).get(str(label))
+    except (TypeError, ValueError):
+        raise ConditionError(
+            f"score() takes a classify stage's scores, got {type(scores).__name__}"
+        ) from None
+
+
 # name -> (function, number of arguments)
 FUNCTIONS: dict[str, tuple[Callable[..., Any], int]] = {
     "len": (_null_safe(len), 1),
@@ -68,6 +80,8 @@ FUNCTIONS: dict[str, tuple[Callable[..., Any], int]] = {
     "int": (_null_safe(int), 1),
     "float": (_null_safe(float), 1),
     "abs": (_null_safe(abs), 1),
+    # A label's probability in a classify stage's scores: score(judge_scores, 'yes') > 0.3.
+    "score": (_null_safe(lambda scores, label: _score(scores, label)), 2),
 }
 
 _ORDER = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}

@@ -100,14 +100,26 @@ class _Chunk:
         return self.column(name).to_pylist()
 
 
-def run_pipeline(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
-    """Run a validated ``task=pipeline`` job and return its metrics (see the module docstring)."""
-    return _Pipeline(cfg).run(process_exiting=process_exiting)
+# Given a stage's job config (its model and task), a loaded engine to run it on, or None.
+EngineSource = Callable[[DictConfig], Any]
+
+
+def run_pipeline(
+    cfg: DictConfig, *, process_exiting: bool = False, engines: EngineSource | None = None
+) -> dict[str, Any]:
+    """Run a validated ``task=pipeline`` job and return its metrics (see the module docstring).
+
+    ``engines``: where stages find engines already loaded (the service's, each a
+    :class:`~sage_vllm_batch.engine.driver.EngineDriver` shared with its other callers); a stage
+    it has none for (None) gets an engine of the pipeline's own, loaded once per model and kind.
+    """
+    return _Pipeline(cfg, engines).run(process_exiting=process_exiting)
 
 
 class _Pipeline:
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, engines: EngineSource | None = None) -> None:
         self.cfg = cfg
+        self.engines = engines
         self.out_dir = output_dir_of(cfg)
         self.stages_dir = self.out_dir / STAGES
         self.shard_rows = int(cfg.output.shard_rows)
@@ -297,6 +309,10 @@ class _Pipeline:
         drivers: dict[str, Any] = {}
         for st in self.stages:
             if st.group in drivers or st.point.state == "complete":
+                continue
+            given = self.engines(st.cfg) if self.engines is not None else None
+            if given is not None:  # an engine someone else loaded (and closes)
+                drivers[st.group] = given
                 continue
             log.info("stage %s: loading %s (%s)", st.name, st.model.id, st.task.value)
             engine = load_engine(st.cfg, st.model)
