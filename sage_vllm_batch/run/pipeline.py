@@ -34,26 +34,23 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch.config.conditions import Condition, ConditionError
-from sage_vllm_batch.config.pipeline import stage_input_columns, stage_reads, stage_records
+from sage_vllm_batch.config.pipeline import stage_input_columns, stage_reads
 from sage_vllm_batch.config.stages import StageTask, stage_column
 from sage_vllm_batch.config.validate_stages import validate_stages
-from sage_vllm_batch.engine.engine import vllm_version
 from sage_vllm_batch.errors import EngineError, ResumeError, SageBatchError
-from sage_vllm_batch.outputs.files import MANIFEST, METRICS, STAGES, SUCCESS, write_json_atomic
+from sage_vllm_batch.outputs.files import METRICS, STAGES, SUCCESS, write_json_atomic
 from sage_vllm_batch.outputs.lock import lock_for
-from sage_vllm_batch.outputs.manifest import build_manifest, diff
 from sage_vllm_batch.outputs.outdir import (
-    clear_rows,
     open_output_dir,
     output_dir_of,
     output_dir_state,
     refusal,
-    sinks_of,
 )
 from sage_vllm_batch.outputs.shards import ParquetShardSink
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.metrics import RssSampler
 from sage_vllm_batch.run.model import ResolvedModel, hold_model, load_engine
+from sage_vllm_batch.run.pipeline_dirs import clear_changed, find_change, pipeline_manifest, stage_manifests
 from sage_vllm_batch.run.point import SKIPPED, Point
 from sage_vllm_batch.run.stage import Aborted, StageSource, placeholder, stage_job
 from sage_vllm_batch.storage import arrow_file, rmtree
@@ -141,11 +138,8 @@ class _Pipeline:
 
         t0 = time.time()
         source = open_source(self.cfg.data)
-        columns = [n for n in source.schema.names if not n.startswith("__")]
-        conditions = validate_stages(self.cfg, columns)  # every name checked against the input
-        self._passthrough = self._passthrough_names(columns)
         with contextlib.ExitStack() as stack:
-            self.stages = self._make_stages(conditions)
+            self.prepare(source)
             held: dict[str, ResolvedModel] = {}
             for st in self.stages:
                 key = OmegaConf.to_yaml(st.cfg.model)
@@ -164,6 +158,13 @@ class _Pipeline:
             return self._finish(t0, rss.peak_bytes)
 
     # ------------------------------------------------------------------ set-up
+    def prepare(self, source: Any) -> None:
+        """The stages, checked against the input's columns (no model resolved, nothing written)."""
+        columns = [n for n in source.schema.names if not n.startswith("__")]
+        conditions = validate_stages(self.cfg, columns)  # every name checked against the input
+        self._passthrough = self._passthrough_names(columns)
+        self.stages = self._make_stages(conditions)
+
     def _passthrough_names(self, columns: list[str]) -> list[str]:
         out = self.cfg.output
         if out.passthrough_columns is not None:
@@ -201,42 +202,10 @@ class _Pipeline:
             )
         return stages
 
-    def _manifest(self, source: Any) -> dict[str, Any]:
-        """What the final rows depend on besides the stages (they have manifests of their own)."""
-        cfg = self.cfg
-        job = {
-            k: OmegaConf.to_container(cfg[k], resolve=True, enum_to_str=True)
-            for k in ("engine", "task", "data")
-        }
-        job["output"] = {"shard_rows": self.shard_rows, "passthrough_columns": self._passthrough}
-        manifest = build_manifest(
-            job,
-            model={},
-            input_fingerprint=source.fingerprint(),
-            vllm=vllm_version(),
-            sinks=sinks_of(cfg, self.out_dir),
-        )
-        manifest["stages"] = list(stage_records(cfg))
-        return manifest
-
-    def _stage_manifests(self, source: Any) -> None:
-        records = stage_records(self.cfg)
-        before: list[dict[str, Any]] = []
-        for st in self.stages:
-            rec = {"name": st.name, **records[st.name]}
-            st.manifest = build_manifest(
-                {"stage": rec, "upstream": list(before), "shard_rows": self.shard_rows},
-                model=st.model.as_dict() if st.model else {},
-                input_fingerprint=source.fingerprint(),
-                vllm=vllm_version(),
-                sinks=sinks_of(st.cfg, st.dir),
-            )
-            before.append(rec)
-
     def _open(self, source: Any) -> str:
         """Decide what this run does in the output dir and each stage's; the main dir's state."""
-        manifest = self._manifest(source)
-        self._stage_manifests(source)
+        manifest = pipeline_manifest(self.cfg, self.out_dir, self._passthrough, source)
+        stage_manifests(self.cfg, self.stages, source)
         state, reasons = output_dir_state(self.out_dir, manifest, overwrite=self.cfg.output.overwrite)
         why = refusal(self.out_dir, state, reasons)
         if why:
@@ -244,7 +213,9 @@ class _Pipeline:
         if state == "overwrite":
             rmtree(self.stages_dir)
         elif state in ("resume", "complete"):
-            self._changed_stage()
+            first, changes = find_change(self.stages)
+            if first is not None:
+                self.recomputed = clear_changed(self.out_dir, self.stages, first, changes)
         opened = open_output_dir(self.cfg, self.out_dir, manifest, name=self.cfg.job_name)
         self.committed = opened.committed
         if opened.state == "complete":
@@ -263,44 +234,6 @@ class _Pipeline:
                 on_commit=self._on_stage_commit(st),
             )
         return opened.state
-
-    def _changed_stage(self) -> int | None:
-        """The first stage whose rows would change (its record, or one before it), or None. The
-        final rows go first (they hold every stage's columns), then that stage's dir and the later
-        ones', last first: a crash on the way leaves a changed stage to be found again."""
-        first, changes = None, []
-        for st in self.stages:
-            path = st.dir / MANIFEST
-            if not path.exists():  # never opened: what a later stage holds was not made from it
-                if any((s.dir / MANIFEST).exists() for s in self.stages[st.index + 1 :]):
-                    first, changes = st.index, [f"stage {st.name} has no record of an earlier run"]
-                    break
-                continue
-            try:
-                old = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                old = {}
-            changes = diff(old, st.manifest)
-            if changes:
-                first = st.index
-                break
-        if first is None:
-            return None
-        redo = self.stages[first:]
-        self.recomputed = [s.name for s in redo]
-        kept = [s.name for s in self.stages[:first]]
-        shown = "; ".join(c.replace("config.", "", 1) for c in changes[:4])
-        log.warning(
-            "stage %r changed (%s): recomputing %s; kept as committed: %s",
-            redo[0].name,
-            shown,
-            ", ".join(self.recomputed),
-            ", ".join(kept) or "none",
-        )
-        clear_rows(self.out_dir)
-        for s in reversed(redo):
-            rmtree(s.dir)
-        return first
 
     def _load_engines(self, stack: contextlib.ExitStack, process_exiting: bool) -> dict[str, Any]:
         """One engine per model and kind, in this process, each behind a driver the stages share."""

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from omegaconf import DictConfig, OmegaConf
 
 from sage_vllm_batch import storage
+from sage_vllm_batch.config.stages import PIPELINE
 from sage_vllm_batch.errors import SageBatchError
 from sage_vllm_batch.tasks import task_spec
 
@@ -181,6 +182,13 @@ def make_plan(cfg: DictConfig) -> Plan:
         plan.problems.append(str(e))
         return plan
     plan.add("job", f"{cfg.job_name}: task={cfg.task.type}")
+    if cfg.task.type == PIPELINE:
+        from sage_vllm_batch.run.pipeline_plan import plan_pipeline
+
+        source = _input(cfg, plan)
+        if source is not None:
+            plan_pipeline(cfg, plan, source)
+        return plan
     model = _model(cfg, plan)
     source = _input(cfg, plan)
     _output(cfg, plan, model, source)
