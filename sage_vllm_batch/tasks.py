@@ -378,6 +378,7 @@ EMBED = TaskSpec(
     model_type=ModelType.embedding,
     runner=Runner.pooling,
     input_columns=("text_column",),
+    templated=True,
     endpoint=Endpoint(
         route="/v1/embeddings",
         request_model="vllm.entrypoints.pooling.embed.protocol:EmbeddingCompletionRequest",

@@ -111,7 +111,7 @@ def test_a_pipeline_validates_and_its_output_rules_name_the_key(job_dir):
     with pytest.raises(ConfigError, match="executor.type: a pipeline runs on executor=local"):
         validate(pipeline(job_dir, "executor=ray"))
     with pytest.raises(ConfigError, match="output.vector_store.type: .*exactly one"):
-        validate(pipeline(job_dir, "output=faiss"))
+        validate(pipeline(job_dir, "output=faiss", "stages.keep.task=generate", "stages.keep.model=null"))
     with pytest.raises(ConfigError, match="stages.judge.when"):  # the stages are checked first
         validate(pipeline(job_dir, "stages.judge.when='keep is None'"))
 
@@ -421,7 +421,13 @@ def test_the_functions_are_a_closed_list():
         "int",
         "float",
         "abs",
+        "score",
     }
+    score = compile_condition("score(judge_scores, 'yes') >= 0.25")
+    assert score({"judge_scores": [("yes", 0.3), ("no", 0.7)]})  # a map as Arrow gives it
+    assert not score({"judge_scores": {"yes": 0.1, "no": 0.9}}) and not score({"judge_scores": None})
+    with pytest.raises(ConditionError, match="score"):
+        score({"judge_scores": 3})
 
 
 @pytest.mark.timeout(120)

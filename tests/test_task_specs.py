@@ -161,7 +161,7 @@ def test_the_input_column_is_the_specs():
     assert tasks.CHAT.input_names(data, ["p", "x"]) == ["p"]  # a plain prompt asked as a chat
     templated = {**data, "prompt_template": "Q: {q}"}
     assert tasks.CHAT.input_names(templated) == [] == tasks.GENERATE.input_names(templated)
-    assert tasks.EMBED.input_names(templated) == ["t"]  # embed reads its text column as it is
+    assert tasks.EMBED.input_names(templated) == []  # a template builds the text embedded, too
 
 
 def test_the_commit_transform_is_one_l2_normalisation():

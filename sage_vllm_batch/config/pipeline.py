@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sage_vllm_batch.config.checks import template_columns
 from sage_vllm_batch.config.conditions import compile_condition
 from sage_vllm_batch.config.options import load_option
 from sage_vllm_batch.config.stages import StageTask, stage_columns, stage_sampling
@@ -28,8 +29,6 @@ STAGE_INPUT = {
 
 def stage_reads(cfg: DictConfig, stage: Any) -> list[str]:
     """The names a stage's request is built from: its template's fields, else its task's data column."""
-    from sage_vllm_batch.config.validate import template_columns
-
     template = stage.get("prompt_template")
     if template is not None:
         return list(dict.fromkeys(template_columns(str(template))))

@@ -7,17 +7,17 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from sage_vllm_batch.config.checks import (
+    MODEL_KINDS,
+    check,
+    one_of,
+    template_columns,
+    validate_sampling,
+)
 from sage_vllm_batch.config.choices import ExecutorType, ModelType
 from sage_vllm_batch.config.conditions import Condition, compile_condition
 from sage_vllm_batch.config.pipeline import STAGE_INPUT, stage_model
 from sage_vllm_batch.config.stages import StageTask, stage_columns, stage_name_error, stage_sampling
-from sage_vllm_batch.config.validate import (
-    _MODEL_KINDS,
-    _check,
-    _one_of,
-    template_columns,
-    validate_sampling,
-)
 from sage_vllm_batch.errors import ConfigError
 
 __all__ = ["validate_pipeline", "validate_stages"]
@@ -27,17 +27,17 @@ def validate_pipeline(cfg: DictConfig) -> dict[str, Condition | None]:
     """The stages, then what a pipeline's output can be; returns each stage's compiled ``when``."""
     conditions = validate_stages(cfg)
     out = cfg.output
-    _check(out.shard_rows >= 1, "output.shard_rows", "must be >= 1")
-    _check(
+    check(out.shard_rows >= 1, "output.shard_rows", "must be >= 1")
+    check(
         cfg.executor.type == ExecutorType.local,
         "executor.type",
         "a pipeline runs on executor=local (its stages share engines loaded in this process)",
     )
-    _check(not out.get("openai_batch"), "output.openai_batch", "a pipeline writes no OpenAI batch file")
-    _check(not out.get("incremental"), "output.incremental", "a pipeline is not re-indexed incrementally")
+    check(not out.get("openai_batch"), "output.openai_batch", "a pipeline writes no OpenAI batch file")
+    check(not out.get("incremental"), "output.incremental", "a pipeline is not re-indexed incrementally")
     if out.vector_store.type is not None:
         embeds = [str(n) for n, s in cfg.stages.items() if str(s.task) == StageTask.embed]
-        _check(
+        check(
             len(embeds) == 1,
             "output.vector_store.type",
             "a vector store indexes the vectors of a pipeline's embed stage: it needs exactly one "
@@ -57,7 +57,7 @@ def validate_stages(
     taken for an input column. Every error names the stage and the key: ``stages.judge.when: ...``.
     """
     stages = cfg.get("stages") or {}
-    _check(len(stages) > 0, "stages", "task=pipeline needs at least one stage (stages.<name>.task: ...)")
+    check(len(stages) > 0, "stages", "task=pipeline needs at least one stage (stages.<name>.task: ...)")
     inputs = None if input_columns is None else set(input_columns)
     written: dict[str, str] = {}  # output column -> the stage that writes it
     later = {str(n): stage_columns(str(n), s) for n, s in stages.items() if s.get("task") in list(StageTask)}
@@ -66,8 +66,8 @@ def validate_stages(
         name = str(name)
         key = f"stages.{name}"
         why = stage_name_error(name)
-        _check(why is None, key, f"{name!r} cannot name a stage: {why}")
-        _one_of(stage.get("task"), StageTask, f"{key}.task")
+        check(why is None, key, f"{name!r} cannot name a stage: {why}")
+        one_of(stage.get("task"), StageTask, f"{key}.task")
         task = StageTask(str(stage.task))
         _validate_stage_model(cfg, stage, key, task)
 
@@ -97,7 +97,7 @@ def validate_stages(
             _known_names(sorted(conditions[name].names), f"{key}.when", name, written, inputs, later)
         _validate_stage_keys(cfg, stage, key, task)
         for col in stage_columns(name, task):
-            _check(
+            check(
                 col not in written and (inputs is None or col not in inputs),
                 key,
                 f"its output column {col!r} is also "
@@ -141,12 +141,12 @@ def _validate_stage_model(cfg: DictConfig, stage: DictConfig, key: str, task: St
     except ConfigError as e:
         raise ConfigError(f"{key}.model: {e}") from None
     need_type = ModelType.embedding if task == StageTask.embed else ModelType.text
-    need, option = _MODEL_KINDS[need_type]
+    need, option = MODEL_KINDS[need_type]
     where = f"model={stage.model}" if stage.get("model") else "the job's model"
-    _check(
+    check(
         str(model.type) == need_type,
         f"{key}.model",
-        f"{_a(task)} stage needs {need}; {where} ({model.id}) is a {model.type} model (try {key}.model={option})",
+        f"{_a(task)} stage needs {need}; {where} ({model.id}) is {MODEL_KINDS[model.type][0]} (try {key}.model={option})",
     )
 
 
@@ -154,23 +154,23 @@ def _validate_stage_keys(cfg: DictConfig, stage: DictConfig, key: str, task: Sta
     """Labels, system prompt and sampling, by the stage's task."""
     labels = stage.get("labels")
     if task == StageTask.classify:
-        _check(
+        check(
             labels is not None and len(labels) >= 2,
             f"{key}.labels",
             "a classify stage needs at least two labels",
         )
         texts = [str(v) for v in labels]
-        _check(all(t.strip() for t in texts), f"{key}.labels", "a label is a non-empty string")
-        _check(len(set(texts)) == len(texts), f"{key}.labels", f"labels repeat: {texts}")
-        _check(
+        check(all(t.strip() for t in texts), f"{key}.labels", "a label is a non-empty string")
+        check(len(set(texts)) == len(texts), f"{key}.labels", f"labels repeat: {texts}")
+        check(
             not {"True", "False"} & set(texts),
             f"{key}.labels",
             f"{texts}: YAML reads yes/no/on/off/true/false unquoted as booleans; quote the labels ('yes', 'no')",
         )
     else:
-        _check(labels is None, f"{key}.labels", f"labels are for classify stages, not {task}")
+        check(labels is None, f"{key}.labels", f"labels are for classify stages, not {task}")
     if stage.get("system_prompt") is not None:
-        _check(
+        check(
             task in (StageTask.chat, StageTask.classify),
             f"{key}.system_prompt",
             f"a system prompt is for chat and classify stages, not {task}",
@@ -179,7 +179,7 @@ def _validate_stage_keys(cfg: DictConfig, stage: DictConfig, key: str, task: Sta
     set_keys = [k for k, v in overrides.items() if v is not None and v != {} and not _all_null(v)]
     if task in (StageTask.embed, StageTask.classify):
         what = "embeds the text" if task == StageTask.embed else "scores the labels in one forward pass"
-        _check(
+        check(
             not set_keys,
             f"{key}.sampling",
             f"{_a(task)} stage {what} and samples nothing (remove {', '.join(set_keys)})",

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sage_vllm_batch.config.validate import check_labels
+from sage_vllm_batch.config.checks import check_labels
 from sage_vllm_batch.errors import ConfigError
 
 __all__ = ["LabelScorer", "check_labels", "label_variants"]

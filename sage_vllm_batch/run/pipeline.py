@@ -38,6 +38,7 @@ from sage_vllm_batch.config.pipeline import stage_input_columns, stage_reads
 from sage_vllm_batch.config.stages import StageTask, stage_column
 from sage_vllm_batch.config.validate_stages import validate_stages
 from sage_vllm_batch.errors import EngineError, ResumeError, SageBatchError
+from sage_vllm_batch.faults import pause_point
 from sage_vllm_batch.outputs.files import METRICS, STAGES, SUCCESS, write_json_atomic
 from sage_vllm_batch.outputs.lock import lock_for
 from sage_vllm_batch.outputs.outdir import (
@@ -110,10 +111,10 @@ def run_pipeline(
     :class:`~sage_vllm_batch.engine.driver.EngineDriver` shared with its other callers); a stage
     it has none for (None) gets an engine of the pipeline's own, loaded once per model and kind.
     """
-    return _Pipeline(cfg, engines).run(process_exiting=process_exiting)
+    return Pipeline(cfg, engines).run(process_exiting=process_exiting)
 
 
-class _Pipeline:
+class Pipeline:
     def __init__(self, cfg: DictConfig, engines: EngineSource | None = None) -> None:
         self.cfg = cfg
         self.engines = engines
@@ -128,7 +129,7 @@ class _Pipeline:
         self._live: dict[int, _Chunk] = {}
         self._final_lock = threading.Lock()
         self._sink: ParquetShardSink | None = None
-        self._passthrough: list[str] = []
+        self.passthrough: list[str] = []
         self._room: threading.Semaphore | None = None
         self.load_seconds = 0.0
 
@@ -162,7 +163,7 @@ class _Pipeline:
         """The stages, checked against the input's columns (no model resolved, nothing written)."""
         columns = [n for n in source.schema.names if not n.startswith("__")]
         conditions = validate_stages(self.cfg, columns)  # every name checked against the input
-        self._passthrough = self._passthrough_names(columns)
+        self.passthrough = self.passthrough_names(columns)
         self.stages = self._make_stages(conditions)
 
     def _passthrough_names(self, columns: list[str]) -> list[str]:
@@ -204,7 +205,7 @@ class _Pipeline:
 
     def _open(self, source: Any) -> str:
         """Decide what this run does in the output dir and each stage's; the main dir's state."""
-        manifest = pipeline_manifest(self.cfg, self.out_dir, self._passthrough, source)
+        manifest = pipeline_manifest(self.cfg, self.out_dir, self.passthrough, source)
         stage_manifests(self.cfg, self.stages, source)
         state, reasons = output_dir_state(self.out_dir, manifest, overwrite=self.cfg.output.overwrite)
         why = refusal(self.out_dir, state, reasons)
@@ -337,7 +338,7 @@ class _Pipeline:
     def _read(self, source: Any) -> int:
         """Send every chunk on its way; the number of chunks."""
         read = [n for st in self.stages for n in st.reads + sorted(st.when.names if st.when else [])]
-        keep = list(dict.fromkeys(self._passthrough + read))
+        keep = list(dict.fromkeys(self.passthrough + read))
         count = 0
         for index, table in self._chunks_of(source):
             count = index + 1
@@ -416,6 +417,7 @@ class _Pipeline:
 
     def _on_stage_commit(self, st: _Stage) -> Callable[[int, dict[str, Any]], None]:
         def done(index: int, rec: dict[str, Any]) -> None:  # in the stage's thread
+            pause_point(f"pipeline.{st.name}.committed")  # committed, not yet passed on
             chunk = self._live.get(index)
             if chunk is None:  # a chunk an earlier run finished (its placeholder): nothing to pass on
                 return
@@ -438,7 +440,7 @@ class _Pipeline:
 
     def _commit_final(self, chunk: _Chunk) -> None:
         cols: dict[str, Any] = {"id": pa.array(chunk.row_ids, pa.int64())}
-        for name in self._passthrough:
+        for name in self.passthrough:
             cols[f"input_{name}" if name in _RESERVED else name] = chunk.inputs.column(name)
         cols.update(chunk.outputs)
         cols["skipped"] = pa.array(chunk.skipped, pa.string())

@@ -36,7 +36,7 @@ def blocked_at(names: list[str], skipped: str | None, error: str | None) -> tupl
 
 
 def pipeline_metrics(p: Any, *, wall_seconds: float, peak_rss_bytes: int | None) -> dict[str, Any]:
-    """The metrics of a finished pipeline ``p`` (a :class:`~sage_vllm_batch.run.pipeline._Pipeline`)."""
+    """The metrics of a finished pipeline ``p`` (a :class:`~sage_vllm_batch.run.pipeline.Pipeline`)."""
     names = [st.name for st in p.stages]
     counts = {n: {"rows_in": 0, "rows_skipped": 0, "rows_out": 0, "error_rows": 0} for n in names}
     total = errors = skipped = 0

@@ -25,9 +25,9 @@ _TASK_COLUMNS = {
 def plan_pipeline(cfg: DictConfig, plan: Any, source: Any) -> None:
     """Add the stage graph and the output's state to ``plan`` (a :class:`~sage_vllm_batch.run.plan.Plan`)."""
     from sage_vllm_batch.run.model import resolve_model
-    from sage_vllm_batch.run.pipeline import _Pipeline
+    from sage_vllm_batch.run.pipeline import Pipeline
 
-    p = _Pipeline(cfg)
+    p = Pipeline(cfg)
     try:
         p.prepare(source)  # templates and conditions checked against the input's columns
     except SageBatchError as e:
@@ -42,7 +42,9 @@ def plan_pipeline(cfg: DictConfig, plan: Any, source: Any) -> None:
             plan.problems.append(f"stage {st.name}: model {st.cfg.model.id}: {e}")
     for i, stages in enumerate(engines.values(), 1):
         first = stages[0]
-        where = "in the registry" if first.model is not None and first.model.path else "NOT in the registry yet"
+        where = (
+            "in the registry" if first.model is not None and first.model.path else "NOT in the registry yet"
+        )
         kind = "embedding" if first.task.value == "embed" else "text"
         names = ", ".join(st.name for st in stages)
         plan.add(f"engine {i}", f"{first.cfg.model.id} ({kind}, {where}), loaded once for: {names}")
@@ -69,7 +71,7 @@ def _output(p: Any, plan: Any, source: Any) -> None:
     from sage_vllm_batch.outputs.shards import ParquetShardSink
     from sage_vllm_batch.run.pipeline_dirs import find_change, pipeline_manifest, stage_manifests
 
-    manifest = pipeline_manifest(p.cfg, p.out_dir, p._passthrough, source)
+    manifest = pipeline_manifest(p.cfg, p.out_dir, p.passthrough, source)
     stage_manifests(p.cfg, p.stages, source)
     state, changes = output_dir_state(p.out_dir, manifest, overwrite=p.cfg.output.overwrite)
     why = refusal(p.out_dir, state, changes)
@@ -82,7 +84,9 @@ def _output(p: Any, plan: Any, source: Any) -> None:
     if first is not None:
         redo = ", ".join(st.name for st in p.stages[first:])
         kept = ", ".join(st.name for st in p.stages[:first]) or "none"
-        text = f"stage {p.stages[first].name} changed ({'; '.join(what[:3])}): recomputes {redo}; keeps {kept}"
+        text = (
+            f"stage {p.stages[first].name} changed ({'; '.join(what[:3])}): recomputes {redo}; keeps {kept}"
+        )
     elif state == "complete":
         text = f"complete ({len(final)} shard(s)): nothing to do"
     elif state == "resume":
