@@ -21,7 +21,7 @@ from sage_vllm_batch.outputs.outdir import open_output_dir, sinks_of
 from sage_vllm_batch.outputs.shards import ParquetShardSink, embedding_column
 from sage_vllm_batch.outputs.vector_search import search
 from sage_vllm_batch.outputs.vector_stores import write_vector_store
-from sage_vllm_batch.run.search import embedding_job, search_store
+from sage_vllm_batch.run.search import embedding_job, search_job, search_store
 
 DIM = 8
 ROWS = 30
@@ -245,6 +245,9 @@ def test_mode_search_embeds_a_pipelines_queries_with_its_embed_stage(tmp_path):
     assert job.output.vector_store.type == "faiss" and job.output.dir == cfg.output.dir
     plain = compose_job("task=embed", "model=minilm-l6-v2", out_dir=tmp_path / "plain")
     assert embedding_job(plain, tmp_path / "plain") is plain
+    cfg.search.query = "who begat whom"
+    with pytest.raises(ConfigError, match="run the job first"):  # before any model loads
+        search_job(cfg)
 
 
 # --------------------------------------------------------------------------------- pgvector
