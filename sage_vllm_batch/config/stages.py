@@ -25,6 +25,8 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sage_vllm_batch.errors import ConfigError
+
 __all__ = [
     "PIPELINE",
     "ROW_COLUMNS",
@@ -36,6 +38,7 @@ __all__ = [
     "stage_columns",
     "stage_name_error",
     "stage_sampling",
+    "vector_column_of",
 ]
 
 PIPELINE = "pipeline"  # the task name of a job with stages (task=pipeline)
@@ -170,3 +173,22 @@ def stage_sampling(job_sampling: DictConfig, stage: Any) -> DictConfig:
             merged.structured_outputs[key] = None
         merged = OmegaConf.merge(merged, {"structured_outputs": structured})
     return merged
+
+
+def vector_column_of(cfg: Any) -> str:
+    """The output column a job's vector store indexes: ``embedding`` (task=embed), or for
+    task=pipeline the name of its one embed stage.
+
+    Raises:
+        ConfigError: A pipeline without exactly one embed stage (``validate_pipeline`` says so first
+            whenever ``output.vector_store.type`` is set).
+    """
+    if str((cfg.get("task") or {}).get("type")) != PIPELINE:
+        return "embedding"
+    embeds = [str(n) for n, s in (cfg.get("stages") or {}).items() if str(s.task) == StageTask.embed]
+    if len(embeds) != 1:
+        raise ConfigError(
+            "output.vector_store.type: a vector store indexes the vectors of a pipeline's embed stage: "
+            f"it needs exactly one (this one has {len(embeds)})"
+        )
+    return embeds[0]

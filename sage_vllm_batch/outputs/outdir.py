@@ -213,6 +213,7 @@ def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, A
     have = json.loads((out_dir / MANIFEST).read_text()).get("sinks", {}).get("vector_store")
     if have == want and (want["type"] == "pgvector" or as_dir(want["path"]).exists()):
         return
+    from sage_vllm_batch.config.stages import vector_column_of
     from sage_vllm_batch.outputs.vector_stores import write_vector_store
 
     log.info(
@@ -221,7 +222,7 @@ def _add_missing_vector_store(cfg: DictConfig, out_dir: Path, sinks: dict[str, A
         want["type"],
         want.get("path") or want.get("url"),
     )
-    write_vector_store(out_dir, cfg.output.vector_store)
+    write_vector_store(out_dir, cfg.output.vector_store, vector_column_of(cfg))
 
 
 def _clear_run(out_dir: Path) -> None:

@@ -19,7 +19,8 @@ rows (null ``embedding``) are not indexed. Syncs of one table take turns (an adv
 
 :func:`index_rows` maps shard rows to index rows: chunked documents carry ``doc_id``,
 ``chunk_index`` and ``text``; a plain table embed gets ``doc_id = str(id)``, ``chunk_index = 0``
-and its ``text`` column if it has one.
+and its ``text`` column if it has one; so does a pipeline, whose vectors are its embed stage's
+column (``vector_column``; its other columns stay in the Parquet output).
 
 The password comes from the URL or ``PGPASSWORD`` (libpq reads it) and is never shown: messages
 name the server by host, port, database and user (:func:`describe_url`). ``psycopg`` and
@@ -73,17 +74,17 @@ class IndexRows(NamedTuple):
     vectors: np.ndarray  # float32, (n, dim), C-contiguous
 
 
-def index_rows(batch: pa.RecordBatch | pa.Table) -> IndexRows:
+def index_rows(batch: pa.RecordBatch | pa.Table, vector_column: str = "embedding") -> IndexRows:
     """Map a batch of output rows to ``(id, doc_id, chunk_index, text, vector)``.
 
-    Chunked documents carry ``doc_id`` and ``chunk_index``; rows without them (a plain table embed)
-    get ``doc_id = str(id)`` and ``chunk_index = 0``. ``text`` is the ``text`` column when there is
-    one, else None. Rows with a null ``embedding`` (error rows) are dropped.
+    Chunked documents carry ``doc_id`` and ``chunk_index``; rows without them (a plain table embed,
+    a pipeline) get ``doc_id = str(id)`` and ``chunk_index = 0``. ``text`` is the ``text`` column
+    when there is one, else None. Rows with a null vector (errors, skipped rows) are dropped.
     """
-    if "id" not in batch.schema.names or "embedding" not in batch.schema.names:
-        raise DataError("output rows without id/embedding columns are not the output of task=embed")
-    batch = batch.filter(pc.is_valid(batch.column("embedding")))
-    dim = int(batch.schema.field("embedding").type.list_size)  # fixed_size_list<float32>[dim]
+    if "id" not in batch.schema.names or vector_column not in batch.schema.names:
+        raise DataError(f"output rows without id/{vector_column} columns cannot be indexed")
+    batch = batch.filter(pc.is_valid(batch.column(vector_column)))
+    dim = int(batch.schema.field(vector_column).type.list_size)  # fixed_size_list<float32>[dim]
     n = batch.num_rows
     ids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
     names = batch.schema.names
@@ -94,7 +95,7 @@ def index_rows(batch: pa.RecordBatch | pa.Table) -> IndexRows:
     else:
         chunk = np.zeros(n, dtype=np.int32)
     texts = batch.column("text").cast(pa.string()).to_pylist() if "text" in names else [None] * n
-    flat = pc.list_flatten(batch.column("embedding")).to_numpy(zero_copy_only=False)  # slice-safe
+    flat = pc.list_flatten(batch.column(vector_column)).to_numpy(zero_copy_only=False)  # slice-safe
     vectors = np.ascontiguousarray(flat.astype(np.float32, copy=False).reshape(n, dim))
     return IndexRows(ids, doc_ids, chunk, texts, vectors)
 
@@ -108,25 +109,26 @@ def fingerprint(doc_id: str, chunk_index: int, text: str | None, vector: np.ndar
     return h.digest()
 
 
-def _iter_shards(files: Sequence[Any]) -> Iterator[IndexRows]:
+def _iter_shards(files: Sequence[Any], vector_column: str = "embedding") -> Iterator[IndexRows]:
     for path in files:
         src, fs = arrow_file(path)
         pf = pq.ParquetFile(src, filesystem=fs)
         names = pf.schema_arrow.names
-        cols = [c for c in ("id", "doc_id", "chunk_index", "text", "embedding") if c in names]
+        cols = [c for c in ("id", "doc_id", "chunk_index", "text", vector_column) if c in names]
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-            rows = index_rows(batch)
+            rows = index_rows(batch, vector_column)
             if len(rows.ids):
                 yield rows
 
 
-def _dim_of(files: Sequence[Any]) -> int:
+def _dim_of(files: Sequence[Any], vector_column: str = "embedding") -> int:
     src, fs = arrow_file(files[0])
     schema = pq.read_schema(src, filesystem=fs)
-    etype = schema.field("embedding").type if "embedding" in schema.names else None
+    etype = schema.field(vector_column).type if vector_column in schema.names else None
     if "id" not in schema.names or etype is None or not pa.types.is_fixed_size_list(etype):
         raise DataError(
-            f"{files[0]} has no id and fixed-size embedding columns: output=pgvector needs task=embed"
+            f"{files[0]} has no id and fixed-size {vector_column} columns: output=pgvector needs "
+            "task=embed or a pipeline with one embed stage"
         )
     return int(etype.list_size)
 
@@ -301,7 +303,7 @@ def _ensure_table(conn: Any, table: str, dim: int, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- write
-def write_pgvector(out_dir: str | Path, vs: Any) -> dict[str, Any]:
+def write_pgvector(out_dir: str | Path, vs: Any, vector_column: str = "embedding") -> dict[str, Any]:
     """Sync ``vs.table`` at ``vs.url`` with the committed shards of ``out_dir``, in one transaction.
 
     Only this job's rows (``job = job_key(out_dir)``) are read, deleted or written; the rows of
@@ -310,6 +312,7 @@ def write_pgvector(out_dir: str | Path, vs: Any) -> dict[str, Any]:
     Args:
         out_dir: The run's output directory (its ledger lists the committed shards).
         vs: The ``output.vector_store`` node: ``url`` (``postgresql://...``) and ``table``.
+        vector_column: The shards' vector column (a pipeline's: its embed stage's name).
 
     Returns:
         ``{"type", "url", "table", "job", "rows", "dim", "added", "changed", "removed",
@@ -320,7 +323,7 @@ def write_pgvector(out_dir: str | Path, vs: Any) -> dict[str, Any]:
         ConfigError: No or a bad URL, a missing package or extension, a table of another layout or
             vector size.
         StorageError: The server cannot be reached, or failed during the sync (nothing changed).
-        DataError: The shards are not the output of task=embed, or repeat an id.
+        DataError: The shards have no id or no such vector column, or repeat an id.
     """
     url = check_url(_opt(vs, "url"))
     table = check_table(_opt(vs, "table", DEFAULT_TABLE))
@@ -329,7 +332,7 @@ def write_pgvector(out_dir: str | Path, vs: Any) -> dict[str, Any]:
     job = job_key(out)
     where = describe_url(url)
     files = [p for _, p in committed_files(out)]
-    dim = _dim_of(files) if files else None
+    dim = _dim_of(files, vector_column) if files else None
     info: dict[str, Any] = {"type": "pgvector", "url": where, "table": table, "job": job, "dim": dim}
     conn = connect(url)
     try:
@@ -341,7 +344,7 @@ def write_pgvector(out_dir: str | Path, vs: Any) -> dict[str, Any]:
                 info.update(_clear_job(conn, table, job), rows=0, added=0, changed=0, unchanged=0)
             else:
                 _ensure_table(conn, table, dim, where)
-                info.update(_sync(conn, table, job, files))
+                info.update(_sync(conn, table, job, files, vector_column))
                 _create_index(conn, table)
                 pause_point("vector_store.write")  # a kill here: nothing committed, the rerun syncs
     except psycopg.errors.UniqueViolation as e:
@@ -373,7 +376,7 @@ def _clear_job(conn: Any, table: str, job: str) -> dict[str, int]:
     return {"removed": cur.rowcount}
 
 
-def _sync(conn: Any, table: str, job: str, files: Sequence[Any]) -> dict[str, int]:
+def _sync(conn: Any, table: str, job: str, files: Sequence[Any], vector_column: str) -> dict[str, int]:
     from psycopg import sql
 
     t = _ident(table)
@@ -383,7 +386,7 @@ def _sync(conn: Any, table: str, job: str, files: Sequence[Any]) -> dict[str, in
     staged = 0
     with conn.cursor().copy("copy sage_staged (id, fingerprint) from stdin (format binary)") as copy:
         copy.set_types(["int8", "bytea"])
-        for rows in _iter_shards(files):
+        for rows in _iter_shards(files, vector_column):
             for i, d, c, x, v in zip(*rows, strict=True):
                 copy.write_row((int(i), fingerprint(d, c, x, v)))
             staged += len(rows.ids)
@@ -405,7 +408,7 @@ def _sync(conn: Any, table: str, job: str, files: Sequence[Any]) -> dict[str, in
         stmt = sql.SQL("copy {} ({}) from stdin (format binary)").format(t, columns)
         with conn.cursor().copy(stmt) as copy:
             copy.set_types(["text", "int8", "text", "int4", "text", "vector", "bytea"])
-            for rows in _iter_shards(files):
+            for rows in _iter_shards(files, vector_column):
                 for j in np.flatnonzero(np.isin(rows.ids, load)).tolist():
                     d, c, x, v = rows.doc_ids[j], int(rows.chunk_indexes[j]), rows.texts[j], rows.vectors[j]
                     copy.write_row((job, int(rows.ids[j]), d, c, x, v, fingerprint(d, c, x, v)))

@@ -9,6 +9,12 @@ once by construction, with no bookkeeping of its own.
 Shards are streamed with ``ParquetFile.iter_batches`` (:data:`BATCH_ROWS` rows at a time), so the
 Parquet side never holds more than one batch; error rows (null ``embedding``) are skipped.
 
+The vector column is ``embedding`` (task=embed) unless the caller names another: a pipeline's is
+its embed stage's (:func:`~sage_vllm_batch.config.stages.vector_column_of`). Its store then takes
+the row's scalar columns (strings, numbers, bools, dates) besides ``id`` and the vector, never its
+nested ones (maps, lists) nor ``error``/``skipped`` (:func:`store_fields`); rows whose vector is
+null (skipped or failed) are not indexed.
+
 Layouts (``path`` defaults to ``<out_dir>/vectors``):
 
 * ``lancedb``: ``lancedb.connect(path)``, table ``vs.table`` with columns ``id``, the
@@ -57,8 +63,11 @@ FAISS_IDS = "ids.parquet"
 VECTOR_COLUMN = "vector"
 # Rows per record batch read from a shard: bounds the Parquet-side memory of a build.
 BATCH_ROWS = 8192
+EMBEDDING = "embedding"  # the vector column of task=embed's rows
 # Output columns that are not pass-through (see outputs.shards.output_schema for task=embed).
-_TASK_COLUMNS = ("id", "embedding", "prompt_tokens", "error")
+_TASK_COLUMNS = ("id", EMBEDDING, "prompt_tokens", "error")
+# A pipeline row's columns that say what became of it, not what it holds.
+_STATUS_COLUMNS = ("id", "error", "skipped")
 _INSTALL_HINT = "pip install 'sage-vllm-batch[vector]'"
 
 
@@ -122,43 +131,80 @@ def _shard_files(out_dir: Any) -> list[Any]:
     return sorted(out_dir.glob(PART_GLOB))
 
 
-def _layout(files: Sequence[Path]) -> tuple[list[pa.Field], int]:
-    """The pass-through fields and the embedding dim, from the first shard's schema."""
+def is_scalar(dtype: pa.DataType) -> bool:
+    """A type every store takes as a plain column: strings, numbers, bools, dates and times."""
+    t = pa.types
+    return any(
+        f(dtype)
+        for f in (t.is_string, t.is_large_string, t.is_integer, t.is_floating, t.is_decimal)
+        + (t.is_boolean, t.is_temporal)
+    )
+
+
+def store_fields(schema: pa.Schema, vector_column: str = EMBEDDING) -> list[pa.Field]:
+    """The columns of a row a store carries besides ``id`` and the vector.
+
+    task=embed (``vector_column`` is ``embedding``): its pass-through columns, as they are. Any
+    other vector column (a pipeline's embed stage): the row's scalar columns (:func:`is_scalar`),
+    without ``error`` and ``skipped``; nested ones (maps, lists) are left out.
+    """
+    if vector_column == EMBEDDING:
+        return [f for f in schema if f.name not in _TASK_COLUMNS]
+    return [f for f in schema if f.name not in (*_STATUS_COLUMNS, vector_column) and is_scalar(f.type)]
+
+
+def vector_dim(schema: pa.Schema, vector_column: str, where: Any) -> int:
+    """The dim of ``vector_column`` (a ``fixed_size_list``) in a shard's schema, which has ``id``.
+
+    Raises:
+        DataError: No ``id`` or no such column, or not a fixed-size list.
+    """
+    if vector_column not in schema.names or "id" not in schema.names:
+        what = "task=embed" if vector_column == EMBEDDING else f"a pipeline embed stage {vector_column!r}"
+        raise DataError(
+            f"{where} has no id/{vector_column} column, so it is not the output of {what}; "
+            "output.vector_store needs task=embed or a pipeline with one embed stage."
+        )
+    etype = schema.field(vector_column).type
+    if not pa.types.is_fixed_size_list(etype):
+        raise DataError(
+            f"{where}: column {vector_column} is {etype}, expected fixed_size_list<float32>[dim]."
+        )
+    return int(etype.list_size)
+
+
+def _layout(files: Sequence[Path], vector_column: str = EMBEDDING) -> tuple[list[pa.Field], int]:
+    """The stored fields and the vector dim, from the first shard's schema."""
     src, fs = arrow_file(files[0])
     schema = pq.read_schema(src, filesystem=fs)
-    if "embedding" not in schema.names or "id" not in schema.names:
-        raise DataError(
-            f"{files[0]} has no id/embedding column, so it is not the output of task=embed; "
-            "output.vector_store needs task=embed."
-        )
-    etype = schema.field("embedding").type
-    if not pa.types.is_fixed_size_list(etype):
-        raise DataError(f"{files[0]}: column embedding is {etype}, expected fixed_size_list<float32>[dim].")
-    passthrough = [f for f in schema if f.name not in _TASK_COLUMNS]
-    return passthrough, int(etype.list_size)
+    dim = vector_dim(schema, vector_column, files[0])
+    return store_fields(schema, vector_column), dim
 
 
-def _iter_valid(files: Sequence[Path], columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``columns`` + ``embedding`` with error rows (null embedding) dropped."""
+def _iter_valid(
+    files: Sequence[Path], columns: list[str], vector_column: str = EMBEDDING
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` + the vector column, rows with a null vector (errors,
+    skipped rows) dropped."""
     for path in files:
         src, fs = arrow_file(path)
         pf = pq.ParquetFile(src, filesystem=fs)
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[*columns, "embedding"]):
-            batch = batch.filter(pc.is_valid(batch.column("embedding")))
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[*columns, vector_column]):
+            batch = batch.filter(pc.is_valid(batch.column(vector_column)))
             if batch.num_rows:
                 yield batch
 
 
-def _vectors(batch: pa.RecordBatch, dim: int) -> np.ndarray:
-    """The embedding column as a C-contiguous ``(rows, dim)`` float32 array of unit vectors
-    (cosine ranking in every store, whatever ``task.normalize`` was)."""
-    flat = batch.column("embedding").flatten()  # respects the slice offset a filter may leave
+def _vectors(batch: pa.RecordBatch, dim: int, vector_column: str = EMBEDDING) -> np.ndarray:
+    """The vector column as a C-contiguous ``(rows, dim)`` float32 array of unit vectors (cosine
+    ranking in every store, whatever ``task.normalize`` was)."""
+    flat = batch.column(vector_column).flatten()  # respects the slice offset a filter may leave
     arr = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return unit_rows(arr.reshape(-1, dim))
 
 
 # ----------------------------------------------------------------------------------------- write
-def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
+def write_vector_store(out_dir: str | Path, vs: Any, vector_column: str = EMBEDDING) -> dict[str, Any]:
     """Build the vector store of a finished embed run from its committed shards.
 
     Any store already at the target (a partial one from a crashed attempt, or one built before more
@@ -170,6 +216,8 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
         vs: The ``output.vector_store`` config node: ``type`` (``lancedb`` | ``faiss``), ``path``
             (None: ``<out_dir>/vectors``) and ``table`` (LanceDB table name). ``pgvector`` goes to
             :func:`~sage_vllm_batch.outputs.pgvector.write_pgvector` (its own return value).
+        vector_column: The shards' vector column: ``embedding`` (task=embed), or a pipeline's
+            embed stage name (the store then carries the row's scalar columns: :func:`store_fields`).
 
     Returns:
         ``{"type", "path", "rows", "dim"}`` (plus ``"table"`` for LanceDB); ``dim`` is None when
@@ -177,12 +225,12 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
 
     Raises:
         ConfigError: An unknown type, or the backend package is not installed.
-        DataError: The shards are not the output of task=embed.
+        DataError: The shards have no ``id`` or no such vector column.
     """
     if store_option(vs, "type") == "pgvector":  # a database table, synced by diff (outputs.pgvector)
         from sage_vllm_batch.outputs.pgvector import write_pgvector
 
-        return write_pgvector(out_dir, vs)
+        return write_pgvector(out_dir, vs, vector_column)
     kind = store_type(vs)
     out = as_dir(out_dir)
     path = store_path(out, vs)
@@ -200,13 +248,13 @@ def write_vector_store(out_dir: str | Path, vs: Any) -> dict[str, Any]:
         if table is not None:
             info["table"] = table
         return info
-    passthrough, dim = _layout(files)
+    passthrough, dim = _layout(files, vector_column)
     path.mkdir(parents=True, exist_ok=True)
     if kind == "lancedb":
-        rows = _write_lancedb(files, path, table, passthrough, dim)
+        rows = _write_lancedb(files, path, table, passthrough, dim, vector_column)
         info = {"type": kind, "path": str(path), "table": table, "rows": rows, "dim": dim}
     else:
-        rows = _write_faiss(files, path, passthrough, dim)
+        rows = _write_faiss(files, path, passthrough, dim, vector_column)
         info = {"type": kind, "path": str(path), "rows": rows, "dim": dim}
     log.info("vector store (%s) at %s: %d rows, dim %d", kind, path, rows, dim)
     return info
@@ -225,7 +273,12 @@ def _remove_store(kind: str, path: Path, table: str | None) -> None:
 
 
 def _write_lancedb(
-    files: Sequence[Path], path: Path, table: str, passthrough: list[pa.Field], dim: int
+    files: Sequence[Path],
+    path: Path,
+    table: str,
+    passthrough: list[pa.Field],
+    dim: int,
+    vector_column: str = EMBEDDING,
 ) -> int:
     lancedb = import_lancedb()
     names = [f.name for f in passthrough]
@@ -244,8 +297,10 @@ def _write_lancedb(
 
     def batches() -> Iterator[pa.RecordBatch]:
         nonlocal rows
-        for batch in _iter_valid(files, ["id", *names]):
-            vec = pa.FixedSizeListArray.from_arrays(pa.array(_vectors(batch, dim).reshape(-1)), dim)
+        for batch in _iter_valid(files, ["id", *names], vector_column):
+            vec = pa.FixedSizeListArray.from_arrays(
+                pa.array(_vectors(batch, dim, vector_column).reshape(-1)), dim
+            )
             keys = row_key_columns(batch, derived)
             cols = [batch.column("id").cast(pa.int64()), *(batch.column(n) for n in names), *keys, vec]
             rows += batch.num_rows
@@ -282,20 +337,24 @@ def lance_storage_options(path: Any) -> dict[str, str] | None:
     return opts or None
 
 
-def _write_faiss(files: Sequence[Any], path: Any, passthrough: list[pa.Field], dim: int) -> int:
+def _write_faiss(
+    files: Sequence[Any], path: Any, passthrough: list[pa.Field], dim: int, vector_column: str = EMBEDDING
+) -> int:
     if isinstance(path, ObjectPath):
         # FAISS writes local files only: build the index here, then put both files whole.
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="sage-faiss-") as tmp:
-            rows = _write_faiss(files, Path(tmp), passthrough, dim)
+            rows = _write_faiss(files, Path(tmp), passthrough, dim, vector_column)
             (path / FAISS_IDS).upload(Path(tmp) / FAISS_IDS)
             (path / FAISS_INDEX).upload(Path(tmp) / FAISS_INDEX)
         return rows
-    return _write_faiss_local(files, path, passthrough, dim)
+    return _write_faiss_local(files, path, passthrough, dim, vector_column)
 
 
-def _write_faiss_local(files: Sequence[Any], path: Path, passthrough: list[pa.Field], dim: int) -> int:
+def _write_faiss_local(
+    files: Sequence[Any], path: Path, passthrough: list[pa.Field], dim: int, vector_column: str = EMBEDDING
+) -> int:
     """Write ``index.faiss`` (``IndexIDMap2(IndexFlatIP(dim))``) and ``ids.parquet``.
 
     The index scores by inner product over unit vectors (normalised here), i.e. by cosine
@@ -318,9 +377,11 @@ def _write_faiss_local(files: Sequence[Any], path: Path, passthrough: list[pa.Fi
     tmp_index = path / f"{TMP_PREFIX}{FAISS_INDEX}"
     rows = 0
     with pq.ParquetWriter(str(tmp_ids), ids_schema, compression="zstd") as writer:
-        for batch in _iter_valid(files, ["id", *names]):
+        for batch in _iter_valid(files, ["id", *names], vector_column):
             ids = batch.column("id").cast(pa.int64())
-            index.add_with_ids(_vectors(batch, dim), ids.to_numpy(zero_copy_only=False).astype(np.int64))
+            index.add_with_ids(
+                _vectors(batch, dim, vector_column), ids.to_numpy(zero_copy_only=False).astype(np.int64)
+            )
             writer.write_batch(
                 pa.RecordBatch.from_arrays(
                     [ids, *(batch.column(n) for n in names), *row_key_columns(batch, derived)],

@@ -52,9 +52,10 @@ def write_derived_outputs(cfg: DictConfig, out_dir: Path, *, missing_only: bool 
     """
     vs = cfg.output.vector_store
     if vs.type and not missing_only:
+        from sage_vllm_batch.config.stages import vector_column_of
         from sage_vllm_batch.outputs.vector_stores import write_vector_store
 
-        write_vector_store(out_dir, vs)
+        write_vector_store(out_dir, vs, vector_column_of(cfg))  # a pipeline's: its embed stage's
     if cfg.output.get("openai_batch") and not (missing_only and (out_dir / OPENAI_BATCH_OUTPUT).exists()):
         if missing_only:
             log.info(

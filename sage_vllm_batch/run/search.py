@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sage_vllm_batch.config.stages import PIPELINE, vector_column_of
 from sage_vllm_batch.errors import ConfigError, DataError, UsageError
 from sage_vllm_batch.outputs.files import MANIFEST
 from sage_vllm_batch.outputs.outdir import output_dir_of
@@ -214,6 +215,24 @@ def embed_queries(engine: EngineVerbs, queries: Sequence[str], prefix: str = "")
 
 
 # -------------------------------------------------------------------------------------- the mode
+def embedding_job(cfg: DictConfig, out_dir: Any) -> DictConfig:
+    """The job whose model embeds the queries: ``cfg`` itself, or for task=pipeline its embed
+    stage as a job (that stage's model and template, task=embed) with the pipeline's output.
+
+    A pipeline's store holds its rows' ``id`` and scalar columns: a hit's ``doc_id`` is the id,
+    its ``chunk_index`` 0, its ``text`` the row's ``text`` column if it has one (else null).
+    """
+    if str(cfg.task.type) != PIPELINE:
+        return cfg
+    from sage_vllm_batch.run.stage import stage_job
+
+    name = vector_column_of(cfg)
+    job = stage_job(cfg, name, cfg.stages[name], out_dir)
+    job.output = cfg.output
+    job.job_name = cfg.get("job_name", name)
+    return job
+
+
 def search_job(cfg: DictConfig, *, process_exiting: bool = False) -> list[dict[str, Any]]:
     """``mode=search``'s core: the records (:data:`RECORD_KEYS`) of the job's queries.
 
@@ -231,11 +250,12 @@ def search_job(cfg: DictConfig, *, process_exiting: bool = False) -> list[dict[s
     queries = read_queries(cfg.search)
     k = search_k(cfg.search)
     validate(cfg)
+    out_dir = output_dir_of(cfg)
+    cfg = embedding_job(cfg, out_dir)
     if not task_spec(cfg.task.type).vectors:
         raise ConfigError(
             f"mode=search searches the vector store of an embedding job, not task={cfg.task.type}"
         )
-    out_dir = output_dir_of(cfg)
     check_store(cfg, out_dir)
     with hold_model(cfg, purpose=f"search {cfg.get('job_name', '?')}") as model:
         prefix = query_prefix(cfg, model.id, model.path)
