@@ -184,7 +184,7 @@ def served(registry_root, tmp_path_factory):
     from helpers import spawn_server, stop_server, wait_ready
 
     base = tmp_path_factory.mktemp("served")
-    roots = {"escapes": base / "data", "http": base / "http" / "data"}
+    roots = {"escapes": base / "data", "http": base / "http" / "data", "pipeline": base / "pipeline" / "data"}
     dirs = {"base": base, "outputs": base / "outputs", "state": base / "state", "cwd": base / "cwd"}
     # The server's own job (its output.dir): /v1/search answers from its FAISS store
     # (tests/test_search.py builds it; until then, /v1/search answers 404).

@@ -62,7 +62,7 @@ def test_refusals_name_the_allowed_set():
     with pytest.raises(ServiceError) as e:
         check_overrides(["executor=ray"])
     msg = str(e.value)
-    assert "'executor'" in msg and "task=chat|embed|generate" in msg and "data.*" in msg
+    assert "'executor'" in msg and "task=chat|classify|embed|generate|pipeline" in msg and "data.*" in msg
     assert "output=parquet|openai_batch|lancedb|faiss" in msg and "output.vector_store.table" in msg
 
 
@@ -108,7 +108,7 @@ def test_what_a_job_owns_is_allowed():
     "override, status, needle",
     [
         ("task=finetune", 403, "fine_tune"),
-        ("task=plan", 403, "chat, embed, generate"),
+        ("task=plan", 403, "chat, classify, embed, generate, pipeline"),
         ("output=bogus", 403, "parquet, openai_batch, lancedb, faiss"),
         ("output=pgvector", 403, "may not name a database"),
         ("output.vector_store.url='postgresql://u:pw@db/x'", 403, "may not name a database"),

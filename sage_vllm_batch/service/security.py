@@ -18,9 +18,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from sage_vllm_batch.config.options import group_options
 from sage_vllm_batch.errors import one_line
 from sage_vllm_batch.service.errors import BadRequest, Forbidden, ServiceError
+from sage_vllm_batch.service.stage_keys import check_stage_override, stage_keys_summary
 
 __all__ = [
     "ServiceError",
@@ -35,7 +38,7 @@ __all__ = [
 # it is not a run on the served engine. output: every sink there is; listed by name so that a
 # new output option is a decision, not a default. data and sampling: any option of the group
 # (each sets only that group's keys; the composed paths are checked whatever sets them).
-TASKS = ("chat", "embed", "generate")
+TASKS = ("chat", "classify", "embed", "generate", "pipeline")
 OUTPUTS = ("parquet", "openai_batch", "lancedb", "faiss")
 # Not output=pgvector, nor output.vector_store.url: a job over HTTP may not name a database (it
 # would reach any server the service can, with the service's PGPASSWORD).
@@ -46,6 +49,9 @@ ANY_OPTION = ("data", "sampling")
 #   task.overlong_prompt / normalize / add_generation_prompt: how each row becomes a request.
 #   task.chat_template_kwargs.*: variables of the model's chat template (e.g. enable_thinking);
 #     the tokenizer's own arguments are refused by name (check_job).
+#   task.labels: task=classify's labels.
+#   stages.*: task=pipeline's stages, key by key (:mod:`.stage_keys`: names, keys and conditions
+#     checked); a stage's model must be the served one of its kind (checked once composed).
 #   task.type is not here: the task is chosen with task=..., which also picks the engine.
 #   output.overwrite is not here: it would delete another job's committed output.
 JOB_KEYS = (
@@ -55,6 +61,7 @@ JOB_KEYS = (
     "task.normalize",
     "task.add_generation_prompt",
     "task.chat_template_kwargs.*",
+    "task.labels",
     "output.dir",
     "output.shard_rows",
     "output.passthrough_columns",
@@ -73,7 +80,7 @@ _TABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 def allowed_summary() -> str:
     return (
         f"task={'|'.join(TASKS)}, data=<option of conf/data>, sampling=<option of conf/sampling>, "
-        f"output={'|'.join(OUTPUTS)}, {', '.join(JOB_KEYS)}"
+        f"output={'|'.join(OUTPUTS)}, {', '.join(JOB_KEYS)}, {stage_keys_summary()}"
     )
 
 
@@ -144,6 +151,8 @@ def check_overrides(overrides: Any) -> list[str]:
                     f"overrides: {key}={value!r} is not a choice a job may make; choose one of "
                     f"{', '.join(c for c in choices if not c.startswith('base_'))}{hint}"
                 )
+        elif key == "stages" or key.startswith("stages."):
+            check_stage_override(key, value, adds=ov.type in (OverrideType.ADD, OverrideType.FORCE_ADD))
         elif key == "output.vector_store.url" or (key == "output.vector_store.type" and value == "pgvector"):
             raise _refuse(key, _NO_DATABASE)
         elif not key_allowed(key):
@@ -259,6 +268,19 @@ def _tokenizer_arguments() -> frozenset[str]:
     return frozenset(n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD) - {"self"}
 
 
+def _check_schema_file(schema: str | None, key: str, roots: Sequence[str]) -> None:
+    if schema is None:
+        return
+    _plain_path(key, schema, pkg=False)
+    real = _real(schema)
+    allowed = [_real(r) for r in roots]
+    if not _inside(real, allowed):
+        raise Forbidden(
+            f"{key}: the schema file {schema!r} resolves outside the server's data roots "
+            f"({', '.join(map(str, allowed))}); give the schema inline or put it below a data root"
+        )
+
+
 def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -> Path:
     """Every file the composed job would open, confined (whatever set it: an override, a preset or
     a default), before anything reads it (validation reads the schema file). Returns the output dir,
@@ -266,7 +288,7 @@ def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -
 
     A job may not write to a database (``output.vector_store.type=pgvector`` or a
     ``output.vector_store.url``, whatever set it). Read below ``serve.data_roots``: ``data.path`` (and every file its reader opens), the schema file
-    of ``sampling.structured_outputs.json``. Written below ``serve.output_root``: ``output.dir``, the
+    of ``sampling.structured_outputs.json`` (and of each pipeline stage's). Written below ``serve.output_root``: ``output.dir``, the
     vector store (``output.vector_store.path``, default ``<output.dir>/vectors``, and its table).
     """
     roots = list(data_roots)
@@ -276,17 +298,14 @@ def check_job(cfg: Any, *, data_roots: Iterable[str], output_root: str | Path) -
         raise Forbidden(
             f"data.hf_loader: {loader!r} is not a packaged datasets builder; a job may use {', '.join(HF_LOADERS)}"
         )
-    schema = schema_file(cfg)
-    if schema is not None:
-        key = "sampling.structured_outputs.json"
-        _plain_path(key, schema, pkg=False)
-        real = _real(schema)
-        allowed = [_real(r) for r in roots]
-        if not _inside(real, allowed):
-            raise Forbidden(
-                f"{key}: the schema file {schema!r} resolves outside the server's data roots "
-                f"({', '.join(map(str, allowed))}); give the schema inline or put it below a data root"
-            )
+    _check_schema_file(schema_file(cfg), "sampling.structured_outputs.json", roots)
+    for name, stage in (cfg.get("stages") or {}).items():  # task=pipeline: each stage's own schema
+        sampling = stage.get("sampling")
+        _check_schema_file(
+            schema_file(OmegaConf.create({"sampling": sampling})) if sampling is not None else None,
+            f"stages.{name}.sampling.structured_outputs.json",
+            roots,
+        )
     out = check_output_dir(str(cfg.output.dir), str(output_root))
     vs = cfg.output.get("vector_store")
     if vs is not None and (vs.get("type") == "pgvector" or vs.get("url")):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sage_vllm_batch.config.stages import PIPELINE, StageTask
 from sage_vllm_batch.engine.engine import engine_kwargs
 from sage_vllm_batch.errors import ConfigError, ResumeError, SageBatchError, one_line
 from sage_vllm_batch.service import security
@@ -56,13 +57,18 @@ class JobComposer:
         """Compose the job on the server's base, check what it may touch, and open its output dir."""
         cfg, kind = self._compose(overrides, self.output_root / "jobs" / job_id, internal_roots)
         slot = self.service.slot(kind)
-        self._check_matches(cfg, slot)
+        if cfg.task.type == PIPELINE:
+            self.stage_slots(cfg)  # every stage on a served model
+        else:
+            self._check_matches(cfg, slot)
         out = security.check_output_dir(str(cfg.output.dir), str(self.output_root))  # checked in _compose
         if self.store.holds(out):
             raise Forbidden(
                 f"output.dir: {out} would hold the server's job records ({self.store.dir}); "
                 f"choose a directory below {self.output_root}, such as {self.output_root / 'mine'}"
             )
+        if cfg.task.type == PIPELINE:
+            return cfg, kind, slot, out, None  # run_pipeline opens its dirs (and resumes) itself
         from sage_vllm_batch.run.point import prepare_point
 
         try:
@@ -92,7 +98,9 @@ class JobComposer:
         ]
         if named and named[-1] == "finetune":
             raise BadRequest("task=finetune: fine-tuning is not a serving job; use the fine_tune call")
-        if named:
+        if named and named[-1] == PIPELINE:  # composed on the text model's base when there is one
+            kind = TEXT if self.service.has(TEXT) else EMBED
+        elif named:
             spec = SPECS.get(named[-1])  # a name that is no task fails at composition, naming them
             kind = spec.model_type.value if spec is not None else TEXT
         else:
@@ -101,7 +109,7 @@ class JobComposer:
             self.service.slot(kind)  # 409 naming what to load
         try:
             cfg = compose(kind)
-            want = task_spec(cfg.task.type).model_type.value
+            want = kind if cfg.task.type == PIPELINE else task_spec(cfg.task.type).model_type.value
             if want != kind:
                 kind = want
                 if not self.service.has(kind):
@@ -111,6 +119,8 @@ class JobComposer:
             roots = [*self.data_roots, *internal_roots]
             security.check_job(cfg, data_roots=roots, output_root=self.output_root)
             validate(cfg)
+            if cfg.task.type == PIPELINE:
+                self._check_stage_names(cfg)
         except ServiceError:
             raise
         except ConfigError as e:
@@ -120,6 +130,63 @@ class JobComposer:
         if cfg.task.type == "finetune":
             raise BadRequest("task=finetune: fine-tuning is not a serving job; use the fine_tune call")
         return cfg, kind
+
+    @staticmethod
+    def _check_stage_names(cfg: DictConfig) -> None:
+        """The stages' templates and conditions against the input's columns, before any work."""
+        from sage_vllm_batch.config.validate_stages import validate_stages
+        from sage_vllm_batch.sources import open_source
+
+        source = open_source(cfg.data)
+        validate_stages(cfg, [n for n in source.schema.names if not n.startswith("__")])
+
+    def stage_slots(self, cfg: DictConfig) -> dict[str, Any]:
+        """Stage name -> the slot it runs on: the embedding model's for ``embed`` stages, the text
+        model's for the others; a 400 naming the stage (and what is served) for a stage whose model
+        is not the served one of its kind."""
+        from sage_vllm_batch.config.pipeline import stage_model
+
+        out: dict[str, Any] = {}
+        for name, stage in cfg.stages.items():
+            kind = EMBED if str(stage.task) == StageTask.embed else TEXT
+            model = stage_model(cfg, stage)
+            slot = self.service.slot(kind) if self.service.has(kind) else None
+            have = (slot.resolved.id, slot.resolved.revision, adapter_of(slot)) if slot else None
+            model_id = None if OmegaConf.is_missing(model, "id") else model.id
+            ok = have is not None and (
+                model_id == have[0]
+                and model.get("revision") in (None, have[1])
+                and (model.get("adapter") or None) == have[2]
+            )
+            if not ok:
+                where = f"model={stage.model}" if stage.get("model") else "the job's model"
+                raise BadRequest(
+                    f"stages.{name}.model: a {stage.task} stage runs on the server's {kind} model, and "
+                    f"{where} ({model_id}) is not the one served; this server serves {self.served_models()}"
+                )
+            out[str(name)] = slot
+        return out
+
+    def served_models(self) -> str:
+        """What this server serves, by kind, with the ``conf/model`` option that names each."""
+        from sage_vllm_batch.config.options import choices, load_option
+
+        def option(slot: Any) -> str | None:
+            for name in choices("model"):
+                try:
+                    if str(load_option("model", name).get("id")) == slot.resolved.id:
+                        return name
+                except Exception:  # noqa: BLE001 - an option that does not load names nothing
+                    continue
+            return None
+
+        parts = []
+        for kind in (TEXT, EMBED):
+            if self.service.has(kind):
+                slot = self.service.slot(kind)
+                opt = option(slot)
+                parts.append(f"{kind}: {slot.name}" + (f" (stages.<name>.model={opt})" if opt else ""))
+        return "; ".join(parts) or "no model"
 
     @staticmethod
     def _check_matches(cfg: DictConfig, slot: Any) -> None:

@@ -41,6 +41,10 @@ class Job:
     # More directories it may read below: the service's own jobs only (a batch reads its input
     # file from the file store), kept so that a restart resumes it with the same rights.
     internal_roots: list[str] = field(default_factory=list)
+    # task=pipeline: every served model it runs on, kind -> {id, revision, adapter} (kind and
+    # model_id above: the text model's when a stage runs on it); empty for a job of one model.
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pipeline: Any = None  # task=pipeline: its composed config, run by run_pipeline (no point)
     point: Any = None
     ran: bool = False  # its point ran in this process: its metrics are live
     cancel: threading.Event = field(default_factory=threading.Event)  # the user's cancel only
@@ -65,7 +69,14 @@ class Job:
             "finished_at": self.finished_at,
             "rows_total": self.rows_total,
             "internal_roots": self.internal_roots,
+            **({"models": self.models} if self.models else {}),
         }
+
+    def served(self) -> dict[str, tuple[str, str | None, str | None]]:
+        """Kind -> (model id, revision, adapter): every model this job runs on."""
+        if self.models:
+            return {k: (m["id"], m.get("revision"), m.get("adapter")) for k, m in self.models.items()}
+        return {self.kind: (self.model_id, self.model_revision, self.adapter)}
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Job:
@@ -87,6 +98,7 @@ class Job:
             finished_at=rec.get("finished_at"),
             rows_total=rec.get("rows_total"),
             internal_roots=[str(r) for r in rec.get("internal_roots") or []],
+            models={str(k): dict(v) for k, v in (rec.get("models") or {}).items()},
         )
 
     def info(self, queue_position: int | None = None) -> dict[str, Any]:
@@ -116,6 +128,7 @@ class Job:
             "output_dir": str(self.output_dir),
             "task": self.task,
             "model": self.model_id,
+            **({"models": {k: m["id"] for k, m in self.models.items()}} if self.models else {}),
             "overrides": self.overrides,
             "rows_done": rows_done,
             "rows_total": rows_total,

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sage_vllm_batch.config.stages import PIPELINE
 from sage_vllm_batch.engine.cancellable import CancellableEngine, JobCancelled
 from sage_vllm_batch.errors import one_line
 from sage_vllm_batch.service import security
@@ -31,6 +32,7 @@ from sage_vllm_batch.service.errors import BadRequest, Conflict, NotFound, Servi
 from sage_vllm_batch.service.job_store import JobStore
 from sage_vllm_batch.service.jobs.compose import JobComposer, adapter_of
 from sage_vllm_batch.service.jobs.record import ACTIVE, FINISHED, Job, job_id_of
+from sage_vllm_batch.service.slots import EMBED, TEXT
 
 if TYPE_CHECKING:
     from sage_vllm_batch.service.service import VLLMService
@@ -111,11 +113,16 @@ class JobManager:
                     return self._info(cur), False
             raise
         now = time.time()
+        models = self._pipeline_models(cfg)
+        if models:  # the record names the text model when a stage runs on it
+            kind = TEXT if TEXT in models else EMBED
+            slot = self.service.slot(kind)
         job = Job(
             job_id, overrides, out, cfg.task.type, slot.name, kind=kind,
             model_revision=slot.resolved.revision, adapter=adapter_of(slot),
             created_at=old.created_at if old is not None else now, submitted_at=now, point=point,
-            internal_roots=internal_roots,
+            internal_roots=internal_roots, models=models, pipeline=cfg if models else None,
+            rows_total=_estimated_rows(cfg) if models else None,
         )  # fmt: skip
         with self._lock:
             self._jobs[job_id] = job
@@ -243,33 +250,48 @@ class JobManager:
 
     def _resume(self, job: Job) -> None:
         """Put a job of an earlier server back in the queue, on exactly the model it was submitted to."""
-        if not self.service.has(job.kind):
-            raise Conflict(f"it runs on the {job.kind} model, and this server has none loaded")
-        slot = self.service.slot(job.kind)
-        want = (job.model_id, job.model_revision, job.adapter)
-        have = (slot.resolved.id, slot.resolved.revision, adapter_of(slot))
-        if want != have:
+        for kind, want in job.served().items():
+            if not self.service.has(kind):
+                raise Conflict(f"it runs on the {kind} model, and this server has none loaded")
+            slot = self.service.slot(kind)
+            have = (slot.resolved.id, slot.resolved.revision, adapter_of(slot))
+            if want != have:
 
-            def name(m: tuple[Any, ...]) -> str:
-                return f"{m[0]}@{m[1]}" + (f" with adapter {m[2]}" if m[2] else "")
+                def name(m: tuple[Any, ...]) -> str:
+                    return f"{m[0]}@{m[1]}" + (f" with adapter {m[2]}" if m[2] else "")
 
-            raise Conflict(
-                f"it was submitted to a server of {name(want)}, this one serves {name(have)}; post the same "
-                "overrides to a server of that model to resume it (its committed shards stay)"
-            )
+                raise Conflict(
+                    f"it was submitted to a server of {name(want)}, this one serves {name(have)}; post the "
+                    "same overrides to a server of that model to resume it (its committed shards stay)"
+                )
         overrides = security.check_overrides(job.overrides)
-        _, _, _, out, point = self.composer.prepare(overrides, job.id, job.internal_roots)
+        cfg, _, _, out, point = self.composer.prepare(overrides, job.id, job.internal_roots)
         if out != job.output_dir:
-            point.release()
+            if point is not None:
+                point.release()
             raise Conflict(
                 f"its output dir is now {out}, it was {job.output_dir} (a relative output.dir and another "
                 "working directory?); submit it again with an absolute output.dir"
             )
         job.point, job.status, job.error = point, "queued", None
+        job.pipeline = cfg if cfg.task.type == PIPELINE else None  # it resumes from its output dir
         self._queue.append(job.id)
         self._save(job)
 
     # ------------------------------------------------------------------ pieces
+    def _pipeline_models(self, cfg: Any) -> dict[str, dict[str, Any]]:
+        """task=pipeline: kind -> the served model its stages run on; {} for another task."""
+        if cfg.task.type != PIPELINE:
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for slot in self.composer.stage_slots(cfg).values():
+            out[slot.kind] = {
+                "id": slot.resolved.id,
+                "revision": slot.resolved.revision,
+                "adapter": adapter_of(slot),
+            }
+        return out
+
     def _job(self, job_id: str) -> Job:
         with self._lock:
             job = self._jobs.get(job_id)
@@ -281,12 +303,26 @@ class JobManager:
         from sage_vllm_batch.run.drive import run_on_engine
 
         status, error = "complete", None
+
+        def stopped() -> bool:
+            return job.cancel.is_set() or self._stopping.is_set()
+
         try:
-            slot = self.service.slot(job.kind)
-            if slot.resolved.id != job.model_id:
-                raise Conflict(f"the server switched its {job.kind} model to {slot.name} before this job ran")
-            engine = CancellableEngine(slot.driver, lambda: job.cancel.is_set() or self._stopping.is_set())
-            run_on_engine([job.point], engine, progress="none")
+            engines = {}
+            for kind, (model_id, _, _) in job.served().items():
+                slot = self.service.slot(kind)
+                if slot.resolved.id != model_id:
+                    raise Conflict(f"the server switched its {kind} model to {slot.name} before this job ran")
+                engines[kind] = CancellableEngine(slot.driver, stopped)
+            if job.pipeline is not None:
+                from sage_vllm_batch.run.pipeline import run_pipeline
+
+                def engine_of(stage_cfg: Any) -> Any:  # each stage on its kind's served engine
+                    return engines[EMBED if stage_cfg.task.type == "embed" else TEXT]
+
+                run_pipeline(job.pipeline, engines=engine_of)
+            else:
+                run_on_engine([job.point], engines[job.kind], progress="none")
         except JobCancelled:
             # A user's cancel is final; a shutdown only interrupts: queued again, resumed at next start.
             status = "cancelled" if job.cancel.is_set() else "queued"
@@ -296,7 +332,8 @@ class JobManager:
             else:
                 status, error = "failed", one_line(e, 1000)
         finally:
-            job.point.release()
+            if job.point is not None:
+                job.point.release()
         with self._lock:
             self._finish(job, status, error)
         if status == "cancelled":
@@ -306,3 +343,13 @@ class JobManager:
         elif status == "queued":
             log.info("%s interrupted by the shutdown; it resumes at the next start", job.id)
         self._dispatch()
+
+
+def _estimated_rows(cfg: Any) -> int | None:
+    """The input's row count if its reader knows it without reading it (else learnt at the end)."""
+    from sage_vllm_batch.sources import open_source
+
+    try:
+        return open_source(cfg.data).estimated_rows()
+    except Exception:  # noqa: BLE001 - only a progress figure
+        return None
