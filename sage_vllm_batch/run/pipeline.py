@@ -166,7 +166,7 @@ class Pipeline:
         self.passthrough = self.passthrough_names(columns)
         self.stages = self._make_stages(conditions)
 
-    def _passthrough_names(self, columns: list[str]) -> list[str]:
+    def passthrough_names(self, columns: list[str]) -> list[str]:
         out = self.cfg.output
         if out.passthrough_columns is not None:
             names = [str(n) for n in out.passthrough_columns]
