@@ -77,6 +77,7 @@ class FusedLauncher(Launcher):
     ) -> tuple[JobReturn, Any]:
         """Compose the point's config and prepare its output dir through Hydra's ``run_job``."""
         from sage_vllm_batch.config import validate
+        from sage_vllm_batch.errors import ConfigError
         from sage_vllm_batch.run.point import prepare_point
 
         assert self.config is not None and self.hydra_context is not None
@@ -99,6 +100,12 @@ class FusedLauncher(Launcher):
             # Interpolations such as ${hydra:runtime.output_dir} only resolve inside run_job.
             OmegaConf.resolve(cfg)
             validate(cfg)
+            if cfg.task.type == "pipeline":
+                raise ConfigError(
+                    "task=pipeline does not run as a sweep (-m) yet: run each setting as its own "
+                    "command (in one output.dir, a changed stage reruns only itself and the stages "
+                    "after it)"
+                )
             holder["point"] = prepare_point(cfg, name=_point_name(overrides))
             return "prepared"
 
