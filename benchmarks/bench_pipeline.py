@@ -76,6 +76,7 @@ T_JUDGE = (
 T_PAIR = "{question} {answer}"
 KEEP_YES = 0.25  # the pair stage's when: score(judge_scores, 'yes') >= 0.25
 MAX_TOKENS = {"question": 32, "answer": 48}
+ENGINE = ["+engine.extra.block_size=32"]  # the preset's KV block size (its stages share prefixes)
 STEPS = ("question", "answer", "glue_judge", "judge", "glue_pair", "pair")
 
 
@@ -88,7 +89,7 @@ def quoted(key: str, value: str) -> str:
 
 def separate_jobs(rows: int, work: Path) -> dict[str, list[str]]:
     """The overrides of (b)'s four jobs (output.dir and the common ones added by the caller)."""
-    chat = ["model=" + CHAT_MODEL, quoted("data.system_prompt", SYSTEM), "sampling.temperature=0"]
+    chat = ["model=" + CHAT_MODEL, quoted("data.system_prompt", SYSTEM), "sampling.temperature=0", *ENGINE]
     parquet = ["data=parquet", "data.id_column=citation"]
     return {
         "question": [
@@ -121,6 +122,7 @@ def separate_jobs(rows: int, work: Path) -> dict[str, list[str]]:
         "pair": [
             "task=embed",
             "model=" + EMBED_MODEL,
+            *ENGINE,
             *parquet,
             f"data.path={work / 'pair_in.parquet'}",
             quoted("data.prompt_template", T_PAIR),
