@@ -55,6 +55,7 @@ from sage_vllm_batch.run.pipeline_dirs import clear_changed, find_change, pipeli
 from sage_vllm_batch.run.point import SKIPPED, Point
 from sage_vllm_batch.run.stage import Aborted, StageSource, placeholder, stage_job
 from sage_vllm_batch.storage import arrow_file, rmtree
+from sage_vllm_batch.tasks import task_spec
 
 __all__ = ["run_pipeline"]
 
@@ -188,7 +189,7 @@ class Pipeline:
             name = str(name)
             d = self.stages_dir / name
             scfg = stage_job(self.cfg, name, stage, d)
-            runner = "pooling" if str(stage.task) == StageTask.embed else "generate"
+            runner = task_spec(scfg.task.type).runner.value  # stages of one model and runner share an engine
             stages.append(
                 _Stage(
                     index=i,
