@@ -70,12 +70,16 @@ def test_report_says_once_which_allocator_and_how_to_get_tcmalloc(monkeypatch, c
 
 @pytest.mark.timeout(60)
 def test_in_use_reads_the_process_maps():
-    """A child with the library preloaded reports tcmalloc, one without it glibc."""
+    """A child with the library preloaded reports tcmalloc, one without it glibc; each hands its
+    free heap back with its own allocator's call (engine/memory.py)."""
     lib = allocator.find_library()
     if lib is None:
         pytest.skip(f"tcmalloc is not installed ({allocator.PACKAGE})")
-    code = "from sage_vllm_batch.allocator import in_use; print(in_use())"
-    for preload, want in ((lib, "tcmalloc"), ("", "glibc")):
+    code = (
+        "from sage_vllm_batch.allocator import in_use; from sage_vllm_batch.engine import memory as m;"
+        "m.release_freed_memory(); print(in_use(), m._tcmalloc_release() is not None)"
+    )
+    for preload, want in ((lib, "tcmalloc True"), ("", "glibc False")):
         out = subprocess.run(
             [sys.executable, "-c", code],
             env={"LD_PRELOAD": preload, "PYTHONPATH": str(allocator.__file__).rsplit("/", 2)[0]},
@@ -84,3 +88,16 @@ def test_in_use_reads_the_process_maps():
             timeout=50,
         )
         assert out.stdout.strip() == want, out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_ray_workers_get_the_driver_s_preload(monkeypatch):
+    from types import SimpleNamespace
+
+    from sage_vllm_batch.executors.ray_pool import WorkerPool
+
+    pool = SimpleNamespace(ex=SimpleNamespace(runtime_env={}))
+    monkeypatch.setenv("LD_PRELOAD", LIB)
+    assert WorkerPool._runtime_env(pool, 1)["env_vars"]["LD_PRELOAD"] == LIB
+    monkeypatch.delenv("LD_PRELOAD")
+    assert "LD_PRELOAD" not in WorkerPool._runtime_env(pool, 1)["env_vars"]
