@@ -7,10 +7,10 @@ import pytest
 from helpers import compose_job
 from omegaconf import OmegaConf
 
+from sage_vllm_batch.config import block_size as bs
 from sage_vllm_batch.config import validate
+from sage_vllm_batch.config.block_size import auto_block_size, job_block_size
 from sage_vllm_batch.config.schema import ROW_NEUTRAL_KEYS, run_dir_excluded_keys
-from sage_vllm_batch.engine import block_size as bs
-from sage_vllm_batch.engine.block_size import auto_block_size, job_block_size
 from sage_vllm_batch.engine.engine import engine_kwargs
 from sage_vllm_batch.errors import ConfigError
 from sage_vllm_batch.outputs.manifest import build_manifest, diff

