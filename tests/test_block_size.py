@@ -112,3 +112,37 @@ def test_with_auto_block_size_sets_a_copy_only_when_shared_and_unset(tmp_path, m
     assert with_auto_block_size(extra, 3) is extra
     monkeypatch.setattr(bs, "cpu_backend", lambda: False)
     assert with_auto_block_size(cfg, 3) is cfg
+
+
+@pytest.mark.timeout(60)
+def test_a_fused_sweep_starts_its_engine_with_the_auto_block_size(tmp_path, monkeypatch):
+    import contextlib
+    from types import SimpleNamespace
+
+    from sage_vllm_batch.sweep import fused
+
+    started = []
+
+    class Recorder:
+        load_seconds = 0.0
+
+        def start(self, cfg, model):
+            started.append(cfg.engine.block_size)
+
+        def run_points(self, batch):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bs, "cpu_backend", lambda: True)
+    monkeypatch.setattr(fused, "make_executor", lambda cfg: Recorder())
+    monkeypatch.setattr(fused, "hold_model", lambda cfg, purpose=None: contextlib.nullcontext(None))
+    cfg = compose_job(*CHAT, out_dir=tmp_path)
+
+    def point():
+        return SimpleNamespace(cfg=cfg, metrics=SimpleNamespace(), error=None)
+
+    fused._run_group(0, [point(), point(), point()], fuse=True)
+    fused._run_group(0, [point()], fuse=True)
+    assert started == [32, None]
