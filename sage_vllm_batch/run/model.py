@@ -178,7 +178,7 @@ def engine_group_key(cfg: DictConfig) -> str:
 def with_auto_block_size(cfg: DictConfig, sharers: int) -> DictConfig:
     """``cfg`` for an engine that ``sharers`` request streams share (sweep points, pipeline
     stages): a copy with ``engine.block_size`` set when it is null and auto picks one (see
-    :mod:`sage_vllm_batch.engine.block_size`), else ``cfg`` itself. Row-neutral: no manifest
+    :mod:`sage_vllm_batch.config.block_size`), else ``cfg`` itself. Row-neutral: no manifest
     records it."""
     from sage_vllm_batch.config.block_size import cpu_backend, job_block_size
 
