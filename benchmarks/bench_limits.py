@@ -6,7 +6,8 @@
 Every lever is one function, ``lever_<name>(args, root, work) -> dict``, listed in ``LEVERS``: it
 runs its variants (each a ``python -m sage_vllm_batch`` process of its own, timed from the parent),
 prints them side by side with the ratios against the first, and returns what goes in the results
-file. No asserts: the numbers are for reading (the machine is shared: timings are provisional).
+file, with ``"summary"``: a list of ``summary_row(...)`` (variant against baseline), which ``main``
+prints as one table at the end. No asserts: the numbers are for reading (the machine is shared: timings are provisional).
 
 Levers:
 
@@ -130,6 +131,43 @@ def _table(title: str, runs: dict[int, list[dict[str, Any]]], ref: int) -> dict[
     return {str(b): r for b, r in best.items()}
 
 
+def summary_row(
+    lever: str,
+    variant: str,
+    baseline: str,
+    value: float,
+    base: float,
+    unit: str,
+    *,
+    lower_is_better: bool,
+) -> dict[str, Any]:
+    """One line of the final table: ``speedup`` > 1 means the variant beats its baseline."""
+    speedup = (base / value if lower_is_better else value / base) if value and base else None
+    return {
+        "lever": lever,
+        "variant": variant,
+        "baseline": baseline,
+        "value": value,
+        "base": base,
+        "unit": unit,
+        "speedup": speedup,
+    }
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    """The levers side by side: each variant against its baseline, measured in this run."""
+    print("\n== summary (speedup > 1: the variant is faster than its baseline)")
+    print(
+        f"{'lever':<12} {'variant':<34} {'baseline':<22} {'variant':>10} {'baseline':>10} {'speedup':>8}  unit"
+    )
+    for r in rows:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        print(
+            f"{r['lever']:<12} {r['variant']:<34} {r['baseline']:<22} {r['value']:>10.2f} "
+            f"{r['base']:>10.2f} {sp:>8}  {r['unit']}"
+        )
+
+
 def lever_block_size(args: argparse.Namespace, root: Path, work: Path) -> dict[str, Any]:
     """engine.block_size 32/64/128 on unique prompts and on a 3-point fused sweep."""
     unique: dict[int, list[dict[str, Any]]] = {b: [] for b in BLOCK_SIZES}
@@ -145,11 +183,24 @@ def lever_block_size(args: argparse.Namespace, root: Path, work: Path) -> dict[s
             r = run_job(work / f"shared-{b}-{rnd}", three, len(TEMPERATURES))
             shared[b].append(_report(rnd, "shared", b, r))
     ref = BLOCK_SIZES[-1]
-    return {
-        "unique": _table(f"unique: {args.rows} prompts, one run", unique, ref),
-        "shared": _table(f"shared: {args.sweep_rows} prompts x 3-point fused sweep ({sweep})", shared, ref),
-        "runs": {"unique": unique, "shared": shared},
-    }
+    u = _table(f"unique: {args.rows} prompts, one run", unique, ref)
+    s = _table(f"shared: {args.sweep_rows} prompts x 3-point fused sweep ({sweep})", shared, ref)
+    summary = []
+    for workload, best in (("unique prompts", u), ("3-point sweep", s)):
+        base = best[str(ref)]["wall_minus_load_seconds"]
+        for b in BLOCK_SIZES[:-1]:
+            summary.append(
+                summary_row(
+                    "block_size",
+                    f"{workload}: block {b}",
+                    f"block {ref}",
+                    best[str(b)]["wall_minus_load_seconds"],
+                    base,
+                    "s (wall - load)",
+                    lower_is_better=True,
+                )
+            )
+    return {"unique": u, "shared": s, "runs": {"unique": unique, "shared": shared}, "summary": summary}
 
 
 LEVERS: dict[str, Callable[[argparse.Namespace, Path, Path], dict[str, Any]]] = {
@@ -175,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.lever or list(LEVERS):
                 print(f"== lever {name}", flush=True)
                 out[name] = LEVERS[name](args, root, work / name)
+        print_summary([row for r in out.values() for row in r.get("summary", [])])
     finally:
         if args.keep:
             print(f"kept {work}")
