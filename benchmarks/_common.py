@@ -118,6 +118,24 @@ def registry_root(path: str | None, tasks: Sequence[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def kjv(n: int) -> list[str]:
+    from sage_vllm_batch.paths import resolve_path
+
+    out = []
+    with open(resolve_path("pkg://bible/data/kjv.jsonl")) as f:
+        for line in f:
+            out.append(json.loads(line)["text"])
+            if len(out) == n:
+                break
+    return out
+
+
+def chunks_800(n: int) -> list[str]:
+    """800-character chunks of running KJV text (a stand-in for document chunks)."""
+    text = " ".join(kjv(31103))
+    return [text[i * 800 : (i + 1) * 800] for i in range(min(n, len(text) // 800))]
+
+
 @dataclass
 class CliRun:
     wall_seconds: float

@@ -26,7 +26,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, add_size_args, machine_info, now_utc, registry_root, tasks_of, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    MODELS,
+    add_size_args,
+    chunks_800,
+    kjv,
+    machine_info,
+    now_utc,
+    registry_root,
+    tasks_of,
+    write_results,
+)
 
 # Runs inside the child process for the "vllm" and "st" variants: prints one JSON line.
 CHILD = r"""
@@ -64,24 +74,6 @@ print("RESULT " + json.dumps({"load_s": load, "process_s": proc, "rows": len(row
 
 # The runner's model settings (conf/engine/cpu.yaml), so the ratio is the layout, not the dtype.
 ENGINE = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.3}
-
-
-def kjv(n: int) -> list[str]:
-    from sage_vllm_batch.paths import resolve_path
-
-    out = []
-    with open(resolve_path("pkg://bible/data/kjv.jsonl")) as f:
-        for line in f:
-            out.append(json.loads(line)["text"])
-            if len(out) == n:
-                break
-    return out
-
-
-def chunks_800(n: int) -> list[str]:
-    """800-character chunks of running KJV text (a stand-in for document chunks)."""
-    text = " ".join(kjv(31103))
-    return [text[i * 800 : (i + 1) * 800] for i in range(min(n, len(text) // 800))]
 
 
 def humaneval(n: int) -> list[str]:

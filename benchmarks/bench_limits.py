@@ -17,8 +17,12 @@ Levers:
                         where little is shared (only the chat template and system prompt)
                 shared  a 3-point fused sweep ``-m sampling.temperature=0,0.7,1.0`` over
                         ``--sweep-rows`` prompts: every prompt three times on one engine
+                prefill one point and a 3-point fused sweep over ``--sweep-rows`` 800-character
+                        KJV passages (~200 tokens in, 8 out): what 3 points cost against one
+                        (the issue's target: <= 1.3x)
               Printed per size: wall s, engine load s, wall minus load, completion tokens/s (the
-              run's own), the prefix-cache hit rate (metrics.json), and the ratios to 128.
+              run's own), the prefix-cache hit rate (metrics.json), processing seconds (each
+              point's wall minus its engine load; a fused sweep's longest point), ratios to 128.
 
 Writes ``benchmarks/results/limits.json``.
 """
@@ -39,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     add_common_args,
+    chunks_800,
     count_success,
     machine_info,
     median,
@@ -84,9 +89,13 @@ def run_job(cwd: Path, args: list[str], points: int) -> dict[str, Any]:
     prompt = sum(m["prompt_tokens"] for m in ms)
     hits = sum(m.get("prefix_cache_hit_tokens") or 0 for m in ms)
     rates = [m.get("prefix_cache_hit_rate") for m in ms]
+    # The points of a fused sweep run side by side from one start: the group's processing time is
+    # the longest point's (each point's wall_seconds counts from its start and includes the load).
+    proc = max((m["wall_seconds"] or 0.0) - (m["load_seconds"] or 0.0) for m in ms)
     shutil.rmtree(cwd / "outputs", ignore_errors=True)
     return {
         "wall_seconds": round(wall, 2),
+        "processing_seconds": round(proc, 2),
         "load_seconds": round(load, 2),
         "wall_minus_load_seconds": round(wall - load, 2),
         "completion_tokens": sum(m["completion_tokens"] for m in ms),
@@ -104,7 +113,8 @@ def _report(rnd: int, workload: str, block: int, r: dict[str, Any]) -> dict[str,
     print(
         f"   round {rnd + 1} {workload} block {block:>3}: wall {r['wall_seconds']:.1f}s, load "
         f"{r['load_seconds']:.1f}s, wall-load {r['wall_minus_load_seconds']:.1f}s, "
-        f"{r['completion_tokens_per_s']:.1f} tok/s, hit rate [{rates}]",
+        f"processing {r['processing_seconds']:.1f}s, {r['completion_tokens_per_s']:.1f} tok/s, "
+        f"hit rate [{rates}]",
         flush=True,
     )
     return r
@@ -112,21 +122,21 @@ def _report(rnd: int, workload: str, block: int, r: dict[str, Any]) -> dict[str,
 
 def _table(title: str, runs: dict[int, list[dict[str, Any]]], ref: int) -> dict[str, Any]:
     """Print one workload's sizes side by side (best of the rounds) with ratios to ``ref``."""
-    best = {b: min(rs, key=lambda r: r["wall_minus_load_seconds"]) for b, rs in runs.items()}
+    best = {b: min(rs, key=lambda r: r["processing_seconds"]) for b, rs in runs.items()}
     print(f"\n-- {title}")
     print(
         f"{'block':>6} {'wall s':>8} {'med s':>7} {'load s':>7} {'wall-load':>10} {'tok/s':>8} "
-        f"{'hit rate':>9} {'(wall-load)/ref':>16}"
+        f"{'hit rate':>9} {'proc s':>7} {'proc/ref':>9}"
     )
     for b, r in best.items():
         med = median([x["wall_seconds"] for x in runs[b]])
         rates = [x for x in r["prefix_cache_hit_rate_per_point"] if x is not None]
         rate = sum(rates) / len(rates) if rates else 0.0
-        ratio = r["wall_minus_load_seconds"] / best[ref]["wall_minus_load_seconds"]
+        ratio = r["processing_seconds"] / best[ref]["processing_seconds"]
         print(
             f"{b:>6} {r['wall_seconds']:>8.1f} {med:>7.1f} {r['load_seconds']:>7.1f} "
             f"{r['wall_minus_load_seconds']:>10.1f} {r['completion_tokens_per_s']:>8.1f} {rate:>9.3f} "
-            f"{ratio:>16.3f}"
+            f"{r['processing_seconds']:>7.1f} {ratio:>9.3f}"
         )
     return {str(b): r for b, r in best.items()}
 
@@ -168,39 +178,91 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def passages_file(path: Path, rows: int) -> Path:
+    """``rows`` 800-character KJV passages as JSONL: long prompts, so the work is prefill."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i, text in enumerate(chunks_800(rows)):
+            ask = f"Give this passage a title of a few words.\n\n{text}"
+            f.write(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": ask}]}) + "\n")
+    return path
+
+
+def prefill_args(root: Path, data: Path, rows: int, extra: list[str]) -> list[str]:
+    """A prefill-heavy chat job: ~200-token passages in, 8 tokens out."""
+    return [
+        *chat_args(root, rows, 8, extra),
+        "data=jsonl",
+        f"data.path={data}",
+        "data.id_column=id",
+    ]
+
+
 def lever_block_size(args: argparse.Namespace, root: Path, work: Path) -> dict[str, Any]:
-    """engine.block_size 32/64/128 on unique prompts and on a 3-point fused sweep."""
+    """engine.block_size 32/64/128 on unique prompts and on 3-point fused sweeps; and the cost of
+    a 3-point sweep against one point on prefill-heavy prompts (the issue's target: <= 1.3x)."""
     unique: dict[int, list[dict[str, Any]]] = {b: [] for b in BLOCK_SIZES}
     shared: dict[int, list[dict[str, Any]]] = {b: [] for b in BLOCK_SIZES}
+    one: dict[int, list[dict[str, Any]]] = {b: [] for b in BLOCK_SIZES}
+    three: dict[int, list[dict[str, Any]]] = {b: [] for b in BLOCK_SIZES}
     sweep = f"sampling.temperature={','.join(TEMPERATURES)}"
+    data = passages_file(work / "passages.jsonl", args.sweep_rows)
     for rnd in range(args.repeats):
         order = BLOCK_SIZES[rnd % 3 :] + BLOCK_SIZES[: rnd % 3]
         for b in order:
             extra = [*args.override, f"engine.block_size={b}"]
-            one = chat_args(root, args.rows, args.max_tokens, extra)
-            unique[b].append(_report(rnd, "unique", b, run_job(work / f"unique-{b}-{rnd}", one, 1)))
-            three = [*chat_args(root, args.sweep_rows, args.max_tokens, extra), sweep]
-            r = run_job(work / f"shared-{b}-{rnd}", three, len(TEMPERATURES))
+            a1 = chat_args(root, args.rows, args.max_tokens, extra)
+            unique[b].append(_report(rnd, "unique", b, run_job(work / f"unique-{b}-{rnd}", a1, 1)))
+            a3 = [*chat_args(root, args.sweep_rows, args.max_tokens, extra), sweep]
+            r = run_job(work / f"shared-{b}-{rnd}", a3, len(TEMPERATURES))
             shared[b].append(_report(rnd, "shared", b, r))
+            p1 = prefill_args(root, data, args.sweep_rows, extra)
+            one[b].append(_report(rnd, "prefill 1 point", b, run_job(work / f"p1-{b}-{rnd}", p1, 1)))
+            r = run_job(work / f"p3-{b}-{rnd}", [*p1, sweep], len(TEMPERATURES))
+            three[b].append(_report(rnd, "prefill 3 points", b, r))
     ref = BLOCK_SIZES[-1]
     u = _table(f"unique: {args.rows} prompts, one run", unique, ref)
     s = _table(f"shared: {args.sweep_rows} prompts x 3-point fused sweep ({sweep})", shared, ref)
+    p1 = _table(f"prefill-heavy: {args.sweep_rows} passages, one point", one, ref)
+    p3 = _table(f"prefill-heavy: {args.sweep_rows} passages x 3-point fused sweep", three, ref)
     summary = []
     for workload, best in (("unique prompts", u), ("3-point sweep", s)):
-        base = best[str(ref)]["wall_minus_load_seconds"]
+        base = best[str(ref)]["processing_seconds"]
         for b in BLOCK_SIZES[:-1]:
             summary.append(
                 summary_row(
                     "block_size",
                     f"{workload}: block {b}",
                     f"block {ref}",
-                    best[str(b)]["wall_minus_load_seconds"],
+                    best[str(b)]["processing_seconds"],
                     base,
-                    "s (wall - load)",
+                    "s processing",
                     lower_is_better=True,
                 )
             )
-    return {"unique": u, "shared": s, "runs": {"unique": unique, "shared": shared}, "summary": summary}
+    print("\n-- prefill-heavy: a 3-point sweep costs (processing) x one point:")
+    for b in BLOCK_SIZES:
+        cost = p3[str(b)]["processing_seconds"] / p1[str(b)]["processing_seconds"]
+        print(f"   block {b:>3}: {cost:.2f}x", flush=True)
+        summary.append(
+            summary_row(
+                "block_size",
+                f"prefill: 3 points, block {b}",
+                "1 point (same block)",
+                p3[str(b)]["processing_seconds"],
+                p1[str(b)]["processing_seconds"],
+                "s processing (<1x: the cost of 3 points)",
+                lower_is_better=True,
+            )
+        )
+    return {
+        "unique": u,
+        "shared": s,
+        "prefill_one": p1,
+        "prefill_three": p3,
+        "runs": {"unique": unique, "shared": shared, "prefill_one": one, "prefill_three": three},
+        "summary": summary,
+    }
 
 
 LEVERS: dict[str, Callable[[argparse.Namespace, Path, Path], dict[str, Any]]] = {
