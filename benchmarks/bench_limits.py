@@ -291,9 +291,10 @@ def lever_dtype(args: argparse.Namespace, root: Path, work: Path) -> dict[str, A
     print(
         f"   bf16 vectors: min cosine to float32 {cosine}; chat texts differing: {len(texts)}/{len(c[ref]['rows'])}"
     )
+    n_texts = len(c[ref]["rows"])
     for runs_of in (e, c):
         for r in runs_of.values():
-            r.pop("rows")
+            r.pop("rows")  # the rows themselves stay out of the results file
     summary = [
         summary_row(
             "dtype",
@@ -319,7 +320,7 @@ def lever_dtype(args: argparse.Namespace, root: Path, work: Path) -> dict[str, A
         "chat": c,
         "embed_min_cosine": cosine,
         "chat_texts_differing": len(texts),
-        "chat_texts": len(c[ref]["rows"]),
+        "chat_texts": n_texts,
         "summary": summary,
     }
 
