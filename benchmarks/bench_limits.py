@@ -35,6 +35,12 @@ Levers:
               in metrics.json ("MISMATCH" when it is not the one asked for), and whether its
               outputs equal the first glibc run's (texts equal; vectors equal, max |diff|).
 
+  dtype       engine.dtype=float32 (engine=cpu's default) against bfloat16, each a process of its
+              own on small data (bf16 is slow on a CPU without native bf16): embed 200 verses of
+              the default embed job (MiniLM-L6), chat 16 HumanEval prompts x 16 greedy tokens.
+              Printed: embed rows/s, chat completion tokens/s, the bf16 vectors' minimum cosine
+              to float32's and how many chat texts differ.
+
 Writes ``benchmarks/results/limits.json``.
 """
 
@@ -443,9 +449,126 @@ def lever_allocator(args: argparse.Namespace, root: Path, work: Path) -> dict[st
     }
 
 
+# fp32 against bf16 (lever_dtype): small, because bf16 is slow on a CPU without native bf16.
+DTYPES = ("float32", "bfloat16")  # the first one is the reference (engine=cpu's default)
+DTYPE_EMBED_ROWS = 200  # KJV verses of the default embed job (MiniLM-L6)
+DTYPE_CHAT_ROWS = 16  # HumanEval prompts, greedy SmolLM2 chat
+DTYPE_MAX_TOKENS = 16
+
+
+def _dtype_run(cwd: Path, args: list[str], key: str, column: str) -> dict[str, Any]:
+    """One dtype variant as a CLI process: its speed and its rows (``key`` -> ``column``)."""
+    import pyarrow.parquet as pq
+
+    cwd.mkdir(parents=True)
+    t0 = time.perf_counter()
+    run_cli(args, cwd=cwd, log_path=cwd / "run.log", done=lambda: count_success(cwd) == 1)
+    wall = time.perf_counter() - t0
+    (m,) = [json.loads(p.read_text()) for p in cwd.rglob("metrics.json")]
+    rows: dict[Any, Any] = {}
+    for shard in sorted(cwd.rglob("part-*.parquet")):
+        t = pq.read_table(shard, columns=[key, column]).to_pydict()
+        rows.update(zip(t[key], t[column], strict=True))
+    shutil.rmtree(cwd / "outputs", ignore_errors=True)
+    return {
+        "wall_seconds": round(wall, 2),
+        "load_seconds": round(m["load_seconds"] or 0.0, 2),
+        "wall_minus_load_seconds": round(wall - (m["load_seconds"] or 0.0), 2),
+        "rows_out": m["rows_out"],
+        "rows_per_s": m["rows_per_s"],
+        "completion_tokens_per_s": m["completion_tokens_per_s"],
+        "rows": rows,
+    }
+
+
+def _min_cosine(a: dict[Any, Any], b: dict[Any, Any]) -> float | None:
+    import numpy as np
+
+    keys = sorted(set(a) & set(b), key=str)
+    if not keys:
+        return None
+    x = np.asarray([a[k] for k in keys], dtype=np.float64)
+    y = np.asarray([b[k] for k in keys], dtype=np.float64)
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    return round(float(cos.min()), 6)
+
+
+def lever_dtype(args: argparse.Namespace, root: Path, work: Path) -> dict[str, Any]:
+    """engine.dtype float32 (engine=cpu's default) against bfloat16: embed rows/s with the vectors'
+    minimum cosine to float32's, chat completion tokens/s with the texts that differ."""
+    reg = f"registry.root={root}"
+    embed = ["job_name=bench_limits", "task=embed", f"data.limit={DTYPE_EMBED_ROWS}", "progress=none", reg]
+    chat = chat_args(root, DTYPE_CHAT_ROWS, DTYPE_MAX_TOKENS, [])
+    runs: dict[str, dict[str, dict[str, Any]]] = {"embed": {}, "chat": {}}
+    for rnd in range(args.repeats):
+        for dt in DTYPES if rnd % 2 == 0 else DTYPES[::-1]:
+            extra = [*args.override, f"engine.dtype={dt}"]
+            for workload, base, key, column in (
+                ("embed", embed, "id", "embedding"),
+                ("chat", chat, "task_id", "text"),
+            ):
+                r = _dtype_run(work / f"{workload}-{dt}-{rnd}", [*base, *extra], key, column)
+                speed = r["rows_per_s"] if workload == "embed" else r["completion_tokens_per_s"]
+                print(
+                    f"   round {rnd + 1} {workload} {dt}: wall {r['wall_seconds']:.1f}s, load "
+                    f"{r['load_seconds']:.1f}s, {speed:.2f} {'rows/s' if workload == 'embed' else 'tok/s'}",
+                    flush=True,
+                )
+                old = runs[workload].get(dt)
+                if old is None or r["wall_minus_load_seconds"] < old["wall_minus_load_seconds"]:
+                    runs[workload][dt] = r
+    ref, alt = DTYPES
+    e, c = runs["embed"], runs["chat"]
+    texts = [k for k in c[ref]["rows"] if c[ref]["rows"][k] != c[alt]["rows"].get(k)]
+    cosine = _min_cosine(e[ref]["rows"], e[alt]["rows"])
+    print(f"\n-- dtype ({DTYPE_EMBED_ROWS} verses; {DTYPE_CHAT_ROWS} prompts x {DTYPE_MAX_TOKENS} tokens)")
+    print(f"{'dtype':>9} {'embed rows/s':>13} {'chat tok/s':>11} {'embed load s':>13} {'chat load s':>12}")
+    for dt in DTYPES:
+        print(
+            f"{dt:>9} {e[dt]['rows_per_s']:>13.2f} {c[dt]['completion_tokens_per_s']:>11.2f} "
+            f"{e[dt]['load_seconds']:>13.1f} {c[dt]['load_seconds']:>12.1f}"
+        )
+    print(
+        f"   bf16 vectors: min cosine to float32 {cosine}; chat texts differing: {len(texts)}/{len(c[ref]['rows'])}"
+    )
+    n_texts = len(c[ref]["rows"])
+    for runs_of in (e, c):
+        for r in runs_of.values():
+            r.pop("rows")  # the rows themselves stay out of the results file
+    summary = [
+        summary_row(
+            "dtype",
+            f"embed: {alt}",
+            ref,
+            e[alt]["rows_per_s"],
+            e[ref]["rows_per_s"],
+            "rows/s",
+            lower_is_better=False,
+        ),
+        summary_row(
+            "dtype",
+            f"chat: {alt}",
+            ref,
+            c[alt]["completion_tokens_per_s"],
+            c[ref]["completion_tokens_per_s"],
+            "completion tok/s",
+            lower_is_better=False,
+        ),
+    ]
+    return {
+        "embed": e,
+        "chat": c,
+        "embed_min_cosine": cosine,
+        "chat_texts_differing": len(texts),
+        "chat_texts": n_texts,
+        "summary": summary,
+    }
+
+
 LEVERS: dict[str, Callable[[argparse.Namespace, Path, Path], dict[str, Any]]] = {
     "block_size": lever_block_size,
     "allocator": lever_allocator,
+    "dtype": lever_dtype,
 }
 
 
@@ -467,9 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {}
     levers = args.lever or list(LEVERS)
     try:
-        with registry_root(
-            args.registry_root, ["chat", "embed"] if "allocator" in levers else ["chat"]
-        ) as root:
+        with registry_root(args.registry_root, ["chat", "embed"]) as root:
             for name in levers:
                 print(f"== lever {name}", flush=True)
                 out[name] = LEVERS[name](args, root, work / name)

@@ -10,7 +10,7 @@ import re
 
 from omegaconf import DictConfig
 
-from sage_vllm_batch.config import block_size
+from sage_vllm_batch.config import block_size, cpu_dtype
 from sage_vllm_batch.config.checks import (
     MODEL_KINDS,
     check,
@@ -116,6 +116,8 @@ def validate_engine(cfg: DictConfig) -> None:
     )
     check(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
     validate_block_size(e)
+    # bf16/fp16 on a CPU without native bf16: allowed (the user asked), with one warning of its cost.
+    cpu_dtype.warn_slow_dtype(e, cfg.get("model"))
 
 
 def validate_block_size(e: DictConfig) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 
 from sage_vllm_batch.allocator import in_use as allocator_in_use
+from sage_vllm_batch.cpu_isa import cpu_isa
 from sage_vllm_batch.engine.io import EngineResult
 
 _RESERVOIR = 20_000  # latency samples kept: bounded memory on any dataset size
@@ -162,6 +163,8 @@ class RunMetrics:
             "latency_p95_s": self._pct(0.95),
             "peak_rss_bytes": self.peak_rss_bytes,
             "allocator": allocator_in_use(),  # "tcmalloc" or "glibc" (sage_vllm_batch.allocator)
+            # This host's CPU model and ISA flags: bf16 is 0.2x or ~1.5x of fp32 by host (cpu_isa).
+            "cpu": cpu_isa(),
             "dedup_rows": self.dedup_rows,
             # Share of the prompt tokens vLLM ran that it found in its prefix cache.
             "prefix_cache_hit_rate": (
