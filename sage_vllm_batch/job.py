@@ -23,7 +23,7 @@ from sage_vllm_batch.config.stages import PIPELINE
 from sage_vllm_batch.errors import ExitCode, SageBatchError
 from sage_vllm_batch.outputs.files import METRICS, SUCCESS
 from sage_vllm_batch.outputs.outdir import output_dir_of
-from sage_vllm_batch.run.compile import record_figures, with_compile
+from sage_vllm_batch.run.compile import job_rows, record_figures, with_compile
 from sage_vllm_batch.run.model import hold_model
 from sage_vllm_batch.run.point import prepare_point
 from sage_vllm_batch.storage import local_log_dir
@@ -124,7 +124,7 @@ def run(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
             from sage_vllm_batch.executors import make_executor
 
             # Compile or not for the job's total rows (not the rows left: a resume decides the same).
-            run_cfg, decision = with_compile(cfg, point.model, point.source.estimated_rows())
+            run_cfg, decision = with_compile(cfg, point.model, job_rows([point.source]))
             point.metrics.compile = decision.as_dict()
             executor = make_executor(cfg)
             executor.start(run_cfg, point.model)

@@ -37,7 +37,7 @@ def gen_job(prompts, tmp_path, *extra):
         "model=smollm2-135m-instruct",
         "data=jsonl",
         f"data.path={prompts}",
-        "data.limit=12",  # a JSON lines file's size is known from its limit (else: unknown, eager)
+        "data.limit=null",  # the rows counted from the file, as mode=plan counts them
         "sampling.max_tokens=64",
         "engine.in_process=true",
         *extra,

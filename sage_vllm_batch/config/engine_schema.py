@@ -20,11 +20,11 @@ class EngineConfig:
     # gpu_memory_utilization share (on the CPU: a share of the whole NUMA node, checked against
     # the memory free at start, so a busy machine refused to start).
     kv_cache_memory_bytes: int | None = None
-    # auto | true | false: compile the model with torch.compile (vLLM's default) or run it eager.
-    # auto compiles a generation job when the time it saves pays for compiling (docs/performance.md
-    # #compile-when-it-pays-enginecompile); a string, as true/false are booleans on the command line.
+    # auto | true | false: compile the model with torch.compile or run it eager; auto compiles a
+    # generation job only when the time it saves pays for compiling (see the performance page).
+    # A string, not an enum: true/false are booleans on the command line (checked by validate).
     compile: str = "auto"
-    # vLLM's own switch; null: engine.compile decides. Set, it wins over engine.compile.
+    # vLLM's own switch; null: engine.compile decides. Set (true or false), it wins over it.
     enforce_eager: bool | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None

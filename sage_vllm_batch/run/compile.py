@@ -1,8 +1,8 @@
 """A job's ``engine.compile`` decision (:mod:`sage_vllm_batch.engine.compile_policy`) made where the
 job's size is known, and the figures a run measured, kept for the next decision.
 
-The size is the source's estimated *total* rows (not the rows left), so a resumed run decides as
-the first did; a fused sweep multiplies it by its points. Where the size is unknown (the service,
+The size is the input's estimated *total* rows (not the rows left), so a resumed run decides as
+the first did; a fused sweep adds its points' (rows x points). Where the size is unknown (the service,
 a pipeline's engines, ``mode=search``), ``auto`` stays eager: compile with ``engine.compile=true``.
 """
 
@@ -26,7 +26,14 @@ from sage_vllm_batch.tasks import task_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["decide_compile", "figures_file", "model_figures_key", "record_figures", "with_compile"]
+__all__ = [
+    "decide_compile",
+    "figures_file",
+    "job_rows",
+    "model_figures_key",
+    "record_figures",
+    "with_compile",
+]
 
 
 def figures_file(cfg: DictConfig) -> FiguresFile:
@@ -42,6 +49,16 @@ def model_figures_key(model: Any) -> str:
     from sage_vllm_batch.engine.engine import vllm_version
 
     return figures_key(model.id, model.revision, vllm_version())
+
+
+def job_rows(sources: list[Any]) -> int | None:
+    """The total rows of the points one engine will run (``None`` if any is unknown): each input's
+    estimate, as ``mode=plan`` counts it (a JSON lines file's lines counted, or estimated from its
+    first 8 MB), whatever a previous run committed already."""
+    from sage_vllm_batch.run.plan import estimate_rows
+
+    counts = [estimate_rows(s)[0] for s in sources]
+    return None if any(c is None for c in counts) else int(sum(counts))
 
 
 def decide_compile(cfg: DictConfig, model: Any, rows: int | None) -> CompileDecision:

@@ -69,7 +69,6 @@ def _model(cfg: DictConfig, plan: Plan) -> Any:
 
 def _input(cfg: DictConfig, plan: Plan) -> Any:
     from sage_vllm_batch.sources import open_source
-    from sage_vllm_batch.sources.base import shard_count
 
     try:
         source = open_source(cfg.data)
@@ -77,12 +76,7 @@ def _input(cfg: DictConfig, plan: Plan) -> Any:
         plan.problems.append(f"input: {e}")
         plan.add("input", f"{cfg.data.path}: cannot be read")
         return None
-    rows, exact = source.estimated_rows(), True
-    if rows is None and source.format in ("jsonl", "openai_batch", "csv"):
-        rows, exact = _count_lines(source.files, header=source.format == "csv")
-        if source.limit is not None:
-            rows, exact = (source.limit, True) if rows >= source.limit else (rows, exact)
-        rows = shard_count(rows, source.num_shards, source.shard_index)
+    rows, exact = estimate_rows(source)
     if rows is None:
         size = sum(os.path.getsize(f) for f in source.files)
         count = f"rows unknown until read ({len(source.files)} file(s), {size / 1e6:.1f} MB)"
@@ -102,6 +96,20 @@ def _input(cfg: DictConfig, plan: Plan) -> Any:
     cols = [n for n in source.schema.names if not n.startswith("__")]
     plan.add("columns", ", ".join(cols) or "(none)")
     return source
+
+
+def estimate_rows(source: Any) -> tuple[int | None, bool]:
+    """The rows ``source`` will yield and whether the count is exact: its own estimate, else (line
+    files) lines counted, or estimated from the first 8 MB of each file; ``None``: unknown."""
+    from sage_vllm_batch.sources.base import shard_count
+
+    rows, exact = source.estimated_rows(), True
+    if rows is None and source.format in ("jsonl", "openai_batch", "csv"):
+        rows, exact = _count_lines(source.files, header=source.format == "csv")
+        if source.limit is not None:
+            rows, exact = (source.limit, True) if rows >= source.limit else (rows, exact)
+        rows = shard_count(rows, source.num_shards, source.shard_index)
+    return rows, exact
 
 
 _SAMPLE_BYTES = 8 << 20

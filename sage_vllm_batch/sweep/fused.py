@@ -12,7 +12,7 @@ from hydra.core.utils import JobReturn, JobStatus
 
 from sage_vllm_batch.executors import make_executor
 from sage_vllm_batch.outputs.files import METRICS
-from sage_vllm_batch.run.compile import with_compile
+from sage_vllm_batch.run.compile import job_rows, with_compile
 from sage_vllm_batch.run.model import engine_group_key, hold_model, with_auto_block_size
 from sage_vllm_batch.run.point import Point
 from sage_vllm_batch.sweep.summary import write_summary
@@ -89,9 +89,7 @@ def _run_group(gi: int, todo: list[Point], fuse: bool) -> None:
         try:
             # The points repeat every prompt: blocks small enough to cache the shared prefixes.
             # Compile for every point's rows: one engine runs them all.
-            ests = [p.source.estimated_rows() for p in todo]
-            rows = None if any(e is None for e in ests) else sum(ests)
-            cfg, decision = with_compile(todo[0].cfg, model, rows)
+            cfg, decision = with_compile(todo[0].cfg, model, job_rows([p.source for p in todo]))
             for p in todo:
                 p.metrics.compile = decision.as_dict()
             executor.start(with_auto_block_size(cfg, len(todo)), model)
