@@ -201,6 +201,12 @@ def make_plan(cfg: DictConfig) -> Plan:
     source = _input(cfg, plan)
     _output(cfg, plan, model, source)
     plan.add("sampling", _sampling(cfg))
+    if model is not None and source is not None and task_spec(cfg.task.type).runner is not None:
+        from sage_vllm_batch.run.compile import decide_compile
+
+        plan.add(
+            "compile", decide_compile(cfg, model, estimate_rows(source)[0]).line().removeprefix("compile: ")
+        )
     return plan
 
 
