@@ -22,6 +22,7 @@ from sage_vllm_batch.engine.compile_policy import (
     figures_key,
     resolve_compile,
 )
+from sage_vllm_batch.sources.count import estimate_rows
 from sage_vllm_batch.tasks import task_spec
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ def job_rows(sources: list[Any]) -> int | None:
     """The total rows of the points one engine will run (``None`` if any is unknown): each input's
     estimate, as ``mode=plan`` counts it (a JSON lines file's lines counted, or estimated from its
     first 8 MB), whatever a previous run committed already."""
-    from sage_vllm_batch.run.plan import estimate_rows
-
     counts = [estimate_rows(s)[0] for s in sources]
     return None if any(c is None for c in counts) else int(sum(counts))
 
