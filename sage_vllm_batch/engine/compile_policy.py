@@ -139,14 +139,18 @@ class FiguresFile:
     def observe(
         self, key: str, *, compiled: bool, load_s: float, tokens_per_s: float | None
     ) -> dict[str, Any]:
-        """Record one run's load time and completion tokens/s on its side (eager or compiled);
-        derive ``startup_s`` (compiled load - eager load) and ``speedup`` (compiled tokens/s over
-        eager) once both sides are known, and ``eager_tokens_per_s`` from the eager side. Returns
-        the key's record."""
+        """Record one run's load time and completion tokens/s on its side (eager or compiled),
+        keeping the best seen (the shortest load, the highest rate: a run on a busy machine does
+        not stand for the machine); derive ``startup_s`` (compiled load - eager load) and
+        ``speedup`` (compiled tokens/s over eager) once both sides are known. Returns the key's
+        record."""
         side = "compiled" if compiled else "eager"
-        new: dict[str, Any] = {f"{side}_load_s": round(load_s, 2)}
+        rec = self._read().get(key)
+        old = rec if isinstance(rec, dict) else {}
+        load_key, rate_key = f"{side}_load_s", f"{side}_tokens_per_s"
+        new: dict[str, Any] = {load_key: round(min(load_s, old.get(load_key, load_s)), 2)}
         if tokens_per_s:
-            new[f"{side}_tokens_per_s"] = round(tokens_per_s, 2)
+            new[rate_key] = round(max(tokens_per_s, old.get(rate_key, tokens_per_s)), 2)
         return self._update(key, new, derive=True)
 
     def _update(self, key: str, new: dict[str, Any], *, derive: bool = False) -> dict[str, Any]:
