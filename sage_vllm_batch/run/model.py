@@ -209,6 +209,10 @@ def load_engine(cfg: DictConfig, model: ResolvedModel, stats: ModelStats | None 
         log.info("%s", decision.line())
         engine_cfg["enforce_eager"] = not decision.compile
     kw = engine_kwargs(engine_cfg, OmegaConf.to_container(cfg.model, resolve=True))
+    if not kw.get("enforce_eager"):
+        from sage_vllm_batch.run.compile import keep_compile_cache
+
+        keep_compile_cache()
     if model.adapter:
         kw.update(lora_engine_args(model.adapter["rank"]))
     from sage_vllm_batch.logs import native_output_to_log
