@@ -41,6 +41,11 @@ Levers:
               Printed: embed rows/s, chat completion tokens/s, the bf16 vectors' minimum cosine
               to float32's and how many chat texts differ.
 
+  compile     engine.compile=false (eager) against engine.compile=true (torch.compile) on the same
+              chat job (``--rows`` prompts, greedy): the whole process's wall and its per-row
+              processing (wall minus load, per row), and how many greedy texts differ. vLLM's compile
+              cache (~/.cache/vllm/torch_compile_cache) is kept, as a user's second run would find it.
+
 Writes ``benchmarks/results/limits.json``.
 """
 
@@ -565,10 +570,78 @@ def lever_dtype(args: argparse.Namespace, root: Path, work: Path) -> dict[str, A
     }
 
 
+def _texts(out_dir: Path) -> list[Any]:
+    """A finished run's ``text`` column in input order (the shards are committed in that order)."""
+    import pyarrow.parquet as pq
+
+    texts: list[Any] = []
+    for part in sorted(out_dir.glob("part-*.parquet")):
+        texts.extend(pq.read_table(part, columns=["text"]).column("text").to_pylist())
+    return texts
+
+
+def lever_compile(args: argparse.Namespace, root: Path, work: Path) -> dict[str, Any]:
+    """Eager against compiled: whole process, per row, and greedy texts compared."""
+    variants = {"eager": "false", "compiled": "true"}
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    texts: dict[str, list[Any]] = {}
+    for rnd in range(args.repeats):
+        for name in list(variants)[rnd % 2 :] + list(variants)[: rnd % 2]:
+            cwd = work / f"{name}-{rnd}"
+            out = cwd / "out"
+            extra = [*args.override, f"engine.compile={variants[name]}", f"output.dir={out}"]
+            r = run_job(cwd, chat_args(root, args.rows, args.max_tokens, extra), 1)
+            r["seconds_per_row"] = round(r["wall_minus_load_seconds"] / max(r["rows_out"], 1), 4)
+            texts.setdefault(name, _texts(out))
+            runs[name].append(r)
+            print(
+                f"   round {rnd + 1} {name:>8}: wall {r['wall_seconds']:.1f}s, load {r['load_seconds']:.1f}s, "
+                f"wall-load {r['wall_minus_load_seconds']:.1f}s ({r['seconds_per_row']:.3f} s/row), "
+                f"{r['completion_tokens_per_s']:.1f} tok/s",
+                flush=True,
+            )
+            shutil.rmtree(out, ignore_errors=True)
+    best = {v: min(rs, key=lambda r: r["wall_minus_load_seconds"]) for v, rs in runs.items()}
+    a, b = texts["eager"], texts["compiled"]
+    differ = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
+    print(
+        f"\n-- compile: {args.rows} prompts, {args.max_tokens} tokens; greedy texts differing: {differ} of {len(a)}"
+    )
+    e, c = best["eager"], best["compiled"]
+    summary = [
+        summary_row(
+            "compile",
+            "compiled: whole process",
+            "eager",
+            c["wall_seconds"],
+            e["wall_seconds"],
+            "s (wall)",
+            lower_is_better=True,
+        ),
+        summary_row(
+            "compile",
+            "compiled: per row",
+            "eager",
+            c["seconds_per_row"],
+            e["seconds_per_row"],
+            "s/row (wall - load)",
+            lower_is_better=True,
+        ),
+    ]
+    return {
+        "best": best,
+        "runs": runs,
+        "texts_differing": differ,
+        "texts_compared": len(a),
+        "summary": summary,
+    }
+
+
 LEVERS: dict[str, Callable[[argparse.Namespace, Path, Path], dict[str, Any]]] = {
     "block_size": lever_block_size,
     "allocator": lever_allocator,
     "dtype": lever_dtype,
+    "compile": lever_compile,
 }
 
 

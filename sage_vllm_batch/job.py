@@ -23,6 +23,7 @@ from sage_vllm_batch.config.stages import PIPELINE
 from sage_vllm_batch.errors import ExitCode, SageBatchError
 from sage_vllm_batch.outputs.files import METRICS, SUCCESS
 from sage_vllm_batch.outputs.outdir import output_dir_of
+from sage_vllm_batch.run.compile import job_rows, record_figures, with_compile
 from sage_vllm_batch.run.model import hold_model
 from sage_vllm_batch.run.point import prepare_point
 from sage_vllm_batch.storage import local_log_dir
@@ -122,13 +123,19 @@ def run(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
                 return json.loads((point.out_dir / METRICS).read_text())
             from sage_vllm_batch.executors import make_executor
 
+            # Compile or not for the job's total rows (not the rows left: a resume decides the same).
+            run_cfg, decision = with_compile(cfg, point.model, job_rows([point.source]))
+            point.metrics.compile = decision.as_dict()
             executor = make_executor(cfg)
-            executor.start(cfg, point.model)
+            executor.start(run_cfg, point.model)
             try:
                 executor.run_points([point])
             finally:
                 executor.close(process_exiting=process_exiting)
-            return point.metrics_record()
+            record = point.metrics_record()
+            if cfg.executor.type == "local":  # one engine here: its load and speed are this machine's
+                record_figures(cfg, point.model, decision, record)
+            return record
         finally:
             point.release()
 

@@ -127,7 +127,7 @@ def test_a_fused_sweep_starts_its_engine_with_the_auto_block_size(tmp_path, monk
         load_seconds = 0.0
 
         def start(self, cfg, model):
-            started.append(cfg.engine.block_size)
+            started.append((cfg.engine.block_size, cfg.engine.enforce_eager))
 
         def run_points(self, batch):
             pass
@@ -137,12 +137,19 @@ def test_a_fused_sweep_starts_its_engine_with_the_auto_block_size(tmp_path, monk
 
     monkeypatch.setattr(bs, "cpu_backend", lambda: True)
     monkeypatch.setattr(fused, "make_executor", lambda cfg: Recorder())
-    monkeypatch.setattr(fused, "hold_model", lambda cfg, purpose=None: contextlib.nullcontext(None))
-    cfg = compose_job(*CHAT, out_dir=tmp_path)
+    model = SimpleNamespace(id="m", revision="r")
+    monkeypatch.setattr(fused, "hold_model", lambda cfg, purpose=None: contextlib.nullcontext(model))
+    cfg = compose_job(*CHAT, out_dir=tmp_path, registry_root=tmp_path / "reg")
 
     def point():
-        return SimpleNamespace(cfg=cfg, metrics=SimpleNamespace(), error=None)
+        source = SimpleNamespace(estimated_rows=lambda: 10)
+        return SimpleNamespace(cfg=cfg, metrics=SimpleNamespace(), error=None, source=source)
 
-    fused._run_group(0, [point(), point(), point()], fuse=True)
+    three = [point(), point(), point()]
+    fused._run_group(0, three, fuse=True)
     fused._run_group(0, [point()], fuse=True)
-    assert started == [32, None]
+    # engine.compile=auto decides for rows x points (3 x 10: eager), recorded in each point's metrics.
+    assert started == [(32, True), (None, True)]
+    assert all(
+        p.metrics.compile["compiled"] is False and "30 rows" in p.metrics.compile["why"] for p in three
+    )

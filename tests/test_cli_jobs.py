@@ -73,6 +73,10 @@ def test_default_job_end_to_end(workspace, default_run):
     (alloc,) = [x for x in lines if "][sage_vllm_batch.allocator]" in x]
     assert f"allocator: {want}" in alloc
     lines.remove(alloc)
+    # engine.compile's decision, one line (and in metrics.json): an embedding job stays eager.
+    (comp,) = [x for x in lines if "][sage_vllm_batch.run.compile]" in x]
+    assert "compile: off (auto: embedding" in comp and m["compile"]["compiled"] is False
+    lines.remove(comp)
     assert len(lines) == 4, lines  # loading, engine ready, rows written, done
     assert all("][sage_vllm_batch" in x for x in lines), lines
     rest = r.stderr.replace(alloc, "")  # without tcmalloc that line is a warning saying how to get it

@@ -46,7 +46,7 @@ def test_default_job_composes_and_validates(tmp_path):
     assert cfg.model.type == "embedding"
     assert cfg.data.path == "pkg://bible/data/kjv.jsonl"
     assert cfg.engine.gpu_memory_utilization == pytest.approx(0.3)
-    assert cfg.engine.enforce_eager is True
+    assert cfg.engine.compile == "auto" and cfg.engine.enforce_eager is None  # engine.compile decides
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -63,6 +63,7 @@ def test_plan_of_a_new_run(corpus, tmp_path, minilm_registry):
     assert f"{MINILM}@" in text and "in the registry" in text
     assert "format jsonl, 120 rows" in text and "columns:   text, ref" in text
     assert f"{out}: new" in text
+    assert "compile:   off (auto: embedding gains too little" in text  # engine.compile's decision
     assert not out.exists()  # nothing written
 
 

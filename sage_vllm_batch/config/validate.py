@@ -103,6 +103,11 @@ def validate_engine(cfg: DictConfig) -> None:
         "engine.in_process",
         f"must be auto, true or false, got {e.in_process!r}",
     )
+    check(
+        str(e.compile).lower() in ("auto", "true", "false"),
+        "engine.compile",
+        f"must be auto, true or false, got {e.compile!r}",
+    )
     check(e.max_restarts >= 0, "engine.max_restarts", "must be >= 0")
     check(e.stall_timeout_s >= 0, "engine.stall_timeout_s", "must be >= 0 (0 disables the watchdog)")
     check(e.max_in_flight >= 0, "engine.max_in_flight", "must be >= 0 (0 = auto)")

@@ -84,6 +84,7 @@ class RunMetrics:
         self.chunks_reused = 0  # incremental: rows of unchanged documents taken as they were
         self.documents: dict[str, int] | None = None  # chunked documents: added, changed, ...
         self.executor: dict[str, Any] | None = None  # executor=ray: workers, retries, throughput per worker
+        self.compile: dict[str, Any] | None = None  # engine.compile's decision: mode, compiled, why
         self._lat: list[float] = []
         self._lat_seen = 0
         self._rng = random.Random(0)
@@ -179,6 +180,8 @@ class RunMetrics:
             rec["shared_work"] = self.shared_work
         if self.executor is not None:
             rec["executor"] = self.executor
+        if self.compile is not None:
+            rec["compile"] = self.compile
         if self.documents is not None:
             rec["documents"] = self.documents
             rec["chunks_reused"] = self.chunks_reused

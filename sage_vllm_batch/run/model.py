@@ -201,9 +201,18 @@ def load_engine(cfg: DictConfig, model: ResolvedModel, stats: ModelStats | None 
     spec = task_spec(cfg.task.type)
     if spec.runner is None:
         raise ConfigError(f"task={spec.name} runs no inference engine ({spec.summary})")
-    kw = engine_kwargs(
-        OmegaConf.to_container(cfg.engine, resolve=True), OmegaConf.to_container(cfg.model, resolve=True)
-    )
+    engine_cfg = OmegaConf.to_container(cfg.engine, resolve=True)
+    if engine_cfg.get("enforce_eager") is None:  # not decided by the caller (run/compile.py): size unknown
+        from sage_vllm_batch.run.compile import decide_compile
+
+        decision = decide_compile(cfg, model, None)
+        log.info("%s", decision.line())
+        engine_cfg["enforce_eager"] = not decision.compile
+    kw = engine_kwargs(engine_cfg, OmegaConf.to_container(cfg.model, resolve=True))
+    if not kw.get("enforce_eager"):
+        from sage_vllm_batch.run.compile import keep_compile_cache
+
+        keep_compile_cache()
     if model.adapter:
         kw.update(lora_engine_args(model.adapter["rank"]))
     from sage_vllm_batch.logs import native_output_to_log

@@ -15,9 +15,9 @@ from typing import Any, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
-from sage_vllm_batch import storage
 from sage_vllm_batch.config.stages import PIPELINE
 from sage_vllm_batch.errors import SageBatchError
+from sage_vllm_batch.sources.count import estimate_rows
 from sage_vllm_batch.tasks import task_spec
 
 
@@ -69,7 +69,6 @@ def _model(cfg: DictConfig, plan: Plan) -> Any:
 
 def _input(cfg: DictConfig, plan: Plan) -> Any:
     from sage_vllm_batch.sources import open_source
-    from sage_vllm_batch.sources.base import shard_count
 
     try:
         source = open_source(cfg.data)
@@ -77,12 +76,7 @@ def _input(cfg: DictConfig, plan: Plan) -> Any:
         plan.problems.append(f"input: {e}")
         plan.add("input", f"{cfg.data.path}: cannot be read")
         return None
-    rows, exact = source.estimated_rows(), True
-    if rows is None and source.format in ("jsonl", "openai_batch", "csv"):
-        rows, exact = _count_lines(source.files, header=source.format == "csv")
-        if source.limit is not None:
-            rows, exact = (source.limit, True) if rows >= source.limit else (rows, exact)
-        rows = shard_count(rows, source.num_shards, source.shard_index)
+    rows, exact = estimate_rows(source)
     if rows is None:
         size = sum(os.path.getsize(f) for f in source.files)
         count = f"rows unknown until read ({len(source.files)} file(s), {size / 1e6:.1f} MB)"
@@ -102,30 +96,6 @@ def _input(cfg: DictConfig, plan: Plan) -> Any:
     cols = [n for n in source.schema.names if not n.startswith("__")]
     plan.add("columns", ", ".join(cols) or "(none)")
     return source
-
-
-_SAMPLE_BYTES = 8 << 20
-
-
-def _count_lines(files: list[str], *, header: bool) -> tuple[int, bool]:
-    """Rows of line-based files: counted when small, else estimated from the first 8 MB of each."""
-    import gzip
-
-    total, exact = 0, True
-    for f in files:
-        if storage.is_uri(f):
-            fh = storage.open_input(f, decompress=True)
-        else:
-            fh = gzip.open(f, "rb") if f.endswith(".gz") else open(f, "rb")
-        with fh:
-            data = fh.read(_SAMPLE_BYTES)
-            more = fh.read(1)
-        lines = sum(1 for line in data.splitlines() if line.strip()) - (1 if header else 0)
-        if more and not f.endswith(".gz"):
-            lines = int(lines * storage.stat(f)[1] / len(data))
-        exact = exact and not more
-        total += max(lines, 0)
-    return total, exact
 
 
 def _output(cfg: DictConfig, plan: Plan, model: Any, source: Any) -> None:
@@ -193,6 +163,12 @@ def make_plan(cfg: DictConfig) -> Plan:
     source = _input(cfg, plan)
     _output(cfg, plan, model, source)
     plan.add("sampling", _sampling(cfg))
+    if model is not None and source is not None and task_spec(cfg.task.type).runner is not None:
+        from sage_vllm_batch.run.compile import decide_compile
+
+        plan.add(
+            "compile", decide_compile(cfg, model, estimate_rows(source)[0]).line().removeprefix("compile: ")
+        )
     return plan
 
 

@@ -12,6 +12,7 @@ from hydra.core.utils import JobReturn, JobStatus
 
 from sage_vllm_batch.executors import make_executor
 from sage_vllm_batch.outputs.files import METRICS
+from sage_vllm_batch.run.compile import job_rows, with_compile
 from sage_vllm_batch.run.model import engine_group_key, hold_model, with_auto_block_size
 from sage_vllm_batch.run.point import Point
 from sage_vllm_batch.sweep.summary import write_summary
@@ -87,7 +88,11 @@ def _run_group(gi: int, todo: list[Point], fuse: bool) -> None:
         executor = make_executor(todo[0].cfg)
         try:
             # The points repeat every prompt: blocks small enough to cache the shared prefixes.
-            executor.start(with_auto_block_size(todo[0].cfg, len(todo)), model)
+            # Compile for every point's rows: one engine runs them all.
+            cfg, decision = with_compile(todo[0].cfg, model, job_rows([p.source for p in todo]))
+            for p in todo:
+                p.metrics.compile = decision.as_dict()
+            executor.start(with_auto_block_size(cfg, len(todo)), model)
             log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), executor.load_seconds)
             for p in todo:
                 p.metrics.engine_shared_by_points = len(todo)
