@@ -196,6 +196,46 @@ def make_plan(cfg: DictConfig) -> Plan:
     return plan
 
 
+def _calibrated(cfg: DictConfig, out: TextIO) -> None:
+    """``plan.calibrate``: run a sample on the engine and print the projection of the rows left."""
+    from sage_vllm_batch.outputs.outdir import output_dir_of
+    from sage_vllm_batch.outputs.shards import ParquetShardSink
+    from sage_vllm_batch.run.calibrate import calibrate, project, write_projection
+    from sage_vllm_batch.sources import open_source
+
+    rows = None if cfg.plan.calibrate is True else int(cfg.plan.calibrate)
+    sample, log_path = calibrate(cfg, rows)
+    print(f"calibration: {sample.rows} rows in {sample.seconds:.1f} s (engine log: {log_path})", file=out)
+    total = open_source(cfg.data).estimated_rows() or sample.rows
+    done = sum(int(r["rows"]) for r in ParquetShardSink.read_ledger(output_dir_of(cfg)).values())
+    spec = task_spec(cfg.task.type)
+    proj = project(
+        sample,
+        max(total - done, 0),
+        max_tokens=int(cfg.sampling.max_tokens) if spec.generates else None,
+        cost_per_hour=cfg.plan.cost_per_hour,
+    )
+    lo, hi = proj.processing_range
+    print(
+        f"{'projected:':<10} {proj.rows} rows in {proj.processing_seconds:.0f} s ({lo:.0f}-{hi:.0f}); "
+        f"{proj.prompt_tokens} prompt + {proj.completion_tokens} completion tokens; "
+        f"{proj.output_bytes / 1e6:.1f} MB of output"
+        + (f"; cost {proj.cost}" if proj.cost is not None else ""),
+        file=out,
+    )
+    if proj.completion_quantiles is not None:
+        q = proj.completion_quantiles
+        print(
+            f"{'answers:':<10} completion tokens p50 {q['p50']}, p90 {q['p90']}, p99 {q['p99']}; "
+            f"{proj.cut_by_max_tokens:.0%} cut by max_tokens",
+            file=out,
+        )
+    for key, value in proj.suggested.items():
+        print(f"{'suggested:':<10} {key}={value}", file=out)
+    if cfg.plan.output:
+        write_projection(str(cfg.plan.output), proj)
+
+
 def print_plan(cfg: DictConfig, out: TextIO | None = None) -> int:
     """Print the plan; the exit code: 0 when the job can run, 1 when it cannot."""
     out = out or sys.stdout
@@ -203,6 +243,8 @@ def print_plan(cfg: DictConfig, out: TextIO | None = None) -> int:
     for line in plan.lines:
         print(line, file=out)
     if plan.runnable:
+        if cfg.get("plan") is not None and cfg.plan.calibrate not in (False, None, 0):
+            _calibrated(cfg, out)
         print("plan: runnable", file=out)
         return 0
     for p in plan.problems:
