@@ -2,7 +2,8 @@
 
 A thin Hydra shell around :func:`sage_vllm_batch.job.main`, which dispatches on ``mode`` and
 chooses the exit code (:class:`~sage_vllm_batch.errors.ExitCode`): compose the config, hand it
-over, exit with what it returns.
+over, exit with what it returns. Before anything heavy is imported, :func:`main` re-executes the
+process once with tcmalloc preloaded when it is installed (:mod:`sage_vllm_batch.allocator`).
 """
 
 from __future__ import annotations
@@ -10,17 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import hydra
-from omegaconf import DictConfig
-
-from sage_vllm_batch import config as _config  # noqa: F401  (registers the structured configs)
+from sage_vllm_batch.allocator import ensure_preloaded
 from sage_vllm_batch.errors import ExitCode
-from sage_vllm_batch.paths import CONF_DIR
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _app(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -32,6 +32,16 @@ def _app(cfg: DictConfig) -> None:
     code = job.main(cfg, overrides=list(hc.overrides.task), process_exiting=single)
     if single or code != ExitCode.OK:
         sys.exit(code)
+
+
+def _app() -> None:
+    """The Hydra app, built here so that ``main`` can re-execute before Hydra is imported."""
+    import hydra
+
+    from sage_vllm_batch import config as _config  # noqa: F401  (registers the structured configs)
+    from sage_vllm_batch.paths import CONF_DIR
+
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_task)()
 
 
 def _data_option_error(argv: list[str]) -> str | None:
@@ -51,6 +61,7 @@ def _data_option_error(argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    ensure_preloaded()  # returns unless it re-executes this process with tcmalloc preloaded
     from sage_vllm_batch.logs import prepare_environment
 
     prepare_environment()

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from sage_vllm_batch import allocator
 from sage_vllm_batch.config import validate
 from sage_vllm_batch.config.stages import PIPELINE
 from sage_vllm_batch.errors import ExitCode, SageBatchError
@@ -103,6 +104,7 @@ def run(cfg: DictConfig, *, process_exiting: bool = False) -> dict[str, Any]:
     ``process_exiting``: the caller exits right after (the CLI's single run), so an in-process
     engine is left to the OS instead of being torn down (see :meth:`Engine.leave_to_exit`)."""
     validate(cfg)
+    allocator.report()  # once per process: tcmalloc, or a warning saying how to get it
     if cfg.task.type == "finetune":
         from sage_vllm_batch.finetune import run_finetune
 
@@ -161,4 +163,5 @@ def serve(cfg: DictConfig, overrides: Sequence[str]) -> ExitCode:
     from sage_vllm_batch.service.http import serve as serve_http
 
     validate(cfg)
+    allocator.report()
     return ExitCode(serve_http(cfg, list(overrides)))

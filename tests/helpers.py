@@ -164,3 +164,24 @@ def listing(d) -> dict[str, int]:
             p = os.path.join(dirpath, n)
             out[os.path.relpath(p, d)] = os.lstat(p).st_mtime_ns
     return out
+
+
+def kill_at_pause(args: list[str], point: str, marker: Path, *, timeout: float = 240) -> None:
+    """Run ``args`` until the process pauses at the fault point ``point`` (``name[#n]``, see
+    ``sage_vllm_batch.faults``), then SIGKILL it; the marker is removed for the next pause."""
+    import signal
+
+    env = {**os.environ, "SAGE_VLLM_BATCH_PAUSE_AT": f"{point}:{marker}"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, f"the run never reached {point}"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    marker.unlink()

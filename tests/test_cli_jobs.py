@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import ROOT, read_output, run_cli
 
+from sage_vllm_batch import allocator
 from sage_vllm_batch.outputs.files import MANIFEST
 from sage_vllm_batch.outputs.shards import LEDGER, ParquetShardSink
 
@@ -63,12 +64,19 @@ def test_default_job_end_to_end(workspace, default_run):
     # Not a terminal: progress went out as one-line JSON records.
     events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith('{"event"')]
     assert events and events[-1]["event"] == "done" and events[-1]["rows"] == 1500
-    # A quiet console: nothing on stdout, our four lines on stderr; vLLM's lines go to run.log.
+    # The allocator: tcmalloc where it is installed (the CLI preloads it), said once and recorded.
+    want = "tcmalloc" if allocator.find_library() and allocator.enabled() else "glibc"
+    assert m["allocator"] == want
+    # A quiet console: nothing on stdout, our five lines on stderr; vLLM's lines go to run.log.
     assert r.stdout == ""
     lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith('{"event"')]
+    (alloc,) = [x for x in lines if "][sage_vllm_batch.allocator]" in x]
+    assert f"allocator: {want}" in alloc
+    lines.remove(alloc)
     assert len(lines) == 4, lines  # loading, engine ready, rows written, done
     assert all("][sage_vllm_batch" in x for x in lines), lines
-    assert "WARNING" not in r.stderr and "Warning" not in r.stderr
+    rest = r.stderr.replace(alloc, "")  # without tcmalloc that line is a warning saying how to get it
+    assert "WARNING" not in rest and "Warning" not in rest
     log = (out / "run.log").read_text()
     assert "[vllm." in log and "Engine ready" in log
     assert "Passing raw prompts to InputProcessor is deprecated" not in log

@@ -4,19 +4,16 @@ rows' contract, stable ids, and incremental re-index equal to a full rebuild, cr
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import compose_job, read_output
+from helpers import compose_job, kill_at_pause, read_output
 
 from sage_vllm_batch.errors import ResumeError
 from sage_vllm_batch.outputs import incremental
@@ -285,20 +282,7 @@ def test_kill_9_during_an_update_then_rerun_ends_consistent(embed_engine, regist
         "output.shard_rows=3", "output.incremental=true", f"output.dir={out}", f"registry.root={registry_root}",
         "progress=none",
     ]  # fmt: skip
-    marker = tmp_path / "paused"
-    env = {**os.environ, "SAGE_VLLM_BATCH_PAUSE_AT": f"promote.moving#2:{marker}"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "the run never reached the promotion"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_at_pause(args, "promote.moving#2", tmp_path / "paused")
     assert not (out / "_SUCCESS").exists() and (out / "_update").exists()
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

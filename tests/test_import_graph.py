@@ -426,7 +426,7 @@ def test_a_private_import_is_found(tmp_path):
 
 # The layout table of docs/architecture.md (tests/test_docs.py keeps the two in step), top to bottom: a module may import only from its own row or rows above.
 LAYERS = (
-    ("errors", "paths", "storage", "fsutil", "logs", "faults"),
+    ("errors", "paths", "storage", "fsutil", "logs", "faults", "allocator"),
     ("tasks",),
     ("config",),
     ("registry", "sources"),

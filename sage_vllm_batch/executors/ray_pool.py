@@ -231,6 +231,10 @@ class WorkerPool:
         env["TOKENIZERS_PARALLELISM"] = "false"
         # vLLM's multiprocess layout would bind OpenMP to all cores of the node: keep our thread count.
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        # The driver's allocator (tcmalloc, preloaded by the CLI: sage_vllm_batch.allocator) for
+        # the workers too, whether Ray's raylet was started from this process or not.
+        if os.environ.get("LD_PRELOAD"):
+            env["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
         user = OmegaConf.to_container(self.ex.runtime_env, resolve=True) if self.ex.runtime_env else {}
         env.update({k: str(v) for k, v in (user.pop("env_vars", None) or {}).items()})
         return {**user, "env_vars": env}

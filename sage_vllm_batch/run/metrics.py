@@ -10,6 +10,7 @@ from typing import Any
 
 import psutil
 
+from sage_vllm_batch.allocator import in_use as allocator_in_use
 from sage_vllm_batch.engine.io import EngineResult
 
 _RESERVOIR = 20_000  # latency samples kept: bounded memory on any dataset size
@@ -160,6 +161,7 @@ class RunMetrics:
             "latency_p50_s": self._pct(0.5),
             "latency_p95_s": self._pct(0.95),
             "peak_rss_bytes": self.peak_rss_bytes,
+            "allocator": allocator_in_use(),  # "tcmalloc" or "glibc" (sage_vllm_batch.allocator)
             "dedup_rows": self.dedup_rows,
             # Share of the prompt tokens vLLM ran that it found in its prefix cache.
             "prefix_cache_hit_rate": (

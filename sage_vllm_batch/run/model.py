@@ -8,20 +8,24 @@ so they agree on the revision, the content hash and the LoRA adapter.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import logging
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sage_vllm_batch.engine.engine import Engine, engine_kwargs, lora_engine_args
 from sage_vllm_batch.engine.io import LoraSpec
 from sage_vllm_batch.engine.stats import ModelStats
 from sage_vllm_batch.errors import ConfigError, SageBatchError
 from sage_vllm_batch.tasks import task_spec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -169,6 +173,26 @@ def engine_group_key(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(
         OmegaConf.create({"model": cfg.model, "engine": cfg.engine, "registry": cfg.registry})
     )
+
+
+def with_auto_block_size(cfg: DictConfig, sharers: int) -> DictConfig:
+    """``cfg`` for an engine that ``sharers`` request streams share (sweep points, pipeline
+    stages): a copy with ``engine.block_size`` set when it is null and auto picks one (see
+    :mod:`sage_vllm_batch.config.block_size`), else ``cfg`` itself. Row-neutral: no manifest
+    records it."""
+    from sage_vllm_batch.config.block_size import cpu_backend, job_block_size
+
+    if sharers <= 1:
+        return cfg
+    engine = OmegaConf.to_container(cfg.engine, resolve=True)
+    size = job_block_size(engine, sharers=sharers, cpu=cpu_backend())
+    if size is None or size == engine.get("block_size"):
+        return cfg
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.engine.block_size = size
+    log.info("engine.block_size auto: %d (%d request streams share the engine's prefixes)", size, sharers)
+    return out
 
 
 def load_engine(cfg: DictConfig, model: ResolvedModel, stats: ModelStats | None = None) -> Engine:

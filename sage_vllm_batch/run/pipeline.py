@@ -50,11 +50,12 @@ from sage_vllm_batch.outputs.outdir import (
 from sage_vllm_batch.outputs.shards import ParquetShardSink
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.metrics import RssSampler
-from sage_vllm_batch.run.model import ResolvedModel, hold_model, load_engine
+from sage_vllm_batch.run.model import ResolvedModel, hold_model, load_engine, with_auto_block_size
 from sage_vllm_batch.run.pipeline_dirs import clear_changed, find_change, pipeline_manifest, stage_manifests
 from sage_vllm_batch.run.point import SKIPPED, Point
 from sage_vllm_batch.run.stage import Aborted, StageSource, placeholder, stage_job
 from sage_vllm_batch.storage import arrow_file, rmtree
+from sage_vllm_batch.tasks import task_spec
 
 __all__ = ["run_pipeline"]
 
@@ -188,7 +189,7 @@ class Pipeline:
             name = str(name)
             d = self.stages_dir / name
             scfg = stage_job(self.cfg, name, stage, d)
-            runner = "pooling" if str(stage.task) == StageTask.embed else "generate"
+            runner = task_spec(scfg.task.type).runner.value  # stages of one model and runner share an engine
             stages.append(
                 _Stage(
                     index=i,
@@ -249,7 +250,9 @@ class Pipeline:
                 drivers[st.group] = given
                 continue
             log.info("stage %s: loading %s (%s)", st.name, st.model.id, st.task.value)
-            engine = load_engine(st.cfg, st.model)
+            # Stages on one engine repeat each row's prefix (the verse): small enough KV blocks.
+            sharers = sum(1 for s in self.stages if s.group == st.group)
+            engine = load_engine(with_auto_block_size(st.cfg, sharers), st.model)
             self.load_seconds += float(engine.load_seconds)
             driver = EngineDriver(engine)
             drivers[st.group] = driver

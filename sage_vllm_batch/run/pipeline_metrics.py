@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from sage_vllm_batch.allocator import in_use as allocator_in_use
 from sage_vllm_batch.outputs.shards import committed_files
 from sage_vllm_batch.storage import arrow_file
 
@@ -95,6 +96,7 @@ def pipeline_metrics(p: Any, *, wall_seconds: float, peak_rss_bytes: int | None)
         "load_seconds": round(p.load_seconds, 3),
         "rows_per_s": round(processed / serve, 3),
         "peak_rss_bytes": peak_rss_bytes,
+        "allocator": allocator_in_use(),
         "models": sorted({st.model.id for st in p.stages if st.model is not None}),
         "stages_recomputed": list(p.recomputed),
         "stages": stages,

@@ -9,17 +9,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sage_vllm_batch.config.stages import stage_column
+from sage_vllm_batch.config.stages import stage_columns
 from sage_vllm_batch.errors import SageBatchError
 
 __all__ = ["plan_pipeline"]
-
-_TASK_COLUMNS = {
-    "generate": ["text", "finish_reason", "completion_tokens"],
-    "chat": ["text", "finish_reason", "completion_tokens"],
-    "classify": ["label", "label_scores"],
-    "embed": ["embedding"],
-}
 
 
 def plan_pipeline(cfg: DictConfig, plan: Any, source: Any) -> None:
@@ -49,7 +42,7 @@ def plan_pipeline(cfg: DictConfig, plan: Any, source: Any) -> None:
         names = ", ".join(st.name for st in stages)
         plan.add(f"engine {i}", f"{first.cfg.model.id} ({kind}, {where}), loaded once for: {names}")
     for st in p.stages:
-        outs = [c for c in (stage_column(st.name, n) for n in _TASK_COLUMNS[st.task.value]) if c]
+        outs = stage_columns(st.name, st.task.value)
         line = f"{st.task.value} reads {', '.join(st.reads)} -> writes {', '.join(outs)}"
         if st.when is not None:
             line += f"; only rows where {st.when.source}"

@@ -12,7 +12,7 @@ from hydra.core.utils import JobReturn, JobStatus
 
 from sage_vllm_batch.executors import make_executor
 from sage_vllm_batch.outputs.files import METRICS
-from sage_vllm_batch.run.model import engine_group_key, hold_model
+from sage_vllm_batch.run.model import engine_group_key, hold_model, with_auto_block_size
 from sage_vllm_batch.run.point import Point
 from sage_vllm_batch.sweep.summary import write_summary
 
@@ -86,7 +86,8 @@ def _run_group(gi: int, todo: list[Point], fuse: bool) -> None:
     with hold_model(todo[0].cfg, purpose=f"sweep of {len(todo)} point(s)") as model:
         executor = make_executor(todo[0].cfg)
         try:
-            executor.start(todo[0].cfg, model)
+            # The points repeat every prompt: blocks small enough to cache the shared prefixes.
+            executor.start(with_auto_block_size(todo[0].cfg, len(todo)), model)
             log.info("Loaded the model once for %d point(s) in %.1fs", len(todo), executor.load_seconds)
             for p in todo:
                 p.metrics.engine_shared_by_points = len(todo)
