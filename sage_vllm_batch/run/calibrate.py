@@ -1,51 +1,82 @@
 """``mode=plan plan.calibrate=true|N``: how long a run would take, measured on the job's own rows.
 
-The engine is loaded, a sample of the input's rows spread across it runs through the runner's own
-path (:func:`~sage_vllm_batch.run.point.prepare_point` and
-:func:`~sage_vllm_batch.run.drive.run_on_engine`) into a temporary directory, and the whole run is
-projected from it: processing time with a range, prompt and output tokens, the output's size, a
-cost, and for generation the completion lengths and the share cut by ``max_tokens`` (with a
-suggested ``max_tokens``). Nothing is written into the job's output dir.
-
-STATUS (work in progress, branch ``calibrate``): the projection math (:func:`project`) and the
-spread sample (:func:`spread_sample`) are written and unit-tested; :func:`calibrate` (the sample
-run) and its wiring into ``mode=plan`` are drafted, not yet run on the real engines, and the ±25%
-target is not yet measured on held-out jobs.
+The engine is loaded and a sample of the input's rows, spread across it, runs through the runner's
+own path (:func:`~sage_vllm_batch.run.point.prepare_point` and
+:func:`~sage_vllm_batch.run.drive.run_on_engine`) into a temporary directory, in three parts on the
+one loaded engine: a warm-up of 2 rows, a small part and a larger one (sized to fit what is left
+of ``plan.max_seconds``). A small sample under-fills vLLM's batch (a few rows against
+``max_num_seqs`` seats), so its time per row overstates a full run's: the two parts' times give
+``t(n) = a + b*n`` for a batch of ``n`` rows (``a`` the batch's fixed cost, ``b`` a row's), and a
+run of ``N`` rows at the engine's concurrency ``C`` takes ``a*max(1, N/C) + b*N``, plus what the
+warm-up cost beyond its rows (paid once per engine). Nothing is written into the job's output dir;
+the engine's log goes to a temporary ``run.log``. The projection math (:func:`project`) is pure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-__all__ = ["Projection", "Sample", "calibrate", "project", "spread_sample"]
+__all__ = [
+    "Projection",
+    "Sample",
+    "Timing",
+    "calibrate",
+    "fit",
+    "project",
+    "projection_beside_actual",
+    "projection_cache",
+    "remember_projection",
+    "spread_sample",
+]
 
-# Rows a calibration runs by default: enough to fill a batch of the engine, few enough to stay
-# within plan.max_seconds on two cores.
-DEFAULT_ROWS = {True: 48, False: 256}  # by whether the task generates
+# Rows a calibration runs by default (warm-up, small and large part together; the large part
+# shrinks to fit plan.max_seconds), by whether the task generates.
+DEFAULT_ROWS = {True: 160, False: 640}
+WARMUP_ROWS = 2
 # Identical runs on these shared machines differ by about 10%: no range is narrower.
 NOISE_FLOOR = 0.10
+# The Ray driver's ceiling in rows/s (docs/ray.md, "How many workers one driver feeds": the
+# lower of its two measured runs, 1,024-float embeddings and 200-token answers).
+DRIVER_CEILING_ROWS_PER_S = {"embed": 8361.0, "generate": 7540.0}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timing:
+    """One part of the sample, run alone on the loaded engine."""
+
+    rows: int
+    seconds: float
+    work: float = 0.0  # the part's tokens that cost time (completion tokens when generating)
 
 
 @dataclass
 class Sample:
-    """What the sample run measured, per row."""
+    """What the sample run measured."""
 
-    seconds: float  # processing: from the first request to the last commit (engine loaded)
+    seconds: float  # processing of the timed parts (engine loaded), warm-up included
     prompt_tokens: list[int]
     completion_tokens: list[int]
     cut: int = 0  # answers that stopped at max_tokens (finish_reason == "length")
     output_bytes: int = 0  # the sample's shards on disk
     error_rows: int = 0
+    timings: list[Timing] = field(default_factory=list)  # the parts after the warm-up
+    warmup: Timing | None = None
+    concurrency: int | None = None  # the engine's seats (max_num_seqs): a full run's batch
 
     @property
     def rows(self) -> int:
@@ -68,6 +99,8 @@ class Projection:
     suggested: dict[str, Any] = field(default_factory=dict)
     sample_rows: int = 0
     sample_seconds: float = 0.0
+    model: dict[str, float] = field(default_factory=dict)  # the fit: a, b, concurrency, warm-up
+    assumptions: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,13 +113,43 @@ def _quantile(values: Sequence[int], q: float) -> int:
     return int(s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]) if s else 0
 
 
-def project(
-    sample: Sample, rows: int, *, max_tokens: int | None = None, cost_per_hour: float | None = None
-) -> Projection:
-    """The run of ``rows`` rows projected from ``sample``.
+def fit(timings: Sequence[Timing], mean_work: float | None = None) -> tuple[float, float]:
+    """``(a, b)`` of ``t(n) = a + b*n`` (seconds per batch, per row) by least squares over the
+    parts, each part's time first scaled to rows of ``mean_work`` (so a part of longer rows does
+    not pass for a slower batch). One part, or a fit that makes no sense: ``a = 0``."""
+    pts = []
+    for t in timings:
+        scale = mean_work * t.rows / t.work if mean_work and t.work else 1.0
+        pts.append((float(t.rows), t.seconds * scale))
+    if not pts:
+        raise ValueError("no timed part to fit")
+    ns = [n for n, _ in pts]
+    if len(pts) < 2 or max(ns) == min(ns):
+        return 0.0, sum(s for _, s in pts) / sum(ns)
+    mn, ms = statistics.fmean(ns), statistics.fmean(s for _, s in pts)
+    b = sum((n - mn) * (s - ms) for n, s in pts) / sum((n - mn) ** 2 for n in ns)
+    a = ms - b * mn
+    if b <= 0:  # the larger part cost no more: the batch's fixed cost is all there is
+        return ms, 0.0
+    if a < 0:  # per row, the larger part cost more: no amortization to count on
+        return 0.0, sum(s for _, s in pts) / sum(ns)
+    return a, b
 
-    Time scales with the rows' tokens; the range is the 95% interval of the sample's mean tokens
-    per row (its standard error), never narrower than the machine's noise (:data:`NOISE_FLOOR`).
+
+def project(
+    sample: Sample,
+    rows: int,
+    *,
+    max_tokens: int | None = None,
+    cost_per_hour: float | None = None,
+    workers: int = 1,
+    driver_ceiling: float | None = None,
+) -> Projection:
+    """The run of ``rows`` rows projected from ``sample`` (see the module's docstring).
+
+    ``workers`` engines (``executor=ray``) each take an equal share of the rows, at the rate of
+    the one measured here; ``driver_ceiling`` (rows/s) caps their total. The range is the 95%
+    interval of the sample's mean tokens per row, never narrower than :data:`NOISE_FLOOR`.
     """
     n = sample.rows
     if n == 0:
@@ -95,7 +158,36 @@ def project(
     mean = statistics.fmean(tokens)
     sd = statistics.pstdev(tokens) if n > 1 else 0.0
     rel = max(1.96 * sd / (mean * math.sqrt(n)) if mean else 0.0, NOISE_FLOOR)
-    seconds = sample.seconds / n * rows
+    assumptions: list[str] = []
+    if sample.timings:
+        works = [t.work / t.rows for t in sample.timings if t.rows and t.work]
+        a, b = fit(sample.timings, statistics.fmean(works) if works else None)
+        cap = sample.concurrency or max(t.rows for t in sample.timings)
+        warm = 0.0
+        if sample.warmup is not None:
+            w = sample.warmup
+            warm = max(0.0, w.seconds - (a + b * w.rows))
+        share = math.ceil(rows / max(1, workers)) if rows else 0
+        seconds = (warm + a * max(1.0, share / cap) + b * share) if share else 0.0
+        if max(t.rows for t in sample.timings) < min(cap, rows):
+            assumptions.append(
+                f"a full batch ({min(cap, rows)} rows) extrapolated from parts of "
+                + ", ".join(str(t.rows) for t in sample.timings)
+                + " rows: t(n) = a + b*n"
+            )
+        model = {"a": round(a, 4), "b": round(b, 5), "concurrency": cap, "warmup_excess": round(warm, 2)}
+    else:  # an untimed sample: its time per row, as measured
+        seconds = sample.seconds / n * rows / max(1, workers)
+        model = {}
+    if workers > 1:
+        assumptions.append(f"{workers} workers, each as fast as this machine's engine")
+        if driver_ceiling:
+            floor = rows / driver_ceiling
+            if floor > seconds:
+                assumptions.append(f"capped by the driver's ceiling of {driver_ceiling:.0f} rows/s")
+                seconds = floor
+            model["driver_ceiling_rows_per_s"] = driver_ceiling
+        model["workers"] = workers
     proj = Projection(
         rows=rows,
         processing_seconds=round(seconds, 1),
@@ -105,9 +197,11 @@ def project(
         output_bytes=round(sample.output_bytes / n * rows),
         sample_rows=n,
         sample_seconds=round(sample.seconds, 2),
+        model=model,
+        assumptions=assumptions,
     )
     if cost_per_hour is not None:
-        proj.cost = round(cost_per_hour * seconds / 3600, 4)
+        proj.cost = round(cost_per_hour * seconds * max(1, workers) / 3600, 4)
     if max_tokens is not None:
         c = sample.completion_tokens
         proj.completion_quantiles = {
@@ -143,7 +237,47 @@ def spread_sample(source: Any, n: int, *, max_read_seconds: float = 20.0) -> pa.
     return pa.concat_tables(taken)
 
 
-def calibrate(cfg: Any, rows: int | None = None) -> tuple[Sample, Path]:  # pragma: no cover - drafted
+def split_sample(n: int) -> tuple[list[int], list[int], list[int]]:
+    """Row positions of the warm-up, the small part and the large part of an ``n``-row sample:
+    the small part every 5th row, so both parts stay spread across the input."""
+    idx = list(range(n))
+    small = idx[::5] if n >= 10 else []
+    rest = [i for i in idx if i not in set(small)]
+    warm = rest[:WARMUP_ROWS] if n >= 10 else []
+    return warm, small, rest[len(warm) :]
+
+
+def _thin(positions: list[int], k: int) -> list[int]:
+    """``k`` of ``positions``, spread evenly."""
+    if k >= len(positions):
+        return positions
+    step = len(positions) / k
+    return [positions[int(i * step)] for i in range(k)]
+
+
+@contextlib.contextmanager
+def _quiet_console(verbose: bool) -> Iterator[None]:
+    """The runner's own INFO lines (engine ready, shards committed) stay in the log meanwhile."""
+    handlers = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+    quiet = logging.Filter()
+    quiet.filter = lambda record: record.levelno >= logging.WARNING  # type: ignore[method-assign]
+    if not verbose:
+        for h in handlers:
+            h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
+def calibrate(
+    cfg: Any, rows: int | None = None, *, say: Callable[[str], None] = print
+) -> tuple[Sample, Path]:  # pragma: no cover - runs an engine (tests/test_calibrate_engine.py)
     """Run a sample of the job's rows on its engine in a temporary dir; the sample and the log's path."""
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
@@ -157,28 +291,66 @@ def calibrate(cfg: Any, rows: int | None = None) -> tuple[Sample, Path]:  # prag
     from sage_vllm_batch.tasks import task_spec
 
     spec = task_spec(cfg.task.type)
+    budget = float(cfg.plan.max_seconds)
     n = int(rows or DEFAULT_ROWS[spec.generates])
     tmp = Path(tempfile.mkdtemp(prefix="sage-calibrate-"))
-    configure(verbose=cfg.verbose, log_dir=tmp)  # the engine's logs: tmp/run.log, not the job's dir
+    log_path = configure(verbose=cfg.verbose, log_dir=tmp)  # engine logs: tmp/run.log, not the job's dir
+    say(f"calibration: engine log {log_path}")
     table = spread_sample(open_source(cfg.data), n)
     table = table.drop_columns([c for c in table.column_names if c.startswith("__")])
-    pq.write_table(table, tmp / "sample.parquet")
-    scfg = cfg.copy()
-    OmegaConf.set_struct(scfg, False)
-    scfg.data.path, scfg.data.format, scfg.data.limit = str(tmp / "sample.parquet"), "parquet", None
-    scfg.data.num_shards, scfg.data.shard_index = 1, 0
-    scfg.output.dir, scfg.output.overwrite = str(tmp / "out"), False
-    scfg.output.vector_store.type, scfg.output.openai_batch = None, False
-    with hold_model(scfg, purpose="plan calibration") as model:
-        engine = load_engine(scfg, model)
-        try:
-            point = prepare_point(scfg, name="calibration", model=model)
+    warm, small, large = split_sample(table.num_rows)
+    if not small:
+        small = large  # a tiny input: one part, its time per row as measured
+        large = []
+
+    def part_cfg(name: str, positions: list[int]) -> Any:
+        path = tmp / f"{name}.parquet"
+        pq.write_table(table.take(positions), path)
+        scfg = cfg.copy()
+        OmegaConf.set_struct(scfg, False)
+        scfg.data.path, scfg.data.format, scfg.data.limit = str(path), "parquet", None
+        scfg.data.num_shards, scfg.data.shard_index = 1, 0
+        scfg.output.dir, scfg.output.overwrite = str(tmp / name), False
+        scfg.output.vector_store.type, scfg.output.openai_batch = None, False
+        return scfg
+
+    outs: list[Path] = []
+    with _quiet_console(bool(cfg.verbose)), hold_model(cfg, purpose="plan calibration") as model:
+        engine = load_engine(cfg, model)
+        spent = 0.0
+
+        def run(name: str, positions: list[int]) -> Timing:
+            nonlocal spent
+            scfg = part_cfg(name, positions)
+            point = prepare_point(scfg, name=f"calibration-{name}", model=model)
             t0 = time.perf_counter()
             run_on_engine([point], engine, progress="none")
             seconds = time.perf_counter() - t0
+            spent += seconds
+            outs.append(tmp / name)
+            out = read_output(tmp / name)
+            col = "completion_tokens" if spec.generates else "prompt_tokens"
+            work = sum(int(v or 0) for v in out.column(col).to_pylist()) if col in out.column_names else 0
+            say(f"calibration: {name} part, {len(positions)} rows in {seconds:.1f} s")
+            return Timing(len(positions), seconds, float(work))
+
+        try:
+            concurrency = int(getattr(engine, "max_num_seqs", 0)) or None
+            w = run("warmup", warm) if warm else None
+            timings = [run("small", small)]
+            left = budget - spent
+            # t(n) = a + b*n with a >= 0 grows at most in proportion to n: the large part's size
+            # that fits in what is left of the budget, judged from the small part.
+            fits = int(len(small) * left / max(timings[0].seconds, 1e-3))
+            k = min(len(large), fits)
+            if large and k >= 2 * len(small):
+                timings.append(run("large", _thin(large, k)))
+            elif large:
+                say(f"calibration: no time left in plan.max_seconds={budget:g} for a larger part")
         finally:
             engine.close()
-    out = read_output(tmp / "out")
+    tables = [read_output(d) for d in outs]
+    out = pa.concat_tables(tables, promote_options="default")
     cols = set(out.column_names)
     prompt = [int(v or 0) for v in out.column("prompt_tokens").to_pylist()] if "prompt_tokens" in cols else []
     comp = (
@@ -191,11 +363,84 @@ def calibrate(cfg: Any, rows: int | None = None) -> tuple[Sample, Path]:  # prag
         if "finish_reason" in cols
         else 0
     )
-    size = sum(p.stat().st_size for p in (tmp / "out").glob("part-*.parquet"))
+    size = sum(p.stat().st_size for d in outs for p in d.glob("part-*.parquet"))
     errors = out.num_rows - out.column("error").null_count
-    sample = Sample(seconds, prompt, comp, cut=cut, output_bytes=size, error_rows=errors)
-    return sample, tmp / "run.log"
+    for d in outs:  # the sample's rows are not wanted: only the log stays
+        shutil.rmtree(d, ignore_errors=True)
+    for p in tmp.glob("*.parquet"):
+        p.unlink()
+    sample = Sample(
+        spent, prompt, comp, cut=cut, output_bytes=size, error_rows=errors,
+        timings=timings, warmup=w, concurrency=concurrency,
+    )  # fmt: skip
+    return sample, log_path or tmp / "run.log"
 
 
-def write_projection(path: str, proj: Projection) -> None:
+def write_projection(path: str | Path, proj: Projection) -> None:
     Path(path).write_text(json.dumps(proj.to_json(), indent=2) + "\n")
+
+
+def projection_cache(out_dir: Any) -> Path:
+    """Where ``mode=plan`` keeps the last projection of the run into ``out_dir``, for the run's
+    ``metrics.json``: beside the output dir, never in it (``<parent>/.sage-plan/<name>.json``), or
+    in the temporary dir for an object store."""
+    import hashlib
+
+    from sage_vllm_batch.storage import ObjectPath
+
+    if isinstance(out_dir, ObjectPath):
+        digest = hashlib.sha256(out_dir.uri.encode()).hexdigest()[:12]
+        return (
+            Path(tempfile.gettempdir()) / "sage-vllm-batch-plans" / f"{out_dir.name or 'out'}-{digest}.json"
+        )
+    out = Path(out_dir).absolute()
+    return out.parent / ".sage-plan" / f"{out.name}.json"
+
+
+def remember_projection(out_dir: Any, proj: Projection) -> Path | None:
+    """Keep ``proj`` for the run into ``out_dir``; its path, or None when it cannot be written."""
+    path = projection_cache(out_dir)
+    rec = proj.to_json() | {"output_dir": str(out_dir), "projected_at": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec, indent=2) + "\n")
+    except OSError as e:
+        log.warning("could not keep the projection for the run (%s): %s", path, e)
+        return None
+    return path
+
+
+_KEPT = (
+    "rows",
+    "processing_seconds",
+    "processing_range",
+    "prompt_tokens",
+    "completion_tokens",
+    "output_bytes",
+)
+
+
+def projection_beside_actual(out_dir: Any, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The last projection of the run into ``out_dir`` beside this run's figures (``metrics``, a
+    ``metrics.json`` record), or None when ``mode=plan plan.calibrate`` projected none."""
+    try:
+        proj = json.loads(projection_cache(out_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    if proj.get("output_dir") != str(out_dir):
+        return None
+    rec = {k: proj.get(k) for k in _KEPT}
+    wall = metrics.get("wall_seconds")
+    actual = None if wall is None else max(0.0, float(wall) - float(metrics.get("load_seconds") or 0.0))
+    rec["actual_rows"] = metrics.get("rows_out")
+    rec["actual_processing_seconds"] = None if actual is None else round(actual, 3)
+    rec["actual_prompt_tokens"] = metrics.get("prompt_tokens")
+    rec["actual_completion_tokens"] = metrics.get("completion_tokens")
+    projected = float(proj.get("processing_seconds") or 0.0)
+    rec["error_pct"] = round(100 * (projected - actual) / actual, 1) if actual else None
+    lo, hi = proj.get("processing_range") or (None, None)
+    rec["within_range"] = None if actual is None or lo is None else bool(lo <= actual <= hi)
+    rec["projected_at"] = time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(proj.get("projected_at") or 0))
+    )
+    return rec

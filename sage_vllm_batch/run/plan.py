@@ -200,29 +200,48 @@ def _calibrated(cfg: DictConfig, out: TextIO) -> None:
     """``plan.calibrate``: run a sample on the engine and print the projection of the rows left."""
     from sage_vllm_batch.outputs.outdir import output_dir_of
     from sage_vllm_batch.outputs.shards import ParquetShardSink
-    from sage_vllm_batch.run.calibrate import calibrate, project, write_projection
+    from sage_vllm_batch.run.calibrate import (
+        DRIVER_CEILING_ROWS_PER_S,
+        calibrate,
+        project,
+        remember_projection,
+        write_projection,
+    )
     from sage_vllm_batch.sources import open_source
 
+    spec = None if cfg.task.type == PIPELINE else task_spec(cfg.task.type)
+    if spec is None or spec.runner is None:
+        print(
+            f"{'calibrate:':<10} not for task={cfg.task.type}: calibrate each stage as a job of "
+            "its own (its task, model and input, mode=plan plan.calibrate=true) and add the times",
+            file=out,
+        )
+        return
     rows = None if cfg.plan.calibrate is True else int(cfg.plan.calibrate)
-    sample, log_path = calibrate(cfg, rows)
-    print(f"calibration: {sample.rows} rows in {sample.seconds:.1f} s (engine log: {log_path})", file=out)
+    sample, _ = calibrate(cfg, rows, say=lambda line: print(line, file=out, flush=True))
     total = open_source(cfg.data).estimated_rows() or sample.rows
-    done = sum(int(r["rows"]) for r in ParquetShardSink.read_ledger(output_dir_of(cfg)).values())
-    spec = task_spec(cfg.task.type)
+    out_dir = output_dir_of(cfg)
+    done = sum(int(r["rows"]) for r in ParquetShardSink.read_ledger(out_dir).values())
+    ray = cfg.executor.type == "ray"
     proj = project(
         sample,
         max(total - done, 0),
         max_tokens=int(cfg.sampling.max_tokens) if spec.generates else None,
         cost_per_hour=cfg.plan.cost_per_hour,
+        workers=int(cfg.executor.num_workers) if ray else 1,
+        driver_ceiling=DRIVER_CEILING_ROWS_PER_S["generate" if spec.generates else "embed"] if ray else None,
     )
     lo, hi = proj.processing_range
+    left = f" (of {total}: {done} done)" if done else ""
     print(
-        f"{'projected:':<10} {proj.rows} rows in {proj.processing_seconds:.0f} s ({lo:.0f}-{hi:.0f}); "
+        f"{'projected:':<10} {proj.rows} rows{left} in {proj.processing_seconds:.0f} s ({lo:.0f}-{hi:.0f}); "
         f"{proj.prompt_tokens} prompt + {proj.completion_tokens} completion tokens; "
         f"{proj.output_bytes / 1e6:.1f} MB of output"
         + (f"; cost {proj.cost}" if proj.cost is not None else ""),
         file=out,
     )
+    for a in proj.assumptions:
+        print(f"{'assuming:':<10} {a}", file=out)
     if proj.completion_quantiles is not None:
         q = proj.completion_quantiles
         print(
@@ -232,6 +251,7 @@ def _calibrated(cfg: DictConfig, out: TextIO) -> None:
         )
     for key, value in proj.suggested.items():
         print(f"{'suggested:':<10} {key}={value}", file=out)
+    remember_projection(out_dir, proj)  # the run's metrics.json records it beside the actual figures
     if cfg.plan.output:
         write_projection(str(cfg.plan.output), proj)
 
