@@ -255,6 +255,13 @@ def _thin(positions: list[int], k: int) -> list[int]:
     return [positions[int(i * step)] for i in range(k)]
 
 
+def _fits(rows: int, left: float, last: Timing | None) -> int:
+    """Rows (at most ``rows``) of a part that fit in ``left`` seconds, judged from the last part."""
+    if last is None:
+        return rows
+    return max(0, min(rows, int(last.rows * left / max(last.seconds, 1e-3))))
+
+
 @contextlib.contextmanager
 def _quiet_console(verbose: bool) -> Iterator[None]:
     """The runner's own INFO lines (engine ready, shards committed) stay in the log meanwhile."""
@@ -336,17 +343,21 @@ def calibrate(
 
         try:
             concurrency = int(getattr(engine, "max_num_seqs", 0)) or None
+            # t(n) = a + b*n with a >= 0 grows at most in proportion to n past a part's rows: each
+            # next part is sized from the last one's time to fit what is left of the budget.
             w = run("warmup", warm) if warm else None
-            timings = [run("small", small)]
-            left = budget - spent
-            # t(n) = a + b*n with a >= 0 grows at most in proportion to n: the large part's size
-            # that fits in what is left of the budget, judged from the small part.
-            fits = int(len(small) * left / max(timings[0].seconds, 1e-3))
-            k = min(len(large), fits)
-            if large and k >= 2 * len(small):
-                timings.append(run("large", _thin(large, k)))
-            elif large:
-                say(f"calibration: no time left in plan.max_seconds={budget:g} for a larger part")
+            timings: list[Timing] = []
+            k = _fits(len(small), budget - spent, w)
+            if k >= 2 or w is None:
+                timings.append(run("small", _thin(small, max(k, 1))))
+                k = _fits(len(large), budget - spent, timings[0])
+                if k >= 2 * timings[0].rows:
+                    timings.append(run("large", _thin(large, k)))
+                elif large:
+                    say(f"calibration: no time left in plan.max_seconds={budget:g} for a larger part")
+            else:  # the warm-up spent the budget: it is all there is (an upper bound)
+                say(f"calibration: the warm-up spent plan.max_seconds={budget:g}; projecting from it")
+                timings, w = [w], None
         finally:
             engine.close()
     tables = [read_output(d) for d in outs]

@@ -25,6 +25,7 @@ from sage_vllm_batch.tasks import task_spec
 class Plan:
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    rows: int | None = None  # the input's rows (counted or estimated), for plan.calibrate
 
     @property
     def runnable(self) -> bool:
@@ -83,6 +84,7 @@ def _input(cfg: DictConfig, plan: Plan) -> Any:
         if source.limit is not None:
             rows, exact = (source.limit, True) if rows >= source.limit else (rows, exact)
         rows = shard_count(rows, source.num_shards, source.shard_index)
+    plan.rows = rows
     if rows is None:
         size = sum(os.path.getsize(f) for f in source.files)
         count = f"rows unknown until read ({len(source.files)} file(s), {size / 1e6:.1f} MB)"
@@ -196,7 +198,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     return plan
 
 
-def _calibrated(cfg: DictConfig, out: TextIO) -> None:
+def _calibrated(cfg: DictConfig, plan: Plan, out: TextIO) -> None:
     """``plan.calibrate``: run a sample on the engine and print the projection of the rows left."""
     from sage_vllm_batch.outputs.outdir import output_dir_of
     from sage_vllm_batch.outputs.shards import ParquetShardSink
@@ -207,7 +209,6 @@ def _calibrated(cfg: DictConfig, out: TextIO) -> None:
         remember_projection,
         write_projection,
     )
-    from sage_vllm_batch.sources import open_source
 
     spec = None if cfg.task.type == PIPELINE else task_spec(cfg.task.type)
     if spec is None or spec.runner is None:
@@ -219,7 +220,7 @@ def _calibrated(cfg: DictConfig, out: TextIO) -> None:
         return
     rows = None if cfg.plan.calibrate is True else int(cfg.plan.calibrate)
     sample, _ = calibrate(cfg, rows, say=lambda line: print(line, file=out, flush=True))
-    total = open_source(cfg.data).estimated_rows() or sample.rows
+    total = plan.rows if plan.rows is not None else sample.rows
     out_dir = output_dir_of(cfg)
     done = sum(int(r["rows"]) for r in ParquetShardSink.read_ledger(out_dir).values())
     ray = cfg.executor.type == "ray"
@@ -264,7 +265,7 @@ def print_plan(cfg: DictConfig, out: TextIO | None = None) -> int:
         print(line, file=out)
     if plan.runnable:
         if cfg.get("plan") is not None and cfg.plan.calibrate not in (False, None, 0):
-            _calibrated(cfg, out)
+            _calibrated(cfg, plan, out)
         print("plan: runnable", file=out)
         return 0
     for p in plan.problems:
