@@ -247,3 +247,21 @@ def test_the_runs_metrics_record_the_projection_beside_the_actual_figures(corpus
     # Another output dir's run records no projection.
     _run(_job(corpus, tmp_path / "other", minilm_registry))
     assert "projection" not in json.loads((tmp_path / "other" / "metrics.json").read_text())
+
+
+@pytest.mark.timeout(120)
+def test_executor_ray_projects_its_workers(corpus, tmp_path, minilm_registry, monkeypatch):
+    sample = Sample(seconds=4.0, prompt_tokens=[3] * 4, completion_tokens=[0] * 4, output_bytes=400)
+    monkeypatch.setattr(
+        calibrate_module, "calibrate", lambda cfg, rows=None, *, say=print: (sample, tmp_path)
+    )
+    target = tmp_path / "p.json"
+    cfg = _job(
+        corpus, tmp_path / "out", minilm_registry,
+        "executor=ray", "executor.num_workers=4", "plan.calibrate=true", f"plan.output={target}",
+    )  # fmt: skip
+    buf = io.StringIO()
+    assert plan_module.print_plan(cfg, buf) == 0
+    assert "projected: 120 rows in 30 s" in buf.getvalue()  # 1 s a row, 30 rows a worker
+    assert "assuming:  4 workers, each as fast as this machine's engine" in buf.getvalue()
+    assert json.loads(target.read_text())["model"]["driver_ceiling_rows_per_s"] > 0
