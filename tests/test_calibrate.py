@@ -265,3 +265,16 @@ def test_executor_ray_projects_its_workers(corpus, tmp_path, minilm_registry, mo
     assert "projected: 120 rows in 30 s" in buf.getvalue()  # 1 s a row, 30 rows a worker
     assert "assuming:  4 workers, each as fast as this machine's engine" in buf.getvalue()
     assert json.loads(target.read_text())["model"]["driver_ceiling_rows_per_s"] > 0
+
+
+@pytest.mark.timeout(30)
+def test_with_one_part_the_warm_up_is_the_fits_second_point():
+    one = Sample(
+        seconds=90.0, prompt_tokens=[10] * 10, completion_tokens=[0] * 10,
+        timings=[Timing(8, 75.0)], warmup=Timing(2, 71.0), concurrency=256,
+    )  # fmt: skip
+    p = project(one, 48)
+    # (2, 71) and (8, 75): a = 69.67, b = 0.667; no warm-up excess on top (it is a point).
+    assert p.processing_seconds == pytest.approx(69.67 + 0.667 * 48, abs=0.2)
+    assert p.model["warmup_excess"] == 0
+    assert p.processing_seconds < 75.0 / 8 * 48 / 3  # far below the small part's time per row

@@ -46,6 +46,7 @@ __all__ = [
 # shrinks to fit plan.max_seconds), by whether the task generates.
 DEFAULT_ROWS = {True: 160, False: 640}
 WARMUP_ROWS = 2
+MIN_PART = 8  # the small part's rows, whatever the budget
 # Identical runs on these shared machines differ by about 10%: no range is narrower.
 NOISE_FLOOR = 0.10
 # The Ray driver's ceiling in rows/s (docs/ray.md, "How many workers one driver feeds": the
@@ -160,19 +161,22 @@ def project(
     rel = max(1.96 * sd / (mean * math.sqrt(n)) if mean else 0.0, NOISE_FLOOR)
     assumptions: list[str] = []
     if sample.timings:
-        works = [t.work / t.rows for t in sample.timings if t.rows and t.work]
-        a, b = fit(sample.timings, statistics.fmean(works) if works else None)
-        cap = sample.concurrency or max(t.rows for t in sample.timings)
+        parts = list(sample.timings)
+        if len(parts) < 2 and sample.warmup is not None:  # one part: the warm-up is the other
+            parts.insert(0, sample.warmup)
+        works = [t.work / t.rows for t in parts if t.rows and t.work]
+        a, b = fit(parts, statistics.fmean(works) if works else None)
+        cap = sample.concurrency or max(t.rows for t in parts)
         warm = 0.0
-        if sample.warmup is not None:
+        if sample.warmup is not None and len(sample.timings) >= 2:
             w = sample.warmup
             warm = max(0.0, w.seconds - (a + b * w.rows))
         share = math.ceil(rows / max(1, workers)) if rows else 0
         seconds = (warm + a * max(1.0, share / cap) + b * share) if share else 0.0
-        if max(t.rows for t in sample.timings) < min(cap, rows):
+        if max(t.rows for t in parts) < min(cap, rows):
             assumptions.append(
                 f"a full batch ({min(cap, rows)} rows) extrapolated from parts of "
-                + ", ".join(str(t.rows) for t in sample.timings)
+                + ", ".join(str(t.rows) for t in parts)
                 + " rows: t(n) = a + b*n"
             )
         model = {"a": round(a, 4), "b": round(b, 5), "concurrency": cap, "warmup_excess": round(warm, 2)}
@@ -346,18 +350,15 @@ def calibrate(
             # t(n) = a + b*n with a >= 0 grows at most in proportion to n past a part's rows: each
             # next part is sized from the last one's time to fit what is left of the budget.
             w = run("warmup", warm) if warm else None
-            timings: list[Timing] = []
-            k = _fits(len(small), budget - spent, w)
-            if k >= 2 or w is None:
-                timings.append(run("small", _thin(small, max(k, 1))))
-                k = _fits(len(large), budget - spent, timings[0])
-                if k >= 2 * timings[0].rows:
-                    timings.append(run("large", _thin(large, k)))
-                elif large:
-                    say(f"calibration: no time left in plan.max_seconds={budget:g} for a larger part")
-            else:  # the warm-up spent the budget: it is all there is (an upper bound)
-                say(f"calibration: the warm-up spent plan.max_seconds={budget:g}; projecting from it")
-                timings, w = [w], None
+            # The small part runs whatever the budget (MIN_PART rows at least): a projection from
+            # the warm-up alone would count its one-off costs per row.
+            k = max(min(len(small), MIN_PART), _fits(len(small), budget - spent, w))
+            timings = [run("small", _thin(small, k))]
+            k = _fits(len(large), budget - spent, timings[0])
+            if k >= 2 * timings[0].rows:
+                timings.append(run("large", _thin(large, k)))
+            elif large:
+                say(f"calibration: no time left in plan.max_seconds={budget:g} for a larger part")
         finally:
             engine.close()
     tables = [read_output(d) for d in outs]
