@@ -23,14 +23,13 @@ from sage_vllm_batch.run.calibrate import (
     Timing,
     fit,
     project,
-    projection_cache,
-    remember_projection,
     split_sample,
     spread_sample,
 )
 from sage_vllm_batch.run.drive import run_on_engine
 from sage_vllm_batch.run.model import resolve_model
 from sage_vllm_batch.run.point import prepare_point
+from sage_vllm_batch.run.projection import projection_cache, remember_projection
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -206,9 +206,9 @@ def _calibrated(cfg: DictConfig, plan: Plan, out: TextIO) -> None:
         DRIVER_CEILING_ROWS_PER_S,
         calibrate,
         project,
-        remember_projection,
         write_projection,
     )
+    from sage_vllm_batch.run.projection import remember_projection
 
     spec = None if cfg.task.type == PIPELINE else task_spec(cfg.task.type)
     if spec is None or spec.runner is None:

@@ -335,7 +335,7 @@ class Point:
         )
         if self.error:
             rec["error"] = self.error
-        from sage_vllm_batch.run.calibrate import projection_beside_actual
+        from sage_vllm_batch.run.projection import projection_beside_actual
 
         projection = projection_beside_actual(self.out_dir, rec)  # mode=plan plan.calibrate's
         if projection is not None:
