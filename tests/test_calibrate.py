@@ -267,13 +267,16 @@ def test_executor_ray_projects_its_workers(corpus, tmp_path, minilm_registry, mo
 
 
 @pytest.mark.timeout(30)
-def test_with_one_part_the_warm_up_is_the_fits_second_point():
+def test_one_part_projects_its_time_per_row_and_widens_the_range_down_to_a_batch():
     one = Sample(
-        seconds=90.0, prompt_tokens=[10] * 10, completion_tokens=[0] * 10,
-        timings=[Timing(8, 75.0)], warmup=Timing(2, 71.0), concurrency=256,
+        seconds=120.0, prompt_tokens=[10] * 10, completion_tokens=[0] * 10,
+        timings=[Timing(8, 48.0)], warmup=Timing(2, 70.0), concurrency=256,
     )  # fmt: skip
     p = project(one, 48)
-    # (2, 71) and (8, 75): a = 69.67, b = 0.667; no warm-up excess on top (it is a point).
-    assert p.processing_seconds == pytest.approx(69.67 + 0.667 * 48, abs=0.2)
-    assert p.model["warmup_excess"] == 0
-    assert p.processing_seconds < 75.0 / 8 * 48 / 3  # far below the small part's time per row
+    # 6 s a row (a = 0); the warm-up beyond its 2 rows' 12 s is paid once: 58 s.
+    assert p.processing_seconds == pytest.approx(58 + 6 * 48)
+    assert p.model["warmup_excess"] == 58
+    # Low end: one batch of all 48 rows as long as the part's batch of 8.
+    assert p.processing_range[0] == pytest.approx((58 + 48) * (1 - NOISE_FLOOR))
+    assert p.processing_range[1] == pytest.approx(p.processing_seconds * (1 + NOISE_FLOOR), abs=0.2)
+    assert any("one part of 8 rows" in a for a in p.assumptions)

@@ -159,17 +159,23 @@ def project(
     assumptions: list[str] = []
     if sample.timings:
         parts = list(sample.timings)
-        if len(parts) < 2 and sample.warmup is not None:  # one part: the warm-up is the other
-            parts.insert(0, sample.warmup)
         works = [t.work / t.rows for t in parts if t.rows and t.work]
         a, b = fit(parts, statistics.fmean(works) if works else None)
         cap = sample.concurrency or max(t.rows for t in parts)
         warm = 0.0
-        if sample.warmup is not None and len(sample.timings) >= 2:
+        if sample.warmup is not None:
             w = sample.warmup
             warm = max(0.0, w.seconds - (a + b * w.rows))
         share = math.ceil(rows / max(1, workers)) if rows else 0
         seconds = (warm + a * max(1.0, share / cap) + b * share) if share else 0.0
+        low = seconds
+        if len(parts) == 1 and share > parts[0].rows:
+            # One part cannot tell a batch's cost from a row's: as measured per row (above, an
+            # upper end), down to the part's time per batch of C rows (a lower end).
+            low = warm + parts[0].seconds * max(1.0, share / cap)
+            assumptions.append(
+                f"one part of {parts[0].rows} rows: its time per row, which a fuller batch may beat"
+            )
         if max(t.rows for t in parts) < min(cap, rows):
             assumptions.append(
                 f"a full batch ({min(cap, rows)} rows) extrapolated from parts of "
@@ -178,7 +184,7 @@ def project(
             )
         model = {"a": round(a, 4), "b": round(b, 5), "concurrency": cap, "warmup_excess": round(warm, 2)}
     else:  # an untimed sample: its time per row, as measured
-        seconds = sample.seconds / n * rows / max(1, workers)
+        seconds = low = sample.seconds / n * rows / max(1, workers)
         model = {}
     if workers > 1:
         assumptions.append(f"{workers} workers, each as fast as this machine's engine")
@@ -187,12 +193,13 @@ def project(
             if floor > seconds:
                 assumptions.append(f"capped by the driver's ceiling of {driver_ceiling:.0f} rows/s")
                 seconds = floor
+            low = max(low, floor)
             model["driver_ceiling_rows_per_s"] = driver_ceiling
         model["workers"] = workers
     proj = Projection(
         rows=rows,
         processing_seconds=round(seconds, 1),
-        processing_range=(round(seconds * (1 - rel), 1), round(seconds * (1 + rel), 1)),
+        processing_range=(round(min(low, seconds) * (1 - rel), 1), round(seconds * (1 + rel), 1)),
         prompt_tokens=round(statistics.fmean(sample.prompt_tokens) * rows),
         completion_tokens=round(statistics.fmean(sample.completion_tokens) * rows),
         output_bytes=round(sample.output_bytes / n * rows),
