@@ -280,3 +280,10 @@ def test_one_part_projects_its_time_per_row_and_widens_the_range_down_to_a_batch
     assert p.processing_range[0] == pytest.approx((58 + 48) * (1 - NOISE_FLOOR))
     assert p.processing_range[1] == pytest.approx(p.processing_seconds * (1 + NOISE_FLOOR), abs=0.2)
     assert any("one part of 8 rows" in a for a in p.assumptions)
+    # Generation: a batch's decode steps cost about the same for 8 rows as for 48: the batch's time.
+    g = project(one, 48, max_tokens=32)
+    assert g.processing_seconds == pytest.approx(58 + 48)
+    assert g.processing_range == (
+        pytest.approx((58 + 48) * (1 - NOISE_FLOOR)),
+        pytest.approx((58 + 6 * 48) * (1 + NOISE_FLOOR), abs=0.2),
+    )
