@@ -180,7 +180,7 @@ def project(
             )
             if max_tokens is not None:
                 seconds, low = low, seconds
-        if max(t.rows for t in parts) < min(cap, rows):
+        if len(parts) > 1 and max(t.rows for t in parts) < min(cap, rows):
             assumptions.append(
                 f"a full batch ({min(cap, rows)} rows) extrapolated from parts of "
                 + ", ".join(str(t.rows) for t in parts)
