@@ -8,7 +8,9 @@ of ``plan.max_seconds``). A small sample under-fills vLLM's batch (a few rows ag
 ``max_num_seqs`` seats), so its time per row overstates a full run's: the two parts' times give
 ``t(n) = a + b*n`` for a batch of ``n`` rows (``a`` the batch's fixed cost, ``b`` a row's), and a
 run of ``N`` rows at the engine's concurrency ``C`` takes ``a*max(1, N/C) + b*N``, plus what the
-warm-up cost beyond its rows (paid once per engine). Nothing is written into the job's output dir;
+warm-up cost beyond its rows (paid once per engine). When only one part fits in the budget, the
+range spans its time per row and its time per batch, and generation projects the latter (decode
+steps cost about the same for a few rows as for a few dozen here). Nothing is written into the job's output dir;
 the engine's log goes to a temporary ``run.log``. The projection math (:func:`project`) is pure.
 """
 
@@ -257,7 +259,8 @@ def split_sample(n: int) -> tuple[list[int], list[int], list[int]]:
     the small part every 5th row, so both parts stay spread across the input."""
     idx = list(range(n))
     small = idx[::5] if n >= 10 else []
-    rest = [i for i in idx if i not in set(small)]
+    taken = set(small)
+    rest = [i for i in idx if i not in taken]
     warm = rest[:WARMUP_ROWS] if n >= 10 else []
     return warm, small, rest[len(warm) :]
 
@@ -299,7 +302,7 @@ def _quiet_console(verbose: bool) -> Iterator[None]:
 
 def calibrate(
     cfg: Any, rows: int | None = None, *, say: Callable[[str], None] = print
-) -> tuple[Sample, Path]:  # pragma: no cover - runs an engine (tests/test_calibrate_engine.py)
+) -> tuple[Sample, Path]:  # pragma: no cover - an engine (bench_limits.py --lever plan)
     """Run a sample of the job's rows on its engine in a temporary dir; the sample and the log's path."""
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
