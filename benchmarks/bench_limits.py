@@ -46,6 +46,13 @@ Levers:
               processing (wall minus load, per row), and how many greedy texts differ. vLLM's compile
               cache (~/.cache/vllm/torch_compile_cache) is kept, as a user's second run would find it.
 
+  plan        the plan's projection against the run (docs/performance.md): for a chat job
+              (``--rows`` HumanEval prompts, ``--max-tokens``) and an embedding job (10 x
+              ``--rows`` KJV verses), ``mode=plan plan.calibrate=true plan.output=FILE``, then the
+              same job for real; its ``metrics.json`` records the projection beside the actual
+              processing seconds (wall minus load). Printed: projected s, its range, actual s,
+              the error in %.
+
 Writes ``benchmarks/results/limits.json``.
 """
 
@@ -637,11 +644,65 @@ def lever_compile(args: argparse.Namespace, root: Path, work: Path) -> dict[str,
     }
 
 
+def lever_plan(args: argparse.Namespace, root: Path, work: Path) -> dict[str, Any]:
+    """The plan's projection (mode=plan plan.calibrate=true) against the real run of the same job."""
+    from _common import MODELS
+
+    from sage_vllm_batch import registry
+
+    registry.ensure_model(MODELS["embed"][0], source=MODELS["embed"][1], root=root)
+    jobs = {
+        "chat": chat_args(root, args.rows, args.max_tokens, list(args.override)),
+        "embed": [
+            "job_name=bench_limits",
+            f"data.limit={10 * args.rows}",
+            "progress=none",
+            f"registry.root={root}",
+            *args.override,
+        ],
+    }
+    out: dict[str, Any] = {}
+    summary = []
+    for name, job in jobs.items():
+        cwd = work / name
+        cwd.mkdir(parents=True)
+        target = cwd / "projection.json"
+        job = [*job, f"output.dir={cwd / 'out'}"]
+        run_cli(
+            [*job, "mode=plan", "plan.calibrate=true", f"plan.output={target}"],
+            cwd=cwd,
+            log_path=cwd / "plan.log",
+        )
+        run_cli(job, cwd=cwd, log_path=cwd / "run.log", done=lambda c=cwd: (c / "out" / "_SUCCESS").exists())
+        rec = json.loads((cwd / "out" / "metrics.json").read_text())["projection"]
+        lo, hi = rec["processing_range"]
+        print(
+            f"   {name}: projected {rec['processing_seconds']:.1f}s ({lo:.1f}-{hi:.1f}), actual "
+            f"{rec['actual_processing_seconds']:.1f}s, error {rec['error_pct']:+.1f}%",
+            flush=True,
+        )
+        out[name] = rec | {"plan": json.loads(target.read_text())}
+        summary.append(
+            summary_row(
+                "plan",
+                f"{name}: actual",
+                "projected",
+                rec["actual_processing_seconds"],
+                rec["processing_seconds"],
+                "s (projected vs actual)",
+                lower_is_better=True,
+            )
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    return out | {"summary": summary}
+
+
 LEVERS: dict[str, Callable[[argparse.Namespace, Path, Path], dict[str, Any]]] = {
     "block_size": lever_block_size,
     "allocator": lever_allocator,
     "dtype": lever_dtype,
     "compile": lever_compile,
+    "plan": lever_plan,
 }
 
 

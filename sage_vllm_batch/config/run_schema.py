@@ -9,7 +9,7 @@ from typing import Any
 
 from sage_vllm_batch.config.choices import ExecutorType
 
-__all__ = ["ExecutorConfig", "RegistryConfig", "SearchConfig", "ServeConfig"]
+__all__ = ["ExecutorConfig", "PlanConfig", "RegistryConfig", "SearchConfig", "ServeConfig"]
 
 
 @dataclass
@@ -22,6 +22,18 @@ class SearchConfig:
     # Put before each query (e5's "query: "). None: the model folder's query prompt, else a known
     # model's, else none; "" for none.
     query_prompt: str | None = None
+
+
+@dataclass
+class PlanConfig:
+    """``mode=plan``: what a run would do; with ``calibrate``, how long it would take (run/calibrate.py)."""
+
+    # true (a default sample) or a number of rows: load the engine and run a sample of the job's
+    # own rows, spread across the input, into a temporary dir; project the whole run from it.
+    calibrate: Any = False
+    max_seconds: float = 120.0  # the sample's budget: it stops early when this is spent
+    output: str | None = None  # also write the projection as JSON here
+    cost_per_hour: float | None = None  # the machine's price: a projected cost
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from sage_vllm_batch.config import run_schema
 from sage_vllm_batch.config.choices import (
     DataFormat,
     FinetuneStrategy,
@@ -348,6 +349,7 @@ class JobConfig:
     verbose: bool = False
     serve: ServeConfig = field(default_factory=ServeConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    plan: run_schema.PlanConfig = field(default_factory=run_schema.PlanConfig)  # mode=plan's calibration
     # mode=serve: a conf/model option loaded as the embedding model next to ``model``.
     embedding_model: str | None = None
     # task=pipeline: stage name -> stage, run in this order (docs/pipelines.md).
@@ -391,6 +393,7 @@ def run_dir_excluded_keys() -> list[str]:
     same command with any of them writes to, and resumes in, the same directory."""
     executor = ["executor", *(f"executor.{f.name}" for f in fields(ExecutorConfig))]
     search = ["search", *(f"search.{f.name}" for f in fields(SearchConfig))]
+    search += ["plan", *(f"plan.{f.name}" for f in fields(run_schema.PlanConfig))]
     # mode=serve's own keys: the same job served on another port answers from the same dir.
     serve = ["serve", *(f"serve.{f.name}" for f in fields(ServeConfig))]
     return [*_DISPLAY_KEYS, *ROW_NEUTRAL_KEYS, *executor, *search, *serve]

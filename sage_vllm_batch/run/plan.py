@@ -25,6 +25,7 @@ from sage_vllm_batch.tasks import task_spec
 class Plan:
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    rows: int | None = None  # the input's rows (counted or estimated), for plan.calibrate
 
     @property
     def runnable(self) -> bool:
@@ -77,6 +78,7 @@ def _input(cfg: DictConfig, plan: Plan) -> Any:
         plan.add("input", f"{cfg.data.path}: cannot be read")
         return None
     rows, exact = estimate_rows(source)
+    plan.rows = rows
     if rows is None:
         size = sum(os.path.getsize(f) for f in source.files)
         count = f"rows unknown until read ({len(source.files)} file(s), {size / 1e6:.1f} MB)"
@@ -172,6 +174,65 @@ def make_plan(cfg: DictConfig) -> Plan:
     return plan
 
 
+def _calibrated(cfg: DictConfig, plan: Plan, out: TextIO) -> None:
+    """``plan.calibrate``: run a sample on the engine and print the projection of the rows left."""
+    from sage_vllm_batch.outputs.outdir import output_dir_of
+    from sage_vllm_batch.outputs.shards import ParquetShardSink
+    from sage_vllm_batch.run.calibrate import (
+        DRIVER_CEILING_ROWS_PER_S,
+        calibrate,
+        project,
+        write_projection,
+    )
+    from sage_vllm_batch.run.projection import remember_projection
+
+    spec = None if cfg.task.type == PIPELINE else task_spec(cfg.task.type)
+    if spec is None or spec.runner is None:
+        print(
+            f"{'calibrate:':<10} not for task={cfg.task.type}: calibrate each stage as a job of "
+            "its own (its task, model and input, mode=plan plan.calibrate=true) and add the times",
+            file=out,
+        )
+        return
+    rows = None if cfg.plan.calibrate is True else int(cfg.plan.calibrate)
+    sample, _ = calibrate(cfg, rows, say=lambda line: print(line, file=out, flush=True))
+    total = plan.rows if plan.rows is not None else sample.rows
+    out_dir = output_dir_of(cfg)
+    done = sum(int(r["rows"]) for r in ParquetShardSink.read_ledger(out_dir).values())
+    ray = cfg.executor.type == "ray"
+    proj = project(
+        sample,
+        max(total - done, 0),
+        max_tokens=int(cfg.sampling.max_tokens) if spec.generates else None,
+        cost_per_hour=cfg.plan.cost_per_hour,
+        workers=int(cfg.executor.num_workers) if ray else 1,
+        driver_ceiling=DRIVER_CEILING_ROWS_PER_S["generate" if spec.generates else "embed"] if ray else None,
+    )
+    lo, hi = proj.processing_range
+    left = f" (of {total}: {done} done)" if done else ""
+    print(
+        f"{'projected:':<10} {proj.rows} rows{left} in {proj.processing_seconds:.0f} s ({lo:.0f}-{hi:.0f}); "
+        f"{proj.prompt_tokens} prompt + {proj.completion_tokens} completion tokens; "
+        f"{proj.output_bytes / 1e6:.1f} MB of output"
+        + (f"; cost {proj.cost}" if proj.cost is not None else ""),
+        file=out,
+    )
+    for a in proj.assumptions:
+        print(f"{'assuming:':<10} {a}", file=out)
+    if proj.completion_quantiles is not None:
+        q = proj.completion_quantiles
+        print(
+            f"{'answers:':<10} completion tokens p50 {q['p50']}, p90 {q['p90']}, p99 {q['p99']}; "
+            f"{proj.cut_by_max_tokens:.0%} cut by max_tokens",
+            file=out,
+        )
+    for key, value in proj.suggested.items():
+        print(f"{'suggested:':<10} {key}={value}", file=out)
+    remember_projection(out_dir, proj)  # the run's metrics.json records it beside the actual figures
+    if cfg.plan.output:
+        write_projection(str(cfg.plan.output), proj)
+
+
 def print_plan(cfg: DictConfig, out: TextIO | None = None) -> int:
     """Print the plan; the exit code: 0 when the job can run, 1 when it cannot."""
     out = out or sys.stdout
@@ -179,6 +240,8 @@ def print_plan(cfg: DictConfig, out: TextIO | None = None) -> int:
     for line in plan.lines:
         print(line, file=out)
     if plan.runnable:
+        if cfg.get("plan") is not None and cfg.plan.calibrate not in (False, None, 0):
+            _calibrated(cfg, plan, out)
         print("plan: runnable", file=out)
         return 0
     for p in plan.problems:

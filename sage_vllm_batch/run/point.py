@@ -335,6 +335,11 @@ class Point:
         )
         if self.error:
             rec["error"] = self.error
+        from sage_vllm_batch.run.projection import projection_beside_actual
+
+        projection = projection_beside_actual(self.out_dir, rec)  # mode=plan plan.calibrate's
+        if projection is not None:
+            rec["projection"] = projection
         return rec
 
 
