@@ -213,8 +213,7 @@ def _calibrated(cfg: DictConfig, plan: Plan, out: TextIO) -> None:
     print(
         f"{'projected:':<10} {proj.rows} rows{left} in {proj.processing_seconds:.0f} s ({lo:.0f}-{hi:.0f}); "
         f"{proj.prompt_tokens} prompt + {proj.completion_tokens} completion tokens; "
-        f"{proj.output_bytes / 1e6:.1f} MB of output"
-        + (f"; cost {proj.cost}" if proj.cost is not None else ""),
+        f"{_size(proj.output_bytes)} of output" + (f"; cost {proj.cost}" if proj.cost is not None else ""),
         file=out,
     )
     for a in proj.assumptions:
@@ -247,3 +246,13 @@ def print_plan(cfg: DictConfig, out: TextIO | None = None) -> int:
     for p in plan.problems:
         print(f"cannot run: {p}", file=out)
     return 1
+
+
+def _size(n: float) -> str:
+    """``34992`` -> ``35.0 kB``: a projection's output size, readable whatever the job's size."""
+    unit = "B"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            break
+        n /= 1000
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
