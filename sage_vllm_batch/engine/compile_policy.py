@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sage_vllm_batch.cpu_isa import cpu_isa
+
 __all__ = [
     "CompileDecision",
     "CompileFigures",
@@ -103,13 +105,7 @@ def figures_key(model_id: str, revision: str | None, vllm: str, cpu: str | None 
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_isa().get("model") or platform.processor() or platform.machine()
 
 
 class FiguresFile:

@@ -340,6 +340,7 @@ def calibrate(
         return scfg
 
     outs: list[Path] = []
+    tables: list[pa.Table] = []  # each part's rows, read once
     with _quiet_console(bool(cfg.verbose)), hold_model(cfg, purpose="plan calibration") as model:
         engine = load_engine(cfg, model)
         spent = 0.0
@@ -354,6 +355,7 @@ def calibrate(
             spent += seconds
             outs.append(tmp / name)
             out = read_output(tmp / name)
+            tables.append(out)
             col = "completion_tokens" if spec.generates else "prompt_tokens"
             work = sum(int(v or 0) for v in out.column(col).to_pylist()) if col in out.column_names else 0
             say(f"calibration: {name} part, {len(positions)} rows in {seconds:.1f} s")
@@ -375,7 +377,6 @@ def calibrate(
                 say(f"calibration: no time left in plan.max_seconds={budget:g} for a larger part")
         finally:
             engine.close()
-    tables = [read_output(d) for d in outs]
     out = pa.concat_tables(tables, promote_options="default")
     cols = set(out.column_names)
     prompt = [int(v or 0) for v in out.column("prompt_tokens").to_pylist()] if "prompt_tokens" in cols else []

@@ -86,8 +86,10 @@ def decide_compile(cfg: DictConfig, model: Any, rows: int | None) -> CompileDeci
     engine = OmegaConf.to_container(cfg.engine, resolve=True)
     spec = task_spec(cfg.task.type)
     generates = bool(spec.generates)
-    figures = figures_file(cfg).get(model_figures_key(model)) if generates else CompileFigures()
     max_tokens = cfg.sampling.get("max_tokens") if "sampling" in cfg else None
+    # Figures weigh only a generation job of known size: an engine loaded for the service or a
+    # pipeline (size unknown) does not read the registry's file.
+    figures = figures_file(cfg).get(model_figures_key(model)) if generates and rows else CompileFigures()
     return resolve_compile(engine, generates=generates, rows=rows, max_tokens=max_tokens, figures=figures)
 
 
